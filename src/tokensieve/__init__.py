@@ -1,0 +1,36 @@
+"""tokensieve: fewer tokens, faster video transformers.
+
+    import tokensieve as ts
+    model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id_or_dir), ts.from_hf(model)
+    ts.flops(model, frames=16, size=224)              # GFLOPs per clip (multiply-add = 1 FLOP)
+    ts.benchmark(model)                               # clips/s, median of repeats
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
+from .backbones.hf import from_hf, load
+from .backbones.image_init import load_image_weights
+from .bench import benchmark
+from .flops import flops
+from .tokens import TokenState
+
+__all__ = [
+    "PRESETS",
+    "BackboneConfig",
+    "TimeSformer",
+    "TokenState",
+    "VideoBackbone",
+    "VideoViT",
+    "benchmark",
+    "build",
+    "flops",
+    "from_hf",
+    "load",
+    "load_image_weights",
+]
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

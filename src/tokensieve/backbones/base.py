@@ -1,0 +1,118 @@
+"""What every backbone shares: input validation, the loop over blocks and reducer slots, the head.
+
+    forward(video) = forward_head(forward_features(video))
+
+`reducers[p]` runs after `p` blocks (position 0 = right after patch embedding). A bare model holds
+`nn.Identity()` in every slot; `tokensieve.apply` puts a plan's reducers there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..tokens import TokenState
+from .config import BackboneConfig
+
+__all__ = ["VideoBackbone", "init_weights"]
+
+
+class VideoBackbone(nn.Module):
+    """Base class of the native video backbones. Subclasses build `embed` and `blocks`."""
+
+    embed: nn.Module
+    blocks: nn.ModuleList
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.dim
+        # Readout: mean pooling + fc_norm (VideoMAE), or final norm + one token.
+        mean_pool = config.pool == "mean"
+        self.norm = nn.Identity() if mean_pool else nn.LayerNorm(C, eps=config.eps)
+        self.fc_norm = nn.LayerNorm(C, eps=config.fc_norm_eps) if mean_pool else nn.Identity()
+        self.head_drop = nn.Dropout(config.drop) if config.drop > 0 else nn.Identity()
+        self.head = nn.Linear(C, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth))
+
+    # ------------------------------------------------------------------ input
+    def check_input(self, video: Tensor) -> tuple[int, int, int]:
+        """Validate a clip batch and return its token grid (T, H, W).
+
+        Raises:
+            ValueError: naming the expected layout when the shape does not fit the model.
+        """
+        cfg = self.config
+        if not isinstance(video, Tensor) or video.dim() != 5:
+            shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
+            raise ValueError(f"expected a video batch of shape (B, T, C, H, W), got {shape}")
+        if not video.is_floating_point():
+            raise ValueError(f"expected a float video (normalised like the checkpoint), got dtype {video.dtype}")
+        _, T, C, H, W = video.shape
+        if C != cfg.channels:
+            raise ValueError(f"expected {cfg.channels} channels at dim 2 of (B, T, C, H, W), got {C} (shape {tuple(video.shape)})")
+        if T % cfg.tubelet:
+            raise ValueError(f"frames ({T}) must be divisible by the tubelet size {cfg.tubelet}")
+        if H % cfg.patch or W % cfg.patch:
+            raise ValueError(f"frame size {H}x{W} must be divisible by the patch size {cfg.patch}")
+        grid = (T // cfg.tubelet, H // cfg.patch, W // cfg.patch)
+        if grid != cfg.grid:
+            raise ValueError(
+                f"this model's positions are built for {cfg.frames} frames of {cfg.size}x{cfg.size} "
+                f"(token grid {cfg.grid}); got {T} frames of {H}x{W} (token grid {grid})"
+            )
+        return grid
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, video: Tensor) -> TokenState:
+        """Tokens after the last block (before the final norm)."""
+        state = self.embed(video, self.check_input(video))
+        for block, reduce in zip(self.blocks, self.reducers, strict=True):
+            state = block(reduce(state))
+        return state
+
+    def forward_head(self, state: TokenState) -> Tensor:
+        """(B, num_classes) logits, or (B, C) pooled features when `num_classes=0`."""
+        pool = self.config.pool
+        if pool == "cls":
+            feat = self.norm(state.cls[:, 0])  # (B, C)
+        elif pool == "first":
+            feat = self.norm(state.x[:, 0])  # (B, C)
+        else:
+            feat = self.fc_norm(_mean_tokens(state))  # (B, C)
+        return self.head(self.head_drop(feat))
+
+    def forward(self, video: Tensor) -> Tensor:
+        """
+        Args:
+            video: (B, T, C, H, W) float clips, normalised with `config.mean` / `config.std`.
+
+        Returns:
+            (B, num_classes) logits.
+        """
+        return self.forward_head(self.forward_features(video))
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _mean_tokens(state: TokenState) -> Tensor:
+    """Mean over the real tokens of each sample: (B, C)."""
+    if state.mask is None:
+        return state.x.mean(1)
+    weight = state.mask.to(state.x.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (state.x * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm-style init: truncated normal (std 0.02) for linear weights, zero biases, unit norms."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,126 @@
+"""Backbone configuration and the preset registry: presets are rows of one table."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from .layers import QkvBias
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "BackboneConfig", "preset"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINETICS_MEAN = (0.45, 0.45, 0.45)  # TimeSformer's normalisation
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+Arch = Literal["videomae", "vit-cls", "timesformer"]
+Pool = Literal["mean", "first", "cls"]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything that fixes a backbone's shape and numerics.
+
+    Attributes:
+        arch: "videomae" (joint attention, Conv3d tubelets, fixed sin-cos positions, no class token),
+            "vit-cls" (joint attention, per-frame Conv2d patches, class token, learned spatial
+            positions shared by frames plus a learned time embedding: image-initialised joint
+            models such as HaltingVT's), or "timesformer" (divided space-time attention).
+        frames, size: input clip length and square frame side the positions are built for.
+        patch, tubelet: spatial patch side and temporal tubelet length (1 for per-frame patches).
+        pool: "mean" (mean of tokens, then `fc_norm`), "first" (final norm, token 0: VideoMAE
+            without mean pooling) or "cls" (final norm, class token).
+        qkv_bias: "qv" for VideoMAE (no key bias), "qkv" for timm/TimeSformer, "none".
+        eps: LayerNorm epsilon of the blocks and the final norm; `fc_norm_eps` for `fc_norm`.
+        num_classes: classifier outputs; 0 means no classifier (the head returns pooled features).
+        mean, std: per-channel normalisation the weights expect (inputs in [0, 1] before it).
+    """
+
+    arch: Arch
+    frames: int
+    size: int
+    dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    patch: int = 16
+    tubelet: int = 1
+    channels: int = 3
+    pool: Pool = "cls"
+    qkv_bias: QkvBias = "qkv"
+    eps: float = 1e-6
+    fc_norm_eps: float = 1e-5
+    num_classes: int = 400
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        has_cls = self.arch != "videomae"
+        if self.arch not in ("videomae", "vit-cls", "timesformer"):
+            raise ValueError(f"arch must be 'videomae', 'vit-cls' or 'timesformer', got {self.arch!r}")
+        if has_cls and self.pool != "cls":
+            raise ValueError(f"arch {self.arch!r} reads out its class token: pool must be 'cls', got {self.pool!r}")
+        if not has_cls and self.pool not in ("mean", "first"):
+            raise ValueError(f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}")
+        if self.arch != "videomae" and self.tubelet != 1:
+            raise ValueError(f"arch {self.arch!r} embeds every frame on its own: tubelet must be 1, got {self.tubelet}")
+        if self.frames % self.tubelet:
+            raise ValueError(f"frames ({self.frames}) must be divisible by the tubelet ({self.tubelet})")
+        if self.size % self.patch:
+            raise ValueError(f"size ({self.size}) must be divisible by the patch ({self.patch})")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(T, H, W) token grid of a `frames` x `size` x `size` clip."""
+        side = self.size // self.patch
+        return (self.frames // self.tubelet, side, side)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.arch != "videomae"
+
+
+def _videomae(dim: int, depth: int, heads: int) -> BackboneConfig:
+    # NOTE: block eps 1e-6 as in the original VideoMAE code; the hub configs say 1e-12 and a
+    # converted checkpoint keeps whatever its config says.
+    return BackboneConfig(
+        arch="videomae", frames=16, size=224, patch=16, tubelet=2, dim=dim, depth=depth, heads=heads,
+        mlp_dim=4 * dim, pool="mean", qkv_bias="qv", num_classes=400,
+    )  # fmt: skip
+
+
+_TINY = {"dim": 32, "depth": 3, "heads": 2, "mlp_dim": 64, "frames": 4, "size": 32, "patch": 8, "num_classes": 10}
+
+PRESETS: dict[str, BackboneConfig] = {
+    "videomae-s": _videomae(384, 12, 6),
+    "videomae-b": _videomae(768, 12, 12),
+    "videomae-l": _videomae(1024, 24, 16),
+    "videomae-h": _videomae(1280, 32, 16),
+    "timesformer-b": BackboneConfig(
+        arch="timesformer", frames=8, size=224, dim=768, depth=12, heads=12, mlp_dim=3072,
+        mean=KINETICS_MEAN, std=KINETICS_STD,
+    ),
+    "joint-deit-s": BackboneConfig(arch="vit-cls", frames=8, size=224, dim=384, depth=12, heads=6, mlp_dim=1536),
+    # Tiny presets for tests: a few thousand parameters, clips of 4 frames of 32x32.
+    "videomae-tiny": BackboneConfig(arch="videomae", tubelet=2, pool="mean", qkv_bias="qv", **_TINY),
+    "timesformer-tiny": BackboneConfig(arch="timesformer", **_TINY),
+    "joint-tiny": BackboneConfig(arch="vit-cls", **_TINY),
+}  # fmt: skip
+
+
+def preset(name: str, **changes: object) -> BackboneConfig:
+    """The config of a registered preset, with `changes` applied (e.g. `num_classes=174`)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise TypeError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[name], **changes)

@@ -1,0 +1,218 @@
+"""Conversion of Hugging Face transformers video models into the native backbones.
+
+`from_hf(model)` converts a live `VideoMAEForVideoClassification`, `VideoMAEModel`,
+`TimesformerForVideoClassification` or `TimesformerModel`; `load(hub_id_or_dir)` loads one through
+transformers first. Both generations of VideoMAE parameter names are accepted: `q_bias`/`v_bias`
+(hub files, transformers 4.x and early 5.x) and `query.bias`/`value.bias` (transformers >= 5.x in
+memory). Every key and shape is checked; a mismatch raises an error that lists them all.
+
+Numerics that must be copied, not defaulted (see docs/design.md): VideoMAE block norms use the
+config's `layer_norm_eps` (1e-12 on the hub) while `fc_norm` uses 1e-5; TimeSformer uses
+`layer_norm_eps` everywhere and orders tokens space-major (we permute once at the embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .base import VideoBackbone
+from .checkpoint import load_checked, remap
+from .config import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, BackboneConfig
+from .timesformer import TimeSformer
+from .videovit import VideoViT
+
+__all__ = ["SUPPORTED", "from_hf", "load"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (
+    "VideoMAEForVideoClassification",
+    "VideoMAEModel",
+    "TimesformerForVideoClassification",
+    "TimesformerModel",
+)
+
+_L = r"encoder\.layer\.(\d+)\."  # a block of the HF encoder
+_B = r"blocks.\1."
+
+VIDEOMAE_RULES = [
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embed.proj.\1"),
+    (_L + r"attention\.attention\.query\.weight", _B + "attn.qkv.weight#q"),
+    (_L + r"attention\.attention\.key\.weight", _B + "attn.qkv.weight#k"),
+    (_L + r"attention\.attention\.value\.weight", _B + "attn.qkv.weight#v"),
+    (_L + r"attention\.attention\.(?:query\.bias|q_bias)", _B + "attn.q_bias"),
+    (_L + r"attention\.attention\.(?:value\.bias|v_bias)", _B + "attn.v_bias"),
+    (_L + r"attention\.output\.dense\.(weight|bias)", _B + r"attn.proj.\2"),
+    (_L + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
+    (_L + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
+    (_L + r"intermediate\.dense\.(weight|bias)", _B + r"mlp.fc1.\2"),
+    (_L + r"output\.dense\.(weight|bias)", _B + r"mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"fc_norm\.(weight|bias)", r"fc_norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+
+TIMESFORMER_RULES = [
+    (r"embeddings\.cls_token", "embed.cls_token"),
+    (r"embeddings\.position_embeddings", "embed.pos_embed"),
+    (r"embeddings\.time_embeddings", "embed.time_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embed.proj.\1"),
+    (_L + r"temporal_layernorm\.(weight|bias)", _B + r"temporal_norm1.\2"),
+    (_L + r"temporal_attention\.attention\.qkv\.(weight|bias)", _B + r"temporal_attn.qkv.\2"),
+    (_L + r"temporal_attention\.output\.dense\.(weight|bias)", _B + r"temporal_attn.proj.\2"),
+    (_L + r"temporal_dense\.(weight|bias)", _B + r"temporal_fc.\2"),
+    (_L + r"attention\.attention\.qkv\.(weight|bias)", _B + r"attn.qkv.\2"),
+    (_L + r"attention\.output\.dense\.(weight|bias)", _B + r"attn.proj.\2"),
+    (_L + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
+    (_L + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
+    (_L + r"intermediate\.dense\.(weight|bias)", _B + r"mlp.fc1.\2"),
+    (_L + r"output\.dense\.(weight|bias)", _B + r"mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+
+
+def _square(value: Any, what: str) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"only square {what}s are supported, got {tuple(value)}")
+        value = value[0]
+    return int(value)
+
+
+def _check_act(config: Any) -> None:
+    if config.hidden_act != "gelu":
+        raise ValueError(f"only hidden_act='gelu' (exact erf GELU) is supported, got {config.hidden_act!r}")
+
+
+def _videomae_config(config: Any, num_classes: int) -> BackboneConfig:
+    _check_act(config)
+    qv_bias = getattr(config, "qv_bias", getattr(config, "qkv_bias", True))
+    return BackboneConfig(
+        arch="videomae", frames=config.num_frames, size=_square(config.image_size, "image size"),
+        patch=_square(config.patch_size, "patch"), tubelet=config.tubelet_size, channels=config.num_channels,
+        dim=config.hidden_size, depth=config.num_hidden_layers, heads=config.num_attention_heads,
+        mlp_dim=config.intermediate_size, pool="mean" if config.use_mean_pooling else "first",
+        qkv_bias="qv" if qv_bias else "none", eps=config.layer_norm_eps, fc_norm_eps=1e-5,
+        num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )  # fmt: skip
+
+
+def _timesformer_config(config: Any, num_classes: int) -> BackboneConfig:
+    _check_act(config)
+    if config.attention_type != "divided_space_time":
+        raise ValueError(f"only attention_type='divided_space_time' is supported, got {config.attention_type!r}")
+    return BackboneConfig(
+        arch="timesformer", frames=config.num_frames, size=_square(config.image_size, "image size"),
+        patch=_square(config.patch_size, "patch"), channels=config.num_channels, dim=config.hidden_size,
+        depth=config.num_hidden_layers, heads=config.num_attention_heads, mlp_dim=config.intermediate_size,
+        qkv_bias="qkv" if config.qkv_bias else "none", eps=config.layer_norm_eps, num_classes=num_classes,
+        mean=KINETICS_MEAN, std=KINETICS_STD,
+    )  # fmt: skip
+
+
+def from_hf(model: nn.Module, **config_changes: Any) -> VideoBackbone:
+    """Convert a transformers video model into a native backbone with the same weights and outputs.
+
+    Args:
+        model: one of `SUPPORTED`. The result has the model's dtype and device.
+        **config_changes: `BackboneConfig` fields to override (e.g. `mean`, `std`, `drop_path`).
+
+    Returns:
+        `VideoViT` (VideoMAE) or `TimeSformer`. For the bare `*Model` classes `num_classes` is 0 and
+        the head returns pooled features.
+
+    Raises:
+        TypeError: the model class is not supported (the message lists the supported ones).
+        CheckpointMismatchError: keys or shapes do not fit (all of them listed).
+    """
+    kind = type(model).__name__
+    if kind not in SUPPORTED:
+        raise TypeError(f"cannot convert {kind}; supported transformers classes: {', '.join(SUPPORTED)}")
+    config = model.config
+    classifier = kind.endswith("ForVideoClassification")
+    num_classes = config.num_labels if classifier else 0
+    if kind.startswith("VideoMAE"):
+        cfg, rules, prefix, native = _videomae_config(config, num_classes), VIDEOMAE_RULES, "videomae.", VideoViT
+    else:
+        cfg, rules, prefix, native = _timesformer_config(config, num_classes), TIMESFORMER_RULES, "timesformer.", TimeSformer
+    cfg = dataclasses.replace(cfg, **config_changes)
+    state = {k.removeprefix(prefix): v for k, v in model.state_dict().items()}
+    mapped, unmatched = remap(state, rules)
+    ref = next(model.parameters())
+    ours = native(cfg).to(device=ref.device, dtype=ref.dtype)
+    # A bare VideoMAEModel with mean pooling has no fc_norm: it stays the identity LayerNorm.
+    optional = ("fc_norm.weight", "fc_norm.bias") if not classifier else ()
+    load_checked(ours, mapped, unmatched=unmatched, optional=optional, source=f"{kind} state dict")
+    return ours.train(model.training)
+
+
+_LOADERS = {
+    "VideoMAEForVideoClassification": "VideoMAEForVideoClassification",
+    "VideoMAEModel": "VideoMAEModel",
+    "VideoMAEForPreTraining": "VideoMAEModel",  # the encoder of a pre-training checkpoint
+    "TimesformerForVideoClassification": "TimesformerForVideoClassification",
+    "TimesformerModel": "TimesformerModel",
+}
+
+
+def load(name_or_path: str | Path, *, revision: str | None = None, **config_changes: Any) -> VideoBackbone:
+    """Load a transformers checkpoint (hub id or local directory) as a native backbone.
+
+    The normalisation the checkpoint expects (`image_mean`/`image_std` of its preprocessor
+    config, when present) is carried in the returned model's config.
+
+    Raises:
+        ImportError: transformers is not installed (`pip install tokensieve[hf]`).
+        TypeError: the checkpoint's architecture is not supported.
+    """
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("ts.load needs transformers: pip install 'tokensieve[hf]'") from err
+    name = str(name_or_path)
+    hf_config = transformers.AutoConfig.from_pretrained(name, revision=revision)
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    arch = next((a for a in architectures if a in _LOADERS), None)
+    if arch is None:
+        raise TypeError(
+            f"{name}: architecture {architectures or hf_config.model_type!r} is not supported; "
+            f"supported: {', '.join(_LOADERS)}"
+        )
+    cls = getattr(transformers, _LOADERS[arch])
+    hf_model = cls.from_pretrained(name, revision=revision, attn_implementation="eager").eval()
+    changes = {**_preprocessor_norm(name, revision), **config_changes}
+    return from_hf(hf_model, **changes)
+
+
+def _preprocessor_norm(name: str, revision: str | None) -> dict[str, tuple[float, float, float]]:
+    """`mean`/`std` from the checkpoint's preprocessor config, or {} when it has none."""
+    local = Path(name)
+    for filename in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        if local.is_dir():
+            path = local / filename
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(name, filename, revision=revision))
+            except Exception:  # no such file on the hub, or offline
+                continue
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if "image_mean" in data and "image_std" in data:
+            return {"mean": _triple(data["image_mean"]), "std": _triple(data["image_std"])}
+    log.info("%s has no preprocessor config with image_mean/image_std; keeping the architecture's default", name)
+    return {}
+
+
+def _triple(value: float | list[float]) -> tuple[float, float, float]:
+    values = value if isinstance(value, list) else [value] * 3
+    return tuple(float(v) for v in values)  # type: ignore[return-value]

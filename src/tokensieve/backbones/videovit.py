@@ -1,0 +1,93 @@
+"""`VideoViT`: a plain ViT with joint space-time attention over all tokens of a clip.
+
+Two layouts, chosen by `BackboneConfig.arch`:
+
+- "videomae" (Tong et al., VideoMAE, arXiv:2203.12602): Conv3d tubelet embedding, fixed sin-cos
+  positions over the flattened (T, H, W) grid, no class token, key without bias; mean pooling +
+  `fc_norm` + classifier, or (`pool="first"`) final norm and token 0.
+- "vit-cls": an image ViT (DeiT) inflated to video, as HaltingVT's backbone: per-frame Conv2d
+  patches, class token, learned spatial positions shared by all frames plus a learned time
+  embedding; classifier on the class token after the final norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..tokens import TokenState
+from .base import VideoBackbone, init_weights
+from .config import BackboneConfig
+from .layers import Block, sinusoid_table
+
+__all__ = ["FrameEmbed", "TubeletEmbed", "VideoViT", "make_blocks"]
+
+
+class TubeletEmbed(nn.Module):
+    """Conv3d over (tubelet, patch, patch) cubes plus the fixed sin-cos table (VideoMAE)."""
+
+    def __init__(self, *, channels: int, dim: int, patch: int, tubelet: int, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(channels, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
+        T, H, W = grid
+        # Not a parameter and not saved: VideoMAE checkpoints do not carry it.
+        self.register_buffer("pos_table", sinusoid_table(T * H * W, dim), persistent=False)
+
+    def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
+        x = self.proj(video.transpose(1, 2))  # (B, C, T', H', W')
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C), time-major raster order
+        return TokenState.from_grid(x + self.pos_table.to(device=x.device, dtype=x.dtype), grid)
+
+
+class FrameEmbed(nn.Module):
+    """Per-frame Conv2d patches, class token, spatial positions shared by frames (slot 0 for the
+    class token, timm layout), learned time embedding.
+
+    Sums in the order of the TimeSformer reference: (patch + spatial position) + time embedding.
+    """
+
+    def __init__(self, *, channels: int, dim: int, patch: int, grid: tuple[int, int, int]) -> None:
+        super().__init__()
+        T, H, W = grid
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + H * W, dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, T, dim))
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
+        B, T, C, Hp, Wp = video.shape
+        x = self.proj(video.reshape(B * T, C, Hp, Wp))  # (B*T, D, H, W)
+        x = x.flatten(2).transpose(1, 2)  # (B*T, HW, D)
+        x = x + self.pos_embed[:, 1:]
+        x = x.view(B, T, -1, x.shape[-1]) + self.time_embed[:, :, None]  # (B, T, HW, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
+        return TokenState.from_grid(x.flatten(1, 2), grid, cls_token=cls)
+
+
+def make_blocks(config: BackboneConfig, block: type[nn.Module] = Block) -> nn.ModuleList:
+    """`config.depth` blocks with stochastic depth increasing linearly to `config.drop_path`."""
+    rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+    return nn.ModuleList(
+        block(
+            dim=config.dim, heads=config.heads, mlp_dim=config.mlp_dim, qkv_bias=config.qkv_bias,
+            eps=config.eps, drop=config.drop, attn_drop=config.attn_drop, drop_path_rate=rate,
+        )
+        for rate in rates
+    )  # fmt: skip
+
+
+class VideoViT(VideoBackbone):
+    """Joint space-time ViT; see the module docstring for the two layouts."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        if config.arch not in ("videomae", "vit-cls"):
+            raise ValueError(f"VideoViT builds arch 'videomae' or 'vit-cls', got {config.arch!r}")
+        super().__init__(config)
+        kw = {"channels": config.channels, "dim": config.dim, "patch": config.patch, "grid": config.grid}
+        self.embed = TubeletEmbed(tubelet=config.tubelet, **kw) if config.arch == "videomae" else FrameEmbed(**kw)
+        self.blocks = make_blocks(config)
+        init_weights(self.blocks)
+        init_weights(self.head)

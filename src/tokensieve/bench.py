@@ -1,0 +1,2 @@
+"""placeholder"""
+def benchmark(*a, **k): raise NotImplementedError
