@@ -1,9 +1,9 @@
 """tokensieve: fewer tokens, faster video transformers.
 
-    import tokensieve as ts
-    model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id_or_dir), ts.from_hf(model)
-    ts.flops(model, frames=16, size=224)              # GFLOPs per clip (multiply-add = 1 FLOP)
-    ts.benchmark(model)                               # clips/s, median of repeats
+import tokensieve as ts
+model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id_or_dir), ts.from_hf(model)
+ts.flops(model, frames=16, size=224)              # GFLOPs per clip (multiply-add = 1 FLOP)
+ts.benchmark(model)                               # clips/s, median of repeats
 """
 
 from __future__ import annotations
@@ -15,21 +15,26 @@ from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
 from .bench import benchmark
 from .flops import flops
+from .reducers import REGISTRY as METHODS
+from .reducers import apply, plan
 from .tokens import TokenState
 
 __all__ = [
+    "METHODS",
     "PRESETS",
     "BackboneConfig",
     "TimeSformer",
     "TokenState",
     "VideoBackbone",
     "VideoViT",
+    "apply",
     "benchmark",
     "build",
     "flops",
     "from_hf",
     "load",
     "load_image_weights",
+    "plan",
 ]
 __version__ = "0.1.0"
 

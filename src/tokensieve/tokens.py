@@ -65,7 +65,9 @@ class TokenState:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_grid(cls, x: Tensor, grid: tuple[int, int, int], *, cls_token: Tensor | None = None) -> TokenState:
+    def from_grid(
+        cls, x: Tensor, grid: tuple[int, int, int], *, cls_token: Tensor | None = None
+    ) -> TokenState:
         """A state holding every cell of `grid` in time-major order, as the patch embedding makes it.
 
         Args:
@@ -113,8 +115,9 @@ class TokenState:
         Raises:
             ValueError: if the tokens are not laid out with equal counts per frame.
         """
-        B, N, C = self.x.shape
-        return self.x.view(B, self.frames if self.frames is not None else -1, self.tokens_per_frame, C)
+        n = self.tokens_per_frame  # raises when per-frame counts differ
+        B, _, C = self.x.shape
+        return self.x.view(B, -1, n, C)  # (B, F, n, C)
 
     # ------------------------------------------------------------------ index ops
     def gather(self, idx: Tensor, *, frames: int | None = None) -> TokenState:
@@ -128,10 +131,12 @@ class TokenState:
         Returns:
             A state with K tokens.
         """
-        B, N, C = self.x.shape
+        B = self.x.shape[0]
         if idx.dim() != 2 or idx.shape[0] != B:
             raise ValueError(f"gather expects indices of shape (B={B}, K), got {tuple(idx.shape)}")
-        aux = {k: (_take(v, idx) if k in TOKEN_AUX and isinstance(v, Tensor) else v) for k, v in self.aux.items()}
+        aux = {
+            k: (_take(v, idx) if k in TOKEN_AUX and isinstance(v, Tensor) else v) for k, v in self.aux.items()
+        }
         return dataclasses.replace(
             self,
             x=_take(self.x, idx),  # (B, K, C)
@@ -163,7 +168,9 @@ class TokenState:
         dup = (cells[:, 1:] == cells[:, :-1]) & (cells[:, 1:] >= 0)
         assert not bool(dup.any()), "a grid position is held by two tokens"
         if self.cls is not None:
-            assert self.cls.shape == (B, 1, C), f"cls must be (B, 1, C)=({B}, 1, {C}), got {tuple(self.cls.shape)}"
+            assert self.cls.shape == (B, 1, C), (
+                f"cls must be (B, 1, C)=({B}, 1, {C}), got {tuple(self.cls.shape)}"
+            )
         if self.size is not None:
             assert self.size.shape == (B, N), f"size must be (B, N), got {tuple(self.size.shape)}"
             assert bool((self.size > 0).all()), "token sizes must be positive"
@@ -174,10 +181,14 @@ class TokenState:
             frame_of = (self.pos // (H * W)).view(B, self.frames, N // self.frames)  # (B, F, n)
             grid_cells = self.pos.view(B, self.frames, -1) >= 0
             first = frame_of[:, :, :1].expand_as(frame_of)
-            assert bool(((frame_of == first) | ~grid_cells).all()), "a frame slot mixes tokens of several frames"
+            assert bool(((frame_of == first) | ~grid_cells).all()), (
+                "a frame slot mixes tokens of several frames"
+            )
         for k, v in self.aux.items():
             if k in TOKEN_AUX and isinstance(v, Tensor):
-                assert v.shape[:2] == (B, N), f"aux[{k!r}] must be per token (B, N, ...), got {tuple(v.shape)}"
+                assert v.shape[:2] == (B, N), (
+                    f"aux[{k!r}] must be per token (B, N, ...), got {tuple(v.shape)}"
+                )
 
 
 def _take(t: Tensor, idx: Tensor) -> Tensor:

@@ -7,9 +7,21 @@ from .config import PRESETS, BackboneConfig, preset
 from .timesformer import TimeSformer
 from .videovit import VideoViT
 
-__all__ = ["PRESETS", "BackboneConfig", "TimeSformer", "VideoBackbone", "VideoViT", "build", "build_from_config"]
+__all__ = [
+    "PRESETS",
+    "BackboneConfig",
+    "TimeSformer",
+    "VideoBackbone",
+    "VideoViT",
+    "build",
+    "build_from_config",
+]
 
-_ARCHS: dict[str, type[VideoBackbone]] = {"videomae": VideoViT, "vit-cls": VideoViT, "timesformer": TimeSformer}
+_ARCHS: dict[str, type[VideoBackbone]] = {
+    "videomae": VideoViT,
+    "vit-cls": VideoViT,
+    "timesformer": TimeSformer,
+}
 
 
 def build_from_config(config: BackboneConfig) -> VideoBackbone:

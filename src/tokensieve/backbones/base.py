@@ -47,10 +47,14 @@ class VideoBackbone(nn.Module):
             shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
             raise ValueError(f"expected a video batch of shape (B, T, C, H, W), got {shape}")
         if not video.is_floating_point():
-            raise ValueError(f"expected a float video (normalised like the checkpoint), got dtype {video.dtype}")
+            raise ValueError(
+                f"expected a float video (normalised like the checkpoint), got dtype {video.dtype}"
+            )
         _, T, C, H, W = video.shape
         if C != cfg.channels:
-            raise ValueError(f"expected {cfg.channels} channels at dim 2 of (B, T, C, H, W), got {C} (shape {tuple(video.shape)})")
+            raise ValueError(
+                f"expected {cfg.channels} channels at dim 2 of (B, T, C, H, W), got {C} (shape {tuple(video.shape)})"
+            )
         if T % cfg.tubelet:
             raise ValueError(f"frames ({T}) must be divisible by the tubelet size {cfg.tubelet}")
         if H % cfg.patch or W % cfg.patch:

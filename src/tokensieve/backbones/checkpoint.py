@@ -18,7 +18,9 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the model; the message lists every offending key."""
 
 
-def remap(state: Mapping[str, Tensor], rules: Sequence[tuple[str, str]]) -> tuple[dict[str, Tensor], list[str]]:
+def remap(
+    state: Mapping[str, Tensor], rules: Sequence[tuple[str, str]]
+) -> tuple[dict[str, Tensor], list[str]]:
     """Rename checkpoint keys with the first rule whose pattern matches the whole key.
 
     A target ending in `#q`, `#k` or `#v` names one third of a fused `qkv` weight or bias; the
@@ -84,7 +86,11 @@ def load_checked(
     )
     if unexpected or missing or shapes:
         lines = [f"{source} does not fit {type(model).__name__}:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
             if keys:
                 lines.append(f"  {title} ({len(keys)}):")
                 lines.extend(f"    {k}" for k in keys)

@@ -64,11 +64,17 @@ class BackboneConfig:
         if self.arch not in ("videomae", "vit-cls", "timesformer"):
             raise ValueError(f"arch must be 'videomae', 'vit-cls' or 'timesformer', got {self.arch!r}")
         if has_cls and self.pool != "cls":
-            raise ValueError(f"arch {self.arch!r} reads out its class token: pool must be 'cls', got {self.pool!r}")
+            raise ValueError(
+                f"arch {self.arch!r} reads out its class token: pool must be 'cls', got {self.pool!r}"
+            )
         if not has_cls and self.pool not in ("mean", "first"):
-            raise ValueError(f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}")
+            raise ValueError(
+                f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}"
+            )
         if self.arch != "videomae" and self.tubelet != 1:
-            raise ValueError(f"arch {self.arch!r} embeds every frame on its own: tubelet must be 1, got {self.tubelet}")
+            raise ValueError(
+                f"arch {self.arch!r} embeds every frame on its own: tubelet must be 1, got {self.tubelet}"
+            )
         if self.frames % self.tubelet:
             raise ValueError(f"frames ({self.frames}) must be divisible by the tubelet ({self.tubelet})")
         if self.size % self.patch:
@@ -96,7 +102,16 @@ def _videomae(dim: int, depth: int, heads: int) -> BackboneConfig:
     )  # fmt: skip
 
 
-_TINY = {"dim": 32, "depth": 3, "heads": 2, "mlp_dim": 64, "frames": 4, "size": 32, "patch": 8, "num_classes": 10}
+_TINY = {
+    "dim": 32,
+    "depth": 3,
+    "heads": 2,
+    "mlp_dim": 64,
+    "frames": 4,
+    "size": 32,
+    "patch": 8,
+    "num_classes": 10,
+}
 
 PRESETS: dict[str, BackboneConfig] = {
     "videomae-s": _videomae(384, 12, 6),

@@ -1,7 +1,8 @@
 """Conversion of Hugging Face transformers video models into the native backbones.
 
 `from_hf(model)` converts a live `VideoMAEForVideoClassification`, `VideoMAEModel`,
-`TimesformerForVideoClassification` or `TimesformerModel`; `load(hub_id_or_dir)` loads one through
+`TimesformerForVideoClassification` or `TimesformerModel`; `from_hf_state_dict(state, config, kind)`
+converts one's state dict (e.g. read from a hub file); `load(hub_id_or_dir)` loads one through
 transformers first. Both generations of VideoMAE parameter names are accepted: `q_bias`/`v_bias`
 (hub files, transformers 4.x and early 5.x) and `query.bias`/`value.bias` (transformers >= 5.x in
 memory). Every key and shape is checked; a mismatch raises an error that lists them all.
@@ -16,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import VideoBackbone
 from .checkpoint import load_checked, remap
@@ -27,7 +29,7 @@ from .config import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, Ba
 from .timesformer import TimeSformer
 from .videovit import VideoViT
 
-__all__ = ["SUPPORTED", "from_hf", "load"]
+__all__ = ["SUPPORTED", "from_hf", "from_hf_state_dict", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,9 @@ def _videomae_config(config: Any, num_classes: int) -> BackboneConfig:
 def _timesformer_config(config: Any, num_classes: int) -> BackboneConfig:
     _check_act(config)
     if config.attention_type != "divided_space_time":
-        raise ValueError(f"only attention_type='divided_space_time' is supported, got {config.attention_type!r}")
+        raise ValueError(
+            f"only attention_type='divided_space_time' is supported, got {config.attention_type!r}"
+        )
     return BackboneConfig(
         arch="timesformer", frames=config.num_frames, size=_square(config.image_size, "image size"),
         patch=_square(config.patch_size, "patch"), channels=config.num_channels, dim=config.hidden_size,
@@ -135,22 +139,50 @@ def from_hf(model: nn.Module, **config_changes: Any) -> VideoBackbone:
     kind = type(model).__name__
     if kind not in SUPPORTED:
         raise TypeError(f"cannot convert {kind}; supported transformers classes: {', '.join(SUPPORTED)}")
-    config = model.config
+    ours = from_hf_state_dict(model.state_dict(), model.config, kind, **config_changes)
+    return ours.train(model.training)
+
+
+def from_hf_state_dict(
+    state: Mapping[str, Tensor], hf_config: Any, kind: str, **config_changes: Any
+) -> VideoBackbone:
+    """Convert the state dict of a transformers video model, e.g. read straight from a hub file.
+
+    Args:
+        state: the model's tensors, with or without the `videomae.`/`timesformer.` prefix, in either
+            generation of VideoMAE names (`q_bias`/`v_bias` or `query.bias`/`value.bias`).
+        hf_config: the transformers config (`VideoMAEConfig` or `TimesformerConfig`) it belongs to.
+        kind: the transformers class the state dict comes from, one of `SUPPORTED`.
+        **config_changes: `BackboneConfig` fields to override.
+
+    Returns:
+        A native backbone in eval mode, with the dtype and device of the state's tensors.
+
+    Raises:
+        ValueError: `kind` is not one of `SUPPORTED`, or the config uses an unsupported feature.
+        CheckpointMismatchError: keys or shapes do not fit (all of them listed).
+    """
+    if kind not in SUPPORTED:
+        raise ValueError(f"unknown kind {kind!r}; supported transformers classes: {', '.join(SUPPORTED)}")
     classifier = kind.endswith("ForVideoClassification")
-    num_classes = config.num_labels if classifier else 0
+    num_classes = hf_config.num_labels if classifier else 0
     if kind.startswith("VideoMAE"):
-        cfg, rules, prefix, native = _videomae_config(config, num_classes), VIDEOMAE_RULES, "videomae.", VideoViT
+        cfg, rules, prefix = _videomae_config(hf_config, num_classes), VIDEOMAE_RULES, "videomae."
     else:
-        cfg, rules, prefix, native = _timesformer_config(config, num_classes), TIMESFORMER_RULES, "timesformer.", TimeSformer
+        cfg, rules, prefix = _timesformer_config(hf_config, num_classes), TIMESFORMER_RULES, "timesformer."
     cfg = dataclasses.replace(cfg, **config_changes)
-    state = {k.removeprefix(prefix): v for k, v in model.state_dict().items()}
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
     mapped, unmatched = remap(state, rules)
-    ref = next(model.parameters())
-    ours = native(cfg).to(device=ref.device, dtype=ref.dtype)
-    # A bare VideoMAEModel with mean pooling has no fc_norm: it stays the identity LayerNorm.
+    ref = next((v for v in state.values() if v.is_floating_point()), None)
+    ours = VideoViT(cfg) if cfg.arch == "videomae" else TimeSformer(cfg)
+    if ref is not None:
+        # Before loading, so float64 weights are not rounded through float32.
+        ours = ours.to(device=ref.device, dtype=ref.dtype)
+    # A bare VideoMAEModel with mean pooling has no fc_norm: it keeps its initial LayerNorm (unit
+    # weight, zero bias).
     optional = ("fc_norm.weight", "fc_norm.bias") if not classifier else ()
     load_checked(ours, mapped, unmatched=unmatched, optional=optional, source=f"{kind} state dict")
-    return ours.train(model.training)
+    return ours.eval()
 
 
 _LOADERS = {
@@ -209,7 +241,9 @@ def _preprocessor_norm(name: str, revision: str | None) -> dict[str, tuple[float
         data = json.loads(path.read_text())
         if "image_mean" in data and "image_std" in data:
             return {"mean": _triple(data["image_mean"]), "std": _triple(data["image_std"])}
-    log.info("%s has no preprocessor config with image_mean/image_std; keeping the architecture's default", name)
+    log.info(
+        "%s has no preprocessor config with image_mean/image_std; keeping the architecture's default", name
+    )
     return {}
 
 

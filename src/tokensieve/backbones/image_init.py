@@ -24,7 +24,10 @@ TIMM_VIT_RULES = [
     (r"cls_token", "embed.cls_token"),
     (r"pos_embed", "embed.pos_embed"),
     (r"patch_embed\.proj\.(weight|bias)", r"embed.proj.\1"),
-    (r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", r"blocks.\1.\2.\3"),
+    (
+        r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)",
+        r"blocks.\1.\2.\3",
+    ),
     (r"norm\.(weight|bias)", r"norm.\1"),
     (r"head\.(weight|bias)", r"head.\1"),
 ]
@@ -44,7 +47,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (looked under 'model', 'state_dict', 'module')")
+        raise ValueError(
+            f"{path} holds no state dict of tensors (looked under 'model', 'state_dict', 'module')"
+        )
     return obj
 
 
@@ -67,7 +72,9 @@ def load_image_weights(
             another image size fails on `embed.pos_embed`).
     """
     if model.config.arch not in ("vit-cls", "timesformer"):
-        raise ValueError(f"image weights fit class-token backbones (arch 'vit-cls' or 'timesformer'), not {model.config.arch!r}")
+        raise ValueError(
+            f"image weights fit class-token backbones (arch 'vit-cls' or 'timesformer'), not {model.config.arch!r}"
+        )
     state = read_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else dict(checkpoint)
     if not load_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

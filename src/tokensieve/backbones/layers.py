@@ -143,7 +143,11 @@ class Attention(nn.Module):
                     raise ValueError("class-token attention was requested from a model without a class token")
                 logits = (q[:, :, :1] @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, nh, 1, N)
                 if mask is not None:
-                    logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+                    logits = (
+                        logits.masked_fill(~mask, float("-inf"))
+                        if mask.dtype == torch.bool
+                        else logits + mask
+                    )
                 recorded[CLS_ATTN] = logits.softmax(-1)[:, :, 0, 1:].mean(1)  # (B, N')
         return out, recorded
 
@@ -193,7 +197,9 @@ class Block(nn.Module):
     def forward(self, state: TokenState) -> TokenState:
         has_cls = state.cls is not None
         x = torch.cat([state.cls, state.x], 1) if has_cls else state.x  # (B, [1 +] N, C)
-        y, recorded = self.attn(self.norm1(x), mask=attention_mask(state), record=self.record, has_cls=has_cls)
+        y, recorded = self.attn(
+            self.norm1(x), mask=attention_mask(state), record=self.record, has_cls=has_cls
+        )
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         state = state.replace(x=x[:, 1:], cls=x[:, :1]) if has_cls else state.replace(x=x)

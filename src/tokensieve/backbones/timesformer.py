@@ -74,7 +74,9 @@ class DividedBlock(nn.Module):
 
         # 2. Spatial attention per frame, the class token replicated into every frame.
         cls = state.cls  # (B, 1, C)
-        xs = torch.cat([cls.expand(B, F_, C).reshape(B * F_, 1, C), x.reshape(B * F_, n, C)], 1)  # (B*F, 1+n, C)
+        xs = torch.cat(
+            [cls.expand(B, F_, C).reshape(B * F_, 1, C), x.reshape(B * F_, n, C)], 1
+        )  # (B*F, 1+n, C)
         ys, recorded = self.attn(self.norm1(xs), record=self.record, has_cls=True)
         ys = self.drop_path(ys)
         cls = cls + ys[:, :1].view(B, F_, C).mean(1, keepdim=True)  # (B, 1, C): averaged over frames
@@ -98,7 +100,9 @@ class TimeSformer(VideoBackbone):
         if config.arch != "timesformer":
             raise ValueError(f"TimeSformer builds arch 'timesformer', got {config.arch!r}")
         super().__init__(config)
-        self.embed = FrameEmbed(channels=config.channels, dim=config.dim, patch=config.patch, grid=config.grid)
+        self.embed = FrameEmbed(
+            channels=config.channels, dim=config.dim, patch=config.patch, grid=config.grid
+        )
         self.blocks = make_blocks(config, DividedBlock)
         init_weights(self.blocks)
         init_weights(self.head)

@@ -26,9 +26,13 @@ __all__ = ["FrameEmbed", "TubeletEmbed", "VideoViT", "make_blocks"]
 class TubeletEmbed(nn.Module):
     """Conv3d over (tubelet, patch, patch) cubes plus the fixed sin-cos table (VideoMAE)."""
 
-    def __init__(self, *, channels: int, dim: int, patch: int, tubelet: int, grid: tuple[int, int, int]) -> None:
+    def __init__(
+        self, *, channels: int, dim: int, patch: int, tubelet: int, grid: tuple[int, int, int]
+    ) -> None:
         super().__init__()
-        self.proj = nn.Conv3d(channels, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
+        self.proj = nn.Conv3d(
+            channels, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch)
+        )
         T, H, W = grid
         # Not a parameter and not saved: VideoMAE checkpoints do not carry it.
         self.register_buffer("pos_table", sinusoid_table(T * H * W, dim), persistent=False)
@@ -87,7 +91,9 @@ class VideoViT(VideoBackbone):
             raise ValueError(f"VideoViT builds arch 'videomae' or 'vit-cls', got {config.arch!r}")
         super().__init__(config)
         kw = {"channels": config.channels, "dim": config.dim, "patch": config.patch, "grid": config.grid}
-        self.embed = TubeletEmbed(tubelet=config.tubelet, **kw) if config.arch == "videomae" else FrameEmbed(**kw)
+        self.embed = (
+            TubeletEmbed(tubelet=config.tubelet, **kw) if config.arch == "videomae" else FrameEmbed(**kw)
+        )
         self.blocks = make_blocks(config)
         init_weights(self.blocks)
         init_weights(self.head)

@@ -1,0 +1,19 @@
+"""`none`: no reduction. The baseline every method is measured against."""
+
+from __future__ import annotations
+
+from ..tokens import TokenState
+from .base import Reducer, register
+
+__all__ = ["NoReduction"]
+
+
+@register("none")
+class NoReduction(Reducer):
+    """Keeps every token; installs nothing, so the model runs exactly as the bare backbone."""
+
+    def positions(self, depth: int) -> tuple[int, ...]:
+        return ()
+
+    def forward(self, state: TokenState) -> TokenState:
+        return state

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_video(
+    name: str = "videomae-tiny", batch: int = 2, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A random clip batch of the input size a preset expects."""
+    from tokensieve.backbones.config import preset
+
+    cfg = preset(name)
+    return torch.randn(batch, cfg.frames, cfg.channels, cfg.size, cfg.size, dtype=dtype)

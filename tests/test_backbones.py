@@ -1,0 +1,279 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.backbones import build_from_config
+from tokensieve.backbones.config import preset
+from tokensieve.backbones.layers import Attention, sinusoid_table
+from tokensieve.tokens import CLS_ATTN, KEYS, TokenState
+
+TINY = ["videomae-tiny", "timesformer-tiny", "joint-tiny"]
+
+
+# ------------------------------------------------------------------ presets
+@pytest.mark.parametrize(
+    ("name", "params_m"),
+    # Parameter counts of the papers: VideoMAE Tab. (22M, 87M, 305M, 633M), TimeSformer 121.4M.
+    [
+        ("videomae-s", 22),
+        ("videomae-b", 87),
+        ("videomae-l", 305),
+        ("videomae-h", 633),
+        ("timesformer-b", 121.4),
+    ],
+)
+def test_preset_sizes_match_papers(name: str, params_m: float) -> None:
+    with torch.device("meta"):
+        model = ts.build(name)
+    assert model.num_params / 1e6 == pytest.approx(params_m, rel=0.01)
+
+
+def test_preset_input_sizes() -> None:
+    assert preset("videomae-b").grid == (8, 14, 14)
+    assert preset("timesformer-b").grid == (8, 14, 14)
+    assert preset("joint-deit-s").has_cls and not preset("videomae-s").has_cls
+
+
+def test_unknown_preset_and_field() -> None:
+    with pytest.raises(KeyError, match="valid presets: videomae-s"):
+        ts.build("videomae-xxl")
+    with pytest.raises(TypeError, match="unknown config field"):
+        ts.build("videomae-tiny", num_class=3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pool": "cls"}, "no class token"),
+        ({"arch": "timesformer", "pool": "cls", "tubelet": 2}, "tubelet must be 1"),
+        ({"frames": 5}, "divisible by the tubelet"),
+        ({"size": 30}, "divisible by the patch"),
+        ({"heads": 3}, "divisible by heads"),
+    ],
+)
+def test_config_validation(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        preset("videomae-tiny", **changes)
+
+
+# ------------------------------------------------------------------ numerics
+def test_sinusoid_table_matches_reference_construction() -> None:
+    # The reference builds the table in float64 Python lists, then casts to float32.
+    n, d = 10, 6
+    ref = np.array([[p / np.power(10000, 2 * (j // 2) / d) for j in range(d)] for p in range(n)])
+    ref[:, 0::2], ref[:, 1::2] = np.sin(ref[:, 0::2]), np.cos(ref[:, 1::2])
+    table = sinusoid_table(n, d)
+    assert table.dtype == torch.float32
+    assert torch.equal(table, torch.tensor(ref, dtype=torch.float32))
+    assert table[3, 4].item() == pytest.approx(math.sin(3 / 10000 ** (4 / 6)))
+
+
+def test_position_table_is_not_saved() -> None:
+    model = ts.build("videomae-tiny")
+    assert "embed.pos_table" not in model.state_dict()
+    assert model.embed.pos_table.shape == (2 * 4 * 4, 32)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_shapes_and_state(name: str) -> None:
+    model = ts.build(name).eval()
+    video = tiny_video(name)
+    state = model.forward_features(video)
+    state.check()
+    cfg = model.config
+    assert state.grid == cfg.grid and state.x.shape == (2, math.prod(cfg.grid), cfg.dim)
+    assert (state.cls is not None) == cfg.has_cls
+    assert model(video).shape == (2, cfg.num_classes)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_batch_of_two_equals_two_batches_of_one(name: str) -> None:
+    model = ts.build(name).eval()
+    video = tiny_video(name)
+    with torch.no_grad():
+        both = model(video)
+        single = torch.cat([model(video[:1]), model(video[1:])])
+    torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_parameter_gets_a_gradient(name: str) -> None:
+    model = ts.build(name).train()
+    model(tiny_video(name)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # A fresh model has a zero time embedding, but its gradient is still non-zero.
+    assert not missing, missing
+
+
+def test_drop_path_is_stochastic_in_training_only() -> None:
+    model = ts.build("videomae-tiny", drop_path=0.5)
+    video = tiny_video()
+    model.train()
+    outs = {tuple(model(video).flatten().tolist()) for _ in range(4)}
+    assert len(outs) > 1
+    model.eval()
+    torch.testing.assert_close(model(video), model(video), rtol=0, atol=0)
+
+
+def test_bfloat16_autocast_is_close_to_float32() -> None:
+    model = ts.build("videomae-tiny").eval()
+    video = tiny_video()
+    with torch.no_grad():
+        ref = model(video)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(video)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------------------------ recording
+def test_block_records_keys_and_class_attention_on_request() -> None:
+    model = ts.build("joint-tiny").eval()
+    state = model.embed(tiny_video("joint-tiny"), model.config.grid)
+    block = model.blocks[0]
+    plain = block(state)
+    assert KEYS not in plain.aux and CLS_ATTN not in plain.aux
+    block.record = frozenset({KEYS, CLS_ATTN})
+    rec = block(state)
+    torch.testing.assert_close(rec.x, plain.x, rtol=0, atol=0)  # recording changes nothing
+
+    # Reference: keys and the class token's attention row, computed by hand.
+    attn = block.attn
+    x = block.norm1(torch.cat([state.cls, state.x], 1))
+    B, N, _ = x.shape
+    q, k, _ = (
+        (x @ attn.qkv.weight.T + attn.qkv.bias).view(B, N, 3, attn.heads, -1).unbind(2)
+    )  # (B, N, nh, hd)
+    torch.testing.assert_close(rec.aux[KEYS], k[:, 1:].mean(2))
+    logits = torch.einsum("bhd,bnhd->bhn", q[:, 0], k) / math.sqrt(attn.head_dim)
+    torch.testing.assert_close(rec.aux[CLS_ATTN], logits.softmax(-1)[:, :, 1:].mean(1))
+
+
+def test_class_attention_without_class_token_is_refused() -> None:
+    attn = Attention(dim=8, heads=2)
+    with pytest.raises(ValueError, match="without a class token"):
+        attn(torch.randn(1, 4, 8), record=frozenset({CLS_ATTN}))
+
+
+def test_videomae_keys_have_no_bias() -> None:
+    attn = Attention(dim=8, heads=2, qkv_bias="qv")
+    with torch.no_grad():
+        attn.q_bias.fill_(1.0)
+        attn.v_bias.fill_(2.0)
+    bias = attn._qkv_bias()
+    assert bias[:8].eq(1).all() and bias[8:16].eq(0).all() and bias[16:].eq(2).all()
+    assert [n for n, _ in attn.named_parameters()] == [
+        "q_bias",
+        "v_bias",
+        "qkv.weight",
+        "proj.weight",
+        "proj.bias",
+    ]
+
+
+# ------------------------------------------------------------------ padding masks
+@pytest.mark.parametrize("name", ["videomae-tiny", "joint-tiny"])
+def test_padding_tokens_change_nothing(name: str) -> None:
+    """A sample padded with junk tokens (mask False) gives the logits of the sample alone."""
+    model = ts.build(name).eval()
+    state = model.embed(tiny_video(name, batch=1), model.config.grid)
+    keep = state.gather(torch.arange(0, 32, 2)[None])  # 16 real tokens
+    pad = 5
+    junk = torch.randn(1, pad, model.config.dim) * 10
+    padded = keep.replace(
+        x=torch.cat([keep.x, junk], 1),
+        pos=torch.cat([keep.pos, torch.zeros(1, pad, dtype=torch.long)], 1),
+        mask=torch.cat([torch.ones(1, 16, dtype=torch.bool), torch.zeros(1, pad, dtype=torch.bool)], 1),
+    )
+    padded.check()
+
+    def run(s: TokenState) -> torch.Tensor:
+        for block in model.blocks:
+            s = block(s)
+        return model.forward_head(s)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(padded), run(keep), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ TimeSformer on reduced grids
+def test_timesformer_runs_on_the_actual_grid() -> None:
+    model = ts.build("timesformer-tiny").eval()
+    with torch.no_grad():  # strong weights, so that temporal attention matters to the output
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    state = model.embed(tiny_video("timesformer-tiny"), model.config.grid)  # 4 frames x 16 tokens
+
+    def run(s: TokenState) -> torch.Tensor:
+        for block in model.blocks:
+            s = block(s)
+        return model.forward_head(s)
+
+    with torch.no_grad():
+        # Two of four frames (frame selection), and 9 tokens per frame (per-frame pruning).
+        frames = state.gather(
+            torch.cat([torch.arange(16), torch.arange(32, 48)])[None].expand(2, -1), frames=2
+        )
+        per_frame = torch.cat([f * 16 + torch.arange(9) for f in range(4)])[None].expand(2, -1)
+        assert run(frames).shape == run(state.gather(per_frame, frames=4)).shape == (2, 10)
+
+        # The same spatial permutation in every frame keeps slot j at one spatial position across
+        # frames, so divided attention must give every token exactly the same output.
+        def tokens(s: TokenState) -> torch.Tensor:
+            for block in model.blocks:
+                s = block(s)
+            return s.gather(s.pos.argsort(1)).x  # back in grid order
+
+        perm = torch.randperm(16)
+        permuted = torch.cat([f * 16 + perm for f in range(4)])[None].expand(2, -1)
+        torch.testing.assert_close(
+            tokens(state.gather(permuted, frames=4)), tokens(state), rtol=1e-4, atol=1e-4
+        )
+
+        # A different permutation per frame breaks that pairing: temporal attention mixes other
+        # positions, so the outputs must change.
+        shuffled = torch.cat([f * 16 + torch.randperm(16) for f in range(4)])[None].expand(2, -1)
+        assert (tokens(state.gather(shuffled, frames=4)) - tokens(state)).abs().mean() > 0.1
+
+
+def test_timesformer_refuses_unequal_frames_and_padding() -> None:
+    model = ts.build("timesformer-tiny").eval()
+    state = model.embed(tiny_video("timesformer-tiny"), model.config.grid)
+    with pytest.raises(ValueError, match="same number of tokens in every frame"):
+        model.blocks[0](state.gather(torch.arange(10)[None].expand(2, -1)))
+    with pytest.raises(ValueError, match="dense batch"):
+        model.blocks[0](state.replace(mask=torch.ones(2, 64, dtype=torch.bool)))
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [
+        ((4, 3, 32, 32), torch.float32, r"\(B, T, C, H, W\)"),
+        ((1, 4, 1, 32, 32), torch.float32, "expected 3 channels"),
+        ((1, 3, 3, 32, 32), torch.float32, "divisible by the tubelet size 2"),
+        ((1, 4, 3, 30, 30), torch.float32, "divisible by the patch size 8"),
+        ((1, 8, 3, 32, 32), torch.float32, r"built for 4 frames of 32x32 \(token grid \(2, 4, 4\)\)"),
+        ((1, 4, 3, 48, 48), torch.float32, r"got 4 frames of 48x48"),
+        ((1, 4, 3, 32, 32), torch.uint8, "expected a float video"),
+    ],
+)
+def test_bad_video_input(shape: tuple, dtype: torch.dtype, message: str) -> None:
+    model = ts.build("videomae-tiny")
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(shape, dtype=dtype))
+
+
+def test_meta_build_matches_real_structure() -> None:
+    with torch.device("meta"):
+        meta = build_from_config(preset("timesformer-tiny"))
+    real = ts.build("timesformer-tiny")
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.flops import count_flops, register_cpu_sdpa_formula
+
+
+def meta_model(name: str, **changes: object) -> ts.VideoBackbone:
+    with torch.device("meta"):
+        return ts.build(name, **changes)
+
+
+@pytest.mark.parametrize(
+    ("name", "paper"),
+    # VideoMAE (Tong et al. 2022), Tab. 6/7: GFLOPs per 16x224 view.
+    [("videomae-s", 57), ("videomae-b", 180), ("videomae-l", 597), ("videomae-h", 1192)],
+)
+def test_videomae_gflops_match_the_papers(name: str, paper: float) -> None:
+    assert ts.flops(meta_model(name), frames=16, size=224) == pytest.approx(paper, abs=1.0)
+
+
+def videomae_closed_form(D: int, L: int, N: int = 1568, classes: int = 400) -> int:
+    """Per block 12*N*D^2 (qkv, proj, MLP) + 2*N^2*D (QK^T and AV); tubelet embedding; classifier."""
+    return L * (12 * N * D * D + 2 * N * N * D) + N * (3 * 2 * 16 * 16) * D + D * classes
+
+
+@pytest.mark.parametrize(
+    ("name", "D", "L"), [("videomae-s", 384, 12), ("videomae-b", 768, 12), ("videomae-h", 1280, 32)]
+)
+def test_products_equal_the_closed_form(name: str, D: int, L: int) -> None:
+    fc = ts.flops(meta_model(name), detail=True)
+    assert fc.macs - fc.by_op["norm"] == videomae_closed_form(D, L)
+    # Layer norms as fvcore counts them: 5 per element, two per block plus fc_norm.
+    assert fc.by_op["norm"] == 5 * D * (2 * L * 1568 + 1)
+
+
+def test_timesformer_closed_form() -> None:
+    D, L, T, S = 768, 12, 8, 196
+    N = T * S
+    block = (
+        5 * N * D * D + 2 * S * T * T * D  # temporal qkv + proj + temporal_fc; attention per position
+        + 4 * T * (S + 1) * D * D + 2 * T * (S + 1) ** 2 * D  # spatial qkv + proj (cls per frame); attention
+        + 8 * (N + 1) * D * D  # MLP
+    )  # fmt: skip
+    fc = ts.flops(meta_model("timesformer-b"), detail=True)
+    assert fc.macs - fc.by_op["norm"] == L * block + N * 3 * 16 * 16 * D + D * 400
+
+
+@pytest.mark.parametrize("name", ["videomae-tiny", "timesformer-tiny", "joint-tiny"])
+def test_agrees_with_torch_flop_counter(name: str) -> None:
+    """Cross-check on CPU, where SDPA runs its fused CPU kernel (which torch 2.13 cannot count)."""
+    register_cpu_sdpa_formula()
+    model = ts.build(name).eval()
+    video = tiny_video(name)
+    with torch.no_grad(), FlopCounterMode(display=False) as torch_counter:
+        model(video)
+    fc = ts.flops(model, video=video, detail=True)
+    assert fc.by_op["attention"] > 0  # counted from the fused kernel, not a decomposition
+    assert fc.macs - fc.by_op["norm"] == torch_counter.get_total_flops() // 2
+
+
+def test_cpu_sdpa_formula_is_registered_once() -> None:
+    register_cpu_sdpa_formula()
+    assert register_cpu_sdpa_formula() is False
+
+
+def test_attention_count_is_exact_on_cpu() -> None:
+    model = ts.build("videomae-tiny").eval()
+    fc = ts.flops(model, detail=True)
+    N, D, L = 32, 32, 3
+    assert fc.by_op["attention"] == L * 2 * N * N * D
+
+
+def test_meta_and_real_counts_agree() -> None:
+    assert ts.flops(meta_model("joint-tiny")) == ts.flops(ts.build("joint-tiny").eval())
+
+
+def test_per_clip_does_not_depend_on_batch() -> None:
+    model = ts.build("videomae-tiny").eval()
+    assert ts.flops(model, video=tiny_video(batch=3)) == pytest.approx(ts.flops(model))
+
+
+def test_breakdown_by_part_sums_to_total() -> None:
+    fc = ts.flops(meta_model("videomae-b"), detail=True)
+    assert set(fc.by_module) == {"embed", "blocks", "fc_norm", "head"}
+    assert sum(fc.by_module.values()) == fc.macs
+    assert fc.share("blocks") > 0.98
+
+
+def test_counter_attributes_work_outside_the_model() -> None:
+    model = ts.build("videomae-tiny").eval()
+    with count_flops(model) as fc:
+        torch.ones(4, 5) @ torch.ones(5, 6)
+    assert fc.macs == 120 and fc.by_module == {"other": 120}
+
+
+def test_needs_input_size_without_config() -> None:
+    with pytest.raises(ValueError, match="frames= and size="):
+        ts.flops(torch.nn.Linear(3, 3))

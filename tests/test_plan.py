@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import pytest
+import torch
+from torch import nn
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.reducers import REGISTRY, Reducer, parse, register
+from tokensieve.reducers.none import NoReduction
+from tokensieve.tokens import KEYS, TokenState
+
+
+@pytest.fixture
+def probe() -> Iterator[type[Reducer]]:
+    """A throwaway reducer that records what it saw, registered for one test."""
+
+    @register("probe")
+    class Probe(Reducer):
+        needs = frozenset({KEYS})
+
+        def __init__(
+            self, *, at: int = 1, scale: float = 1.0, hard: bool = False, mode: Literal["a", "b"] = "a"
+        ):
+            super().__init__()
+            self.at, self.scale, self.hard, self.mode = at, scale, hard, mode
+            self.seen: list[TokenState] = []
+
+        def positions(self, depth: int) -> tuple[int, ...]:
+            return (self.at,)
+
+        def forward(self, state: TokenState) -> TokenState:
+            self.seen.append(state)
+            return state
+
+    yield Probe
+    del REGISTRY["probe"]
+
+
+def test_none_equals_the_bare_backbone_exactly() -> None:
+    model = ts.build("videomae-tiny").eval()
+    video = tiny_video()
+    with torch.no_grad():
+        bare = model(video)
+        ts.apply(model, "none")
+        assert all(isinstance(r, nn.Identity) for r in model.reducers)
+        assert torch.equal(model(video), bare)
+    assert [type(r) for r in ts.plan("none")] == [NoReduction]
+
+
+def test_parse_converts_to_annotated_types(probe: type[Reducer]) -> None:
+    assert parse("probe:at=2,scale=0.5,hard=true,mode=b") == [
+        ("probe", {"at": 2, "scale": 0.5, "hard": True, "mode": "b"})
+    ]
+    assert parse("none+probe") == [("none", {}), ("probe", {})]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nope", "valid methods: none, probe"),
+        ("probe:depth=3", r"no parameter 'depth'; valid: probe: at=1, scale=1.0, hard=False, mode='a'"),
+        ("probe:at", "expected key=value"),
+        ("probe:at=two", "at expects a int"),
+        ("probe:hard=maybe", "hard expects a bool"),
+        ("probe:mode=c", "mode must be one of a, b"),
+        ("", "non-empty string"),
+    ],
+)
+def test_bad_specs_name_the_valid_choices(probe: type[Reducer], spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ts.plan(spec)
+
+
+def test_apply_installs_and_tells_the_block_before_to_record(probe: type[Reducer]) -> None:
+    model = ts.build("videomae-tiny").eval()
+    ts.apply(model, "probe:at=2")
+    assert isinstance(model.reducers[2], probe)
+    assert [b.record for b in model.blocks] == [frozenset(), frozenset({KEYS}), frozenset()]
+    model(tiny_video())
+    (seen,) = model.reducers[2].seen
+    assert seen.aux[KEYS].shape == (2, 32, 16)  # head-mean keys of block 1: (B, N, hd)
+
+    ts.apply(model, None)
+    assert all(isinstance(r, nn.Identity) for r in model.reducers)
+    assert all(b.record == frozenset() for b in model.blocks)
+
+
+def test_two_reducers_at_one_position_compose(probe: type[Reducer]) -> None:
+    model = ts.build("videomae-tiny")
+    ts.apply(model, "probe:at=1+probe:at=1")
+    assert isinstance(model.reducers[1], nn.Sequential) and len(model.reducers[1]) == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("probe:at=0", "cannot run at position 0"), ("probe:at=3", r"valid positions: 0..2")],
+)
+def test_bad_positions(probe: type[Reducer], spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ts.apply(ts.build("videomae-tiny"), spec)
+
+
+def test_registering_a_name_twice_fails() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        register("none")(NoReduction)
