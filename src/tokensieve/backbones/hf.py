@@ -178,10 +178,11 @@ def from_hf_state_dict(
     if ref is not None:
         # Before loading, so float64 weights are not rounded through float32.
         ours = ours.to(device=ref.device, dtype=ref.dtype)
-    # A bare VideoMAEModel with mean pooling has no fc_norm: it keeps its initial LayerNorm (unit
-    # weight, zero bias).
-    optional = ("fc_norm.weight", "fc_norm.bias") if not classifier else ()
-    load_checked(ours, mapped, unmatched=unmatched, optional=optional, source=f"{kind} state dict")
+    if not classifier and cfg.pool == "mean":
+        # A bare VideoMAEModel has no fc_norm: its pooled features are the plain token mean, not a
+        # mean through an untrained LayerNorm.
+        ours.fc_norm = nn.Identity()
+    load_checked(ours, mapped, unmatched=unmatched, source=f"{kind} state dict")
     return ours.eval()
 
 
