@@ -1,2 +1,349 @@
-"""placeholder"""
-def benchmark(*a, **k): raise NotImplementedError
+"""Throughput of reduction plans, always next to the unreduced baseline measured in the same run.
+
+    results = ts.benchmark(model, plans=["random:keep=0.5", "sta:r=64"], batch_size=[1, 8])
+    print(to_json(results))
+
+Method (the conventions of ToMe's and STA's benchmarks, made robust to drift on shared machines):
+
+1. Every plan is installed once with `tokensieve.apply` and its GFLOPs per clip counted at batch 1
+   in float32 on the same random input the timing uses (see `tokensieve.flops`).
+2. For each batch size, plans run in interleaved rounds (baseline, A, B, then A, B, baseline, ...;
+   the order rotates so no plan always follows another): `warmup` untimed rounds, then `repeats`
+   timed ones. One timed run is one forward pass of a batch under `torch.inference_mode`, timed
+   with `time.perf_counter` (the device synchronised on both sides).
+3. Reported: the median seconds per batch and its interquartile range, clips/s, and the ratios to
+   the baseline: `gflops_ratio = baseline_gflops / gflops`, `speedup = clips_per_s / baseline
+   clips_per_s`. Because rounds interleave, the per-round ratios baseline/plan are paired samples;
+   their interquartile range (`speedup_iqr`) says how much of a speed-up is noise.
+
+The baseline is the plan "none"; it is always measured (first) and reported, listed or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .flops import flops
+from .reducers import apply, parse
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .backbones.base import VideoBackbone
+
+__all__ = ["BASELINE", "DTYPES", "BenchResult", "benchmark", "format_table", "to_json"]
+
+log = logging.getLogger(__name__)
+
+BASELINE = "none"
+"""The plan every other plan is compared with."""
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""Compute dtypes `benchmark` accepts; "bfloat16" runs under `torch.autocast` (CPU too)."""
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Throughput of one plan at one batch size.
+
+    Attributes:
+        plan: the plan spec as given ("none" for the baseline).
+        batch_size: clips per forward pass.
+        dtype: "float32", or "bfloat16" (autocast).
+        frames, size: input clip length and frame side.
+        device: where the model ran ("cpu", "cuda:0", ...).
+        threads: `torch.get_num_threads()` during the run.
+        gflops: GFLOPs per clip with the plan installed (batch 1, float32; multiply-add = 1 FLOP).
+        gflops_ratio: baseline GFLOPs / these GFLOPs (2.0 = half the compute).
+        seconds: median wall-clock seconds per batch over the timed rounds.
+        seconds_iqr: (first, third) quartile of the seconds per batch.
+        times: every timed run, seconds per batch, in round order.
+        clips_per_s: `batch_size / seconds`.
+        speedup: clips/s over the baseline's clips/s at the same batch size (1.0 for the baseline).
+        speedup_iqr: (first, third) quartile of the per-round paired ratios baseline time / time.
+    """
+
+    plan: str
+    batch_size: int
+    dtype: str
+    frames: int
+    size: int
+    device: str
+    threads: int
+    gflops: float
+    gflops_ratio: float
+    seconds: float
+    seconds_iqr: tuple[float, float]
+    times: tuple[float, ...]
+    clips_per_s: float
+    speedup: float
+    speedup_iqr: tuple[float, float]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.plan == BASELINE
+
+
+# ---------------------------------------------------------------------------------------- helpers
+PlanState = tuple[tuple[nn.Module, ...], tuple[frozenset[str], ...]]
+
+
+def _installed(model: VideoBackbone) -> PlanState:
+    """What `apply` changes: the reducer slots and what each block records."""
+    return tuple(model.reducers), tuple(block.record for block in model.blocks)
+
+
+def _install(model: VideoBackbone, state: PlanState) -> None:
+    """Put back a plan captured by `_installed` (the same reducer objects, so no re-initialisation)."""
+    reducers, records = state
+    for p, reducer in enumerate(reducers):
+        model.reducers[p] = reducer
+    for block, record in zip(model.blocks, records, strict=True):
+        block.record = record
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0])
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q1, q3)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[int]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _random_video(
+    model: VideoBackbone, *, batch: int, frames: int, size: int, device: torch.device
+) -> Tensor:
+    """(batch, frames, C, size, size) float32 clips: uniform pixels normalised like the checkpoint."""
+    cfg = model.config
+    generator = torch.Generator().manual_seed(0)
+    video = torch.rand(batch, frames, cfg.channels, size, size, generator=generator)
+    mean = torch.tensor(cfg.mean).view(1, 1, -1, 1, 1)  # (1, 1, C, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 1, -1, 1, 1)
+    return ((video - mean) / std).to(device)
+
+
+def _check_args(*, plans: Sequence[str], batch_sizes: Sequence[int], dtype: str, threads: int | None,
+                warmup: int, repeats: int) -> None:  # fmt: skip
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got {dtype!r}")
+    if isinstance(plans, str):
+        raise TypeError(f"plans is a sequence of specs, e.g. [{plans!r}], not one string")
+    for spec in plans:
+        parse(spec)  # fail on a bad spec before anything is measured
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None to keep torch's setting), got {threads}")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+
+
+def _timed_rounds(num_plans: int, *, install: Callable[[int], None], run: Callable[[], None], warmup: int,
+                  repeats: int, device: torch.device, label: str) -> list[list[float]]:  # fmt: skip
+    """Seconds of `run` under each plan in each of `repeats` interleaved rounds, after `warmup`
+    untimed rounds. `install(i)` puts plan i in place (outside the timed region).
+
+    Round r runs the plans starting at plan r mod P, so none always follows the same neighbour.
+    """
+    times: list[list[float]] = [[] for _ in range(num_plans)]
+    for r in range(warmup + repeats):
+        timed = r >= warmup
+        if timed:
+            log.info("%s: round %d/%d", label, r - warmup + 1, repeats)
+        elif r == 0:
+            log.info("%s: warm-up (%d rounds)", label, warmup)
+        for i in range(num_plans):
+            j = (i + r) % num_plans
+            install(j)
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            if timed:
+                times[j].append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+def benchmark(
+    model: VideoBackbone,
+    *,
+    plans: Sequence[str] = (BASELINE,),
+    batch_size: int | Sequence[int] = 1,
+    dtype: str = "float32",
+    threads: int | None = None,
+    frames: int | None = None,
+    size: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> list[BenchResult]:
+    """Clips per second of `model` under each plan, with the baseline ("none") measured alongside.
+
+    The model runs where its parameters are (float32 weights). Plans are installed with
+    `tokensieve.apply` (learned reducers start from fresh weights: timing does not depend on them
+    for fixed-budget methods); whatever plan the model held before is put back afterwards, as is its
+    train/eval mode and torch's thread count.
+
+    Args:
+        model: a tokensieve backbone.
+        plans: plan specs to measure. "none" is added first when absent.
+        batch_size: clips per forward pass, or several batch sizes (one row per plan and size).
+        dtype: "float32", or "bfloat16" to run under `torch.autocast` (on CPU too).
+        threads: `torch.set_num_threads` for the duration; None keeps the current setting.
+        frames, size: input clip length and frame side; default the model's configured input.
+        warmup: untimed rounds before timing (each round runs every plan once).
+        repeats: timed rounds; the median is reported.
+
+    Returns:
+        One `BenchResult` per batch size and plan, grouped by batch size, each group baseline first.
+
+    Raises:
+        ValueError: a bad spec (naming the valid methods), dtype (naming the valid ones), batch size,
+            thread count, warmup/repeats, or an input the model does not fit.
+    """
+    batch_sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+    plans = list(plans) if not isinstance(plans, str) else plans
+    _check_args(
+        plans=plans, batch_sizes=batch_sizes, dtype=dtype, threads=threads, warmup=warmup, repeats=repeats
+    )
+    specs = [BASELINE, *(p for p in dict.fromkeys(plans) if p.strip() != BASELINE)]
+    param = next(model.parameters())
+    if param.device.type == "meta":
+        raise ValueError("cannot time a model on the meta device; use tokensieve.flops to count it")
+    if param.dtype != torch.float32:
+        raise ValueError(
+            f"benchmark expects float32 weights (use dtype='bfloat16' for autocast), got {param.dtype}"
+        )
+    device = param.device
+    frames = frames or model.config.frames
+    size = size or model.config.size
+    autocast = (
+        torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext()
+    )
+
+    original, was_training = _installed(model), model.training
+    model.eval()
+    results: list[BenchResult] = []
+    try:
+        with _num_threads(threads) as num_threads:
+            sample = _random_video(model, batch=1, frames=frames, size=size, device=device)
+            installed: list[PlanState] = []
+            gflops: list[float] = []
+            for spec in specs:
+                apply(model, spec)
+                installed.append(_installed(model))
+                log.info("counting GFLOPs of plan %r", spec)
+                gflops.append(float(flops(model, video=sample)))
+
+            def run(video: Tensor) -> None:
+                with torch.inference_mode(), autocast:
+                    model(video)
+
+            for batch in batch_sizes:
+                video = _random_video(model, batch=batch, frames=frames, size=size, device=device)
+                times = _timed_rounds(
+                    len(specs), install=lambda i: _install(model, installed[i]), run=functools.partial(run, video),
+                    warmup=warmup, repeats=repeats, device=device, label=f"batch {batch}, {len(specs)} plan(s)",
+                )  # fmt: skip
+                base = statistics.median(times[0])
+                for spec, flop, runs_s in zip(specs, gflops, times, strict=True):
+                    seconds = statistics.median(runs_s)
+                    paired = [b / t for b, t in zip(times[0], runs_s, strict=True)]
+                    results.append(
+                        BenchResult(
+                            plan=spec, batch_size=batch, dtype=dtype, frames=frames, size=size,
+                            device=str(device), threads=num_threads, gflops=flop,
+                            gflops_ratio=gflops[0] / flop if flop else float("inf"),
+                            seconds=seconds, seconds_iqr=_quartiles(runs_s), times=tuple(runs_s),
+                            clips_per_s=batch / seconds, speedup=base / seconds,
+                            speedup_iqr=_quartiles(paired),
+                        )
+                    )  # fmt: skip
+                    log.info("batch %d, %s: %.1f ms/batch, %.2fx", batch, spec, 1e3 * seconds, base / seconds)
+    finally:
+        _install(model, original)
+        model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- output
+def _environment() -> dict[str, object]:
+    from . import __version__
+
+    return {"tokensieve": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or None}  # fmt: skip
+
+
+def to_json(
+    results: Sequence[BenchResult], *, meta: Mapping[str, object] | None = None, indent: int = 2
+) -> str:
+    """Results as a JSON document: `{"environment": {...}, **meta, "results": [{...}, ...]}`.
+
+    Every `BenchResult` field is a key of its result object (tuples become lists).
+    """
+    doc = {"environment": _environment(), **(meta or {}), "results": [asdict(r) for r in results]}
+    return json.dumps(doc, indent=indent)
+
+
+def _fmt(value: float) -> str:
+    """Four significant digits at most, without switching to exponents for tiny test models."""
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
+def format_table(results: Sequence[BenchResult], *, title: str | None = None) -> Table:
+    """A `rich.table.Table` of results: one row per plan and batch size, the baseline rows dimmed.
+
+    "IQR" is the interquartile range of the seconds per batch as a percentage of their median: a
+    speed-up smaller than it is within the noise of the run.
+    """
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    headers = ("plan", "batch", "dtype", "GFLOPs", "GFLOPs\nratio", "clips/s", "speed-up", "ms/batch", "IQR")
+    for name in headers:
+        table.add_column(name, justify="left" if name in ("plan", "dtype") else "right")
+    for r in results:
+        q1, q3 = r.seconds_iqr
+        table.add_row(
+            r.plan, str(r.batch_size), r.dtype, _fmt(r.gflops), f"{r.gflops_ratio:.2f}x",
+            _fmt(r.clips_per_s), f"{r.speedup:.2f}x", _fmt(1e3 * r.seconds), f"{100 * (q3 - q1) / r.seconds:.1f}%",
+            style="dim" if r.is_baseline and len(results) > 1 else None,
+        )  # fmt: skip
+    return table

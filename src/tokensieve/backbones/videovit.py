@@ -39,7 +39,9 @@ class TubeletEmbed(nn.Module):
 
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
         x = self.proj(video.transpose(1, 2))  # (B, C, T', H', W')
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C), time-major raster order
+        # Contiguous: every residual add keeps the layout of its first operand, so a transposed
+        # view here would make all later norms and adds run on strided memory (~4% slower).
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), time-major raster order
         return TokenState.from_grid(x + self.pos_table.to(device=x.device, dtype=x.dtype), grid)
 
 
@@ -64,7 +66,7 @@ class FrameEmbed(nn.Module):
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
         B, T, C, Hp, Wp = video.shape
         x = self.proj(video.reshape(B * T, C, Hp, Wp))  # (B*T, D, H, W)
-        x = x.flatten(2).transpose(1, 2)  # (B*T, HW, D)
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B*T, HW, D); contiguous as in TubeletEmbed
         x = x + self.pos_embed[:, 1:]
         x = x.view(B, T, -1, x.shape[-1]) + self.time_embed[:, :, None]  # (B, T, HW, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)

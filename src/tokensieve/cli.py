@@ -1,0 +1,357 @@
+"""The `tokensieve` command line: `bench`, `flops` and `info`.
+
+    tokensieve bench  --model videomae-s --plan none --plan random:keep=0.5 --batch-size 1 --batch-size 8
+    tokensieve flops  --model videomae-b --plan sta:r=64
+    tokensieve info
+
+`--model` is a preset name (random weights, no download), a local checkpoint directory or a hub id
+(through transformers). Tables go to stdout, progress to stderr; `--json` prints one JSON document
+on stdout and nothing else. Usage errors (unknown preset, bad plan, bad dtype) print one red line
+naming the valid choices and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import platform
+import typing
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.status import Status
+from rich.table import Column, Table
+
+from . import __version__
+from .backbones import PRESETS, VideoBackbone, build
+from .bench import BASELINE, DTYPES, benchmark, format_table, to_json
+from .flops import FlopCount, flops
+from .reducers import REGISTRY, apply, parse
+
+__all__ = ["app", "main"]
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="tokensieve",
+    help="Fewer tokens, faster video transformers: measure token-reduction plans.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # bugs get a plain traceback, without tensors printed as locals
+)
+
+# Errors the library raises for bad user input; anything else is a bug and keeps its traceback.
+_USAGE_ERRORS = (ValueError, KeyError, TypeError)
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Preset name (see `tokensieve info`), local checkpoint directory or hub id."
+    ),
+]
+PlanOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plan", "-p", help="Plan spec, e.g. 'random:keep=0.5' (repeatable). 'none' is always included."
+    ),
+]
+FramesOption = Annotated[int | None, typer.Option(help="Clip length; default the model's.", min=1)]
+SizeOption = Annotated[int | None, typer.Option(help="Frame side in pixels; default the model's.", min=1)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+
+
+class UsageError(Exception):
+    """A bad command-line input, reported as one red line (exit code 2)."""
+
+
+def _message(err: Exception) -> str:
+    # KeyError's str() is the repr of its argument; the other errors read as they are.
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Turn bad input (ours or the library's) into one red line on stderr and exit code 2.
+
+    Each command's body runs inside it, so the line is printed after any spinner has stopped.
+    """
+    try:
+        yield
+    except (UsageError, *_USAGE_ERRORS) as err:
+        Console(stderr=True).print(
+            f"[red]error:[/red] {escape(_message(err))}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(code=2) from None
+
+
+def _check_plans(plans: list[str]) -> list[str]:
+    """The plans to run, baseline first; raises on a bad spec before any model is built."""
+    for spec in plans:
+        parse(spec)
+    return [BASELINE, *(p for p in dict.fromkeys(plans) if p.strip() != BASELINE)]
+
+
+def _resolve(name: str, *, frames: int | None, size: int | None, meta: bool = False) -> VideoBackbone:
+    """A preset (built on the meta device when `meta`), or a checkpoint loaded through transformers."""
+    changes = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
+    if name in PRESETS:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return build(name, **changes)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+    if not (Path(name).is_dir() or looks_like_hub_id):
+        raise UsageError(
+            f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; or a local checkpoint directory or hub id"
+        )
+    from .backbones.hf import load
+
+    try:
+        return load(name, **changes)
+    except Exception as err:  # offline, missing files, unsupported architecture: all one line
+        raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {_message(err)}") from err
+
+
+@contextlib.contextmanager
+def _progress(prefix: str) -> Iterator[None]:
+    """A spinner on stderr showing the benchmark's log messages as they come."""
+    bench_log = logging.getLogger("tokensieve.bench")
+    with Status(f"{prefix}: starting", console=Console(stderr=True)) as status:
+
+        class ToStatus(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                status.update(f"{prefix}: {escape(record.getMessage())}")
+
+        handler, level = ToStatus(logging.INFO), bench_log.level
+        bench_log.addHandler(handler)
+        bench_log.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            bench_log.removeHandler(handler)
+            bench_log.setLevel(level)
+
+
+def _echo_json(doc: object) -> None:
+    typer.echo(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
+
+
+# ---------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    model: ModelOption = "videomae-s",
+    plan: PlanOption = None,
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option("--batch-size", "-b", help="Clips per forward pass (repeatable).", min=1),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
+    threads: Annotated[int | None, typer.Option(help="torch threads; default torch's choice.", min=1)] = None,
+    frames: FramesOption = None,
+    size: SizeOption = None,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.", min=0)] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed rounds; the median is reported.", min=1)] = 10,
+    as_json: JsonOption = False,
+) -> None:
+    """Clips/s of each plan, next to the unreduced baseline measured in the same run."""
+    with _usage_errors():
+        if dtype not in DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        specs = _check_plans(plan or [BASELINE])
+        with _progress(f"benchmarking {model}"):
+            net = _resolve(model, frames=frames, size=size)
+            results = benchmark(
+                net, plans=specs, batch_size=batch_size or [1], dtype=dtype, threads=threads,
+                frames=frames, size=size, warmup=warmup, repeats=repeats,
+            )  # fmt: skip
+    if as_json:
+        _echo_json(to_json(results, meta={"model": model}))
+        return
+    first = results[0]
+    title = (
+        f"{model}, {first.frames}x{first.size}, {first.device}, {first.threads} threads, "
+        f"median of {repeats} interleaved rounds"
+    )
+    table = format_table(results, title=title)
+    table.caption = "speed-up: clips/s over 'none' at the same batch; GFLOPs per clip, MAC = 1"
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------- flops
+def _count(net: VideoBackbone, spec: str, *, real: Callable[[], VideoBackbone]) -> FlopCount:
+    """FLOPs of `net` under a plan. A model on the meta device counts instantly (even ViT-H); a method
+    whose shapes depend on the content cannot run there, and is counted on `real()` instead."""
+    if next(net.parameters()).device.type == "meta":
+        try:
+            with torch.device("meta"):  # the plan's own parameters, if any, go to meta too
+                return flops(apply(net, spec), detail=True)
+        except (NotImplementedError, RuntimeError) as err:
+            log.info("plan %r cannot be counted on the meta device (%s); counting on a real model", spec, err)
+        net = real()
+    return flops(apply(net, spec), detail=True)
+
+
+@app.command("flops")
+def flops_command(
+    model: ModelOption,
+    plan: PlanOption = None,
+    frames: FramesOption = None,
+    size: SizeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """GFLOPs per clip (multiply-add = 1 FLOP, attention included), in total and per part."""
+    counts: dict[str, FlopCount] = {}
+    with _usage_errors():
+        specs = _check_plans(plan or [BASELINE])
+        with Status(f"{escape(model)}: building the model", console=Console(stderr=True)) as status:
+            net = _resolve(model, frames=frames, size=size, meta=model in PRESETS)
+            real = functools.cache(lambda: _resolve(model, frames=frames, size=size))
+            for spec in specs:
+                status.update(f"{escape(model)}: counting {escape(spec)}")
+                counts[spec] = _count(net, spec, real=real)
+    cfg = net.config
+    base = counts[BASELINE].gflops
+    rows = [
+        {
+            "plan": spec,
+            "gflops": c.gflops,
+            "gflops_ratio": base / c.gflops if c.gflops else float("inf"),
+            "by_module": {k: v / c.clips / 1e9 for k, v in c.by_module.items()},
+            "by_op": {k: v / c.clips / 1e9 for k, v in c.by_op.items()},
+        }
+        for spec, c in counts.items()
+    ]
+    if as_json:
+        _echo_json({"model": model, "frames": cfg.frames, "size": cfg.size, "results": rows})
+        return
+    console = Console()
+    console.print(
+        f"[bold]{escape(model)}, {cfg.frames}x{cfg.size}[/bold]: GFLOPs per clip "
+        "(multiply-add = 1 FLOP, attention included)"
+    )
+    totals = _table("plan", _num_column("GFLOPs"), _num_column("ratio"))
+    for row in rows:
+        totals.add_row(row["plan"], _gflops(row["gflops"]), f"{row['gflops_ratio']:.2f}x")
+    console.print(totals)
+    parts = list(dict.fromkeys(k for row in rows for k in row["by_module"]))
+    console.print("GFLOPs per part of the model")
+    by_part = _table("part", *(_num_column(row["plan"]) for row in rows))
+    for part in parts:
+        by_part.add_row(part, *(_gflops(row["by_module"].get(part, 0.0)) for row in rows))
+    console.print(by_part)
+
+
+def _gflops(value: float) -> str:
+    """Two decimals, or three significant digits for the tiny test presets."""
+    return f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.3g}"
+
+
+def _num_column(header: str) -> Column:
+    return Column(header, justify="right")
+
+
+def _table(*columns: str | Column, title: str | None = None) -> Table:
+    """A compact table that fits 80 columns."""
+    return Table(
+        *columns,
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------- info
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _method_params(cls: type) -> list[dict[str, Any]]:
+    """The spec parameters of a method: its constructor's keyword-only arguments."""
+    hints = typing.get_type_hints(cls.__init__)
+    params = []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        required = p.default is inspect.Parameter.empty
+        default = None if required else p.default
+        hint = hints.get(name, p.annotation)
+        params.append({
+            "name": name,
+            "type": getattr(hint, "__name__", None) or str(hint),
+            "default": default if isinstance(default, (int, float, str, bool, type(None))) else repr(default),
+            "required": required,
+        })  # fmt: skip
+    return params
+
+
+def _presets() -> list[dict[str, Any]]:
+    rows = []
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            net = build(name)
+        rows.append({
+            "name": name, "arch": cfg.arch, "frames": cfg.frames, "size": cfg.size, "dim": cfg.dim,
+            "depth": cfg.depth, "heads": cfg.heads, "params_m": net.num_params / 1e6, "gflops": flops(net),
+        })  # fmt: skip
+    return rows
+
+
+@app.command()
+def info(as_json: JsonOption = False) -> None:
+    """Presets, methods with their parameters, and library versions."""
+    versions = {
+        "tokensieve": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
+        "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    presets = _presets()
+    methods = [
+        {"name": name, "summary": (inspect.getdoc(cls) or "").split("\n")[0], "params": _method_params(cls)}
+        for name, cls in sorted(REGISTRY.items())
+    ]
+    if as_json:
+        _echo_json({"versions": versions, "presets": presets, "methods": methods})
+        return
+    console = Console()
+    libraries = [f"{k} {v or '(not installed)'}" for k, v in versions.items() if k != "torch_threads"]
+    console.print(
+        ", ".join([*libraries, f"{versions['torch_threads']} threads"]), highlight=False, soft_wrap=True
+    )
+    table = _table(
+        Column("preset", no_wrap=True), "arch", _num_column("input"), _num_column("dim/depth/heads"),
+        _num_column("params (M)"), _num_column("GFLOPs"), title="Presets (random weights)",
+    )  # fmt: skip
+    for p in presets:
+        table.add_row(
+            p["name"], p["arch"], f"{p['frames']}x{p['size']}", f"{p['dim']}/{p['depth']}/{p['heads']}",
+            f"{p['params_m']:.1f}" if p["params_m"] >= 1 else f"{p['params_m']:.3f}",
+            _gflops(p["gflops"]),
+        )  # fmt: skip
+    console.print(table)
+    table = _table(
+        Column("method", no_wrap=True), "parameters (default)", "summary",
+        title="Methods (plan spec: method:key=value,...)",
+    )  # fmt: skip
+    for m in methods:
+        params = ", ".join(
+            f"{p['name']}" + ("" if p["required"] else f"={p['default']}") for p in m["params"]
+        )
+        table.add_row(m["name"], params or "-", m["summary"])
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the `tokensieve` command."""
+    app(prog_name="tokensieve")
