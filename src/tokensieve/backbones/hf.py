@@ -43,6 +43,17 @@ SUPPORTED = (
 _L = r"encoder\.layer\.(\d+)\."  # a block of the HF encoder
 _B = r"blocks.\1."
 
+# Per-block rules both transformers models share (the ViT layer of transformers).
+_HF_BLOCK_RULES = [
+    (_L + r"attention\.output\.dense\.(weight|bias)", _B + r"attn.proj.\2"),
+    (_L + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
+    (_L + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
+    (_L + r"intermediate\.dense\.(weight|bias)", _B + r"mlp.fc1.\2"),
+    (_L + r"output\.dense\.(weight|bias)", _B + r"mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+
 VIDEOMAE_RULES = [
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embed.proj.\1"),
     (_L + r"attention\.attention\.query\.weight", _B + "attn.qkv.weight#q"),
@@ -50,14 +61,8 @@ VIDEOMAE_RULES = [
     (_L + r"attention\.attention\.value\.weight", _B + "attn.qkv.weight#v"),
     (_L + r"attention\.attention\.(?:query\.bias|q_bias)", _B + "attn.q_bias"),
     (_L + r"attention\.attention\.(?:value\.bias|v_bias)", _B + "attn.v_bias"),
-    (_L + r"attention\.output\.dense\.(weight|bias)", _B + r"attn.proj.\2"),
-    (_L + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
-    (_L + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
-    (_L + r"intermediate\.dense\.(weight|bias)", _B + r"mlp.fc1.\2"),
-    (_L + r"output\.dense\.(weight|bias)", _B + r"mlp.fc2.\2"),
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
     (r"fc_norm\.(weight|bias)", r"fc_norm.\1"),
-    (r"classifier\.(weight|bias)", r"head.\1"),
+    *_HF_BLOCK_RULES,
 ]
 
 TIMESFORMER_RULES = [
@@ -70,13 +75,7 @@ TIMESFORMER_RULES = [
     (_L + r"temporal_attention\.output\.dense\.(weight|bias)", _B + r"temporal_attn.proj.\2"),
     (_L + r"temporal_dense\.(weight|bias)", _B + r"temporal_fc.\2"),
     (_L + r"attention\.attention\.qkv\.(weight|bias)", _B + r"attn.qkv.\2"),
-    (_L + r"attention\.output\.dense\.(weight|bias)", _B + r"attn.proj.\2"),
-    (_L + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
-    (_L + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
-    (_L + r"intermediate\.dense\.(weight|bias)", _B + r"mlp.fc1.\2"),
-    (_L + r"output\.dense\.(weight|bias)", _B + r"mlp.fc2.\2"),
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
-    (r"classifier\.(weight|bias)", r"head.\1"),
+    *_HF_BLOCK_RULES,
 ]
 
 

@@ -23,14 +23,16 @@ from torch import nn
 from ..tokens import TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
-from .layers import Attention, Mlp, QkvBias, drop_path
+from .layers import Attention, Block, QkvBias
 from .videovit import FrameEmbed, make_blocks
 
 __all__ = ["DividedBlock", "TimeSformer"]
 
 
-class DividedBlock(nn.Module):
-    """Divided space-time block (temporal attention, spatial attention, MLP), pre-norm."""
+class DividedBlock(Block):
+    """Divided space-time block: the joint block's spatial attention and MLP (`norm1`, `attn`,
+    `norm2`, `mlp`), preceded by temporal attention (`temporal_norm1`, `temporal_attn`,
+    `temporal_fc`)."""
 
     def __init__(
         self,
@@ -44,16 +46,13 @@ class DividedBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            dim=dim, heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, eps=eps, drop=drop,
+            attn_drop=attn_drop, drop_path_rate=drop_path_rate,
+        )  # fmt: skip
         self.temporal_norm1 = nn.LayerNorm(dim, eps=eps)
         self.temporal_attn = Attention(dim=dim, heads=heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
         self.temporal_fc = nn.Linear(dim, dim)
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim=dim, heads=heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim=dim, hidden=mlp_dim, drop=drop)
-        self.drop_path = drop_path(drop_path_rate)
-        self.record: frozenset[str] = frozenset()
 
     def forward(self, state: TokenState) -> TokenState:
         if state.mask is not None:
