@@ -39,11 +39,20 @@ from .flops import flops
 from .reducers import apply, parse
 
 if TYPE_CHECKING:
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from .backbones.base import VideoBackbone
 
-__all__ = ["BASELINE", "DTYPES", "BenchResult", "benchmark", "format_table", "to_json"]
+__all__ = [
+    "BASELINE",
+    "DTYPES",
+    "BenchResult",
+    "benchmark",
+    "compact_table",
+    "format_table",
+    "to_json",
+    "with_baseline",
+]
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +160,23 @@ def _random_video(
     return ((video - mean) / std).to(device)
 
 
+def with_baseline(plans: Sequence[str]) -> list[str]:
+    """The plans to measure: "none" first, then the others once each, in order.
+
+    Raises:
+        ValueError: a bad spec, before anything is built or measured.
+    """
+    for spec in plans:
+        parse(spec)
+    return [BASELINE, *(p for p in dict.fromkeys(plans) if p.strip() != BASELINE)]
+
+
 def _check_args(*, plans: Sequence[str], batch_sizes: Sequence[int], dtype: str, threads: int | None,
                 warmup: int, repeats: int) -> None:  # fmt: skip
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got {dtype!r}")
     if isinstance(plans, str):
         raise TypeError(f"plans is a sequence of specs, e.g. [{plans!r}], not one string")
-    for spec in plans:
-        parse(spec)  # fail on a bad spec before anything is measured
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     if threads is not None and threads < 1:
@@ -235,7 +253,7 @@ def benchmark(
     _check_args(
         plans=plans, batch_sizes=batch_sizes, dtype=dtype, threads=threads, warmup=warmup, repeats=repeats
     )
-    specs = [BASELINE, *(p for p in dict.fromkeys(plans) if p.strip() != BASELINE)]
+    specs = with_baseline(plans)
     param = next(model.parameters())
     if param.device.type == "meta":
         raise ValueError("cannot time a model on the meta device; use tokensieve.flops to count it")
@@ -319,23 +337,28 @@ def _fmt(value: float) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4g}"
 
 
+def compact_table(*columns: str | Column, title: str | None = None) -> Table:
+    """A borderless table with a rule under the header that fits 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(
+        *columns,
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+
+
 def format_table(results: Sequence[BenchResult], *, title: str | None = None) -> Table:
     """A `rich.table.Table` of results: one row per plan and batch size, the baseline rows dimmed.
 
     "IQR" is the interquartile range of the seconds per batch as a percentage of their median: a
     speed-up smaller than it is within the noise of the run.
     """
-    from rich import box
-    from rich.table import Table
-
-    table = Table(
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1, 0, 1),
-        collapse_padding=True,
-        pad_edge=False,
-    )
+    table = compact_table(title=title)
     headers = ("plan", "batch", "dtype", "GFLOPs", "GFLOPs\nratio", "clips/s", "speed-up", "ms/batch", "IQR")
     for name in headers:
         table.add_column(name, justify="left" if name in ("plan", "dtype") else "right")

@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import platform
-import typing
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -26,17 +25,17 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.status import Status
-from rich.table import Column, Table
+from rich.table import Column
 
 from . import __version__
 from .backbones import PRESETS, VideoBackbone, build
-from .bench import BASELINE, DTYPES, benchmark, format_table, to_json
+from .bench import BASELINE, DTYPES, benchmark, compact_table, format_table, to_json, with_baseline
 from .flops import FlopCount, flops
-from .reducers import REGISTRY, apply, parse
+from .reducers import REGISTRY, Reducer, apply
+from .reducers.plan import spec_parameters
 
 __all__ = ["app", "main"]
 
@@ -92,13 +91,6 @@ def _usage_errors() -> Iterator[None]:
             f"[red]error:[/red] {escape(_message(err))}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(code=2) from None
-
-
-def _check_plans(plans: list[str]) -> list[str]:
-    """The plans to run, baseline first; raises on a bad spec before any model is built."""
-    for spec in plans:
-        parse(spec)
-    return [BASELINE, *(p for p in dict.fromkeys(plans) if p.strip() != BASELINE)]
 
 
 def _resolve(name: str, *, frames: int | None, size: int | None, meta: bool = False) -> VideoBackbone:
@@ -165,7 +157,7 @@ def bench(
     with _usage_errors():
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        specs = _check_plans(plan or [BASELINE])
+        specs = with_baseline(plan or [BASELINE])
         with _progress(f"benchmarking {model}"):
             net = _resolve(model, frames=frames, size=size)
             results = benchmark(
@@ -210,7 +202,7 @@ def flops_command(
     """GFLOPs per clip (multiply-add = 1 FLOP, attention included), in total and per part."""
     counts: dict[str, FlopCount] = {}
     with _usage_errors():
-        specs = _check_plans(plan or [BASELINE])
+        specs = with_baseline(plan or [BASELINE])
         with Status(f"{escape(model)}: building the model", console=Console(stderr=True)) as status:
             net = _resolve(model, frames=frames, size=size, meta=model in PRESETS)
             real = functools.cache(lambda: _resolve(model, frames=frames, size=size))
@@ -237,13 +229,13 @@ def flops_command(
         f"[bold]{escape(model)}, {cfg.frames}x{cfg.size}[/bold]: GFLOPs per clip "
         "(multiply-add = 1 FLOP, attention included)"
     )
-    totals = _table("plan", _num_column("GFLOPs"), _num_column("ratio"))
+    totals = compact_table("plan", _num_column("GFLOPs"), _num_column("ratio"))
     for row in rows:
         totals.add_row(row["plan"], _gflops(row["gflops"]), f"{row['gflops_ratio']:.2f}x")
     console.print(totals)
     parts = list(dict.fromkeys(k for row in rows for k in row["by_module"]))
     console.print("GFLOPs per part of the model")
-    by_part = _table("part", *(_num_column(row["plan"]) for row in rows))
+    by_part = compact_table("part", *(_num_column(row["plan"]) for row in rows))
     for part in parts:
         by_part.add_row(part, *(_gflops(row["by_module"].get(part, 0.0)) for row in rows))
     console.print(by_part)
@@ -258,18 +250,6 @@ def _num_column(header: str) -> Column:
     return Column(header, justify="right")
 
 
-def _table(*columns: str | Column, title: str | None = None) -> Table:
-    """A compact table that fits 80 columns."""
-    return Table(
-        *columns,
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
-    )
-
-
 # ---------------------------------------------------------------------------------------- info
 def _version(package: str) -> str | None:
     try:
@@ -278,16 +258,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _method_params(cls: type) -> list[dict[str, Any]]:
-    """The spec parameters of a method: its constructor's keyword-only arguments."""
-    hints = typing.get_type_hints(cls.__init__)
+def _method_params(cls: type[Reducer]) -> list[dict[str, Any]]:
+    """The spec parameters of a method, as JSON-ready rows."""
     params = []
-    for name, p in inspect.signature(cls.__init__).parameters.items():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
+    for name, (p, hint) in spec_parameters(cls).items():
         required = p.default is inspect.Parameter.empty
         default = None if required else p.default
-        hint = hints.get(name, p.annotation)
         params.append({
             "name": name,
             "type": getattr(hint, "__name__", None) or str(hint),
@@ -329,7 +305,7 @@ def info(as_json: JsonOption = False) -> None:
     console.print(
         ", ".join([*libraries, f"{versions['torch_threads']} threads"]), highlight=False, soft_wrap=True
     )
-    table = _table(
+    table = compact_table(
         Column("preset", no_wrap=True), "arch", _num_column("input"), _num_column("dim/depth/heads"),
         _num_column("params (M)"), _num_column("GFLOPs"), title="Presets (random weights)",
     )  # fmt: skip
@@ -340,7 +316,7 @@ def info(as_json: JsonOption = False) -> None:
             _gflops(p["gflops"]),
         )  # fmt: skip
     console.print(table)
-    table = _table(
+    table = compact_table(
         Column("method", no_wrap=True), "parameters (default)", "summary",
         title="Methods (plan spec: method:key=value,...)",
     )  # fmt: skip

@@ -16,19 +16,26 @@ from torch import nn
 from ..backbones.base import VideoBackbone
 from .base import REGISTRY, Reducer
 
-__all__ = ["apply", "parse", "plan"]
+__all__ = ["apply", "parse", "plan", "spec_parameters"]
 
 
-def _params(cls: type[Reducer]) -> dict[str, inspect.Parameter]:
+def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """A method's spec parameters: its constructor's keyword-only arguments, each with its resolved
+    type annotation (`str` when unannotated)."""
+    hints = typing.get_type_hints(cls.__init__)
     sig = inspect.signature(cls.__init__)
-    return {n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {
+        n: (p, hints.get(n, str))
+        for n, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 def _describe(cls: type[Reducer]) -> str:
-    params = _params(cls)
+    params = spec_parameters(cls)
     if not params:
         return f"{cls.name} (no parameters)"
-    return f"{cls.name}: " + ", ".join(f"{n}={p.default!r}" for n, p in params.items())
+    return f"{cls.name}: " + ", ".join(f"{n}={p.default!r}" for n, (p, _) in params.items())
 
 
 def _convert(value: str, annotation: Any, method: str, key: str) -> Any:
@@ -72,8 +79,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
                 f"unknown method {method!r} in {spec!r}; valid methods: {', '.join(sorted(REGISTRY))}"
             )
         cls = REGISTRY[method]
-        params = _params(cls)
-        hints = typing.get_type_hints(cls.__init__)
+        params = spec_parameters(cls)
         values: dict[str, Any] = {}
         for pair in filter(None, (a.strip() for a in args.split(","))):
             key, eq, value = pair.partition("=")
@@ -82,7 +88,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"{method}: expected key=value, got {pair!r}")
             if key not in params:
                 raise ValueError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
-            values[key] = _convert(value.strip(), hints.get(key, str), method, key)
+            values[key] = _convert(value.strip(), params[key][1], method, key)
         items.append((method, values))
     return items
 
