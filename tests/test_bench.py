@@ -10,31 +10,14 @@ from torch import nn
 
 import tokensieve as ts
 from tokensieve.bench import BenchResult, format_table, to_json
-from tokensieve.reducers import REGISTRY, Reducer
-from tokensieve.tokens import TokenState
 
 FAST = {"warmup": 1, "repeats": 2}
 
 
-class Halve(Reducer):
-    """Keeps the first half of the tokens after the first block: a plan with fewer FLOPs."""
-
-    name = "halve"
-
-    def positions(self, depth: int) -> tuple[int, ...]:
-        return (1,)
-
-    def forward(self, state: TokenState) -> TokenState:
-        B, N, _ = state.x.shape
-        idx = torch.arange(N // 2, device=state.x.device).expand(B, -1)  # (B, N/2)
-        return state.gather(idx)
-
-
 @pytest.fixture
-def halve(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Registers `Halve` for one test only (the registry is shared with the contract suites)."""
-    monkeypatch.setitem(REGISTRY, "halve", Halve)
-    return "halve"
+def halve() -> str:
+    """A plan with fewer FLOPs: half of the frames after the first block."""
+    return "uniform:keep=0.5,at=1"
 
 
 @pytest.fixture

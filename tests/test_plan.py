@@ -9,7 +9,7 @@ from torch import nn
 
 import tokensieve as ts
 from conftest import tiny_video
-from tokensieve.reducers import REGISTRY, Reducer, parse, register
+from tokensieve.reducers import REGISTRY, Reducer, Site, parse, register
 from tokensieve.reducers.none import NoReduction
 from tokensieve.tokens import KEYS, TokenState
 
@@ -32,7 +32,10 @@ def probe() -> Iterator[type[Reducer]]:
         def positions(self, depth: int) -> tuple[int, ...]:
             return (self.at,)
 
-        def forward(self, state: TokenState) -> TokenState:
+        def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+            return num, frames
+
+        def forward(self, state: TokenState, site: Site) -> TokenState:
             self.seen.append(state)
             return state
 
@@ -61,7 +64,7 @@ def test_parse_converts_to_annotated_types(probe: type[Reducer]) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("nope", "valid methods: none, probe"),
+        ("nope", "valid methods: attention, none, probe, random, random_frames, sta, tome, uniform"),
         ("probe:depth=3", r"no parameter 'depth'; valid: probe: at=1, scale=1.0, hard=False, mode='a'"),
         ("probe:at", "expected key=value"),
         ("probe:at=two", "at expects a int"),
@@ -78,15 +81,17 @@ def test_bad_specs_name_the_valid_choices(probe: type[Reducer], spec: str, messa
 def test_apply_installs_and_tells_the_block_before_to_record(probe: type[Reducer]) -> None:
     model = ts.build("videomae-tiny").eval()
     ts.apply(model, "probe:at=2")
-    assert isinstance(model.reducers[2], probe)
+    (reducer,) = model.plan
+    assert isinstance(reducer, probe) and model.reducers[2].reducer is reducer
     assert [b.record for b in model.blocks] == [frozenset(), frozenset({KEYS}), frozenset()]
     model(tiny_video())
-    (seen,) = model.reducers[2].seen
+    (seen,) = reducer.seen
     assert seen.aux[KEYS].shape == (2, 32, 16)  # head-mean keys of block 1: (B, N, hd)
 
     ts.apply(model, None)
     assert all(isinstance(r, nn.Identity) for r in model.reducers)
     assert all(b.record == frozenset() for b in model.blocks)
+    assert len(model.plan) == 0 and model.spec is None
 
 
 def test_two_reducers_at_one_position_compose(probe: type[Reducer]) -> None:
@@ -97,7 +102,7 @@ def test_two_reducers_at_one_position_compose(probe: type[Reducer]) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("probe:at=0", "cannot run at position 0"), ("probe:at=3", r"valid positions: 0..2")],
+    [("probe:at=0", "cannot run at position 0"), ("probe:at=3", r"valid positions: 1..2")],
 )
 def test_bad_positions(probe: type[Reducer], spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

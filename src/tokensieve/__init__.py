@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from . import metrics
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
@@ -34,6 +35,7 @@ __all__ = [
     "from_hf",
     "load",
     "load_image_weights",
+    "metrics",
     "plan",
 ]
 __version__ = "0.1.0"

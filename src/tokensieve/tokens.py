@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CLS_ATTN", "KEYS", "TOKEN_AUX", "TokenState"]
+__all__ = ["ATTN_RECEIVED", "CLS_ATTN", "KEYS", "PROP_ATTN", "TOKEN_AUX", "TokenState"]
 
 # `aux` keys a block records when a reducer asks for them (`Reducer.needs`).
 KEYS = "keys"
@@ -28,7 +28,14 @@ KEYS = "keys"
 CLS_ATTN = "cls_attn"
 """Attention paid by the class token to each patch token, averaged over heads: (B, N)."""
 
-TOKEN_AUX = frozenset({KEYS, CLS_ATTN})
+ATTN_RECEIVED = "attn_received"
+"""Attention each patch token receives, averaged over heads and queries: (B, N). The importance
+signal for models without a class token."""
+PROP_ATTN = "prop_attn"
+"""Flag (not per token): attention adds log(size) of each key to its logits (ToMe's proportional
+attention). Set by a merging reducer; read by `backbones.layers.attention_mask`."""
+
+TOKEN_AUX = frozenset({KEYS, CLS_ATTN, ATTN_RECEIVED})
 """`aux` entries laid out per token (token axis 1); `gather` moves them with the tokens. A method
 that keeps its own per-token running state adds its key here."""
 

@@ -2,11 +2,14 @@
 
     forward(video) = forward_head(forward_features(video))
 
-`reducers[p]` runs after `p` blocks (position 0 = right after patch embedding). A bare model holds
-`nn.Identity()` in every slot; `tokensieve.apply` puts a plan's reducers there.
+`reducers[p]` runs after `p` blocks (position 0 = right after patch embedding), `blocks[p].inner`
+between the attention and the MLP of block `p`. A bare model holds `nn.Identity()` in every slot;
+`tokensieve.apply` puts a plan's reducers there (and the reducers themselves in `plan`).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +25,8 @@ class VideoBackbone(nn.Module):
 
     embed: nn.Module
     blocks: nn.ModuleList
+    divided: ClassVar[bool] = False
+    """Whether attention is divided space-time (needs the same token count in every frame)."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -34,6 +39,8 @@ class VideoBackbone(nn.Module):
         self.head_drop = nn.Dropout(config.drop) if config.drop > 0 else nn.Identity()
         self.head = nn.Linear(C, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth))
+        self.plan = nn.ModuleList()  # the installed plan's reducers (`tokensieve.apply`)
+        self.spec: str | None = None  # the installed plan's spec
 
     # ------------------------------------------------------------------ input
     def check_input(self, video: Tensor) -> tuple[int, int, int]:
@@ -102,11 +109,15 @@ class VideoBackbone(nn.Module):
 
 
 def _mean_tokens(state: TokenState) -> Tensor:
-    """Mean over the real tokens of each sample: (B, C)."""
-    if state.mask is None:
+    """Mean over the real tokens of each sample, each weighted by the patches it stands for (merged
+    tokens, as ToMe's MAE readout): (B, C)."""
+    if state.mask is None and state.size is None:
         return state.x.mean(1)
-    weight = state.mask.to(state.x.dtype).unsqueeze(-1)  # (B, N, 1)
-    return (state.x * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+    weight = torch.ones_like(state.x[..., 0]) if state.size is None else state.size.to(state.x.dtype)
+    if state.mask is not None:
+        weight = weight * state.mask
+    weight = weight.unsqueeze(-1)  # (B, N, 1)
+    return (state.x * weight).sum(1) / weight.sum(1).clamp_min(1e-6)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tokens import CLS_ATTN, KEYS, TokenState
+from ..tokens import ATTN_RECEIVED, CLS_ATTN, KEYS, PROP_ATTN, TokenState
 
 __all__ = [
     "Attention",
@@ -23,7 +23,10 @@ __all__ = [
     "Mlp",
     "QkvBias",
     "attention_mask",
+    "received_attention",
     "sinusoid_table",
+    "split_cls",
+    "with_cls",
 ]
 
 QkvBias = Literal["qkv", "qv", "none"]
@@ -46,14 +49,52 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
 
 
 def attention_mask(state: TokenState) -> Tensor | None:
-    """Boolean SDPA mask (B, 1, 1, [1 +] N) letting every query see the real tokens only; None for
-    dense batches (so SDPA keeps its fastest kernel)."""
-    if state.mask is None:
+    """SDPA mask (B, 1, 1, [1 +] N) over the keys, or None for dense batches without size bias (so
+    SDPA keeps its fastest kernel).
+
+    Boolean (True = attend) when only padding is masked; additive float when proportional attention
+    is on (`PROP_ATTN`): log(size) of each key, -inf for padding.
+    """
+    prop = state.size is not None and state.aux.get(PROP_ATTN, False)
+    if state.mask is None and not prop:
         return None
+    if prop:
+        bias = state.size.log().to(state.x.dtype)  # (B, N)
+        if state.mask is not None:
+            bias = bias.masked_fill(~state.mask, float("-inf"))
+        if state.cls is not None:
+            bias = F.pad(bias, (1, 0), value=0.0)  # the class token stands for itself
+        return bias[:, None, None, :]  # (B, 1, 1, N')
     mask = state.mask
     if state.cls is not None:
         mask = F.pad(mask, (1, 0), value=True)  # the class token is always real
     return mask[:, None, None, :]  # (B, 1, 1, N')
+
+
+def received_attention(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention each token receives, averaged over heads and over the (real) queries: (B, N).
+
+    Recomputes the attention logits in query chunks, so memory stays at (B, nh, chunk, N) instead of
+    the full (B, nh, N, N) map that the fused SDPA kernel never materialises.
+
+    Args:
+        q, k: (B, nh, N, hd) queries and keys.
+        mask: the block's SDPA mask (bool or additive), broadcastable to (B, 1, 1, N), or None.
+    """
+    B, nh, N, hd = q.shape
+    rows = None if mask is None or mask.dtype != torch.bool else mask[:, 0, 0, :].to(q.dtype)  # (B, N)
+    total = q.new_zeros(B, nh, N)
+    chunk = max(1, 2**22 // (B * nh * N))
+    for start in range(0, N, chunk):  # bounds memory; not a loop over tokens one by one
+        logits = (q[:, :, start : start + chunk] @ k.transpose(-2, -1)) * hd**-0.5  # (B, nh, c, N)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        probs = logits.softmax(-1)  # (B, nh, c, N)
+        if rows is not None:
+            probs = probs * rows[:, None, start : start + chunk, None]
+        total += probs.sum(2)
+    real = N if rows is None else rows.sum(1).clamp_min(1.0)[:, None]  # (B, 1)
+    return total.mean(1) / real  # (B, N)
 
 
 class DropPath(nn.Module):
@@ -121,7 +162,8 @@ class Attention(nn.Module):
             x: (B, N, C) normalised tokens (class token first when `has_cls`).
             mask: SDPA attention mask broadcastable to (B, nh, N, N): bool (True = attend) or an
                 additive float bias.
-            record: which side results to return (`KEYS`, `CLS_ATTN`); empty costs nothing extra.
+            record: which side results to return (`KEYS`, `CLS_ATTN`, `ATTN_RECEIVED`); empty costs
+                nothing extra.
             has_cls: whether token 0 is a class token (it is left out of recorded per-token results).
 
         Returns:
@@ -149,6 +191,8 @@ class Attention(nn.Module):
                         else logits + mask
                     )
                 recorded[CLS_ATTN] = logits.softmax(-1)[:, :, 0, 1:].mean(1)  # (B, N')
+            if ATTN_RECEIVED in record:
+                recorded[ATTN_RECEIVED] = received_attention(q, k, mask)[:, first:]  # (B, N')
         return out, recorded
 
 
@@ -169,9 +213,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with joint attention over all tokens of a clip.
 
-    `record` is the set of side results (`KEYS`, `CLS_ATTN`) the reducer placed after this block
-    needs; `tokensieve.apply` sets it when it installs a plan, so a block of a bare model records
-    nothing and pays nothing.
+    `record` is the set of side results (`KEYS`, `CLS_ATTN`, `ATTN_RECEIVED`) the reducers after
+    this attention need; `inner` is a reducer slot between the attention and the MLP (ToMe merges
+    there). `tokensieve.apply` sets both; a bare block records nothing and holds `nn.Identity()`.
     """
 
     def __init__(
@@ -192,15 +236,31 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim=dim, hidden=mlp_dim, drop=drop)
         self.drop_path = drop_path(drop_path_rate)
+        self.inner: nn.Module = nn.Identity()
         self.record: frozenset[str] = frozenset()
 
     def forward(self, state: TokenState) -> TokenState:
         has_cls = state.cls is not None
-        x = torch.cat([state.cls, state.x], 1) if has_cls else state.x  # (B, [1 +] N, C)
+        x = with_cls(state)  # (B, [1 +] N, C)
         y, recorded = self.attn(
             self.norm1(x), mask=attention_mask(state), record=self.record, has_cls=has_cls
         )
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        state = state.replace(x=x[:, 1:], cls=x[:, :1]) if has_cls else state.replace(x=x)
-        return state.with_aux(**recorded) if recorded else state
+        state = split_cls(state, x + self.drop_path(y), recorded)
+        state = self.inner(state)
+        return self.mlp_residual(state)
+
+    def mlp_residual(self, state: TokenState) -> TokenState:
+        """The second half of the block: x + MLP(norm2(x)) on every token, class token included."""
+        x = with_cls(state)  # (B, [1 +] N, C)
+        return split_cls(state, x + self.drop_path(self.mlp(self.norm2(x))))
+
+
+def with_cls(state: TokenState) -> Tensor:
+    """(B, [1 +] N, C): the class token (if any) followed by the patch tokens."""
+    return state.x if state.cls is None else torch.cat([state.cls, state.x], 1)
+
+
+def split_cls(state: TokenState, x: Tensor, recorded: dict[str, Tensor] | None = None) -> TokenState:
+    """`state` holding the tokens `x` laid out as `with_cls` makes them, plus recorded side results."""
+    state = state.replace(x=x) if state.cls is None else state.replace(x=x[:, 1:], cls=x[:, :1])
+    return state.with_aux(**recorded) if recorded else state

@@ -81,19 +81,19 @@ class DividedBlock(Block):
         cls = cls + ys[:, :1].view(B, F_, C).mean(1, keepdim=True)  # (B, 1, C): averaged over frames
         x = x.reshape(B, F_ * n, C) + ys[:, 1:].reshape(B, F_ * n, C)  # (B, N, C)
 
-        # 3. MLP on every token.
-        h = torch.cat([cls, x], 1)  # (B, 1+N, C)
-        h = h + self.drop_path(self.mlp(self.norm2(h)))
-        state = state.replace(x=h[:, 1:], cls=h[:, :1])
+        state = state.replace(x=x, cls=cls)
         if recorded:
             # Spatial attention's side results are per frame: (B*F, n, ...) -> (B, N, ...).
-            recorded = {k: v.reshape(B, F_ * n, *v.shape[2:]) for k, v in recorded.items()}
-            state = state.with_aux(**recorded)
-        return state
+            state = state.with_aux(**{k: v.reshape(B, F_ * n, *v.shape[2:]) for k, v in recorded.items()})
+
+        # 3. The reducer slot between attention and MLP, then the MLP on every token.
+        return self.mlp_residual(self.inner(state))
 
 
 class TimeSformer(VideoBackbone):
     """Divided space-time transformer with per-frame patches and a class token."""
+
+    divided = True
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch != "timesformer":

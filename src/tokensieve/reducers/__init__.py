@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import none  # noqa: F401  (registers the method)
-from .base import REGISTRY, Reducer, register
-from .plan import apply, parse, plan
+from . import attention, none, random, random_frames, sta, tome, uniform  # noqa: F401  (register the methods)
+from .base import REGISTRY, Reducer, Site, register
+from .plan import Step, apply, parse, plan, schedule
 
-__all__ = ["REGISTRY", "Reducer", "apply", "parse", "plan", "register"]
+__all__ = ["REGISTRY", "Reducer", "Site", "Step", "apply", "parse", "plan", "register", "schedule"]

@@ -2,22 +2,57 @@
 
 A reducer is an `nn.Module` taking a `TokenState` and returning one. It declares
 - `name`: its spec name (`"random"` in `"random:keep=0.5"`), set by `@register`;
-- `needs`: what the block before it must record (`KEYS`, `CLS_ATTN`);
+- `needs`: what the block before it must record (`KEYS`, `CLS_ATTN`, `ATTN_RECEIVED`);
 - `positions(depth)`: where it runs, as the number of blocks run before it (0 = right after the
-  patch embedding).
+  patch embedding). A reducer with `inside = True` runs *within* block `p` instead, between its
+  attention and its MLP, and reads what that block's attention recorded (ToMe, EViT-style
+  attention pruning); position 0 is then valid even for a reducer that needs keys;
+- `count(num, frames, site)`: the token count (and frame layout) it leaves, so a plan's token
+  budget is known before anything runs and bad parameters fail at `apply` time.
+
+One reducer object may run at several positions (STA's three stages, ToMe in every block). `apply`
+binds each place to a `Site` (stage index, position, model depth) and the reducer's forward receives
+it; nothing about where it runs is kept as mutable state.
+
 Its constructor's keyword-only arguments are exactly its spec parameters, with the paper's defaults;
 the spec parser reads them from the signature.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..tokens import TokenState
 
-__all__ = ["REGISTRY", "Reducer", "register"]
+if TYPE_CHECKING:
+    from ..backbones.base import VideoBackbone
+
+__all__ = [
+    "REGISTRY",
+    "At",
+    "Reducer",
+    "Site",
+    "check_keep",
+    "keep_count",
+    "keep_frames",
+    "keep_top",
+    "per_frame_count",
+    "register",
+    "require",
+]
+
+
+class Site(NamedTuple):
+    """Where one call of a reducer runs: the `stage`-th of its `positions(depth)`, in a model of
+    `depth` blocks whose patch embedding makes the token `grid` (T, H, W)."""
+
+    stage: int
+    position: int
+    depth: int
+    grid: tuple[int, int, int]
 
 
 class Reducer(nn.Module):
@@ -25,13 +60,58 @@ class Reducer(nn.Module):
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    inside: ClassVar[bool] = False
+    """True: runs inside block `p`, between attention and MLP, instead of before block `p`."""
 
     def positions(self, depth: int) -> tuple[int, ...]:
         """Block counts before each place this reducer runs, for a model of `depth` blocks."""
         raise NotImplementedError
 
-    def forward(self, state: TokenState) -> TokenState:
+    def needs_for(self, model: VideoBackbone) -> frozenset[str]:
+        """What the preceding attention must record for this reducer on `model` (default `needs`)."""
+        return self.needs
+
+    def check(self, model: VideoBackbone) -> None:
+        """Raise `ValueError` if this reducer cannot run on `model` (called by `apply`)."""
+        if model.divided and not self.keeps_frames:
+            raise ValueError(
+                f"{self.name} leaves different token counts in different frames, but "
+                f"{type(model).__name__}'s divided space-time attention needs the same count in every "
+                "frame; use a method (or mode) that keeps per-frame counts equal"
+            )
+
+    @property
+    def keeps_frames(self) -> bool:
+        """Whether the output keeps the same token count in every frame (divided attention needs it)."""
+        return False
+
+    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+        """Token count and frame layout this reducer leaves from `num` tokens in `frames` equal
+        frames (None: unequal). Raises `ValueError` when its parameters do not fit the input."""
         raise NotImplementedError
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        raise NotImplementedError
+
+
+class At(nn.Module):
+    """One place of an installed plan: calls `reducer` with its `site`.
+
+    The reducer itself is registered once, in `model.plan`; this slot only refers to it (it is not a
+    submodule), so the reducer's parameters appear once in the state dict however many places it
+    runs at.
+    """
+
+    def __init__(self, reducer: Reducer, site: Site) -> None:
+        super().__init__()
+        self.__dict__["reducer"] = reducer  # a reference, not a submodule
+        self.site = site
+
+    def forward(self, state: TokenState) -> TokenState:
+        return self.reducer(state, self.site)
+
+    def extra_repr(self) -> str:
+        return f"{self.reducer.name}, stage={self.site.stage}"
 
 
 REGISTRY: dict[str, type[Reducer]] = {}
@@ -48,3 +128,76 @@ def register(name: str):  # type: ignore[no-untyped-def]
         return cls
 
     return add
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def keep_count(keep: float, num: int) -> int:
+    """How many of `num` tokens a keep ratio keeps: round(keep * num), at least one."""
+    return max(1, round(keep * num))
+
+
+def check_keep(keep: float, method: str) -> None:
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"{method}: keep must be in (0, 1], got {keep}")
+
+
+def require(state: TokenState, key: str, method: str) -> Tensor:
+    """The side result `key` recorded by the block before `method`, or a clear error."""
+    value = state.aux.get(key)
+    if value is None:
+        raise ValueError(
+            f"{method} needs {key!r} recorded by the attention before it; install plans with "
+            "tokensieve.apply (which tells each block what to record)"
+        )
+    return value
+
+
+def per_frame_count(num: int, frames: int | None, method: str) -> int:
+    """Tokens per frame of a layout with equal frames, or a clear error when counts differ."""
+    if frames is None:
+        raise ValueError(
+            f"{method} works frame by frame and needs the same number of tokens in every frame, but the "
+            "reduction before it leaves unequal counts; place it before that reduction or use a per-frame mode"
+        )
+    return num // frames
+
+
+def keep_top(state: TokenState, scores: Tensor, k: int, *, per_frame: bool) -> TokenState:
+    """Keep the `k` highest-scoring tokens of each sample (of each frame with `per_frame`), in their
+    current order.
+
+    Args:
+        scores: (B, N) one score per token.
+        k: tokens kept per sample, or per frame with `per_frame`.
+    """
+    B, N = scores.shape
+    if not per_frame:
+        if k == N:
+            return state
+        with torch.no_grad():
+            idx = scores.topk(k, dim=1).indices.sort(1).values  # (B, k)
+        return state.gather(idx)
+    F = state.frames
+    n = state.tokens_per_frame  # raises when per-frame counts differ
+    if k == n:
+        return state
+    with torch.no_grad():
+        idx = scores.view(B, F, n).topk(k, dim=2).indices.sort(2).values  # (B, F, k)
+        idx = (idx + torch.arange(F, device=idx.device).view(1, F, 1) * n).view(B, F * k)  # (B, F*k)
+    return state.gather(idx, frames=F)
+
+
+def keep_frames(state: TokenState, frame_idx: Tensor) -> TokenState:
+    """Keep whole frames (temporal slices) by index.
+
+    Args:
+        frame_idx: (B, K) indices into the state's `frames`, ascending to keep time order.
+    """
+    n = state.tokens_per_frame  # raises when per-frame counts differ
+    B, K = frame_idx.shape
+    if K == state.frames:
+        return state
+    idx = (frame_idx.unsqueeze(-1) * n + torch.arange(n, device=frame_idx.device)).view(B, K * n)  # (B, K*n)
+    return state.gather(idx, frames=K)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..tokens import TokenState
-from .base import Reducer, register
+from .base import Reducer, Site, register
 
 __all__ = ["NoReduction"]
 
@@ -15,5 +15,8 @@ class NoReduction(Reducer):
     def positions(self, depth: int) -> tuple[int, ...]:
         return ()
 
-    def forward(self, state: TokenState) -> TokenState:
+    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+        return num, frames
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
         return state

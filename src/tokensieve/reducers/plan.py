@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from ..backbones.base import VideoBackbone
-from .base import REGISTRY, Reducer
+from .base import REGISTRY, At, Reducer, Site
 
-__all__ = ["apply", "parse", "plan", "spec_parameters"]
+__all__ = ["Step", "apply", "parse", "plan", "schedule", "spec_parameters"]
 
 
 def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, Any]]:
@@ -98,8 +98,61 @@ def plan(spec: str) -> list[Reducer]:
     return [REGISTRY[method](**params) for method, params in parse(spec)]
 
 
+class Step(NamedTuple):
+    """One place of an installed plan, in execution order."""
+
+    reducer: Reducer
+    site: Site
+    inside: bool
+    tokens_in: int
+    tokens_out: int
+    frames_out: int | None
+
+
+def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
+    """Where each reducer runs on `model`, in execution order, with the token counts it leaves.
+
+    Every check that does not need data happens here: positions inside the model, side results
+    available, backbone compatibility, and parameters that fit the token counts they will see.
+
+    Raises:
+        ValueError: naming the reducer and what was expected.
+    """
+    depth = len(model.blocks)
+    grid = model.config.grid
+    placed: list[tuple[int, int, Reducer, Site]] = []
+    for order, reducer in enumerate(reducers):
+        reducer.check(model)
+        positions = reducer.positions(depth)
+        for stage, p in enumerate(positions):
+            valid = f"0..{depth - 1}" if reducer.inside or not reducer.needs_for(model) else f"1..{depth - 1}"
+            if not 0 <= p < depth:
+                raise ValueError(
+                    f"{reducer.name}: position {p} is outside this model; valid positions: {valid}"
+                )
+            if reducer.needs_for(model) and p == 0 and not reducer.inside:
+                raise ValueError(
+                    f"{reducer.name} needs {', '.join(sorted(reducer.needs_for(model)))} recorded by the block "
+                    f"before it, so it cannot run at position 0; valid positions: {valid}"
+                )
+            # Execution order: before block p, then inside block p; plan order breaks ties.
+            placed.append((2 * p + reducer.inside, order, reducer, Site(stage, p, depth, grid)))
+    T, H, W = grid
+    num, frames = T * H * W, T
+    steps = []
+    for _, _, reducer, site in sorted(placed, key=lambda item: item[:2]):
+        out, frames_out = reducer.count(num, frames, site)
+        steps.append(Step(reducer, site, reducer.inside, num, out, frames_out))
+        num, frames = out, frames_out
+    return steps
+
+
 def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
     """Install a reduction plan into `model` (in place), replacing any plan installed before.
+
+    The reducers become `model.plan` (so learned ones train, save and load with the model); each
+    place they run at gets a slot: `model.reducers[p]` before block `p`, `model.blocks[p].inner`
+    between its attention and MLP. Each block is told what its attention must record.
 
     Args:
         model: a tokensieve backbone.
@@ -109,30 +162,33 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
         `model`, for chaining.
 
     Raises:
-        ValueError: bad spec, a position outside the model, or a reducer that needs a side result
-            at position 0 (there is no block before it to record it).
+        ValueError: bad spec, a position outside the model, a reducer that needs a side result at
+            position 0 (there is no block before it to record it), a method the backbone cannot
+            run, or parameters that do not fit the token counts.
     """
     reducers = plan(spec) if spec is not None else []
+    steps = schedule(model, reducers)  # raises before anything is changed
     depth = len(model.blocks)
-    slots: list[list[Reducer]] = [[] for _ in range(depth)]
-    for reducer in reducers:
-        for p in reducer.positions(depth):
-            if not 0 <= p < depth:
-                raise ValueError(
-                    f"{reducer.name}: position {p} is outside this model; valid positions: 0..{depth - 1}"
-                )
-            if reducer.needs and p == 0:
-                raise ValueError(
-                    f"{reducer.name} needs {', '.join(sorted(reducer.needs))} recorded by the block before it, "
-                    f"so it cannot run at position 0; valid positions: 1..{depth - 1}"
-                )
-            slots[p].append(reducer)
-    for p, installed in enumerate(slots):
-        if not installed:
-            model.reducers[p] = nn.Identity()
-        else:
-            model.reducers[p] = installed[0] if len(installed) == 1 else nn.Sequential(*installed)
+    before: list[list[nn.Module]] = [[] for _ in range(depth)]
+    inner: list[list[nn.Module]] = [[] for _ in range(depth)]
+    record: list[set[str]] = [set() for _ in range(depth)]
+    for step in steps:
+        p = step.site.position
+        (inner if step.inside else before)[p].append(At(step.reducer, step.site))
+        # The attention that records: block p's own for an inside reducer, else block p - 1's.
+        recorder = p if step.inside else p - 1
+        if recorder >= 0:
+            record[recorder] |= step.reducer.needs_for(model)
     for p, block in enumerate(model.blocks):
-        after = slots[p + 1] if p + 1 < depth else []
-        block.record = frozenset().union(*(r.needs for r in after))
+        model.reducers[p] = _slot(before[p])
+        block.inner = _slot(inner[p])
+        block.record = frozenset(record[p])
+    model.plan = nn.ModuleList(reducers)
+    model.spec = None if spec is None else spec.strip()
     return model
+
+
+def _slot(modules: list[nn.Module]) -> nn.Module:
+    if not modules:
+        return nn.Identity()
+    return modules[0] if len(modules) == 1 else nn.Sequential(*modules)

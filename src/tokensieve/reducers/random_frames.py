@@ -1,0 +1,50 @@
+"""`random_frames`: keep K random whole frames per sample.
+
+STTS's Random-K baseline (Wang et al., arXiv:2111.11591, Sec. 4.3): of the F temporal slices keep
+K = round(keep * F) drawn uniformly without replacement, independently per sample, in time order.
+Draws come from the reducer's own generator seeded with `seed`, as in `random`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tokens import TokenState
+from .base import Reducer, Site, check_keep, keep_count, keep_frames, per_frame_count, register
+
+__all__ = ["RandomFrames"]
+
+
+@register("random_frames")
+class RandomFrames(Reducer):
+    """Keeps round(keep * F) random temporal slices of each sample."""
+
+    def __init__(self, *, keep: float = 0.5, at: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        check_keep(keep, self.name)
+        self.keep, self.at, self.seed = keep, at, seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def keeps_frames(self) -> bool:
+        return True
+
+    def positions(self, depth: int) -> tuple[int, ...]:
+        return (self.at,)
+
+    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+        n = per_frame_count(num, frames, self.name)
+        k = keep_count(self.keep, frames)
+        return k * n, k
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        B = state.x.shape[0]
+        F = state.frames
+        if F is None:
+            per_frame_count(0, None, self.name)  # raises the explanation
+        draws = torch.rand(B, F, generator=self.generator).to(state.x.device)  # (B, F)
+        idx = draws.topk(keep_count(self.keep, F), dim=1).indices.sort(1).values  # (B, K)
+        return keep_frames(state, idx)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, at={self.at}, seed={self.seed}"

@@ -1,0 +1,164 @@
+"""`tome`: Token Merging by bipartite soft matching (Bolya et al., "Token Merging: Your ViT But
+Faster", ICLR 2023, arXiv:2210.09461), applied to all space-time tokens of a clip.
+
+Written from the paper (Sec. 3). In every block with r_l > 0, between attention and MLP:
+1. metric: the block's keys averaged over heads, L2-normalised (`KEYS`);
+2. split the tokens alternately into A (even positions) and B (odd positions);
+3. for each a in A its most similar b in B (cosine) — the edge (a, b*);
+4. keep the r_l most similar edges; each such a is merged into its b*;
+5. merge size-weighted: x_b <- (s_b x_b + sum_a s_a x_a) / (s_b + sum_a s_a), s_b <- s_b + sum_a s_a,
+   with sizes s carried across layers in `TokenState.size` (1 per patch at the start);
+6. proportional attention (`prop_attn`): later attention adds log s of each key to its logits
+   (`PROP_ATTN`, an additive SDPA mask), so a merged token counts as the patches it stands for.
+The output holds the unmerged A tokens, then all B tokens. `mode=drop` removes the r_l matched A
+tokens instead of merging them (the pruning ablation of the paper, Table 1).
+
+Schedules: `r=16` merges 16 tokens in every block; `schedule=decreasing` goes linearly from 2r in
+the first block to 0 in the last (the paper's decreasing schedule, same total); `r=32/32/16/8`
+lists r per block explicitly (missing blocks merge nothing).
+
+NOTE(paper): the class token is not a member of A or B here (it lives outside the token sequence in
+`TokenState` and is never merged), where the released code puts it first in A and masks it out; for
+class-token models the even/odd alternation of patch tokens is therefore shifted by one position.
+The readout averages tokens weighted by size (as the released MAE adapter does).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..tokens import KEYS, PROP_ATTN, TOKEN_AUX, TokenState
+from .base import Reducer, Site, register, require
+
+__all__ = ["TokenMerging", "bipartite_matching", "merge_schedule", "merge_tokens", "parse_r"]
+
+
+def parse_r(r: int | str) -> int | tuple[int, ...]:
+    """A constant r, or the per-block list of an 'a/b/c' spec value."""
+    try:
+        values = tuple(int(v) for v in str(r).split("/"))
+    except ValueError:
+        raise ValueError(f"tome: r must be an integer or a per-block list like 16/16/8, got {r!r}") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"tome: r must be >= 0 in every block, got {r!r}")
+    return values if "/" in str(r) else values[0]
+
+
+def merge_schedule(r: int | str, schedule: str, depth: int) -> tuple[int, ...]:
+    """r for every block: constant, decreasing (2r -> 0 linearly), or an explicit 'a/b/c' list."""
+    parsed = parse_r(r)
+    if isinstance(parsed, tuple):
+        if len(parsed) > depth:
+            raise ValueError(f"tome: r lists {len(parsed)} blocks but the model has {depth}")
+        return parsed + (0,) * (depth - len(parsed))
+    if schedule == "constant":
+        return (parsed,) * depth
+    if depth == 1:
+        return (2 * parsed,)
+    return tuple(int(2 * parsed - 2 * parsed * i / (depth - 1)) for i in range(depth))
+
+
+def bipartite_matching(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Which A tokens merge into which B tokens.
+
+    Args:
+        metric: (B, N, c) token features to compare (head-mean keys).
+        r: number of A tokens to merge, at most N // 2.
+
+    Returns:
+        `unm_idx` (B, nA - r) indices into A of the tokens left alone, `src_idx` (B, r) indices into
+        A of the merged tokens and `dst_idx` (B, r) the index into B each is merged into. A holds
+        tokens 0, 2, 4, ..., B tokens 1, 3, 5, ....
+    """
+    with torch.no_grad():
+        metric = F.normalize(metric, dim=-1)
+        a, b = metric[:, ::2], metric[:, 1::2]  # (B, nA, c), (B, nB, c)
+        scores = a @ b.transpose(1, 2)  # (B, nA, nB) cosine similarities
+        best, best_b = scores.max(-1)  # (B, nA): each A token's most similar B token
+        order = best.argsort(-1, descending=True)  # (B, nA): most similar edges first
+        src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, nA - r)
+        dst_idx = best_b.gather(1, src_idx)  # (B, r)
+    return unm_idx, src_idx, dst_idx
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """(B, K, ...) rows of a (B, M, ...) tensor."""
+    return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(*idx.shape, *t.shape[2:]))
+
+
+def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> TokenState:
+    """Apply one bipartite merge (or drop) of `r` tokens to every per-token field of `state`."""
+    metric = require(state, KEYS, "tome")
+    unm_idx, src_idx, dst_idx = bipartite_matching(metric, r)
+    x, pos = state.x, state.pos
+    size = state.size if state.size is not None else torch.ones_like(pos, dtype=x.dtype)  # (B, N)
+    a_x, b_x = x[:, ::2], x[:, 1::2]  # (B, nA, C), (B, nB, C)
+    a_s, b_s = size[:, ::2], size[:, 1::2]  # (B, nA), (B, nB)
+    if not drop:
+        src_s = a_s.gather(1, src_idx)  # (B, r)
+        merged_s = b_s.scatter_add(1, dst_idx, src_s)  # (B, nB)
+        weighted = (b_x * b_s.unsqueeze(-1)).scatter_add(
+            1, dst_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _take(a_x, src_idx) * src_s.unsqueeze(-1)
+        )  # (B, nB, C)
+        b_x, b_s = weighted / merged_s.unsqueeze(-1), merged_s
+    mask = state.mask
+    if mask is not None:
+        mask = torch.cat([mask[:, ::2].gather(1, unm_idx), mask[:, 1::2]], 1)  # (B, N - r)
+    aux = {k: v for k, v in state.aux.items() if k not in TOKEN_AUX}  # per-token records are stale now
+    if not drop and prop_attn:
+        aux[PROP_ATTN] = True
+    return state.replace(
+        x=torch.cat([_take(a_x, unm_idx), b_x], 1),  # (B, N - r, C)
+        pos=torch.cat([pos[:, ::2].gather(1, unm_idx), pos[:, 1::2]], 1),  # (B, N - r)
+        size=None if drop and state.size is None else torch.cat([a_s.gather(1, unm_idx), b_s], 1),
+        mask=mask,
+        frames=None,
+        aux=aux,
+    )
+
+
+@register("tome")
+class TokenMerging(Reducer):
+    """Merges r_l tokens in block l by bipartite soft matching on its keys."""
+
+    needs = frozenset({KEYS})
+    inside = True
+
+    def __init__(
+        self,
+        *,
+        r: int | str = 16,
+        schedule: Literal["constant", "decreasing"] = "constant",
+        mode: Literal["merge", "drop"] = "merge",
+        prop_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if schedule not in ("constant", "decreasing"):
+            raise ValueError(f"tome: schedule must be 'constant' or 'decreasing', got {schedule!r}")
+        if mode not in ("merge", "drop"):
+            raise ValueError(f"tome: mode must be 'merge' or 'drop', got {mode!r}")
+        parse_r(r)  # fails now on a malformed r, not at apply time
+        self.r, self.schedule, self.mode, self.prop_attn = r, schedule, mode, prop_attn
+
+    def positions(self, depth: int) -> tuple[int, ...]:
+        return tuple(p for p, r in enumerate(merge_schedule(self.r, self.schedule, depth)) if r > 0)
+
+    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+        r = merge_schedule(self.r, self.schedule, site.depth)[site.position]
+        if r > num // 2:
+            raise ValueError(
+                f"tome: r={r} in block {site.position} is more than half of the {num} tokens there "
+                f"(at most {num // 2} can merge); lower r or use schedule=decreasing"
+            )
+        return num - r, None
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        r = merge_schedule(self.r, self.schedule, site.depth)[site.position]
+        return merge_tokens(state, r, drop=self.mode == "drop", prop_attn=self.prop_attn)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, schedule={self.schedule}, mode={self.mode}, prop_attn={self.prop_attn}"

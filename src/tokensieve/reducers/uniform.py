@@ -1,0 +1,57 @@
+"""`uniform`: keep K whole frames at equal intervals.
+
+STTS's Uniform-K baseline (Wang et al., "Efficient Video Transformers with Spatial-Temporal Token
+Selection", arXiv:2111.11591, Sec. 4.3): of the F temporal slices, keep K = round(keep * F) "at equal
+intervals". We take the centre of each of K equal segments, frame floor((i + 1/2) F / K) for
+i = 0..K-1 (the paper does not say which offset; segment centres are the TSN test convention), the
+same frames for every sample. Runs right after the patch embedding by default (`at=0`), where whole
+slices cost nothing to drop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..tokens import TokenState
+from .base import Reducer, Site, check_keep, keep_count, keep_frames, per_frame_count, register
+
+__all__ = ["UniformFrames", "uniform_frames"]
+
+
+def uniform_frames(frames: int, k: int, device: torch.device | None = None) -> Tensor:
+    """(k,) indices of `k` of `frames` slices at equal intervals (segment centres), ascending."""
+    return ((torch.arange(k, device=device) * 2 + 1) * frames) // (2 * k)
+
+
+@register("uniform")
+class UniformFrames(Reducer):
+    """Keeps round(keep * F) temporal slices at equal intervals."""
+
+    def __init__(self, *, keep: float = 0.5, at: int = 0) -> None:
+        super().__init__()
+        check_keep(keep, self.name)
+        self.keep, self.at = keep, at
+
+    @property
+    def keeps_frames(self) -> bool:
+        return True
+
+    def positions(self, depth: int) -> tuple[int, ...]:
+        return (self.at,)
+
+    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+        n = per_frame_count(num, frames, self.name)
+        k = keep_count(self.keep, frames)
+        return k * n, k
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        B = state.x.shape[0]
+        F = state.frames
+        if F is None:
+            per_frame_count(0, None, self.name)  # raises the explanation
+        idx = uniform_frames(F, keep_count(self.keep, F), state.x.device)  # (K,)
+        return keep_frames(state, idx.expand(B, -1))
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, at={self.at}"
