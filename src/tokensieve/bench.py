@@ -15,6 +15,9 @@ Method (the conventions of ToMe's and STA's benchmarks, made robust to drift on 
    the baseline: `gflops_ratio = baseline_gflops / gflops`, `speedup = clips_per_s / baseline
    clips_per_s`. Because rounds interleave, the per-round ratios baseline/plan are paired samples;
    their interquartile range (`speedup_iqr`) says how much of a speed-up is noise.
+   `efficiency = speedup / gflops_ratio` says how much of the FLOP saving reaches the wall clock.
+4. The reducers' own time (`reducer_share` of the forward) is read by forward hooks around each
+   reducer slot, in the same timed runs (on GPUs the hooks synchronise, which costs a little).
 
 The baseline is the plan "none"; it is always measured (first) and reported, listed or not.
 """
@@ -36,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .flops import flops
-from .reducers import apply, parse
+from .reducers import REGISTRY, apply, parse
+from .reducers.base import At
 
 if TYPE_CHECKING:
     from rich.table import Column, Table
@@ -50,6 +54,7 @@ __all__ = [
     "benchmark",
     "compact_table",
     "format_table",
+    "main_plans",
     "to_json",
     "with_baseline",
 ]
@@ -82,6 +87,8 @@ class BenchResult:
         clips_per_s: `batch_size / seconds`.
         speedup: clips/s over the baseline's clips/s at the same batch size (1.0 for the baseline).
         speedup_iqr: (first, third) quartile of the per-round paired ratios baseline time / time.
+        reducer_share: median fraction of the forward time spent inside the plan's reducers (their
+            own work: choosing and gathering tokens; what blocks record for them is block time).
     """
 
     plan: str
@@ -99,28 +106,71 @@ class BenchResult:
     clips_per_s: float
     speedup: float
     speedup_iqr: tuple[float, float]
+    reducer_share: float = 0.0
 
     @property
     def is_baseline(self) -> bool:
         return self.plan == BASELINE
 
+    @property
+    def efficiency(self) -> float:
+        """speed-up / GFLOPs ratio: 1.0 when wall-clock time falls as much as the FLOPs do."""
+        return self.speedup / self.gflops_ratio
+
 
 # ---------------------------------------------------------------------------------------- helpers
-PlanState = tuple[tuple[nn.Module, ...], tuple[frozenset[str], ...]]
+@dataclass(frozen=True)
+class PlanState:
+    """What `apply` changes on a model: reducer slots, in-block slots, records, the plan, its spec."""
+
+    slots: tuple[nn.Module, ...]
+    inner: tuple[nn.Module, ...]
+    records: tuple[frozenset[str], ...]
+    plan: nn.ModuleList
+    spec: str | None
+
+    def reducer_slots(self) -> list[nn.Module]:
+        """The modules that run reducers (each `At`, however they are grouped)."""
+        return [m for slot in (*self.slots, *self.inner) for m in slot.modules() if isinstance(m, At)]
 
 
 def _installed(model: VideoBackbone) -> PlanState:
-    """What `apply` changes: the reducer slots and what each block records."""
-    return tuple(model.reducers), tuple(block.record for block in model.blocks)
+    return PlanState(
+        slots=tuple(model.reducers), inner=tuple(block.inner for block in model.blocks),
+        records=tuple(block.record for block in model.blocks), plan=model.plan, spec=model.spec,
+    )  # fmt: skip
 
 
 def _install(model: VideoBackbone, state: PlanState) -> None:
     """Put back a plan captured by `_installed` (the same reducer objects, so no re-initialisation)."""
-    reducers, records = state
-    for p, reducer in enumerate(reducers):
+    for p, reducer in enumerate(state.slots):
         model.reducers[p] = reducer
-    for block, record in zip(model.blocks, records, strict=True):
-        block.record = record
+    for block, inner, record in zip(model.blocks, state.inner, state.records, strict=True):
+        block.inner, block.record = inner, record
+    model.plan, model.spec = state.plan, state.spec
+
+
+class _ReducerClock:
+    """Wall-clock seconds spent inside reducer slots, through removable forward hooks."""
+
+    def __init__(self, modules: Sequence[nn.Module], device: torch.device) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        self._device = device
+        self._handles = [h for m in modules for h in (
+            m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit))]  # fmt: skip
+
+    def _enter(self, *_: object) -> None:
+        _sync(self._device)
+        self._start = time.perf_counter()
+
+    def _exit(self, *_: object) -> None:
+        _sync(self._device)
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float]:
@@ -160,6 +210,11 @@ def _random_video(
     return ((video - mean) / std).to(device)
 
 
+def main_plans() -> list[str]:
+    """Every registered method's main fixed-budget settings (`Reducer.main_settings`), by name."""
+    return [spec for name in sorted(REGISTRY) for spec in REGISTRY[name].main_settings]
+
+
 def with_baseline(plans: Sequence[str]) -> list[str]:
     """The plans to measure: "none" first, then the others once each, in order.
 
@@ -186,13 +241,16 @@ def _check_args(*, plans: Sequence[str], batch_sizes: Sequence[int], dtype: str,
 
 
 def _timed_rounds(num_plans: int, *, install: Callable[[int], None], run: Callable[[], None], warmup: int,
-                  repeats: int, device: torch.device, label: str) -> list[list[float]]:  # fmt: skip
+                  repeats: int, device: torch.device, label: str,
+                  clock: _ReducerClock) -> tuple[list[list[float]], list[list[float]]]:  # fmt: skip
     """Seconds of `run` under each plan in each of `repeats` interleaved rounds, after `warmup`
-    untimed rounds. `install(i)` puts plan i in place (outside the timed region).
+    untimed rounds, and the seconds spent in reducers during each run. `install(i)` puts plan i in
+    place (outside the timed region).
 
     Round r runs the plans starting at plan r mod P, so none always follows the same neighbour.
     """
     times: list[list[float]] = [[] for _ in range(num_plans)]
+    in_reducers: list[list[float]] = [[] for _ in range(num_plans)]
     for r in range(warmup + repeats):
         timed = r >= warmup
         if timed:
@@ -202,13 +260,15 @@ def _timed_rounds(num_plans: int, *, install: Callable[[int], None], run: Callab
         for i in range(num_plans):
             j = (i + r) % num_plans
             install(j)
+            clock.seconds = 0.0
             _sync(device)
             start = time.perf_counter()
             run()
             _sync(device)
             if timed:
                 times[j].append(time.perf_counter() - start)
-    return times
+                in_reducers[j].append(clock.seconds)
+    return times, in_reducers
 
 
 # ---------------------------------------------------------------------------------------- benchmark
@@ -286,14 +346,16 @@ def benchmark(
                 with torch.inference_mode(), autocast:
                     model(video)
 
+            clock = _ReducerClock([m for state in installed for m in state.reducer_slots()], device)
             for batch in batch_sizes:
                 video = _random_video(model, batch=batch, frames=frames, size=size, device=device)
-                times = _timed_rounds(
+                times, in_reducers = _timed_rounds(
                     len(specs), install=lambda i: _install(model, installed[i]), run=functools.partial(run, video),
                     warmup=warmup, repeats=repeats, device=device, label=f"batch {batch}, {len(specs)} plan(s)",
+                    clock=clock,
                 )  # fmt: skip
                 base = statistics.median(times[0])
-                for spec, flop, runs_s in zip(specs, gflops, times, strict=True):
+                for spec, flop, runs_s, reducer_s in zip(specs, gflops, times, in_reducers, strict=True):
                     seconds = statistics.median(runs_s)
                     paired = [b / t for b, t in zip(times[0], runs_s, strict=True)]
                     results.append(
@@ -304,9 +366,11 @@ def benchmark(
                             seconds=seconds, seconds_iqr=_quartiles(runs_s), times=tuple(runs_s),
                             clips_per_s=batch / seconds, speedup=base / seconds,
                             speedup_iqr=_quartiles(paired),
+                            reducer_share=statistics.median(a / t for a, t in zip(reducer_s, runs_s, strict=True)),
                         )
                     )  # fmt: skip
                     log.info("batch %d, %s: %.1f ms/batch, %.2fx", batch, spec, 1e3 * seconds, base / seconds)
+            clock.remove()
     finally:
         _install(model, original)
         model.train(was_training)
@@ -326,9 +390,10 @@ def to_json(
 ) -> str:
     """Results as a JSON document: `{"environment": {...}, **meta, "results": [{...}, ...]}`.
 
-    Every `BenchResult` field is a key of its result object (tuples become lists).
+    Every `BenchResult` field is a key of its result object (tuples become lists), plus `efficiency`.
     """
-    doc = {"environment": _environment(), **(meta or {}), "results": [asdict(r) for r in results]}
+    rows = [{**asdict(r), "efficiency": r.efficiency} for r in results]
+    doc = {"environment": _environment(), **(meta or {}), "results": rows}
     return json.dumps(doc, indent=indent)
 
 
@@ -359,14 +424,16 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     speed-up smaller than it is within the noise of the run.
     """
     table = compact_table(title=title)
-    headers = ("plan", "batch", "dtype", "GFLOPs", "GFLOPs\nratio", "clips/s", "speed-up", "ms/batch", "IQR")
+    headers = ("plan", "batch", "dtype", "GFLOPs", "GFLOPs\nratio", "clips/s", "speed-up", "effi-\nciency",
+               "reducer\nshare", "ms/batch", "IQR")  # fmt: skip
     for name in headers:
         table.add_column(name, justify="left" if name in ("plan", "dtype") else "right")
     for r in results:
         q1, q3 = r.seconds_iqr
         table.add_row(
             r.plan, str(r.batch_size), r.dtype, _fmt(r.gflops), f"{r.gflops_ratio:.2f}x",
-            _fmt(r.clips_per_s), f"{r.speedup:.2f}x", _fmt(1e3 * r.seconds), f"{100 * (q3 - q1) / r.seconds:.1f}%",
+            _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}", f"{100 * r.reducer_share:.1f}%",
+            _fmt(1e3 * r.seconds), f"{100 * (q3 - q1) / r.seconds:.1f}%",
             style="dim" if r.is_baseline and len(results) > 1 else None,
         )  # fmt: skip
     return table

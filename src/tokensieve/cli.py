@@ -32,7 +32,16 @@ from rich.table import Column
 
 from . import __version__
 from .backbones import PRESETS, VideoBackbone, build
-from .bench import BASELINE, DTYPES, benchmark, compact_table, format_table, to_json, with_baseline
+from .bench import (
+    BASELINE,
+    DTYPES,
+    benchmark,
+    compact_table,
+    format_table,
+    main_plans,
+    to_json,
+    with_baseline,
+)
 from .flops import FlopCount, flops
 from .reducers import REGISTRY, Reducer, apply
 from .reducers.plan import spec_parameters
@@ -151,13 +160,16 @@ def bench(
     size: SizeOption = None,
     warmup: Annotated[int, typer.Option(help="Untimed rounds first.", min=0)] = 3,
     repeats: Annotated[int, typer.Option(help="Timed rounds; the median is reported.", min=1)] = 10,
+    methods: Annotated[
+        bool, typer.Option("--methods", help="Add every method's main fixed-budget setting to the plans.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Clips/s of each plan, next to the unreduced baseline measured in the same run."""
     with _usage_errors():
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        specs = with_baseline(plan or [BASELINE])
+        specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
         with _progress(f"benchmarking {model}"):
             net = _resolve(model, frames=frames, size=size)
             results = benchmark(
@@ -173,7 +185,10 @@ def bench(
         f"median of {repeats} interleaved rounds"
     )
     table = format_table(results, title=title)
-    table.caption = "speed-up: clips/s over 'none' at the same batch; GFLOPs per clip, MAC = 1"
+    table.caption = (
+        "speed-up: clips/s over 'none' at the same batch; efficiency: speed-up / GFLOPs ratio;\n"
+        "reducer share: time inside the reducers; GFLOPs per clip, MAC = 1"
+    )
     Console().print(table)
 
 

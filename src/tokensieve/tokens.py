@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ATTN_RECEIVED", "CLS_ATTN", "KEYS", "PROP_ATTN", "TOKEN_AUX", "TokenState"]
+__all__ = ["ATTN_RECEIVED", "CLS_ATTN", "KEYS", "PROP_ATTN", "TOKEN_AUX", "TokenState", "take"]
 
 # `aux` keys a block records when a reducer asks for them (`Reducer.needs`).
 KEYS = "keys"
@@ -142,12 +142,12 @@ class TokenState:
         if idx.dim() != 2 or idx.shape[0] != B:
             raise ValueError(f"gather expects indices of shape (B={B}, K), got {tuple(idx.shape)}")
         aux = {
-            k: (_take(v, idx) if k in TOKEN_AUX and isinstance(v, Tensor) else v) for k, v in self.aux.items()
+            k: (take(v, idx) if k in TOKEN_AUX and isinstance(v, Tensor) else v) for k, v in self.aux.items()
         }
         return dataclasses.replace(
             self,
-            x=_take(self.x, idx),  # (B, K, C)
-            pos=self.pos.gather(1, idx),  # (B, K)
+            x=take(self.x, idx),  # (B, K, C)
+            pos=take(self.pos, idx),  # (B, K)
             size=None if self.size is None else self.size.gather(1, idx),
             mask=None if self.mask is None else self.mask.gather(1, idx),
             frames=frames,
@@ -198,8 +198,14 @@ class TokenState:
                 )
 
 
-def _take(t: Tensor, idx: Tensor) -> Tensor:
-    """Gather along the token axis (1) of a (B, N, ...) tensor with (B, K) indices."""
-    trailing = t.shape[2:]
-    index = idx.view(*idx.shape, *([1] * len(trailing))).expand(*idx.shape, *trailing)  # (B, K, ...)
-    return t.gather(1, index)
+def take(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows of the token axis (1) of a (B, N, ...) tensor at (B, K) indices: (B, K, ...).
+
+    One `index_select` on the flattened batch: several times faster on CPU than `gather` with an
+    index expanded over the trailing dimensions.
+    """
+    B, N = t.shape[:2]
+    if B == 1:  # fewer ops: the per-call overhead matters for reducers that run in every block
+        return t[0].index_select(0, idx[0]).unsqueeze(0)
+    flat = (idx + torch.arange(0, B * N, N, device=idx.device).unsqueeze(1)).view(-1)  # (B*K,)
+    return t.flatten(0, 1).index_select(0, flat).view(*idx.shape, *t.shape[2:])

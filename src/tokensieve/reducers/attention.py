@@ -28,6 +28,8 @@ __all__ = ["AttentionSelection"]
 class AttentionSelection(Reducer):
     """Keeps the tokens with the most class-token (or received) attention, inside block `at`."""
 
+    main_settings = ("attention:keep=0.5",)
+
     inside = True
 
     def __init__(self, *, keep: float = 0.5, at: int = 1, per_frame: bool = False) -> None:

@@ -62,6 +62,9 @@ class Reducer(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     inside: ClassVar[bool] = False
     """True: runs inside block `p`, between attention and MLP, instead of before block `p`."""
+    main_settings: ClassVar[tuple[str, ...]] = ()
+    """Specs of the paper's main fixed-budget settings on 16x224 ViT-S/B, which `tokensieve bench
+    --methods` and benchmarks/reducers.py measure."""
 
     def positions(self, depth: int) -> tuple[int, ...]:
         """Block counts before each place this reducer runs, for a model of `depth` blocks."""

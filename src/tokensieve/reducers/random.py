@@ -24,6 +24,8 @@ __all__ = ["RandomSelection"]
 class RandomSelection(Reducer):
     """Keeps round(keep * N) random tokens of each sample (of each frame with `per_frame`)."""
 
+    main_settings = ("random:keep=0.5",)
+
     def __init__(self, *, keep: float = 0.5, at: int = 0, per_frame: bool = False, seed: int = 0) -> None:
         super().__init__()
         check_keep(keep, self.name)

@@ -114,6 +114,8 @@ def accumulate(keys: Tensor, semantic: Tensor, first_kept: Tensor, r: int) -> li
 class SemanticTemporalAccumulation(Reducer):
     """Drops r tokens per frame (group) in three stages by semantic-aware temporal accumulation."""
 
+    main_settings = ("sta:r=64", "sta:r=64,balance=frame")
+
     needs = frozenset({KEYS})
 
     def __init__(

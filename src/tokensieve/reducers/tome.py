@@ -25,13 +25,13 @@ The readout averages tokens weighted by size (as the released MAE adapter does).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..tokens import KEYS, PROP_ATTN, TOKEN_AUX, TokenState
+from ..tokens import KEYS, PROP_ATTN, TOKEN_AUX, TokenState, take
 from .base import Reducer, Site, register, require
 
 __all__ = ["TokenMerging", "bipartite_matching", "merge_schedule", "merge_tokens", "parse_r"]
@@ -48,6 +48,7 @@ def parse_r(r: int | str) -> int | tuple[int, ...]:
     return values if "/" in str(r) else values[0]
 
 
+@functools.lru_cache(maxsize=64)
 def merge_schedule(r: int | str, schedule: str, depth: int) -> tuple[int, ...]:
     """r for every block: constant, decreasing (2r -> 0 linearly), or an explicit 'a/b/c' list."""
     parsed = parse_r(r)
@@ -71,51 +72,62 @@ def bipartite_matching(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns:
         `unm_idx` (B, nA - r) indices into A of the tokens left alone, `src_idx` (B, r) indices into
-        A of the merged tokens and `dst_idx` (B, r) the index into B each is merged into. A holds
-        tokens 0, 2, 4, ..., B tokens 1, 3, 5, ....
+        A of the merged tokens, most similar first, and `dst_idx` (B, r) the index into B each is
+        merged into. A holds tokens 0, 2, 4, ..., B tokens 1, 3, 5, ....
     """
     with torch.no_grad():
-        metric = F.normalize(metric, dim=-1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]  # (B, nA, c), (B, nB, c)
         scores = a @ b.transpose(1, 2)  # (B, nA, nB) cosine similarities
-        best, best_b = scores.max(-1)  # (B, nA): each A token's most similar B token
-        order = best.argsort(-1, descending=True)  # (B, nA): most similar edges first
+        order = scores.amax(-1).argsort(-1, descending=True)  # (B, nA): most similar edges first
         src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, nA - r)
-        dst_idx = best_b.gather(1, src_idx)  # (B, r)
+        # The partner only for the r merged tokens (`max` with indices over all rows is much slower).
+        dst_idx = take(scores, src_idx).argmax(-1)  # (B, r)
     return unm_idx, src_idx, dst_idx
 
 
-def _take(t: Tensor, idx: Tensor) -> Tensor:
-    """(B, K, ...) rows of a (B, M, ...) tensor."""
-    return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(*idx.shape, *t.shape[2:]))
-
-
 def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> TokenState:
-    """Apply one bipartite merge (or drop) of `r` tokens to every per-token field of `state`."""
+    """Apply one bipartite merge (or drop) of `r` tokens to every per-token field of `state`.
+
+    The output holds the unmerged A tokens, then all B tokens (A token i is token 2i, B token j is
+    token 2j + 1). Written with few, large tensor ops: the reducer's own time is part of what the
+    benchmark holds against its FLOP savings.
+    """
     metric = require(state, KEYS, "tome")
     unm_idx, src_idx, dst_idx = bipartite_matching(metric, r)
-    x, pos = state.x, state.pos
-    size = state.size if state.size is not None else torch.ones_like(pos, dtype=x.dtype)  # (B, N)
-    a_x, b_x = x[:, ::2], x[:, 1::2]  # (B, nA, C), (B, nB, C)
-    a_s, b_s = size[:, ::2], size[:, 1::2]  # (B, nA), (B, nB)
+    B, N, C = state.x.shape
+    num_unm, num_b = unm_idx.shape[1], N // 2
+    keep_idx = torch.cat(
+        [unm_idx * 2, torch.arange(1, N, 2, device=unm_idx.device).expand(B, -1)], 1
+    )  # (B, N-r)
+    x = take(state.x, keep_idx)  # (B, N - r, C), a new contiguous tensor
+    size = state.size
     if not drop:
-        src_s = a_s.gather(1, src_idx)  # (B, r)
+        if size is None:
+            size = torch.ones(B, N, dtype=x.dtype, device=x.device)
+        src_s = size.gather(1, src_idx * 2)  # (B, r)
+        b_s = size[:, 1::2]  # (B, nB)
         merged_s = b_s.scatter_add(1, dst_idx, src_s)  # (B, nB)
-        weighted = (b_x * b_s.unsqueeze(-1)).scatter_add(
-            1, dst_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _take(a_x, src_idx) * src_s.unsqueeze(-1)
-        )  # (B, nB, C)
-        b_x, b_s = weighted / merged_s.unsqueeze(-1), merged_s
-    mask = state.mask
-    if mask is not None:
-        mask = torch.cat([mask[:, ::2].gather(1, unm_idx), mask[:, 1::2]], 1)  # (B, N - r)
+        # Size-weighted mean into B, in place on the B rows of `x`:
+        # x_b <- (s_b x_b + sum of s_a x_a merged into b) / (s_b + sum of s_a).
+        rows = num_unm + dst_idx + torch.arange(0, B * (N - r), N - r, device=x.device).unsqueeze(1)  # (B, r)
+        b_x = x[:, num_unm:]  # (B, nB, C) view
+        b_x.mul_(b_s.unsqueeze(-1))
+        x.view(-1, C).index_add_(
+            0, rows.view(-1), (take(state.x, src_idx * 2) * src_s.unsqueeze(-1)).view(-1, C)
+        )
+        b_x.div_(merged_s.unsqueeze(-1))
+        size = torch.cat([size.gather(1, unm_idx * 2), merged_s], 1)  # (B, N - r)
+    elif size is not None:
+        size = size.gather(1, keep_idx)
     aux = {k: v for k, v in state.aux.items() if k not in TOKEN_AUX}  # per-token records are stale now
     if not drop and prop_attn:
         aux[PROP_ATTN] = True
     return state.replace(
-        x=torch.cat([_take(a_x, unm_idx), b_x], 1),  # (B, N - r, C)
-        pos=torch.cat([pos[:, ::2].gather(1, unm_idx), pos[:, 1::2]], 1),  # (B, N - r)
-        size=None if drop and state.size is None else torch.cat([a_s.gather(1, unm_idx), b_s], 1),
-        mask=mask,
+        x=x,
+        pos=state.pos.gather(1, keep_idx),
+        size=size,
+        mask=None if state.mask is None else state.mask.gather(1, keep_idx),
         frames=None,
         aux=aux,
     )
@@ -124,6 +136,8 @@ def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> T
 @register("tome")
 class TokenMerging(Reducer):
     """Merges r_l tokens in block l by bipartite soft matching on its keys."""
+
+    main_settings = ("tome:r=100",)
 
     needs = frozenset({KEYS})
     inside = True

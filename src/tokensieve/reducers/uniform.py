@@ -28,6 +28,8 @@ def uniform_frames(frames: int, k: int, device: torch.device | None = None) -> T
 class UniformFrames(Reducer):
     """Keeps round(keep * F) temporal slices at equal intervals."""
 
+    main_settings = ("uniform:keep=0.5",)
+
     def __init__(self, *, keep: float = 0.5, at: int = 0) -> None:
         super().__init__()
         check_keep(keep, self.name)
