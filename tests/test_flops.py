@@ -101,3 +101,20 @@ def test_counter_attributes_work_outside_the_model() -> None:
 def test_needs_input_size_without_config() -> None:
     with pytest.raises(ValueError, match="frames= and size="):
         ts.flops(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize(("keep", "gflops"), [(0.9, 159), (0.7, 118), (0.5, 80), (0.3, 46)])
+def test_random_keep_at_position_0_gflops_of_lite(keep: float, gflops: float) -> None:
+    with torch.device("meta"):
+        model = ts.apply(ts.build("videomae-b"), f"random:keep={keep}")
+    assert ts.flops(model) == pytest.approx(gflops, abs=1.0)
+
+
+def test_reducer_side_work_is_counted() -> None:
+    """ToMe's matching product and the received-attention recomputation execute, so they count."""
+    with torch.device("meta"):
+        model = ts.build("videomae-s")
+    base = ts.flops(model)
+    received = ts.flops(ts.apply(model, "attention:keep=1"))  # records, selects nothing
+    N, C = 1568, 384
+    assert received - base == pytest.approx(N * N * C / 1e9, rel=1e-3)  # one more q.k^T at block 1

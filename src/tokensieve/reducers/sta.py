@@ -82,7 +82,9 @@ def drop_first(
     return (~kept).to(torch.int8).argsort(dim=1, stable=True)[:, : m - r]  # (B, m - r) kept, ascending
 
 
-def accumulate(keys: Tensor, semantic: Tensor, first_kept: Tensor, r: int) -> list[Tensor]:
+def accumulate(
+    keys: Tensor, semantic: Tensor, first_kept: Tensor, r: int
+) -> tuple[list[Tensor], list[Tensor]]:
     """The Markov chain of Eq. 3-5 over groups, in the given (processing) order.
 
     Args:
@@ -92,10 +94,11 @@ def accumulate(keys: Tensor, semantic: Tensor, first_kept: Tensor, r: int) -> li
         r: tokens dropped per group.
 
     Returns:
-        Kept indices of every group, each (B, m - r), in the same order (unsorted after group 0).
+        Kept indices of every group, each (B, m - r), in the same order (unsorted after group 0), and
+        the accumulated redundancy A_t (B, m) of groups 1..G-1 (before the semantic weighting).
     """
     B, G, m, _ = keys.shape
-    kept = [first_kept]
+    kept, accumulated = [first_kept], []
     prev = keys[:, 0]  # (B, m, hd): all keys of the first group (the released code's first transition)
     mass = keys.new_ones(B, m, 1)  # (B, m, 1)
     for g in range(1, G):  # sequential by definition: each group conditions on the one before
@@ -107,7 +110,8 @@ def accumulate(keys: Tensor, semantic: Tensor, first_kept: Tensor, r: int) -> li
         mass = mass / mass.sum(1, keepdim=True)
         prev = cur.gather(1, keep.unsqueeze(-1).expand(-1, -1, cur.shape[-1]))  # (B, m - r, hd)
         kept.append(keep)
-    return kept
+        accumulated.append(acc)
+    return kept, accumulated
 
 
 @register("sta")
@@ -209,7 +213,7 @@ class SemanticTemporalAccumulation(Reducer):
                 keys, semantic = keys.flip(1), semantic.flip(1)
             first_pos = state.pos.view(B, groups, m)[:, -1 if backward else 0]  # (B, m)
             first_kept = drop_first(keys[:, 0], first_pos, r, self.first, self.generator)
-            kept = accumulate(keys, semantic, first_kept, r)  # G x (B, m - r), processing order
+            kept, _ = accumulate(keys, semantic, first_kept, r)  # G x (B, m - r), processing order
             if backward:
                 kept.reverse()
             idx = torch.stack(kept, 1).sort(2).values  # (B, G, m - r), time order, ascending in group

@@ -96,7 +96,7 @@ def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> T
     metric = require(state, KEYS, "tome")
     unm_idx, src_idx, dst_idx = bipartite_matching(metric, r)
     B, N, C = state.x.shape
-    num_unm, num_b = unm_idx.shape[1], N // 2
+    num_unm = unm_idx.shape[1]
     keep_idx = torch.cat(
         [unm_idx * 2, torch.arange(1, N, 2, device=unm_idx.device).expand(B, -1)], 1
     )  # (B, N-r)

@@ -1,0 +1,325 @@
+"""The reducer contract, for every registered method on every backbone family, plus the golden cases
+and bad-input errors of the simple selection methods (random, uniform, random_frames, attention).
+
+A new method is added to `CONTRACT` (a setting that fits the tiny presets) and `IDENTITY` (its
+setting that changes nothing); `test_every_registered_method_is_covered` fails until it is.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.backbones.layers import received_attention
+from tokensieve.reducers import REGISTRY, schedule
+from tokensieve.reducers.base import At
+from tokensieve.reducers.plan import spec_parameters
+from tokensieve.reducers.uniform import uniform_frames
+from tokensieve.tokens import ATTN_RECEIVED, CLS_ATTN, TokenState
+
+# Settings that fit the tiny presets (32 or 64 tokens, 16 per frame, 3 blocks).
+CONTRACT = {
+    "none": ["none"],
+    "random": ["random:keep=0.5", "random:keep=0.4,per_frame=true,at=1"],
+    "uniform": ["uniform:keep=0.5"],
+    "random_frames": ["random_frames:keep=0.5,at=1"],
+    "attention": ["attention:keep=0.5", "attention:keep=0.3,per_frame=true,at=0"],
+    "tome": ["tome:r=6", "tome:r=4,mode=drop", "tome:r=5,schedule=decreasing,prop_attn=false"],
+    "sta": ["sta:r=4", "sta:r=6,balance=frame,order=BFB", "sta:r=3,first=grid", "sta:r=3,first=random"],
+}
+# The setting of each method that must leave the backbone's output bit for bit unchanged.
+IDENTITY = {
+    "none": "none",
+    "random": "random:keep=1,per_frame=true",
+    "uniform": "uniform:keep=1",
+    "random_frames": "random_frames:keep=1",
+    "attention": "attention:keep=1,per_frame=true",
+    "tome": "tome:r=0",
+    "sta": "sta:r=0,balance=frame",
+}
+BACKBONES = ["videomae-tiny", "joint-tiny", "timesformer-tiny"]
+CASES = [(spec, name) for specs in CONTRACT.values() for spec in specs for name in BACKBONES]
+
+
+def _runs_on(spec: str, name: str) -> bool:
+    """Whether the plan can run on the backbone (divided attention needs equal per-frame counts)."""
+    try:
+        ts.apply(ts.build(name), spec)
+    except ValueError as err:
+        assert "divided" in str(err) or "balance=frame" in str(err), err
+        return False
+    return True
+
+
+RUNNABLE = [(spec, name) for spec, name in CASES if _runs_on(spec, name)]
+
+
+def _is_random(spec: str) -> bool:
+    """Whether the plan draws random numbers (STA only for a random first-frame drop)."""
+    method, _, args = spec.partition(":")
+    if method == "sta":
+        return "first=random" in args or "first=grid" in args
+    return "seed" in spec_parameters(REGISTRY[method])
+
+
+def _model(name: str, spec: str | None = None) -> ts.VideoBackbone:
+    torch.manual_seed(0)
+    model = ts.build(name).eval()
+    return ts.apply(model, spec) if spec else model
+
+
+def _trace(model: ts.VideoBackbone) -> list[tuple[TokenState, TokenState]]:
+    """(input, output) of every reducer call, recorded by forward hooks on the reducer slots."""
+    seen: list[tuple[TokenState, TokenState]] = []
+    for module in model.modules():
+        if isinstance(module, At):
+            module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    return seen
+
+
+def test_every_registered_method_is_covered() -> None:
+    assert set(CONTRACT) == set(REGISTRY) == set(IDENTITY)
+
+
+def test_timesformer_runs_the_per_frame_methods() -> None:
+    on_timesformer = {spec for spec, name in RUNNABLE if name == "timesformer-tiny"}
+    assert on_timesformer >= {
+        "random:keep=0.4,per_frame=true,at=1", "uniform:keep=0.5", "random_frames:keep=0.5,at=1",
+        "attention:keep=0.3,per_frame=true,at=0", "sta:r=6,balance=frame,order=BFB",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "name"), RUNNABLE)
+def test_states_are_valid_and_counts_as_declared(spec: str, name: str) -> None:
+    model = _model(name, spec)
+    seen = _trace(model)
+    steps = schedule(model, list(model.plan))
+    with torch.no_grad():
+        logits = model(tiny_video(name))
+    assert logits.shape == (2, model.config.num_classes) and torch.isfinite(logits).all()
+    assert len(seen) == len(steps)
+    for (before, after), step in zip(seen, steps, strict=True):
+        after.check()
+        assert before.x.shape[1] == step.tokens_in and after.x.shape[1] == step.tokens_out
+        assert after.frames == step.frames_out
+        if before.cls is not None:  # the class token is never dropped nor changed by a reducer
+            assert after.cls is before.cls
+        assert after.grid == before.grid
+
+
+@pytest.mark.parametrize(
+    ("method", "name"),
+    [(m, name) for m in sorted(IDENTITY) for name in BACKBONES if _runs_on(IDENTITY[m], name)],
+)
+def test_identity_setting_equals_the_bare_backbone(method: str, name: str) -> None:
+    video = tiny_video(name)
+    with torch.no_grad():
+        bare = _model(name)(video)
+        reduced = _model(name, IDENTITY[method])(video)
+    assert torch.equal(reduced, bare)
+
+
+@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if not _is_random(c[0])])
+def test_batch_of_two_equals_two_batches_of_one(spec: str, name: str) -> None:
+    model = _model(name, spec)
+    video = tiny_video(name)
+    with torch.no_grad():
+        together = model(video)
+        apart = torch.cat([model(video[:1]), model(video[1:])])
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if _is_random(c[0])])
+def test_same_seed_same_selection(spec: str, name: str) -> None:
+    video = tiny_video(name)
+    runs = []
+    for seed in (3, 3, 4):
+        model = _model(name, f"{spec},seed={seed}")
+        with torch.no_grad():
+            runs.append((model.forward_features(video).pos, model.forward_features(video).pos))
+    (a1, a2), (b1, b2), (c1, _) = runs
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)  # same seed: same sequence of selections
+    assert not torch.equal(a1, a2)  # the generator advances: the next batch gets a new draw
+    assert not torch.equal(a1, c1)  # another seed, another selection
+
+
+@pytest.mark.parametrize(("spec", "name"), RUNNABLE)
+def test_gradients_flow_through_the_reduction(spec: str, name: str) -> None:
+    model = _model(name, spec).train()
+    model(tiny_video(name)).sum().backward()
+    grad = model.embed.proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("spec", [s for specs in CONTRACT.values() for s in specs])
+def test_state_dict_round_trips_with_a_plan(spec: str) -> None:
+    source = _model("joint-tiny", spec)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    target = ts.apply(ts.build("joint-tiny").eval(), spec)
+    target.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    video = tiny_video("joint-tiny")
+    with torch.no_grad():
+        assert torch.equal(source(video), target(video))
+
+
+def test_apply_replaces_and_removes_plans() -> None:
+    model = _model("videomae-tiny", "tome:r=4+random:keep=0.5,at=2")
+    assert [type(r).__name__ for r in model.plan] == ["TokenMerging", "RandomSelection"]
+    assert all(isinstance(b.inner, At) for b in model.blocks)  # ToMe in every block
+    assert isinstance(model.reducers[2], At) and model.spec == "tome:r=4+random:keep=0.5,at=2"
+    ts.apply(model, None)
+    assert len(model.plan) == 0 and model.spec is None
+    assert all(isinstance(b.inner, nn.Identity) and not b.record for b in model.blocks)
+    assert all(isinstance(r, nn.Identity) for r in model.reducers)
+
+
+def test_composed_plan_counts_follow_execution_order() -> None:
+    # before block 1 (random), then inside blocks 1 and 2 (tome): 32 -> 16 -> 12 -> 8
+    model = _model("videomae-tiny", "tome:r=4,schedule=constant+random:keep=0.5,at=1")
+    steps = schedule(model, list(model.plan))
+    assert [(s.reducer.name, s.site.position, s.inside, s.tokens_out) for s in steps] == [
+        ("tome", 0, True, 28), ("random", 1, False, 14), ("tome", 1, True, 10), ("tome", 2, True, 6),
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ golden cases
+def test_random_selects_independently_per_sample_and_per_frame() -> None:
+    model = _model("joint-tiny", "random:keep=0.25,per_frame=true")
+    state = model.forward_features(tiny_video("joint-tiny"))
+    frame = state.pos // 16  # 4 frames of 4x4
+    assert state.frames == 4 and state.x.shape[1] == 16
+    assert torch.equal(frame, torch.arange(4).repeat_interleave(4).expand(2, -1))  # 4 per frame, in order
+    assert not torch.equal(state.pos[0], state.pos[1])  # each sample its own draw
+    assert bool((state.pos.diff(dim=1) > 0).all())  # original order kept
+
+
+def test_uniform_takes_segment_centres() -> None:
+    assert uniform_frames(8, 4).tolist() == [1, 3, 5, 7]
+    assert uniform_frames(8, 3).tolist() == [1, 4, 6]
+    assert uniform_frames(8, 8).tolist() == list(range(8))
+    assert uniform_frames(8, 1).tolist() == [4]
+    model = _model("joint-tiny", "uniform:keep=0.5")  # 4 frames -> frames 1 and 3
+    state = model.forward_features(tiny_video("joint-tiny"))
+    assert state.frames == 2
+    assert torch.equal(state.pos // 16, torch.tensor([1, 3]).repeat_interleave(16).expand(2, -1))
+
+
+def test_random_frames_keeps_whole_frames_in_time_order() -> None:
+    model = _model("joint-tiny", "random_frames:keep=0.5,seed=1")
+    pos = model.forward_features(tiny_video("joint-tiny", batch=8)).pos  # (8, 32)
+    frames = (pos // 16).view(8, 2, 16)
+    assert bool((frames == frames[..., :1]).all())  # whole frames
+    assert bool((frames[:, 0, 0] < frames[:, 1, 0]).all())  # time order
+    assert len({tuple(f[:, 0].tolist()) for f in frames}) > 1  # different frames for different samples
+    assert torch.equal(pos % 16, torch.arange(16).repeat(2).expand(8, -1))  # every cell of each kept frame
+
+
+def test_attention_keeps_the_most_attended_tokens() -> None:
+    model = _model("joint-tiny", "attention:keep=0.25,at=0")
+    captured = []
+    model.blocks[0].inner.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
+    model(tiny_video("joint-tiny"))
+    ((before, after),) = captured
+    scores = before.aux[CLS_ATTN]  # (B, 64)
+    expected = scores.topk(16, dim=1).indices.sort(1).values
+    assert torch.equal(after.pos, expected)
+
+
+def test_recorded_class_attention_matches_a_manual_computation() -> None:
+    model = _model("joint-tiny")
+    block = model.blocks[0]
+    block.record = frozenset({CLS_ATTN})
+    state = model.embed(tiny_video("joint-tiny"), model.config.grid)
+    out = block(state)
+    x = block.norm1(torch.cat([state.cls, state.x], 1))
+    B, N, C = x.shape
+    q, k, _ = block.attn.qkv(x).view(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hd)
+    attn = ((q @ k.transpose(-2, -1)) * (C // 2) ** -0.5).softmax(-1)  # (B, nh, N, N)
+    torch.testing.assert_close(out.aux[CLS_ATTN], attn[:, :, 0, 1:].mean(1))
+
+
+def test_received_attention_matches_the_full_attention_map() -> None:
+    q, k = torch.randn(2, 3, 50, 8), torch.randn(2, 3, 50, 8)
+    full = ((q @ k.transpose(-2, -1)) * 8**-0.5).softmax(-1)  # (B, nh, N, N)
+    torch.testing.assert_close(received_attention(q, k, None), full.mean(2).mean(1))
+    real = torch.ones(2, 50, dtype=torch.bool)
+    real[1, 40:] = False  # padding: neither attended to nor averaged over as a query
+    masked = (
+        ((q @ k.transpose(-2, -1)) * 8**-0.5).masked_fill(~real[:, None, None], float("-inf")).softmax(-1)
+    )
+    expected = torch.stack([masked[0].mean(1).mean(0), masked[1, :, :40].mean(1).mean(0)])
+    torch.testing.assert_close(received_attention(q, k, real[:, None, None]), expected)
+
+
+def test_attention_without_class_token_ranks_by_received_attention() -> None:
+    model = _model("videomae-tiny", "attention:keep=0.5,at=1")
+    assert model.blocks[1].record == frozenset({ATTN_RECEIVED})
+    captured = []
+    model.blocks[1].inner.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
+    model(tiny_video())
+    ((before, after),) = captured
+    assert torch.equal(after.pos, before.aux[ATTN_RECEIVED].topk(16, dim=1).indices.sort(1).values)
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("random:keep=0", r"keep must be in \(0, 1\]"),
+        ("random:keep=1.5", r"keep must be in \(0, 1\]"),
+        ("uniform:keep=-0.1", r"keep must be in \(0, 1\]"),
+        ("attention:keep=2", r"keep must be in \(0, 1\]"),
+        ("random:keep=half", "keep expects a float"),
+        ("tome:r=x", "r must be an integer or a per-block list"),
+        ("tome:r=-1", "r must be >= 0"),
+        ("tome:schedule=linear", "schedule must be one of constant, decreasing"),
+        ("sta:order=FFX", "order gives the direction of the three stages"),
+        ("sta:order=FB", "order gives the direction of the three stages"),
+        ("sta:first=magic", "first must be one of tome, random, grid"),
+        ("sta:balance=clip", "balance must be one of group, frame"),
+        ("sta:r=-2", "r must be >= 0"),
+        ("random:rate=0.5", r"valid: random: keep=0.5, at=0, per_frame=False, seed=0"),
+    ],
+)
+def test_bad_parameters_fail_when_parsed(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ts.plan(spec)
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "message"),
+    [
+        ("timesformer-tiny", "random:keep=0.5", "divided space-time attention needs the same count"),
+        ("timesformer-tiny", "attention:keep=0.5", "divided space-time attention needs the same count"),
+        ("timesformer-tiny", "tome:r=2", "divided space-time attention needs the same count"),
+        ("timesformer-tiny", "sta:r=2", "use balance=frame"),
+        ("videomae-tiny", "tome:r=17", r"r=17 in block 0 is more than half of the 32 tokens"),
+        ("videomae-tiny", "tome:r=10", r"r=10 in block 2 is more than half of the 12 tokens"),
+        ("videomae-tiny", "tome:r=1/1/1/1", "r lists 4 blocks but the model has 3"),
+        ("videomae-tiny", "sta:r=16,first=random", "r=16 is not smaller than the 16 tokens of a frame"),
+        ("videomae-tiny", "sta:r=9", "first=tome drops at most half"),
+        ("videomae-tiny", "random:keep=0.5,at=3", r"position 3 is outside this model; valid positions: 0..2"),
+        ("videomae-tiny", "attention:at=5", r"position 5 is outside this model"),
+        ("videomae-tiny", "random:keep=0.5,at=1+uniform:keep=0.5,at=2", "needs the same number of tokens in every frame"),
+        ("videomae-tiny", "random:keep=0.5+sta:r=2", "needs all 2 temporal slices at its first stage"),
+        ("videomae-tiny", "random:keep=0.5+sta:r=2,balance=frame", "needs the same number of tokens in every frame"),
+    ],
+)  # fmt: skip
+def test_incompatible_backbone_position_or_budget_fails_at_apply(name: str, spec: str, message: str) -> None:
+    model = ts.build(name)
+    with pytest.raises(ValueError, match=message):
+        ts.apply(model, spec)
+    assert len(model.plan) == 0 and all(isinstance(r, nn.Identity) for r in model.reducers)  # untouched
+
+
+def test_a_state_without_equal_frames_is_refused_with_a_message() -> None:
+    reducer = ts.plan("uniform:keep=0.5")[0]
+    state = TokenState(x=torch.randn(1, 5, 4), pos=torch.arange(5)[None], grid=(2, 2, 2))
+    with pytest.raises(ValueError, match="needs the same number of tokens in every frame"):
+        reducer(state, ts.reducers.Site(0, 0, 3, (2, 2, 2)))
