@@ -100,6 +100,8 @@ def test_local_checkpoint_directory(tmp_path: Path) -> None:
         ),
         (["bench", "--model", "videomae-tiny", "--plan", "none:r=3"], ["no parameter 'r'"]),
         (["bench", "--model", "videomae-tiny", "--dtype", "float16"], ["float32", "bfloat16"]),
+        # --methods adds every main setting; STA's r=64 does not fit a 16-token frame
+        (["bench", "--model", "videomae-tiny", "--methods"], ["sta: r=64 is not smaller than the 16 tokens"]),
         (["flops", "--model", "videomae-tiny", "--frames", "5"], ["divisible"]),
     ],
 )

@@ -112,3 +112,38 @@ def test_bad_positions(probe: type[Reducer], spec: str, message: str) -> None:
 def test_registering_a_name_twice_fails() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         register("none")(NoReduction)
+
+
+@pytest.fixture
+def maxpool() -> Iterator[type[Reducer]]:
+    """A reducer that replaces the readout with a max over tokens, registered for one test."""
+
+    @register("maxpool")
+    class MaxPool(Reducer):
+        overrides_readout = True
+
+        def positions(self, depth: int) -> tuple[int, ...]:
+            return ()
+
+        def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+            return num, frames
+
+        def readout(self, state: TokenState, model: ts.VideoBackbone) -> torch.Tensor:
+            return model.fc_norm(state.x.amax(1))
+
+    yield MaxPool
+    del REGISTRY["maxpool"]
+
+
+def test_a_reducer_can_replace_the_readout(maxpool: type[Reducer]) -> None:
+    model = ts.build("videomae-tiny").eval()
+    video = tiny_video()
+    with torch.no_grad():
+        features = model.forward_features(video)
+        ts.apply(model, "maxpool")
+        assert torch.equal(model(video), model.head(model.fc_norm(features.x.amax(1))))
+        ts.apply(model, None)
+        assert model.readout_by is None
+        assert torch.equal(model(video), model.forward_head(features))
+    with pytest.raises(ValueError, match="only one method of a plan can replace the readout"):
+        ts.apply(model, "maxpool+maxpool")

@@ -128,6 +128,7 @@ class PlanState:
     records: tuple[frozenset[str], ...]
     plan: nn.ModuleList
     spec: str | None
+    readout_by: nn.Module | None
 
     def reducer_slots(self) -> list[nn.Module]:
         """The modules that run reducers (each `At`, however they are grouped)."""
@@ -138,6 +139,7 @@ def _installed(model: VideoBackbone) -> PlanState:
     return PlanState(
         slots=tuple(model.reducers), inner=tuple(block.inner for block in model.blocks),
         records=tuple(block.record for block in model.blocks), plan=model.plan, spec=model.spec,
+        readout_by=model.readout_by,
     )  # fmt: skip
 
 
@@ -148,6 +150,7 @@ def _install(model: VideoBackbone, state: PlanState) -> None:
     for block, inner, record in zip(model.blocks, state.inner, state.records, strict=True):
         block.inner, block.record = inner, record
     model.plan, model.spec = state.plan, state.spec
+    model.__dict__["readout_by"] = state.readout_by
 
 
 class _ReducerClock:

@@ -41,6 +41,8 @@ class VideoBackbone(nn.Module):
         self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth))
         self.plan = nn.ModuleList()  # the installed plan's reducers (`tokensieve.apply`)
         self.spec: str | None = None  # the installed plan's spec
+        # The plan's reducer that pools the features instead (a reference: it lives in `plan`).
+        self.__dict__["readout_by"] = None
 
     # ------------------------------------------------------------------ input
     def check_input(self, video: Tensor) -> tuple[int, int, int]:
@@ -83,7 +85,13 @@ class VideoBackbone(nn.Module):
         return state
 
     def forward_head(self, state: TokenState) -> Tensor:
-        """(B, num_classes) logits, or (B, C) pooled features when `num_classes=0`."""
+        """(B, num_classes) logits, or (B, C) pooled features when `num_classes=0`.
+
+        A plan whose reducer overrides the readout (`Reducer.overrides_readout`, e.g. HaltingVT's
+        halting-weighted class token) pools the features instead of the configured pooling.
+        """
+        if self.readout_by is not None:
+            return self.head(self.head_drop(self.readout_by.readout(state, self)))
         pool = self.config.pool
         if pool == "cls":
             feat = self.norm(state.cls[:, 0])  # (B, C)

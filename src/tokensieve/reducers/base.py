@@ -62,6 +62,8 @@ class Reducer(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     inside: ClassVar[bool] = False
     """True: runs inside block `p`, between attention and MLP, instead of before block `p`."""
+    overrides_readout: ClassVar[bool] = False
+    """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     main_settings: ClassVar[tuple[str, ...]] = ()
     """Specs of the paper's main fixed-budget settings on 16x224 ViT-S/B, which `tokensieve bench
     --methods` and benchmarks/reducers.py measure."""
@@ -94,6 +96,11 @@ class Reducer(nn.Module):
         raise NotImplementedError
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
+        raise NotImplementedError
+
+    def readout(self, state: TokenState, model: VideoBackbone) -> Tensor:
+        """(B, C) features for the classifier from the final state (only if `overrides_readout`);
+        `model` gives access to its norms."""
         raise NotImplementedError
 
 

@@ -12,6 +12,10 @@ __all__ = ["NoReduction"]
 class NoReduction(Reducer):
     """Keeps every token; installs nothing, so the model runs exactly as the bare backbone."""
 
+    @property
+    def keeps_frames(self) -> bool:
+        return True
+
     def positions(self, depth: int) -> tuple[int, ...]:
         return ()
 

@@ -168,6 +168,11 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
     """
     reducers = plan(spec) if spec is not None else []
     steps = schedule(model, reducers)  # raises before anything is changed
+    readers = [r for r in reducers if r.overrides_readout]
+    if len(readers) > 1:
+        raise ValueError(
+            f"only one method of a plan can replace the readout; {', '.join(r.name for r in readers)} all do"
+        )
     depth = len(model.blocks)
     before: list[list[nn.Module]] = [[] for _ in range(depth)]
     inner: list[list[nn.Module]] = [[] for _ in range(depth)]
@@ -185,6 +190,7 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
         block.record = frozenset(record[p])
     model.plan = nn.ModuleList(reducers)
     model.spec = None if spec is None else spec.strip()
+    model.__dict__["readout_by"] = readers[0] if readers else None  # a reference, not a submodule
     return model
 
 
