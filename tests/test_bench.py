@@ -127,4 +127,4 @@ def test_json_and_table(model: ts.VideoBackbone, halve: str) -> None:
     assert [r["plan"] for r in doc["results"]] == ["none", halve]
     assert doc["results"][1]["gflops_ratio"] == pytest.approx(results[1].gflops_ratio)
     table = format_table(results)
-    assert table.row_count == 2 and len(table.columns) == 11
+    assert table.row_count == 2 and len(table.columns) == 9

@@ -181,13 +181,13 @@ def bench(
         return
     first = results[0]
     title = (
-        f"{model}, {first.frames}x{first.size}, {first.device}, {first.threads} threads, "
+        f"{model}, {first.frames}x{first.size}, {first.dtype}, {first.device}, {first.threads} threads, "
         f"median of {repeats} interleaved rounds"
     )
     table = format_table(results, title=title)
     table.caption = (
-        "speed-up: clips/s over 'none' at the same batch; efficiency: speed-up / GFLOPs ratio;\n"
-        "reducer share: time inside the reducers; GFLOPs per clip, MAC = 1"
+        "speed-up: clips/s over 'none' (same batch); efficiency: speed-up / GFLOPs ratio\n"
+        "reducer share: time inside the reducers; GFLOPs per clip, multiply-add = 1"
     )
     Console().print(table)
 
