@@ -104,6 +104,10 @@ def test_local_checkpoint_directory(tmp_path: Path) -> None:
         # --methods adds every main setting; STA's r=64 does not fit a 16-token frame
         (["bench", "--model", "videomae-tiny", "--methods"], ["sta: r=64 is not smaller than the 16 tokens"]),
         (["flops", "--model", "videomae-tiny", "--frames", "5"], ["divisible"]),
+        (["eval", "--model", "videomae-tiny", "--data", "no/such/list.txt"], ["no such dataset"]),
+        (["eval", "--model", "videomae-tiny", "--data", ".", "--views", "4x2"], ["--views is CLIPSxCROPS"]),
+        (["eval", "--model", "videomae-tiny", "--data", ".", "--sampling", "random"], ["dense or segments"]),
+        (["eval", "--model", "videomae-tiny", "--data", ".", "--plan", "tome:r=99"], ["more than half"]),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], names: list[str]) -> None:
@@ -121,5 +125,5 @@ def test_python_dash_m() -> None:
         [sys.executable, "-m", "tokensieve", "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    for command in ("bench", "flops", "info"):
+    for command in ("bench", "flops", "info", "eval", "make-synthetic"):
         assert command in result.stdout

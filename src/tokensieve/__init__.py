@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from . import metrics
+from . import data, metrics
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
 from .bench import benchmark
+from .engine.evaluate import evaluate
 from .flops import flops
 from .reducers import REGISTRY as METHODS
 from .reducers import apply, plan
@@ -31,6 +32,8 @@ __all__ = [
     "apply",
     "benchmark",
     "build",
+    "data",
+    "evaluate",
     "flops",
     "from_hf",
     "load",

@@ -1,0 +1,1 @@
+"""Engines that run models over datasets: evaluation (and, later, training)."""

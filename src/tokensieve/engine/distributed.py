@@ -1,0 +1,47 @@
+"""`torch.distributed` setup for `torchrun`, and nothing when run as one process.
+
+`torchrun --nproc-per-node N -m tokensieve eval ...` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup`
+then joins the process group (gloo on CPU, NCCL with CUDA). A plain `python` run has no WORLD_SIZE
+and stays single-process: no group, no barrier, no extra dependency.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["World", "barrier", "setup"]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: `rank` of `size` processes."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: torch.device | None = None) -> World:
+    """Join the process group torchrun describes in the environment (once), or run alone."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def barrier(world: World) -> None:
+    """Wait for every process (nothing to wait for when alone)."""
+    if world.size > 1:
+        dist.barrier()

@@ -1,0 +1,321 @@
+"""Multi-view evaluation: accuracy next to GFLOPs per view and measured throughput.
+
+    summary = ts.evaluate(model, dataset, views=(5, 3), batch_size=8, workers=2, out="results.jsonl")
+
+For every video: decode its views in a worker process (`VideoDataset`), normalise them as the model
+expects, run the model (with its installed plan) in batches that may mix videos, average the class
+probabilities over the views (softmax; sigmoid for multi-label data), and write one record as soon
+as the video's last view is done. Metrics come from the records: top-1, top-5 and mean per-class
+accuracy, or mAP for multi-label data, over the videos that could be read; failures are counted.
+
+Records (`engine/results.py`) make a run resumable and safe to interrupt: rerunning with the same
+`out` skips finished videos, redoes a torn last one, and never counts one twice. Under `torchrun`
+the unfinished videos are split across processes without padding (process r takes every r-th),
+each writes its own part file, and rank 0 merges after a barrier; the summary is computed from the
+merged records, so it is the same for any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.datasets import Sample, VideoDataset
+from ..data.transforms import normalize
+from ..flops import flops
+from .distributed import barrier, setup
+from .results import RecordWriter, merge, part_path, read_done
+
+__all__ = ["EvalSummary", "evaluate", "summarize"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+"""progress(videos done, videos to do in this run, clips per second so far)."""
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What an evaluation measured.
+
+    Attributes:
+        videos: videos in the dataset.
+        evaluated: videos with a prediction; `failed`: videos that could not be read (in `errors`).
+        top1, top5, mean_class_accuracy: in [0, 1] over the evaluated labelled videos (single-label).
+        map: mean average precision over classes with positives (multi-label data), else None.
+        views: (clips, crops) per video; `gflops_per_view`: GFLOPs of one view with the plan.
+        clips_per_s: views per second through the model (forward only) in this run, all processes
+            together; None when every video was already done.
+        plan: the installed plan's spec.
+        errors: first failures, "id: error".
+    """
+
+    videos: int
+    evaluated: int
+    failed: int
+    top1: float | None
+    top5: float | None
+    mean_class_accuracy: float | None
+    map: float | None
+    views: tuple[int, int]
+    gflops_per_view: float
+    clips_per_s: float | None
+    plan: str | None
+    errors: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def _average_precision(scores: Tensor, positive: Tensor) -> float:
+    """AP of one class: mean precision at the rank of each positive (scores sorted descending)."""
+    order = scores.argsort(descending=True)
+    hits = positive[order].float()  # (n,)
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def summarize(
+    records: Sequence[dict[str, Any]], *, num_classes: int, multilabel: bool
+) -> dict[str, float | int | None]:
+    """Metrics of a list of records (see module docstring); None where nothing is measurable."""
+    ok = [r for r in records if r["status"] == "ok" and r["labels"]]
+    metrics: dict[str, float | int | None] = {
+        "evaluated": sum(r["status"] == "ok" for r in records),
+        "failed": sum(r["status"] == "failed" for r in records),
+        "top1": None, "top5": None, "mean_class_accuracy": None, "map": None,
+    }  # fmt: skip
+    if not ok:
+        return metrics
+    if multilabel:
+        scores = torch.tensor([r["scores"] for r in ok])  # (n, K)
+        positive = torch.zeros(len(ok), num_classes, dtype=torch.bool)
+        for i, r in enumerate(ok):
+            positive[i, r["labels"]] = True
+        aps = [
+            _average_precision(scores[:, k], positive[:, k])
+            for k in range(num_classes)
+            if positive[:, k].any()
+        ]
+        metrics["map"] = sum(aps) / len(aps)
+        return metrics
+    labels = torch.tensor([r["labels"][0] for r in ok])  # (n,)
+    top5 = torch.tensor([[c for c, _ in r["top5"]] + [-1] * (5 - len(r["top5"])) for r in ok])  # (n, 5)
+    hit1 = top5[:, 0] == labels
+    metrics["top1"] = float(hit1.float().mean())
+    metrics["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
+    per_class = [float(hit1[labels == c].float().mean()) for c in labels.unique().tolist()]
+    metrics["mean_class_accuracy"] = sum(per_class) / len(per_class)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------- running
+class _Todo(Dataset):
+    """The dataset restricted to the videos this process still has to do."""
+
+    def __init__(self, dataset: VideoDataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.dataset[self.indices[i]]
+
+
+@dataclass
+class _Pending:
+    """A video whose views are partly through the model."""
+
+    sample: Sample
+    total: int
+    probs: Tensor | None = None  # (K,) running sum
+    done: int = 0
+
+
+def _record(sample: Sample, probs: Tensor | None, *, multilabel: bool) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": sample.record.id, "labels": list(sample.record.labels)}
+    if probs is None:
+        return {**record, "status": "failed", "error": sample.error}
+    values, classes = probs.topk(min(5, probs.numel()))
+    record.update(
+        status="ok", top5=[[int(c), round(float(v), 6)] for c, v in zip(classes, values, strict=True)]
+    )
+    if multilabel:
+        record["scores"] = [round(float(v), 6) for v in probs]
+    return record
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: VideoDataset,
+    *,
+    views: tuple[int, int] | None = None,
+    batch_size: int = 8,
+    workers: int = 2,
+    out: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> EvalSummary:
+    """Evaluate `model` (with its installed plan) on `dataset`.
+
+    Args:
+        model: a tokensieve backbone, in eval mode for the run (its mode is restored).
+        dataset: the videos and their sampling (`VideoDataset`).
+        views: (temporal clips, spatial crops) per video; default the dataset's.
+        batch_size: clips per forward pass (views of several videos share a batch).
+        workers: decoding processes (0 decodes in this process).
+        out: JSONL file of per-video records; makes the run resumable. None keeps them in memory.
+        dtype: torch.float32, or torch.bfloat16 to run under autocast.
+        progress: called after each video with (done, total, clips/s).
+
+    Returns:
+        The `EvalSummary` (the same on every process).
+    """
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
+    if views is not None:
+        dataset = dataset.with_views(views)
+    cfg = model.config
+    if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
+        raise ValueError(
+            f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
+            f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
+        )
+    if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
+        raise ValueError(
+            f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
+        )
+    device = next(model.parameters()).device
+    world = setup(device)
+    out = Path(out) if out is not None else None
+    if out is not None and world.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    barrier(world)
+
+    done = read_done(out, repair=False) if out is not None else {}
+    todo = [i for i, r in enumerate(dataset.records) if r.id not in done]
+    mine = todo[world.rank :: world.size]  # unpadded: no video is done twice
+    log.info(
+        "rank %d: %d of %d videos to do (%d done before)", world.rank, len(mine), len(dataset), len(done)
+    )
+
+    was_training = model.training
+    model.eval()
+    memory: list[dict[str, Any]] = []
+    try:
+        seconds, clips = _run(model, dataset, mine, batch_size=batch_size, workers=workers, dtype=dtype,
+                              out=out, rank=world.rank, memory=memory, progress=progress)  # fmt: skip
+    finally:
+        model.train(was_training)
+    if out is not None:
+        part_path(out, world.rank).with_suffix(".stats").write_text(
+            json.dumps({"clips": clips, "seconds": seconds})
+        )
+    barrier(world)
+    if out is not None:
+        if world.is_main:
+            stats = [json.loads(p.read_text()) for p in part_path(out, 0).parent.glob("rank-*.stats")]
+            clips, seconds = sum(s["clips"] for s in stats), max((s["seconds"] for s in stats), default=0.0)
+            records = merge(out, [r.id for r in dataset.records])
+        barrier(world)
+        if not world.is_main:
+            records = read_done(out).values()
+            records = list(records)
+    else:
+        records = memory  # one process (a memory-only run is not shared across ranks)
+    summary = summarize(records, num_classes=cfg.num_classes, multilabel=dataset.multilabel)
+    gflops = float(flops(model))
+    errors = tuple(f"{r['id']}: {r['error']}" for r in records if r["status"] == "failed")[:20]
+    return EvalSummary(
+        videos=len(dataset), evaluated=summary["evaluated"], failed=summary["failed"], top1=summary["top1"],
+        top5=summary["top5"], mean_class_accuracy=summary["mean_class_accuracy"], map=summary["map"],
+        views=dataset.views, gflops_per_view=gflops, clips_per_s=clips / seconds if seconds > 0 else None,
+        plan=getattr(model, "spec", None), errors=errors,
+    )  # fmt: skip
+
+
+def _run(
+    model: torch.nn.Module, dataset: VideoDataset, indices: list[int], *, batch_size: int, workers: int,
+    dtype: torch.dtype, out: Path | None, rank: int, memory: list[dict[str, Any]], progress: Progress | None,
+) -> tuple[float, int]:  # fmt: skip
+    """Run the model over `indices`; returns (seconds in the model, views through it)."""
+    cfg, device = model.config, next(model.parameters()).device
+    multilabel = dataset.multilabel
+    loader = DataLoader(
+        _Todo(dataset, indices), batch_size=None, num_workers=workers,
+        prefetch_factor=2 if workers else None, persistent_workers=False,
+    )  # fmt: skip
+    writer = RecordWriter(out, rank) if out is not None else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    pending: list[_Pending] = []  # videos with views queued or in flight, in order
+    queue: list[tuple[_Pending, Tensor]] = []  # (video, some of its views) not yet through the model
+    queued = 0
+    seconds, clips, finished = 0.0, 0, 0
+
+    def emit(record: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        if writer is not None:
+            writer.write(record)
+        else:
+            memory.append(record)
+        if progress is not None:
+            progress(finished, len(indices), clips / seconds if seconds else 0.0)
+
+    def run_batch(limit: int) -> None:
+        nonlocal queued, seconds, clips
+        rows, owners = [], []
+        while queue and len(rows) < limit:
+            owner, views = queue[0]
+            take = min(limit - len(rows), len(views))
+            rows.extend(views[:take])
+            owners.extend([owner] * take)
+            if take == len(views):
+                queue.pop(0)
+            else:
+                queue[0] = (owner, views[take:])
+        queued -= len(rows)
+        x = normalize(torch.stack(rows).to(device).float().div_(255), cfg.mean, cfg.std)  # (b, T, C, S, S)
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast:
+            logits = model(x).float()  # (b, K)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        clips += len(rows)
+        probs = (logits.sigmoid() if multilabel else logits.softmax(-1)).cpu()  # (b, K)
+        for owner, p in zip(owners, probs, strict=True):
+            owner.probs = p.clone() if owner.probs is None else owner.probs + p
+            owner.done += 1
+
+    try:
+        for sample in loader:
+            item = _Pending(sample, total=0 if sample.views is None else len(sample.views))
+            pending.append(item)
+            if sample.views is not None:
+                queue.append((item, sample.views))
+                queued += len(sample.views)
+            while queued >= batch_size:
+                run_batch(batch_size)
+            while pending and pending[0].done == pending[0].total:  # finished videos, in order
+                p = pending.pop(0)
+                emit(_record(p.sample, None if p.probs is None else p.probs / p.total, multilabel=multilabel))
+        while queue:
+            run_batch(batch_size)
+        for p in pending:
+            emit(_record(p.sample, None if p.probs is None else p.probs / p.total, multilabel=multilabel))
+    finally:
+        if writer is not None:
+            writer.close()
+    return seconds, clips
