@@ -7,7 +7,7 @@ clips and a resize are needed, as on Kinetics), then measures in one process:
 3. end to end: `ts.evaluate` with the default workers, the model's clips/s while decoding runs.
 Decoding is not the bottleneck when (1) is well above (2) and (3) stays close to (2).
 
-Run:  python benchmarks/decode.py [--videos 24] [--views 1x1] [--workers 2]
+Run:  python benchmarks/decode.py [--videos 24] [--views 1x1] [--workers 2] [--video-frames 64]
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def main() -> None:
     parser.add_argument("--views", default="1x1")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--video-frames", type=int, default=64, help="frames per synthetic video")
     args = parser.parse_args()
     clips, num_crops = (int(v) for v in args.views.split("x"))
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        listing = make_synthetic(Path(tmp), videos=args.videos, frames=64, size=256, seed=0)
-        print(f"wrote {args.videos} videos of 64x256x256 in {time.perf_counter() - start:.1f} s")
+        listing = make_synthetic(Path(tmp), videos=args.videos, frames=args.video_frames, size=256, seed=0)
+        print(f"wrote {args.videos} videos of {args.video_frames}x256x256 in {time.perf_counter() - start:.1f} s")
         model = ts.build("videomae-s", num_classes=10).eval()
         dataset = VideoDataset(
             read_list(listing), frames=16, size=224, views=(clips, num_crops), stride=4, num_classes=10
@@ -46,7 +47,11 @@ def main() -> None:
 
         loader = DataLoader(dataset, batch_size=None, num_workers=args.workers)
         start = time.perf_counter()
-        count = sum(len(sample.views) for sample in loader)
+        samples = list(loader)
+        failed = [s.error for s in samples if s.views is None]
+        if failed:
+            raise SystemExit(f"{len(failed)} videos failed, e.g. {failed[0]}")
+        count = sum(len(s.views) for s in samples)
         decode = count / (time.perf_counter() - start)
 
         batch = torch.randn(args.batch_size, 16, 3, 224, 224)
