@@ -38,7 +38,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         listing = make_synthetic(Path(tmp), videos=args.videos, frames=args.video_frames, size=256, seed=0)
-        print(f"wrote {args.videos} videos of {args.video_frames}x256x256 in {time.perf_counter() - start:.1f} s")
+        print(
+            f"wrote {args.videos} videos of {args.video_frames}x256x256 in {time.perf_counter() - start:.1f} s"
+        )
         model = ts.build("videomae-s", num_classes=10).eval()
         dataset = VideoDataset(
             read_list(listing), frames=16, size=224, views=(clips, num_crops), stride=4, num_classes=10
