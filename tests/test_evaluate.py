@@ -24,7 +24,7 @@ VIEWS = (2, 3)
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seven real videos, one truncated, one random bytes, and a list file that also names a missing one."""
+    """Seven real videos, one truncated, one random bytes, one empty, and a list that also names a missing one."""
     root = tmp_path_factory.mktemp("videos")
     lines = []
     for i in range(7):
@@ -33,7 +33,8 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     good = (root / "v6.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(good[: len(good) // 3])
     (root / "noise.mp4").write_bytes(os.urandom(5000))
-    lines[2:2] = ["truncated.mp4 1", "noise.mp4 2"]
+    (root / "empty.mp4").touch()
+    lines[2:2] = ["truncated.mp4 1", "noise.mp4 2", "empty.mp4 0"]
     lines.append("missing.mp4 0")
     (root / "list.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -59,10 +60,9 @@ def test_records_match_a_manual_loop_and_failures_are_recorded(videos: Path, tmp
     records = _records(out)
     assert [r["id"] for r in records] == [r.id for r in dataset.records]  # dataset order, each once
     failed = {r["id"]: r["error"] for r in records if r["status"] == "failed"}
-    assert set(failed) == {"truncated", "noise", "missing"} and all(
-        "DecodeError" in e for e in failed.values()
-    )
-    assert (summary.videos, summary.evaluated, summary.failed) == (10, 7, 3)
+    assert set(failed) == {"truncated", "noise", "empty", "missing"}
+    assert all("DecodeError" in e for e in failed.values())
+    assert (summary.videos, summary.evaluated, summary.failed) == (11, 7, 4)
     for record in records:
         if record["status"] != "ok":
             continue
@@ -164,7 +164,7 @@ def test_torchrun_two_gloo_processes_match_one(videos: Path, tmp_path: Path) -> 
     for key in ("videos", "evaluated", "failed", "top1", "top5", "mean_class_accuracy"):
         assert one[key] == two[key], key
     ids = [r["id"] for r in _records(tmp_path / "two.jsonl")]
-    assert len(ids) == len(set(ids)) == 10  # unpadded: no video twice
+    assert len(ids) == len(set(ids)) == 11  # unpadded: no video twice
     for a, b in zip(_records(tmp_path / "one.jsonl"), _records(tmp_path / "two.jsonl"), strict=True):
         assert a["id"] == b["id"] and a["status"] == b["status"]
         if a["status"] == "ok":
