@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ATTN_RECEIVED", "CLS_ATTN", "KEYS", "PROP_ATTN", "TOKEN_AUX", "TokenState", "take"]
+__all__ = ["ATTN_RECEIVED", "CLS_ATTN", "KEYS", "LOSSES", "PROP_ATTN", "TOKEN_AUX", "TokenState", "take"]
 
 # `aux` keys a block records when a reducer asks for them (`Reducer.needs`).
 KEYS = "keys"
@@ -34,6 +34,10 @@ signal for models without a class token."""
 PROP_ATTN = "prop_attn"
 """Flag (not per token): attention adds log(size) of each key to its logits (ToMe's proportional
 attention). Set by a merging reducer; read by `backbones.layers.attention_mask`."""
+
+LOSSES = "losses"
+"""Extra training losses reducers add along the forward pass: a dict name -> scalar tensor (not per
+token). The training loop adds them to the task loss; `add_loss` is the way to put one in."""
 
 TOKEN_AUX = frozenset({KEYS, CLS_ATTN, ATTN_RECEIVED})
 """`aux` entries laid out per token (token axis 1); `gather` moves them with the tokens. A method
@@ -96,6 +100,14 @@ class TokenState:
     def with_aux(self, **entries: Any) -> TokenState:
         """A copy whose `aux` also holds `entries` (the original dict is not modified)."""
         return dataclasses.replace(self, aux={**self.aux, **entries})
+
+    def add_loss(self, name: str, value: Tensor) -> TokenState:
+        """A copy carrying one more extra training loss under `aux[LOSSES][name]` (names are unique)."""
+        losses = dict(self.aux.get(LOSSES, {}))
+        if name in losses:
+            raise ValueError(f"a loss named {name!r} was already added to this state")
+        losses[name] = value
+        return self.with_aux(**{LOSSES: losses})
 
     # ------------------------------------------------------------------ views
     @property

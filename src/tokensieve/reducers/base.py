@@ -98,6 +98,11 @@ class Reducer(nn.Module):
     def forward(self, state: TokenState, site: Site) -> TokenState:
         raise NotImplementedError
 
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Called by the training loop before every optimisation step (0-based, of `total_steps`):
+        the place for parameters scheduled over training (STTS decays its sigma here). It must depend
+        only on its arguments, so a resumed run schedules exactly as an uninterrupted one."""
+
     def readout(self, state: TokenState, model: VideoBackbone) -> Tensor:
         """(B, C) features for the classifier from the final state (only if `overrides_readout`);
         `model` gives access to its norms."""
