@@ -31,6 +31,7 @@ CONTRACT = {
     "attention": ["attention:keep=0.5", "attention:keep=0.3,per_frame=true,at=0"],
     "tome": ["tome:r=6", "tome:r=4,mode=drop", "tome:r=5,schedule=decreasing,prop_attn=false"],
     "sta": ["sta:r=4", "sta:r=6,balance=frame,order=BFB", "sta:r=3,first=grid", "sta:r=3,first=random"],
+    "stts": ["stts:T0=0.5", "stts:T1=0.5,S2=0.6,pool=meanmax,anchor_pool=mean", "stts:S0=0.6,samples=50"],
 }
 # The setting of each method that must leave the backbone's output bit for bit unchanged.
 IDENTITY = {
@@ -41,6 +42,7 @@ IDENTITY = {
     "attention": "attention:keep=1,per_frame=true",
     "tome": "tome:r=0",
     "sta": "sta:r=0,balance=frame",
+    "stts": "stts:T0=1",
 }
 BACKBONES = ["videomae-tiny", "joint-tiny", "timesformer-tiny"]
 CASES = [(spec, name) for specs in CONTRACT.values() for spec in specs for name in BACKBONES]

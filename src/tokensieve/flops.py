@@ -184,7 +184,8 @@ def flops(
     video: Tensor | None = None,
     detail: bool = False,
 ) -> float | FlopCount:
-    """GFLOPs per clip of `model` (with its installed plan), counted from one forward pass.
+    """GFLOPs per clip of `model` (with its installed plan), counted from one forward pass in eval
+    mode (the model's mode is restored).
 
     Args:
         model: a tokensieve backbone (any module taking (B, T, C, H, W) works).
@@ -208,8 +209,13 @@ def flops(
         param = next(model.parameters())
         channels = getattr(cfg, "channels", 3)
         video = torch.randn(1, frames, channels, size, size, device=param.device, dtype=param.dtype)
-    with torch.no_grad(), count_flops(model, clips=video.shape[0]) as result:
-        model(video)
+    was_training = model.training
+    model.eval()  # inference cost: learned selectors take their hard (eval) path
+    try:
+        with torch.no_grad(), count_flops(model, clips=video.shape[0]) as result:
+            model(video)
+    finally:
+        model.train(was_training)
     return result if detail else result.gflops
 
 

@@ -62,6 +62,9 @@ class Reducer(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     inside: ClassVar[bool] = False
     """True: runs inside block `p`, between attention and MLP, instead of before block `p`."""
+    pattern_parameters: ClassVar[dict[str, type]] = {}
+    """Spec parameters named by a pattern rather than the signature (STTS's `T0=0.6`, `S4=0.9`:
+    regex -> type); the constructor receives them as keyword arguments and validates them."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     main_settings: ClassVar[tuple[str, ...]] = ()
@@ -71,6 +74,10 @@ class Reducer(nn.Module):
     def positions(self, depth: int) -> tuple[int, ...]:
         """Block counts before each place this reducer runs, for a model of `depth` blocks."""
         raise NotImplementedError
+
+    def setup(self, model: VideoBackbone) -> None:
+        """Called once by `apply` with the model the reducer is installed into, before anything runs:
+        learned reducers create their parameters here (they need the model's width). Default: nothing."""
 
     def needs_for(self, model: VideoBackbone) -> frozenset[str]:
         """What the preceding attention must record for this reducer on `model` (default `needs`)."""

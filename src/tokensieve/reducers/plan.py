@@ -8,6 +8,7 @@ reducer class; values are converted to the annotated type.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from typing import Any, NamedTuple
 
@@ -33,9 +34,21 @@ def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, An
 
 def _describe(cls: type[Reducer]) -> str:
     params = spec_parameters(cls)
-    if not params:
+    named = [f"{n}={p.default!r}" for n, (p, _) in params.items()]
+    patterns = [
+        f"{pattern.replace(chr(92) + 'd+', '<block>')}=<{kind.__name__}>"
+        for pattern, kind in cls.pattern_parameters.items()
+    ]
+    if not named and not patterns:
         return f"{cls.name} (no parameters)"
-    return f"{cls.name}: " + ", ".join(f"{n}={p.default!r}" for n, (p, _) in params.items())
+    return f"{cls.name}: " + ", ".join(patterns + named)
+
+
+def _pattern(cls: type[Reducer], key: str) -> type | None:
+    """The type of a parameter named by one of the method's patterns (STTS's `T0`, `S4`), or None."""
+    return next(
+        (kind for pattern, kind in cls.pattern_parameters.items() if re.fullmatch(pattern, key)), None
+    )
 
 
 def _convert(value: str, annotation: Any, method: str, key: str) -> Any:
@@ -86,9 +99,10 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             key = key.strip()
             if not eq:
                 raise ValueError(f"{method}: expected key=value, got {pair!r}")
-            if key not in params:
+            kind = params[key][1] if key in params else _pattern(cls, key)
+            if kind is None:
                 raise ValueError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
-            values[key] = _convert(value.strip(), params[key][1], method, key)
+            values[key] = _convert(value.strip(), kind, method, key)
         items.append((method, values))
     return items
 
@@ -167,6 +181,9 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
             run, or parameters that do not fit the token counts.
     """
     reducers = plan(spec) if spec is not None else []
+    for reducer in reducers:
+        reducer.setup(model)  # learned reducers size their parameters to the model
+        reducer.train(model.training)  # a new reducer follows the model's train/eval mode
     steps = schedule(model, reducers)  # raises before anything is changed
     readers = [r for r in reducers if r.overrides_readout]
     if len(readers) > 1:
@@ -188,7 +205,7 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
         model.reducers[p] = _slot(before[p])
         block.inner = _slot(inner[p])
         block.record = frozenset(record[p])
-    model.plan = nn.ModuleList(reducers)
+    model.plan = nn.ModuleList(reducers).train(model.training)
     model.spec = None if spec is None else spec.strip()
     model.__dict__["readout_by"] = readers[0] if readers else None  # a reference, not a submodule
     return model

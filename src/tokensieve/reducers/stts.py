@@ -1,0 +1,241 @@
+"""`stts`: Spatial-Temporal Token Selection (Wang et al., "Efficient Video Transformers with
+Spatial-Temporal Token Selection", ECCV 2022, arXiv:2111.11591). Learned; trained end to end.
+
+Spec in the paper's notation: `stts:T0=0.6,S4=0.9` selects 60% of the temporal slices before block 0
+and, before block 4, one square anchor per frame holding about 90% of its tokens. Any number of
+`T<p>` / `S<p>` selections may be given (one scorer each).
+
+Scorer (Sec. 3.2, Eq. 2-3), on L candidates q (frames or tokens) of width D:
+    f_l = MLP_1(LN(q))            per candidate, width D/2              (Eq. 2)
+    f_g = mean_i f_l,i            the sequence's context
+    s   = MLP_2([f_l, f_g])       one score per candidate                (Eq. 3)
+    s'  = (s - min s) / (max s - min s)                                  (min-max per sample)
+NOTE(paper): the paper does not give the layers; like the released code we put a LayerNorm first,
+use one Linear+GELU for MLP_1 and Linear(D, D/2)+GELU, Linear(D/2, D/4)+GELU, Linear(D/4, 1) for
+MLP_2. The released code instead maps D -> D and splits the channels into local and global halves.
+
+Temporal selection (Eq. 5-6): frame descriptors by max-pooling over each frame's tokens (`pool=max`,
+the paper; `pool=meanmax` concatenates mean and max pooling as the released code does), scores,
+Y = Top-K(s') in (B, K, T), kept frames z = Y x, in time order. K = round(ratio * T).
+Spatial selection (Eq. 7): token scores within each frame (context = the frame's mean), reshaped to
+the H x W grid; anchors are the P x P windows at stride s, P = floor(sqrt(ratio * H * W)),
+s = max((H - P) // 2, 1) unless `stride` is given (the released code's rule), G = ((H-P)/s+1)((W-P)/s+1)
+anchors (the paper's formula omits the +1); anchor score = max over its tokens (`anchor_pool=max`,
+the paper; `mean`, the released code), min-max over anchors; Top-1 anchor per frame. The kept tokens
+stay a rectangular P x P grid in every frame; the class token is always kept.
+
+Training: Top-K is the perturbed maximum (`ops.perturbed_topk`, `samples` noise draws, `sigma`
+decayed linearly to 0 over training by `on_train_step`), so the kept frames / anchors are convex
+mixtures Y x and gradients reach the scorers. Evaluation (or sigma = 0): hard selection, a gather.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones.base import VideoBackbone
+from ..ops import perturbed_topk
+from ..tokens import TokenState
+from .base import Reducer, Site, keep_frames, register
+
+__all__ = ["Scorer", "SpatioTemporalSelection", "anchor_grid"]
+
+
+class Scorer(nn.Module):
+    """The selection network: per-candidate MLP, global context, second MLP, min-max scores."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        half = dim // 2
+        self.norm = nn.LayerNorm(dim)
+        self.local = nn.Sequential(nn.Linear(dim, half), nn.GELU())
+        self.score = nn.Sequential(
+            nn.Linear(2 * half, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 1),
+        )
+
+    def forward(self, q: Tensor) -> Tensor:
+        """(B, L, D) candidates -> (B, L) scores in [0, 1]."""
+        f_l = self.local(self.norm(q))  # (B, L, D/2)
+        f_g = f_l.mean(1, keepdim=True).expand_as(f_l)  # (B, L, D/2)
+        s = self.score(torch.cat([f_l, f_g], -1)).squeeze(-1)  # (B, L)
+        low, high = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
+        return (s - low) / (high - low + 1e-5)
+
+
+def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, int, int, int]:
+    """(P, stride, anchors down, anchors across) for keeping ~`ratio` of an H x W grid."""
+    P = math.isqrt(int(H * W * ratio))
+    if P < 1 or P > min(H, W):
+        raise ValueError(
+            f"stts: a spatial ratio of {ratio} on a {H}x{W} grid gives an anchor side of {P}; it must be "
+            f"between 1 and {min(H, W)}"
+        )
+    s = stride if stride is not None else max((H - P) // 2, 1)
+    return P, s, (H - P) // s + 1, (W - P) // s + 1
+
+
+class _Selection(nn.Module):
+    """One `T<p>` or `S<p>` selection: its kind, place, ratio and scorer."""
+
+    def __init__(self, kind: str, position: int, ratio: float, dim: int) -> None:
+        super().__init__()
+        self.kind, self.position, self.ratio = kind, position, ratio
+        self.scorer = Scorer(dim=dim)
+
+
+@register("stts")
+class SpatioTemporalSelection(Reducer):
+    """Learned temporal top-K frame selection and anchor-based spatial top-1 selection."""
+
+    pattern_parameters: ClassVar[dict[str, type]] = {r"T\d+": float, r"S\d+": float}
+
+    def __init__(
+        self,
+        *,
+        samples: int = 500,
+        sigma: float = 0.05,
+        pool: Literal["max", "meanmax"] = "max",
+        anchor_pool: Literal["max", "mean"] = "max",
+        stride: int = 0,
+        **selections: float,
+    ) -> None:
+        super().__init__()
+        if samples < 1:
+            raise ValueError(f"stts: samples must be >= 1, got {samples}")
+        if sigma < 0:
+            raise ValueError(f"stts: sigma must be >= 0, got {sigma}")
+        if pool not in ("max", "meanmax") or anchor_pool not in ("max", "mean"):
+            raise ValueError(
+                f"stts: pool must be max or meanmax and anchor_pool max or mean, got {pool}, {anchor_pool}"
+            )
+        if stride < 0:
+            raise ValueError(f"stts: stride must be >= 0 (0: the released code's rule), got {stride}")
+        chosen = []
+        for key, ratio in selections.items():
+            if not re.fullmatch(r"[TS]\d+", key):
+                raise ValueError(
+                    f"stts has no parameter {key!r}; selections are T<block>=ratio or S<block>=ratio"
+                )
+            if not 0.0 < float(ratio) <= 1.0:
+                raise ValueError(f"stts: {key} must be a ratio in (0, 1], got {ratio}")
+            chosen.append((int(key[1:]), key[0] == "S", key[0], float(ratio)))
+        if not chosen:
+            raise ValueError("stts needs at least one selection, e.g. stts:T0=0.6 or stts:T0=0.6,S4=0.9")
+        self.specs = [(kind, p, ratio) for p, _, kind, ratio in sorted(chosen)]  # temporal first at a place
+        self.samples, self.sigma, self.pool, self.anchor_pool = samples, sigma, pool, anchor_pool
+        self.stride = stride or None
+        self.current_sigma = sigma  # set every training step by `on_train_step`
+        self.selections = nn.ModuleList()  # filled by `setup`, once the model's width is known
+
+    # ------------------------------------------------------------------ plan hooks
+    def setup(self, model: VideoBackbone) -> None:
+        dim = model.config.dim
+        self.selections = nn.ModuleList(
+            _Selection(kind, p, ratio, 2 * dim if kind == "T" and self.pool == "meanmax" else dim)
+            for kind, p, ratio in self.specs
+        )
+        for m in self.selections.modules():  # the backbone's init: trunc-normal(0.02), zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.selections.to(next(model.parameters()).device)
+
+    @property
+    def keeps_frames(self) -> bool:
+        return True
+
+    def positions(self, depth: int) -> tuple[int, ...]:
+        return tuple(p for _, p, _ in self.specs)
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        self.current_sigma = self.sigma * max(0.0, 1.0 - step / max(total_steps, 1))
+
+    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+        kind, _, ratio = self.specs[site.stage]
+        if frames is None:
+            raise ValueError(f"stts: {kind}{site.position} needs the same number of tokens in every frame")
+        n = num // frames
+        if kind == "T":
+            k = round(ratio * frames)
+            if k < 1:
+                raise ValueError(f"stts: T{site.position}={ratio} of {frames} frames keeps no frame")
+            return k * n, k
+        _, H, W = site.grid
+        if n != H * W:
+            raise ValueError(
+                f"stts: S{site.position} needs whole frames of {H}x{W} tokens, but frames hold {n} tokens here"
+            )
+        P, *_ = anchor_grid(H, W, ratio, self.stride)
+        return frames * P * P, frames
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def soft(self) -> bool:
+        """Whether selections are perturbed mixtures now (training with sigma > 0)."""
+        return self.training and self.current_sigma > 0
+
+    def _soft_topk(self, scores: Tensor, k: int) -> Tensor:
+        """(B, L) scores -> (B, k, L) perturbed Top-K indicator (rows in ascending index order)."""
+        return perturbed_topk(scores, k, num_samples=self.samples, sigma=self.current_sigma, training=True)
+
+    def forward(self, state: TokenState, site: Site) -> TokenState:
+        selection = self.selections[site.stage]
+        if selection.kind == "T":
+            return self._temporal(state, selection)
+        return self._spatial(state, selection)
+
+    def _temporal(self, state: TokenState, selection: _Selection) -> TokenState:
+        x = state.per_frame()  # (B, F, n, C); raises when per-frame counts differ
+        B, F_, n, C = x.shape
+        k = round(selection.ratio * F_)
+        pooled = x.amax(2) if self.pool == "max" else torch.cat([x.mean(2), x.amax(2)], -1)  # (B, F, C')
+        scores = selection.scorer(pooled)  # (B, F)
+        # The hard choice gives positions (and, in eval, the tokens): unique frames in time order.
+        kept = keep_frames(state, scores.topk(k, dim=1).indices.sort(1).values)
+        if not self.soft:
+            return kept
+        Y = self._soft_topk(scores, k)  # (B, k, F)
+        return kept.replace(x=(Y @ x.reshape(B, F_, n * C)).view(B, k * n, C))  # z = Y x: (B, k*n, C)
+
+    def _spatial(self, state: TokenState, selection: _Selection) -> TokenState:
+        x = state.per_frame()  # (B, F, n, C)
+        B, F_, n, C = x.shape
+        _, H, W = state.grid
+        if n != H * W:
+            raise ValueError(
+                f"stts: spatial selection needs whole frames of {H}x{W} tokens, got {n} per frame"
+            )
+        P, s, _, Gw = anchor_grid(H, W, selection.ratio, self.stride)
+        frames = x.reshape(B * F_, n, C)  # (B*F, H*W, C), raster order
+        token_scores = selection.scorer(frames).view(B * F_, 1, H, W)
+        pool = F.max_pool2d if self.anchor_pool == "max" else F.avg_pool2d
+        anchor_scores = pool(token_scores, P, s).flatten(1)  # (B*F, G)
+        low, high = anchor_scores.amin(1, keepdim=True), anchor_scores.amax(1, keepdim=True)
+        anchor_scores = (anchor_scores - low) / (high - low + 1e-5)
+        best = anchor_scores.argmax(1)  # (B*F,)
+        # Token indices of the chosen anchor in each frame, raster order within the P x P window.
+        rows = (best // Gw * s).view(-1, 1, 1) + torch.arange(P, device=best.device).view(1, P, 1)
+        cols = (best % Gw * s).view(-1, 1, 1) + torch.arange(P, device=best.device).view(1, 1, P)
+        idx = (rows * W + cols).view(B, F_, P * P)  # (B, F, P*P) within each frame
+        idx = (idx + torch.arange(F_, device=idx.device).view(1, F_, 1) * n).view(B, F_ * P * P)
+        kept = state.gather(idx, frames=F_)
+        if not self.soft:
+            return kept
+        Y = self._soft_topk(anchor_scores, 1)  # (B*F, 1, G)
+        windows = F.unfold(frames.transpose(1, 2).reshape(B * F_, C, H, W), P, stride=s)  # (B*F, C*P*P, G)
+        mixed = (windows @ Y.transpose(1, 2)).view(B * F_, C, P * P).transpose(1, 2)  # (B*F, P*P, C)
+        return kept.replace(x=mixed.reshape(B, F_ * P * P, C))
+
+    def extra_repr(self) -> str:
+        picks = ", ".join(f"{kind}{p}={ratio}" for kind, p, ratio in self.specs)
+        return f"{picks}, samples={self.samples}, sigma={self.sigma}, pool={self.pool}, anchor_pool={self.anchor_pool}"

@@ -1,0 +1,150 @@
+"""STTS: gradients reach the scorers, hand-checked temporal and anchor selections, sigma decay,
+GFLOPs with the scorer counted, and the bad-input errors. (The contract suite covers the rest.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.reducers.stts import Scorer, SpatioTemporalSelection, anchor_grid
+
+
+class FixedScores(nn.Module):
+    """Stands in for a scorer: returns given scores (B, L) whatever the input."""
+
+    def __init__(self, scores: Tensor) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, q: Tensor) -> Tensor:
+        return self.scores.expand(q.shape[0], -1)
+
+
+def _stts(model: ts.VideoBackbone) -> SpatioTemporalSelection:
+    (reducer,) = model.plan
+    assert isinstance(reducer, SpatioTemporalSelection)
+    return reducer
+
+
+@pytest.mark.parametrize(
+    "spec", ["stts:T0=0.5,samples=64", "stts:S1=0.6,samples=64", "stts:T0=0.5,S1=0.6,pool=meanmax"]
+)
+def test_gradients_reach_the_scorers_in_training(spec: str) -> None:
+    model = ts.apply(ts.build("joint-tiny").train(), spec)
+    model(tiny_video("joint-tiny")).logsumexp(-1).sum().backward()
+    for selection in _stts(model).selections:
+        grads = [p.grad for p in selection.scorer.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, selection.kind
+
+
+def test_no_gradient_to_the_scorer_in_eval_or_at_sigma_zero() -> None:
+    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5")
+    _stts(model).on_train_step(100, 100)  # sigma decayed to 0: hard selection
+    model(tiny_video("joint-tiny")).sum().backward()
+    assert all(p.grad is None for p in _stts(model).selections.parameters())
+
+
+def test_sigma_decays_linearly_to_zero() -> None:
+    reducer = ts.plan("stts:T0=0.5,sigma=0.1")[0]
+    values = []
+    for step in (0, 25, 50, 100):
+        reducer.on_train_step(step, 100)
+        values.append(reducer.current_sigma)
+    assert values == pytest.approx([0.1, 0.075, 0.05, 0.0])
+
+
+def test_temporal_selection_keeps_the_top_frames_in_time_order() -> None:
+    model = ts.apply(ts.build("joint-tiny").eval(), "stts:T0=0.5")  # 4 frames of 4x4
+    _stts(model).selections[0].scorer = FixedScores(torch.tensor([[0.9, 0.1, 0.0, 1.0]]))
+    state = model.forward_features(tiny_video("joint-tiny"))
+    assert state.frames == 2 and torch.equal(
+        state.pos // 16, torch.tensor([0, 3]).repeat_interleave(16).expand(2, -1)
+    )
+
+
+def test_soft_temporal_selection_mixes_frames_with_the_perturbed_indicator() -> None:
+    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5,samples=200,sigma=0.5")
+    reducer = _stts(model)
+    scores = torch.tensor([[0.9, 0.1, 0.0, 1.0]])
+    reducer.selections[0].scorer = FixedScores(scores)
+    state = model.embed(tiny_video("joint-tiny"), model.config.grid)
+    torch.manual_seed(3)
+    out = model.reducers[0](state)
+    torch.manual_seed(3)
+    Y = ts.ops.perturbed_topk(scores.expand(2, -1), 2, num_samples=200, sigma=0.5)  # (2, 2, 4)
+    expected = torch.einsum("bkf,bfnc->bknc", Y, state.per_frame()).reshape(2, 32, -1)
+    torch.testing.assert_close(out.x, expected)
+    assert out.pos.tolist() == [list(range(16)) + list(range(48, 64))] * 2  # positions: the hard choice
+
+
+def test_anchor_selection_keeps_the_best_window() -> None:
+    assert anchor_grid(4, 4, 0.6, None) == (3, 1, 2, 2)  # P = floor(sqrt(9.6)) = 3, 4 anchors
+    assert anchor_grid(14, 14, 0.7367, None) == (12, 1, 3, 3)  # the released config: 9 anchors
+    assert anchor_grid(14, 14, 0.5, None) == (9, 2, 3, 3)  # stride max((14 - 9) // 2, 1)
+    model = ts.apply(ts.build("joint-tiny").eval(), "stts:S0=0.6")
+    scores = torch.zeros(1, 16)
+    scores[0, 15] = 1.0  # the bottom-right token: only the bottom-right 3x3 anchor holds it
+    _stts(model).selections[0].scorer = FixedScores(scores)
+    state = model.forward_features(tiny_video("joint-tiny"))
+    window = [r * 4 + c for r in (1, 2, 3) for c in (1, 2, 3)]
+    assert state.frames == 4 and state.pos[0].tolist() == [f * 16 + w for f in range(4) for w in window]
+
+
+def test_scorer_is_min_max_normalised_per_sample() -> None:
+    scores = Scorer(dim=8)(torch.randn(3, 5, 8) * 10)
+    assert scores.shape == (3, 5)
+    torch.testing.assert_close(scores.amin(1), torch.zeros(3), atol=1e-6, rtol=0)
+    assert bool((scores.amax(1) > 0.99).all())
+
+
+def test_gflops_of_half_the_slices_plus_the_scorer() -> None:
+    with torch.device("meta"):
+        stts = ts.apply(ts.build("videomae-b"), "stts:T0=0.5")
+        uniform = ts.apply(ts.build("videomae-b"), "uniform:keep=0.5")
+        count = ts.flops(stts, detail=True)
+    D, F = 768, 8
+    scorer = F * (5 * D + D * D // 2 + D * D // 2 + D // 2 * D // 4 + D // 4) / 1e9  # LN + four Linears
+    assert count.gflops == pytest.approx(ts.flops(uniform) + scorer, abs=1e-6)
+    assert count.gflops == pytest.approx(79.84, abs=1.0)  # 4 of 8 slices: 784 tokens
+    reported = sum(v for k, v in count.by_module.items() if k.startswith("plan")) / 1e9
+    assert reported == pytest.approx(scorer, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("stts", "needs at least one selection"),
+        ("stts:T0=0", r"T0 must be a ratio in \(0, 1\]"),
+        ("stts:sigma=-1,T0=0.5", "sigma must be >= 0"),
+        ("stts:X0=0.5", r"no parameter 'X0'; valid: stts: T<block>=<float>, S<block>=<float>"),
+    ],
+)
+def test_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ts.plan(spec)
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "message"),
+    [
+        ("videomae-tiny", "stts:T0=0.2", "keeps no frame"),
+        ("videomae-tiny", "random:keep=0.5+stts:S1=0.5", "needs the same number of tokens in every frame"),
+        ("videomae-tiny", "stts:S1=0.5,S2=0.5", "needs whole frames of 4x4 tokens"),
+    ],
+)
+def test_bad_plans_fail_at_apply(name: str, spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ts.apply(ts.build(name), spec)
+
+
+def test_anchor_larger_than_the_grid() -> None:
+    with pytest.raises(ValueError, match="anchor side of 4; it must be between 1 and 2"):
+        anchor_grid(2, 8, 1.0, None)
+
+
+def test_new_reducers_follow_the_model_mode() -> None:
+    model = ts.apply(ts.build("videomae-tiny").eval(), "stts:T0=0.5")
+    assert not any(m.training for m in model.plan.modules())
