@@ -16,6 +16,7 @@ from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
 from .bench import benchmark
 from .engine.evaluate import evaluate
+from .engine.train import train
 from .flops import flops
 from .reducers import REGISTRY as METHODS
 from .reducers import apply, plan
@@ -40,6 +41,7 @@ __all__ = [
     "load_image_weights",
     "metrics",
     "plan",
+    "train",
 ]
 __version__ = "0.1.0"
 

@@ -1,0 +1,789 @@
+"""Training: AdamW with warm-up and cosine decay, reducer hooks, exact resume, torchrun.
+
+    ts.apply(model, "stts:T0=0.6,S4=0.9")
+    data = ClipDataset(records, frames=16, size=224, num_classes=400)
+    result = ts.train(model, data, val=val_dataset, out="runs/stts", epochs=30, lr=1e-3, reducer_lr=1e-4)
+
+One step, for every method alike (no method is special-cased here):
+
+    for reducer in model.plan: reducer.on_train_step(step, total_steps)
+    state  = model.forward_features(normalize(clips))
+    logits = model.forward_head(state)
+    loss   = cross_entropy(logits, labels) + sum(state.aux[LOSSES].values())
+
+`model.train()` / `model.eval()` switch what reducers do (perturbed top-K in training, say); the loop
+does nothing else for them. Extra losses are logged by name.
+
+Optimiser: AdamW over up to four parameter groups, (backbone, reducers) x (decay, no decay). Reducer
+parameters are `model.plan.parameters()` with `reducer_lr`, everything else is the backbone with `lr`.
+No weight decay on 1-D parameters (biases, norm weights, VideoMAE's q/v biases) nor on class tokens
+and learned position/time embeddings (timm's `no_weight_decay` convention). `freeze_backbone` sets
+`requires_grad=False` on everything outside the plan (classifier included) for the run and leaves it
+out of the optimiser.
+
+Learning rate, per step s of S, with W warm-up steps and r = `min_lr_ratio` (`lr_factor`):
+
+    factor(s) = (s + 1) / W                                    for s < W
+              = r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2   otherwise
+
+times each group's base rate (so the first step already moves, and step W runs at the full rate).
+
+Determinism and resume. Everything random is a function of what a checkpoint holds:
+- data: epoch e visits `torch.randperm(n, Generator().manual_seed(config.seed + e))`; every clip's
+  augmentation is a pure function of (dataset.seed, e, index) (`ClipDataset`), so DataLoader
+  workers do not matter and resuming mid-epoch just skips the batches done;
+- the model's own randomness (dropout, drop-path): the global torch RNG, seeded with seed + rank
+  when the run starts (as are Python's and numpy's: a side effect on the calling process) and
+  saved per process in every checkpoint, with the state of every `torch.Generator` a reducer
+  holds (`random`'s);
+- nothing else touches the global RNG: the DataLoader gets its own generator and the per-epoch
+  evaluation runs under `torch.random.fork_rng`.
+A run interrupted after a checkpoint and resumed with `resume=True` therefore reaches the same
+weights as an uninterrupted run, bit for bit on CPU.
+
+Checkpoints (`<out>/last.pt`, and `<out>/step-<s>.pt` with `keep_checkpoints`) are written every
+`checkpoint_every` steps, after every epoch (after its evaluation) and at the end, through a
+temporary file and `os.replace`, so a kill never leaves a torn `last.pt`. Contents: `model` (state
+dict), `spec` (the plan), `backbone` (its config), `optimizer`, `scheduler`, `step`, `epoch`,
+`rng` (one entry per process), `config` (this run's `TrainConfig`), `history` (finished epochs),
+`epoch_sums` (the running loss sums of the current epoch), `world_size`. They load with
+`torch.load(path, weights_only=True)`.
+
+Scale-out with `torchrun` (DDP, gloo on CPU): the global batch is world x `batch_size`. Each epoch's
+permutation (the same on every process) is cut into global batches, the last incomplete one dropped,
+and process r takes rows r, r + world, ... of each. DDP averages gradients, so a step equals one
+process with the whole global batch; the logged loss is the global-batch mean (all-reduced). DDP runs
+without `find_unused_parameters` (no extra graph walk per step): every trainable parameter must get a
+gradient in every step, or DDP stops with its own error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..data.clips import ClipBatch, ClipDataset, collate_clips
+from ..data.datasets import VideoDataset
+from ..data.transforms import normalize
+from ..tokens import LOSSES
+from .distributed import World, barrier, setup
+from .evaluate import EvalSummary, evaluate
+
+__all__ = [
+    "CHECKPOINT",
+    "EpochResult",
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "epoch_batches",
+    "lr_factor",
+    "param_groups",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+"""The latest checkpoint in a run's output folder; `resume=True` continues from it."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_NO_DECAY_NAMES = ("cls_token", "pos_embed", "time_embed")
+# Settings that do not change the trajectory: resuming with other values is fine.
+_HARMLESS = {"workers", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "eval_batch_size"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a training run (saved in every checkpoint).
+
+    Attributes:
+        epochs: passes over the training data.
+        batch_size: clips per process per step (global batch = processes x batch_size).
+        lr: peak learning rate of the backbone parameters.
+        reducer_lr: peak learning rate of the plan's parameters; None = `lr`.
+        weight_decay: AdamW decoupled weight decay (not on 1-D parameters, tokens, embeddings).
+        betas: AdamW betas.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed; rounded to steps).
+        min_lr_ratio: the cosine ends at this fraction of each group's peak rate.
+        clip_grad: maximum global gradient norm; None = no clipping.
+        label_smoothing: cross-entropy label smoothing (multi-label: targets smoothed towards
+            `label_smoothing / num_classes`, as timm's binary cross-entropy).
+        freeze_backbone: train only the plan's parameters.
+        dtype: "float32", or "bfloat16" to run forward passes under autocast.
+        seed: data order and the dropout/drop-path RNG (augmentation draws from `ClipDataset.seed`).
+        workers: decoding processes of the DataLoader (0 decodes in the training process).
+        checkpoint_every: also checkpoint every this many steps; None = after each epoch and at the end.
+        keep_checkpoints: keep every checkpoint as `step-<s>.pt` besides `last.pt`.
+        eval_views: (clips, crops) per video for the end-of-epoch evaluation.
+        eval_batch_size: clips per forward pass in evaluation; None = `batch_size`.
+        log_every: log (and write TensorBoard scalars) every this many steps.
+        tensorboard: write TensorBoard logs to `<out>/tensorboard` when `torch.utils.tensorboard`
+            imports (rank 0 only).
+    """
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    reducer_lr: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    clip_grad: float | None = None
+    label_smoothing: float = 0.0
+    freeze_backbone: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+    workers: int = 2
+    checkpoint_every: int | None = None
+    keep_checkpoints: bool = False
+    eval_views: tuple[int, int] = (1, 1)
+    eval_batch_size: int | None = None
+    log_every: int = 10
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        need(self.epochs >= 1, "epochs", ">= 1")
+        need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.lr >= 0, "lr", ">= 0")
+        need(self.reducer_lr is None or self.reducer_lr >= 0, "reducer_lr", ">= 0 (or None: lr)")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas", "two values in [0, 1)")
+        need(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "> 0 (or None: no clipping)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(self.dtype in _DTYPES, "dtype", f"one of {', '.join(_DTYPES)}")
+        need(self.seed >= 0, "seed", ">= 0")
+        need(self.workers >= 0, "workers", ">= 0")
+        need(
+            self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", ">= 1 (or None)"
+        )
+        need(
+            self.eval_views[0] >= 1 and self.eval_views[1] in (1, 3),
+            "eval_views",
+            "(clips >= 1, crops 1 or 3)",
+        )
+        need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", ">= 1 (or None)")
+        need(self.log_every >= 1, "log_every", ">= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one finished step reports to the `progress` callback.
+
+    Attributes:
+        step: steps done (1-based: the first finished step reports 1); `total_steps` of the run.
+        epoch: the epoch of this step (0-based).
+        loss: total loss of the step, mean over the global batch (all processes).
+        losses: the parts of `loss` by name: "task" and every extra loss the plan added.
+        lr: learning rate of each parameter group used in this step, by group name.
+        clips_per_s: training clips per second in this run so far, all processes.
+    """
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    losses: dict[str, float]
+    lr: dict[str, float]
+    clips_per_s: float
+
+
+Progress = Callable[[StepInfo], None]
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One finished epoch: mean losses over its steps (global-batch means), the learning rate of
+    its last step, and the evaluation at its end (None without validation data)."""
+
+    epoch: int
+    steps: int
+    loss: float
+    losses: dict[str, float]
+    lr: dict[str, float]
+    eval: EvalSummary | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["eval"] = None if self.eval is None else self.eval.to_dict()
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> EpochResult:
+        summary = doc["eval"]
+        summary = None if summary is None else EvalSummary(**summary)
+        return cls(**{**doc, "eval": summary})
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: `steps` of `total_steps` done (equal unless interrupted), one `EpochResult` per
+    epoch (including those of runs this one resumed), the last checkpoint, and the first step of this
+    process's run (`resumed_from`, 0 for a fresh run)."""
+
+    steps: int
+    total_steps: int
+    epochs: tuple[EpochResult, ...]
+    checkpoint: Path | None
+    resumed_from: int
+    config: TrainConfig
+    seconds: float
+    clips_per_s: float | None
+    failed: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "total_steps": self.total_steps, "epochs": [e.to_dict() for e in self.epochs],
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "resumed_from": self.resumed_from, "config": self.config.to_dict(), "seconds": self.seconds,
+            "clips_per_s": self.clips_per_s, "failed": list(self.failed),
+        }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at 0-based `step` of `total`: linear warm-up over
+    `warmup` steps, then a half cosine from 1 down to `min_ratio` (formula in the module docstring)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------- parameters
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups of `model`: (backbone | reducer) x (decay | no decay), each with its
+    `name`, `lr` and `weight_decay`; only parameters that require gradients; empty groups left out.
+
+    Raises:
+        ValueError: when no parameter requires a gradient.
+    """
+    plan = getattr(model, "plan", nn.ModuleList())
+    reducer_ids = {id(p) for p in plan.parameters()}
+    reducer_lr = config.lr if config.reducer_lr is None else config.reducer_lr
+    buckets: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = "reducer" if id(p) in reducer_ids else "backbone"
+        kind = "no_decay" if _no_decay(name, p) else "decay"
+        buckets.setdefault(f"{owner}.{kind}", []).append(p)
+    if not buckets:
+        spec = getattr(model, "spec", None) or "none"
+        frozen = " the backbone is frozen and" if config.freeze_backbone else ""
+        raise ValueError(
+            f"nothing to train:{frozen} no parameter of the model or of plan {spec!r} requires a gradient; "
+            "use a plan with learned parameters or do not freeze the backbone"
+        )
+    groups = []
+    for key in ("backbone.decay", "backbone.no_decay", "reducer.decay", "reducer.no_decay"):
+        if key in buckets:
+            lr = reducer_lr if key.startswith("reducer") else config.lr
+            decay = 0.0 if key.endswith("no_decay") else config.weight_decay
+            groups.append({"name": key, "params": buckets[key], "lr": lr, "weight_decay": decay})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------- data order
+def epoch_batches(num: int, *, batch_size: int, world: World, seed: int, epoch: int) -> Tensor:
+    """This process's indices for every step of `epoch`: (steps, batch_size) long.
+
+    The epoch's permutation (the same on every process) is cut into global batches of
+    world.size * batch_size (the last incomplete one dropped); process r takes rows r, r + world, ...
+    """
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))  # (num,)
+    size = batch_size * world.size
+    steps = num // size
+    batches = perm[: steps * size].view(steps, size)  # (steps, world * batch_size)
+    return batches[:, world.rank :: world.size]  # (steps, batch_size)
+
+
+# ---------------------------------------------------------------------------------------- RNG
+def _generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """Every `torch.Generator` held as an attribute by a module of the model (reducers' own RNG)."""
+    return {
+        f"{name}.{attr}" if name else attr: value
+        for name, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, torch.Generator)
+    }
+
+
+def _rng_state(model: nn.Module, cuda: bool) -> dict[str, Any]:
+    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "generators": {name: g.get_state() for name, g in _generators(model).items()},
+    }
+    if cuda:
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    generators = _generators(model)
+    for name, value in state["generators"].items():
+        if name not in generators:
+            raise ValueError(
+                f"the checkpoint holds the RNG of {name!r}, which this model's plan does not have"
+            )
+        generators[name].set_state(value)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _save(payload: dict[str, Any], path: Path) -> None:
+    """Write atomically: a temporary file, flushed to disk, renamed over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(out: Path | None) -> dict[str, Any]:
+    if out is None:
+        raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: no checkpoint {path} (train without resume to start a run)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_resumable(ckpt: dict[str, Any], model: nn.Module, config: TrainConfig, world: World) -> None:
+    """Refuse a checkpoint of another plan or global batch; warn about other changed settings."""
+    spec, saved = getattr(model, "spec", None) or "none", ckpt["spec"] or "none"
+    if spec != saved:
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained with plan {saved!r} but the model has plan {spec!r}; "
+            f"install the same plan (ts.apply(model, {saved!r})) or start a new run"
+        )
+    old = ckpt["config"]
+    old_global = old["batch_size"] * ckpt["world_size"]
+    if old_global != config.batch_size * world.size:
+        raise ValueError(
+            f"cannot resume: the checkpoint's global batch is {old_global} ({ckpt['world_size']} "
+            f"processes x {old['batch_size']}), this run's is {config.batch_size * world.size}; "
+            "the data order would differ"
+        )
+    changed = [
+        f"{k}: {old[k]!r} -> {v!r}"
+        for k, v in config.to_dict().items()
+        if k not in _HARMLESS and k in old and _plain(old[k]) != _plain(v)
+    ]
+    if changed:
+        log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
+                    "; ".join(changed))  # fmt: skip
+    if ckpt["world_size"] != world.size:
+        log.warning("resuming on %d processes a run checkpointed on %d: dropout RNG streams differ",
+                    world.size, ckpt["world_size"])  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------------------------------- the loop
+class _Forward(nn.Module):
+    """The training forward as one module (what DDP wraps): logits and the plan's extra losses."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, video: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        state = self.model.forward_features(video)
+        return self.model.forward_head(state), dict(state.aux.get(LOSSES, {}))
+
+
+def _task_loss(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
+    if labels.is_floating_point():  # multi-hot: binary cross-entropy per class
+        K = logits.shape[-1]
+        off = smoothing / K
+        target = labels * (1 - smoothing) + off  # 1 -> 1 - smoothing + off, 0 -> off
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+
+def _tensorboard(out: Path | None, config: TrainConfig, world: World) -> Any:
+    if out is None or not config.tensorboard or not world.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.debug("torch.utils.tensorboard does not import (tensorboard not installed): no TensorBoard logs")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module, frozen: list[nn.Parameter]) -> Iterator[None]:
+    """model.train() and the frozen parameters for the run; both restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p, flag in zip(frozen, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def train(
+    model: nn.Module,
+    dataset: ClipDataset,
+    config: TrainConfig | None = None,
+    *,
+    val: VideoDataset | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    **changes: Any,
+) -> TrainResult:
+    """Train `model` (with its installed plan) on `dataset`.
+
+    Args:
+        model: a tokensieve backbone; `ts.apply` its plan first. Trained in place.
+        dataset: training clips (`ClipDataset`) of the model's input size.
+        config: hyperparameters; `changes` override its fields (`ts.train(m, d, epochs=3, lr=1e-4)`).
+        val: evaluated with `ts.evaluate` (views `config.eval_views`) after every epoch.
+        out: folder for checkpoints, evaluation records and TensorBoard logs; None keeps nothing.
+        resume: continue the run whose checkpoint is `<out>/last.pt`.
+        progress: called after every step with a `StepInfo`, on every process (raising in it stops
+            the run; checkpoints already written stay valid).
+        **changes: `TrainConfig` fields; an unknown name raises TypeError.
+
+    Returns:
+        The `TrainResult` (the same on every process).
+
+    Raises:
+        ValueError: bad settings (naming the parameter), nothing trainable, a dataset of another clip
+            size or with fewer videos than one global batch, `out` already holding a run (without
+            `resume`), a checkpoint of another plan or global batch; distributed evaluation without out.
+        FileNotFoundError: `resume` without a checkpoint.
+        RuntimeError: more than `dataset.max_failed` of the videos are unreadable.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **changes)
+    cfg = model.config
+    if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
+        raise ValueError(
+            f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
+            f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
+        )
+    if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
+        raise ValueError(
+            f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
+        )
+    too_big = [r.id for r in dataset.records if max(r.labels) >= cfg.num_classes]
+    if too_big:
+        raise ValueError(f"video {too_big[0]!r} has a label >= the model's {cfg.num_classes} classes")
+    device = next(model.parameters()).device
+    world = setup(device)
+    steps_per_epoch = len(dataset) // (config.batch_size * world.size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the dataset has {len(dataset)} videos, fewer than one global batch "
+            f"({world.size} processes x batch_size {config.batch_size})"
+        )
+    out = Path(out) if out is not None else None
+    if val is not None and out is None and world.size > 1:
+        raise ValueError(
+            "distributed training with validation data needs out= (evaluation shares records there)"
+        )
+    ckpt = _load_checkpoint(out) if resume else None
+    if ckpt is None and out is not None and (out / CHECKPOINT).exists():
+        raise ValueError(
+            f"{out} already holds a training run ({CHECKPOINT}); resume it (resume=True, --resume) "
+            "or choose another out"
+        )
+
+    plan_ids = {id(p) for p in model.plan.parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in plan_ids] if config.freeze_backbone else []
+    with _training_mode(model, frozen):
+        groups = param_groups(model, config)  # raises when nothing is trainable
+        optimizer = torch.optim.AdamW(
+            groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        total = config.epochs * steps_per_epoch
+        warmup = round(config.warmup_epochs * steps_per_epoch)
+        schedule = functools.partial(lr_factor, total=total, warmup=warmup, min_ratio=config.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        _seed(config.seed + world.rank)
+        history: list[EpochResult] = []
+        step, sums = 0, {}
+        if ckpt is not None:
+            _check_resumable(ckpt, model, config, world)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            rngs = ckpt["rng"]
+            _set_rng_state(model, rngs[world.rank % len(rngs)])
+            step, sums = ckpt["step"], dict(ckpt["epoch_sums"])
+            history = [EpochResult.from_dict(e) for e in ckpt["history"]]
+            log.info("resuming %s at step %d of %d (epoch %d)", out / CHECKPOINT, step, total, ckpt["epoch"])
+        elif out is not None and world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(world)
+        run = _Run(model=model, dataset=dataset, config=config, world=world, device=device, out=out,
+                   optimizer=optimizer, scheduler=scheduler, total=total, steps_per_epoch=steps_per_epoch,
+                   history=history, step=step, sums=sums, progress=progress)  # fmt: skip
+        start = step
+        try:
+            run.loop(val)
+        finally:
+            run.close()
+    barrier(world)
+    return TrainResult(
+        steps=run.step, total_steps=total, epochs=tuple(run.history), checkpoint=run.last_checkpoint,
+        resumed_from=start, config=config, seconds=run.seconds,
+        clips_per_s=run.clips / run.seconds if run.seconds > 0 else None, failed=tuple(sorted(run.failed)),
+    )  # fmt: skip
+
+
+@dataclass(eq=False)
+class _Run:
+    """One training run between steps: what a checkpoint saves, plus meters."""
+
+    model: nn.Module
+    dataset: ClipDataset
+    config: TrainConfig
+    world: World
+    device: torch.device
+    out: Path | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total: int
+    steps_per_epoch: int
+    history: list[EpochResult]
+    step: int
+    sums: dict[str, float]
+    progress: Progress | None
+
+    def __post_init__(self) -> None:
+        config, world, device = self.config, self.world, self.device
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        forward = _Forward(self.model)
+        self.net: nn.Module = forward
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            # Buffers (VideoMAE's sin-cos table) are equal everywhere: no broadcast every forward.
+            # Newer torch names the option `forward_sync_buffers` (and deprecates `broadcast_buffers`).
+            known = inspect.signature(DistributedDataParallel).parameters
+            sync = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+            self.net = DistributedDataParallel(forward, device_ids=ids, **{sync: False})
+        self.autocast = torch.autocast(
+            device.type, dtype=_DTYPES[config.dtype], enabled=config.dtype != "float32"
+        )
+        self.writer = _tensorboard(self.out, config, world)
+        self.failed: set[str] = set()
+        self.seconds, self.clips = 0.0, 0
+        self.last_checkpoint: Path | None = (
+            self.out / CHECKPOINT if self.out is not None and self.step > 0 else None
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, batch: ClipBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.model.config
+        for reducer in self.model.plan:
+            reducer.on_train_step(self.step, self.total)
+        clips = batch.videos.to(self.device, non_blocking=True)  # (B, T, C, S, S) in [0, 1]
+        video = normalize(clips, cfg.mean, cfg.std)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        with self.autocast:
+            logits, extra = self.net(video)
+        task = _task_loss(logits.float(), labels, self.config.label_smoothing)
+        loss = task + sum((v.float() for v in extra.values()), torch.zeros((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss, {"task": task, **extra}
+
+    def _global_mean(self, loss: Tensor, parts: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
+        """The step's losses averaged over the global batch (every process's local mean, averaged)."""
+        values = torch.stack(
+            [loss.detach().float(), *(v.detach().float() for v in parts.values())]
+        )  # (1 + P,)
+        if self.world.size > 1:
+            dist.all_reduce(values)  # gloo has no AVG: sum, then divide
+            values = values / self.world.size
+        values = values.tolist()
+        return values[0], dict(zip(parts, values[1:], strict=True))
+
+    # ------------------------------------------------------------------ the epochs
+    def loop(self, val: VideoDataset | None) -> None:
+        cfg, world = self.config, self.world
+        first_epoch = self.step // self.steps_per_epoch
+        for epoch in range(first_epoch, cfg.epochs):
+            done = self.step - epoch * self.steps_per_epoch
+            if done == 0:
+                self.sums = {}
+            batches = epoch_batches(len(self.dataset), batch_size=cfg.batch_size, world=world, seed=cfg.seed,
+                                    epoch=epoch)  # fmt: skip
+            self.dataset.set_epoch(epoch)
+            loader = DataLoader(
+                self.dataset, batch_sampler=batches[done:].tolist(), num_workers=cfg.workers,
+                collate_fn=collate_clips, generator=torch.Generator(),  # never draws from the global RNG
+                prefetch_factor=2 if cfg.workers else None, pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            tick = time.perf_counter()
+            for batch in loader:
+                self._count_failures(batch.failed)
+                loss, parts = self._step(batch)
+                self.step += 1
+                self.seconds += time.perf_counter() - tick
+                self.clips += len(batch.videos) * world.size
+                mean, means = self._global_mean(loss, parts)
+                self.sums = {k: self.sums.get(k, 0.0) + v for k, v in {"loss": mean, **means}.items()}
+                info = StepInfo(step=self.step, total_steps=self.total, epoch=epoch, loss=mean, losses=means,
+                                lr=self._lrs_used(), clips_per_s=self.clips / self.seconds)  # fmt: skip
+                self._log(info)
+                end_of_epoch = self.step == (epoch + 1) * self.steps_per_epoch
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    self._checkpoint(epoch)
+                if self.progress is not None:
+                    self.progress(info)
+                tick = time.perf_counter()
+            self._finish_epoch(epoch, val)
+
+    def _lrs_used(self) -> dict[str, float]:
+        """The rate each group used in the step just done (the scheduler has already moved on)."""
+        factor = self.scheduler.lr_lambdas[0](self.step - 1)
+        return {g["name"]: g["initial_lr"] * factor for g in self.optimizer.param_groups}
+
+    def _count_failures(self, failed: tuple[str, ...]) -> None:
+        if not failed:
+            return
+        self.failed.update(f.split(": ", 1)[0] for f in failed)
+        limit = self.dataset.max_failed * len(self.dataset)
+        if len(self.failed) > limit:
+            raise RuntimeError(
+                f"{len(self.failed)} of {len(self.dataset)} training videos could not be loaded, more than "
+                f"{self.dataset.max_failed:.0%}; last: {failed[-1]}"
+            )
+
+    def _log(self, info: StepInfo) -> None:
+        if info.step % self.config.log_every and info.step != info.total_steps:
+            return
+        if self.world.is_main:
+            parts = " ".join(f"{k}={v:.4f}" for k, v in info.losses.items())
+            log.info("step %d/%d epoch %d loss=%.4f (%s) lr=%s %.1f clips/s", info.step, info.total_steps,
+                     info.epoch, info.loss, parts, ",".join(f"{v:.3g}" for v in info.lr.values()),
+                     info.clips_per_s)  # fmt: skip
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", info.loss, info.step)
+            for k, v in info.losses.items():
+                self.writer.add_scalar(f"train/{k}", v, info.step)
+            for k, v in info.lr.items():
+                self.writer.add_scalar(f"lr/{k}", v, info.step)
+            self.writer.add_scalar("train/clips_per_s", info.clips_per_s, info.step)
+
+    def _finish_epoch(self, epoch: int, val: VideoDataset | None) -> None:
+        count = self.steps_per_epoch
+        means = {k: v / count for k, v in self.sums.items()}
+        summary = None
+        if val is not None:
+            records = None if self.out is None else self.out / "eval" / f"epoch-{epoch}.jsonl"
+            # Evaluation must not move the training RNG (its DataLoader and FLOP count draw from it).
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                summary = evaluate(
+                    self.model, val, views=self.config.eval_views,
+                    batch_size=self.config.eval_batch_size or self.config.batch_size,
+                    workers=self.config.workers, out=records, dtype=_DTYPES[self.config.dtype],
+                )  # fmt: skip
+            if self.world.is_main:
+                log.info("epoch %d: top1=%s top5=%s map=%s", epoch, summary.top1, summary.top5, summary.map)
+            if self.writer is not None:
+                for key in ("top1", "top5", "mean_class_accuracy", "map"):
+                    if getattr(summary, key) is not None:
+                        self.writer.add_scalar(f"val/{key}", getattr(summary, key), epoch)
+        loss = means.pop("loss", float("nan"))
+        self.history.append(
+            EpochResult(epoch=epoch, steps=count, loss=loss, losses=means, lr=self._lrs_used(), eval=summary)
+        )
+        self.sums = {}
+        self._checkpoint(epoch + 1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, epoch: int) -> None:
+        """Save the run after `self.step` steps; `epoch` is the epoch the next step belongs to."""
+        if self.out is None:
+            return
+        cuda = self.device.type == "cuda"
+        rng = _rng_state(self.model, cuda)
+        rngs = [rng]
+        if self.world.size > 1:
+            rngs = [None] * self.world.size
+            dist.all_gather_object(rngs, rng)
+        if self.world.is_main:
+            payload = {
+                "format": 1, "model": self.model.state_dict(), "spec": getattr(self.model, "spec", None),
+                "backbone": asdict(self.model.config), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": epoch, "rng": rngs,
+                "config": self.config.to_dict(), "history": [e.to_dict() for e in self.history],
+                "epoch_sums": dict(self.sums), "world_size": self.world.size,
+            }  # fmt: skip
+            path = self.out / CHECKPOINT
+            _save(payload, path)
+            if self.config.keep_checkpoints:
+                _save(payload, self.out / f"step-{self.step:08d}.pt")
+            log.info("checkpoint: %s (step %d)", path, self.step)
+        self.last_checkpoint = self.out / CHECKPOINT
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
