@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import data, metrics
+from . import data, metrics, ops
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
@@ -40,6 +40,7 @@ __all__ = [
     "load",
     "load_image_weights",
     "metrics",
+    "ops",
     "plan",
     "train",
 ]

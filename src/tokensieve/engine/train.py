@@ -65,15 +65,12 @@ import functools
 import inspect
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -84,6 +81,14 @@ from ..data.clips import ClipBatch, ClipDataset, collate_clips
 from ..data.datasets import VideoDataset
 from ..data.transforms import normalize
 from ..tokens import LOSSES
+from .checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+)
 from .distributed import World, barrier, setup
 from .evaluate import EvalSummary, evaluate
 
@@ -101,8 +106,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
-"""The latest checkpoint in a run's output folder; `resume=True` continues from it."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _NO_DECAY_NAMES = ("cls_token", "pos_embed", "time_embed")
@@ -329,74 +332,7 @@ def epoch_batches(num: int, *, batch_size: int, world: World, seed: int, epoch: 
     return batches[:, world.rank :: world.size]  # (steps, batch_size)
 
 
-# ---------------------------------------------------------------------------------------- RNG
-def _generators(model: nn.Module) -> dict[str, torch.Generator]:
-    """Every `torch.Generator` held as an attribute by a module of the model (reducers' own RNG)."""
-    return {
-        f"{name}.{attr}" if name else attr: value
-        for name, module in model.named_modules()
-        for attr, value in vars(module).items()
-        if isinstance(value, torch.Generator)
-    }
-
-
-def _rng_state(model: nn.Module, cuda: bool) -> dict[str, Any]:
-    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "generators": {name: g.get_state() for name, g in _generators(model).items()},
-    }
-    if cuda:
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    generators = _generators(model)
-    for name, value in state["generators"].items():
-        if name not in generators:
-            raise ValueError(
-                f"the checkpoint holds the RNG of {name!r}, which this model's plan does not have"
-            )
-        generators[name].set_state(value)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
-def _save(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically: a temporary file, flushed to disk, renamed over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(out: Path | None) -> dict[str, Any]:
-    if out is None:
-        raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
-    path = out / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"cannot resume: no checkpoint {path} (train without resume to start a run)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
+# ---------------------------------------------------------------------------------------- resume
 def _check_resumable(ckpt: dict[str, Any], model: nn.Module, config: TrainConfig, world: World) -> None:
     """Refuse a checkpoint of another plan or global batch; warn about other changed settings."""
     spec, saved = getattr(model, "spec", None) or "none", ckpt["spec"] or "none"
@@ -540,7 +476,7 @@ def train(
         raise ValueError(
             "distributed training with validation data needs out= (evaluation shares records there)"
         )
-    ckpt = _load_checkpoint(out) if resume else None
+    ckpt = load_checkpoint(out) if resume else None
     if ckpt is None and out is not None and (out / CHECKPOINT).exists():
         raise ValueError(
             f"{out} already holds a training run ({CHECKPOINT}); resume it (resume=True, --resume) "
@@ -558,7 +494,7 @@ def train(
         warmup = round(config.warmup_epochs * steps_per_epoch)
         schedule = functools.partial(lr_factor, total=total, warmup=warmup, min_ratio=config.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        _seed(config.seed + world.rank)
+        seed_everything(config.seed + world.rank)
         history: list[EpochResult] = []
         step, sums = 0, {}
         if ckpt is not None:
@@ -567,7 +503,7 @@ def train(
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             rngs = ckpt["rng"]
-            _set_rng_state(model, rngs[world.rank % len(rngs)])
+            set_rng_state(model, rngs[world.rank % len(rngs)])
             step, sums = ckpt["step"], dict(ckpt["epoch_sums"])
             history = [EpochResult.from_dict(e) for e in ckpt["history"]]
             log.info("resuming %s at step %d of %d (epoch %d)", out / CHECKPOINT, step, total, ckpt["epoch"])
@@ -764,7 +700,7 @@ class _Run:
         if self.out is None:
             return
         cuda = self.device.type == "cuda"
-        rng = _rng_state(self.model, cuda)
+        rng = rng_state(self.model, cuda)
         rngs = [rng]
         if self.world.size > 1:
             rngs = [None] * self.world.size
@@ -778,9 +714,9 @@ class _Run:
                 "epoch_sums": dict(self.sums), "world_size": self.world.size,
             }  # fmt: skip
             path = self.out / CHECKPOINT
-            _save(payload, path)
+            save_atomic(payload, path)
             if self.config.keep_checkpoints:
-                _save(payload, self.out / f"step-{self.step:08d}.pt")
+                save_atomic(payload, self.out / f"step-{self.step:08d}.pt")
             log.info("checkpoint: %s (step %d)", path, self.step)
         self.last_checkpoint = self.out / CHECKPOINT
 
