@@ -125,5 +125,5 @@ def test_python_dash_m() -> None:
         [sys.executable, "-m", "tokensieve", "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    for command in ("bench", "flops", "info", "eval", "make-synthetic"):
+    for command in ("bench", "flops", "info", "eval", "make-synthetic", "train"):
         assert command in result.stdout

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tokensieve.data import synthetic
+from tokensieve.data.datasets import read_list as read_records
 from tokensieve.data.synthetic import CLASSES, foreground_recall, load_truth, make_synthetic
 
 SMALL = {"frames": 8, "size": 64, "patch": 16, "tubelet": 2}
@@ -299,3 +300,24 @@ def test_bad_input(tmp_path: Path, kwargs: dict, match: str) -> None:
 def test_load_truth_missing(small: Path) -> None:
     with pytest.raises(FileNotFoundError, match="999999"):
         load_truth(small, "999999")
+
+
+def test_object_size_and_texture_set_the_difficulty(tmp_path: Path) -> None:
+    small = make_synthetic(tmp_path / "small", videos=4, classes=1, frames=4, size=64, seed=1)
+    big = make_synthetic(
+        tmp_path / "big", videos=4, classes=1, frames=4, size=64, seed=1, object_size=(0.3, 0.33), texture=0.0,
+        distractors=0,
+    )  # fmt: skip
+    area = {
+        name: sum(float(load_truth(listing.parent, r.id)["mask"].sum()) for r in read_records(listing))
+        for name, listing in (("small", small), ("big", big))
+    }
+    assert area["big"] > 2 * area["small"]
+    with av.open(str(read_records(big)[0].path)) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(float).reshape(-1, 3)
+    # a flat background (no texture, no distractors): most pixels sit at one colour
+    assert (np.abs(frame - np.median(frame, 0)).max(1) < 4).mean() > 0.8
+    with pytest.raises(ValueError, match="object_size must be"):
+        make_synthetic(tmp_path / "bad", videos=1, object_size=(0.3, 0.5))
+    with pytest.raises(ValueError, match="texture must be"):
+        make_synthetic(tmp_path / "bad", videos=1, texture=-1.0)

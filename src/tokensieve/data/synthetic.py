@@ -144,7 +144,15 @@ def _progress(frames: int, start: int, end: int) -> Tensor:
 
 
 def _render(
-    *, label: int, frames: int, size: int, partial: bool, distractors: int, rng: np.random.Generator
+    *,
+    label: int,
+    frames: int,
+    size: int,
+    partial: bool,
+    distractors: int,
+    rng: np.random.Generator,
+    object_size: tuple[float, float] = (1 / 6, 1 / 5),
+    texture: float = 1.0,
 ) -> tuple[np.ndarray, Tensor, tuple[int, int]]:
     """One clip: uint8 frames (F, S, S, 3), object coverage (F, S, S) and the action interval."""
     # Background: two octaves of smooth colour noise around a muted base colour, static over time.
@@ -155,7 +163,7 @@ def _render(
     coarse, fine = (
         F.interpolate(x, size=(size, size), mode="bilinear")[0] for x in (coarse, fine)
     )  # (3, S, S)
-    image = (base + 0.35 * (coarse - 0.5) + 0.15 * (fine - 0.5)).clamp(0.0, 1.0)  # (3, S, S)
+    image = (base + texture * (0.35 * (coarse - 0.5) + 0.15 * (fine - 0.5))).clamp(0.0, 1.0)  # (3, S, S)
 
     names = sorted(_DISTRACTOR_SHAPES)
     for _ in range(distractors):
@@ -172,11 +180,11 @@ def _render(
         colour = torch.tensor(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.8)))
         image = image * (1 - alpha) + colour.view(3, 1, 1) * alpha  # (3, S, S)
 
-    # The object: saturated colour, side 1/6 to 1/5 of the frame, random orientation.
+    # The object: saturated colour, side `object_size` of the frame (1/6 to 1/5), random orientation.
     name = CLASSES[label]
     shape = _OBJECT_SHAPES[sorted(_OBJECT_SHAPES)[rng.integers(len(_OBJECT_SHAPES))]]
     colour = torch.tensor(colorsys.hsv_to_rgb(rng.random(), 1.0, 1.0)).view(1, 3, 1, 1)
-    s = rng.uniform(size / 6, size / 5)
+    s = rng.uniform(size * object_size[0], size * object_size[1])
     if partial:
         length = int(rng.integers(max(2, math.ceil(frames / 4)), max(2, frames // 2) + 1))
         length = min(length, frames - 1)
@@ -190,7 +198,12 @@ def _render(
     scale = s * grow[0] * grow[1] ** p  # (F,) geometric: size doubles or halves over the action
     margin = s * max(grow[0], grow[0] * grow[1]) * _radius(shape) + 1.0
     lo, hi = margin, size - margin
-    dist = rng.uniform(0.28, 0.38) * size if name in _MOVES else 0.0
+    # Travel about a third of the frame, less for big objects so the path stays inside the frame.
+    dist = (
+        rng.uniform(0.28, 0.38) * size * min(1.0, (1 - 1.6 * object_size[1]) / 0.68)
+        if name in _MOVES
+        else 0.0
+    )
     step = _MOVES.get(name, (0, 0))
     # Start anywhere that keeps the whole path inside [lo, hi] on both axes.
     cx0, cy0 = (rng.uniform(lo + max(0.0, -d * dist), hi - max(0.0, d * dist)) for d in step)
@@ -256,6 +269,8 @@ def make_synthetic(
     fps: int = 8,
     partial: bool = False,
     distractors: int = 3,
+    object_size: tuple[float, float] = (1 / 6, 1 / 5),
+    texture: float = 1.0,
     patch: int = 16,
     tubelet: int = 2,
     seed: int = 0,
@@ -277,6 +292,9 @@ def make_synthetic(
         fps: frame rate written into the container.
         partial: the action fills a random 1/4 to 1/2 of the clip instead of all of it.
         distractors: static distractor shapes per clip (>= 0).
+        object_size: range of the object's side as a fraction of the frame side (within (0, 0.4]);
+            larger objects and weaker texture make an easier task (for training tiny models fast).
+        texture: contrast of the background texture (1 = the default; 0 = a flat colour).
         patch: token side in pixels, for the truth masks.
         tubelet: frames per token, for the truth masks.
         seed: seed of everything random.
@@ -289,6 +307,11 @@ def make_synthetic(
         ValueError: naming the first invalid argument and its valid range.
     """
     _check("videos", videos, videos >= 1, "an int >= 1")
+    low, high = object_size
+    if not 0 < low <= high <= 0.4:
+        raise ValueError(f"object_size must be a (low, high) range within (0, 0.4], got {object_size!r}")
+    if not texture >= 0:
+        raise ValueError(f"texture must be a float >= 0, got {texture!r}")
     _check("classes", classes, 1 <= classes <= len(CLASSES), f"an int in 1..{len(CLASSES)}")
     _check("tubelet", tubelet, tubelet >= 1, "an int >= 1")
     _check("patch", patch, patch >= 1, "an int >= 1")
@@ -328,6 +351,8 @@ def make_synthetic(
             partial=partial,
             distractors=distractors,
             rng=np.random.default_rng([seed, i]),
+            object_size=object_size,
+            texture=texture,
         )
         g = size // patch
         mask = cover.view(frames // tubelet, tubelet, g, patch, g, patch).mean((1, 3, 5))  # (T, H, W)
