@@ -82,6 +82,11 @@ def main() -> None:
     parser.add_argument("--stts-epochs", type=int, default=15, help="scorer training epochs")
     parser.add_argument("--sigma", type=float, default=0.1)
     parser.add_argument("--pool", default="max", choices=["max", "meanmax"], help="frame descriptor pooling")
+    parser.add_argument(
+        "--returning",
+        action="store_true",
+        help="the object undoes its action: only action frames tell the class",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -91,7 +96,7 @@ def main() -> None:
         root = Path(tmp)
         listing = make_synthetic(
             root, videos=args.train + args.val, classes=CLASSES, frames=FRAMES, size=SIZE, patch=PATCH,
-            partial=True, object_size=(1 / 3.5, 1 / 3), texture=0.4, seed=args.seed,
+            partial=True, object_size=(1 / 3.5, 1 / 3), texture=0.4, returning=args.returning, seed=args.seed,
         )  # fmt: skip
         records = read_list(listing)
         train_records, val_records = records[: args.train], records[args.train :]

@@ -321,3 +321,15 @@ def test_object_size_and_texture_set_the_difficulty(tmp_path: Path) -> None:
         make_synthetic(tmp_path / "bad", videos=1, object_size=(0.3, 0.5))
     with pytest.raises(ValueError, match="texture must be"):
         make_synthetic(tmp_path / "bad", videos=1, texture=-1.0)
+
+
+def test_returning_actions_end_where_they_started(tmp_path: Path) -> None:
+    listing = make_synthetic(
+        tmp_path, videos=8, classes=4, frames=16, size=64, tubelet=1, partial=True, returning=True, seed=2
+    )
+    for line in listing.read_text().splitlines():
+        vid = Path(line.split()[0]).stem
+        truth = load_truth(tmp_path, vid)
+        mask, (start, end) = truth["mask"], truth["action"]
+        torch.testing.assert_close(mask[0], mask[-1])  # back where it started
+        assert not torch.allclose(mask[start], mask[(start + end - 1) // 2 + 1])  # away in between

@@ -153,6 +153,7 @@ def _render(
     rng: np.random.Generator,
     object_size: tuple[float, float] = (1 / 6, 1 / 5),
     texture: float = 1.0,
+    returning: bool = False,
 ) -> tuple[np.ndarray, Tensor, tuple[int, int]]:
     """One clip: uint8 frames (F, S, S, 3), object coverage (F, S, S) and the action interval."""
     # Background: two octaves of smooth colour noise around a muted base colour, static over time.
@@ -193,6 +194,8 @@ def _render(
     else:
         action = (0, frames)
     p = _progress(frames, *action)  # (F,)
+    if returning:  # do the action, then undo it: the end state equals the start state
+        p = 1 - (2 * p - 1).abs()
 
     grow = {"growing": (2**-0.5, 2.0), "shrinking": (2**0.5, 0.5)}.get(name, (1.0, 1.0))
     scale = s * grow[0] * grow[1] ** p  # (F,) geometric: size doubles or halves over the action
@@ -271,6 +274,7 @@ def make_synthetic(
     distractors: int = 3,
     object_size: tuple[float, float] = (1 / 6, 1 / 5),
     texture: float = 1.0,
+    returning: bool = False,
     patch: int = 16,
     tubelet: int = 2,
     seed: int = 0,
@@ -295,6 +299,9 @@ def make_synthetic(
         object_size: range of the object's side as a fraction of the frame side (within (0, 0.4]);
             larger objects and weaker texture make an easier task (for training tiny models fast).
         texture: contrast of the background texture (1 = the default; 0 = a flat colour).
+        returning: the object does its action and then undoes it within the action interval (moves
+            and comes back, grows and shrinks back, ...), so the frames before and after the action
+            look alike and only the action frames tell the class apart.
         patch: token side in pixels, for the truth masks.
         tubelet: frames per token, for the truth masks.
         seed: seed of everything random.
@@ -353,6 +360,7 @@ def make_synthetic(
             rng=np.random.default_rng([seed, i]),
             object_size=object_size,
             texture=texture,
+            returning=returning,
         )
         g = size // patch
         mask = cover.view(frames // tubelet, tubelet, g, patch, g, patch).mean((1, 3, 5))  # (T, H, W)
