@@ -107,6 +107,17 @@ def test_resume_after_a_kill_gives_the_uninterrupted_results(videos: Path, tmp_p
     assert again.clips_per_s is None and _records(out) == _records(whole) and again.top1 == expected.top1
 
 
+def test_a_reused_output_counts_only_this_datasets_videos(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared.jsonl"
+    everything = ts.evaluate(_model(), _dataset(videos), workers=0, out=out)
+    subset = VideoDataset(
+        read_list(videos / "list.txt")[:2], frames=4, size=32, views=VIEWS, stride=2, num_classes=3
+    )
+    summary = ts.evaluate(_model(), subset, workers=0, out=out)  # both already recorded: nothing to run
+    assert summary.videos == 2 and summary.evaluated + summary.failed == 2 and everything.videos == 11
+    assert len(_records(out)) == 11  # the other videos' records are kept
+
+
 def test_views_larger_than_the_video_allows_are_recorded_as_failed(videos: Path) -> None:
     dataset = VideoDataset(
         [VideoRecord("v0", videos / "v0.mp4", (0,))], frames=4, size=32, stride=3, views=(5, 1)

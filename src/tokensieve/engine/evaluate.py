@@ -234,6 +234,8 @@ def evaluate(
             records = list(records)
     else:
         records = memory  # one process (a memory-only run is not shared across ranks)
+    ids = {r.id for r in dataset.records}
+    records = [r for r in records if r["id"] in ids]  # an `out` reused with another list keeps its rows
     summary = summarize(records, num_classes=cfg.num_classes, multilabel=dataset.multilabel)
     gflops = float(flops(model))
     errors = tuple(f"{r['id']}: {r['error']}" for r in records if r["status"] == "failed")[:20]
