@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..backbones.base import VideoBackbone
 from ..tokens import ATTN_RECEIVED, CLS_ATTN, TokenState
-from .base import Reducer, Site, check_keep, keep_count, keep_top, per_frame_count, register, require
+from .base import Reducer, Site, check_keep, keep_top, register, require, top_count
 
 __all__ = ["AttentionSelection"]
 
@@ -48,16 +48,11 @@ class AttentionSelection(Reducer):
         return (self.at,)
 
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        if self.per_frame:
-            k = keep_count(self.keep, per_frame_count(num, frames, f"{self.name} (per_frame)"))
-            return k * frames, frames
-        k = keep_count(self.keep, num)
-        return k, frames if k == num else None
+        return top_count(self.keep, num, frames, per_frame=self.per_frame, method=self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         scores = require(state, CLS_ATTN if state.cls is not None else ATTN_RECEIVED, self.name)  # (B, N)
-        n = state.tokens_per_frame if self.per_frame else state.x.shape[1]
-        return keep_top(state, scores, keep_count(self.keep, n), per_frame=self.per_frame)
+        return keep_top(state, scores, self.keep, per_frame=self.per_frame)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, at={self.at}, per_frame={self.per_frame}"

@@ -36,12 +36,15 @@ __all__ = [
     "Reducer",
     "Site",
     "check_keep",
+    "frame_count",
     "keep_count",
     "keep_frames",
     "keep_top",
     "per_frame_count",
     "register",
     "require",
+    "require_frames",
+    "top_count",
 ]
 
 
@@ -176,26 +179,49 @@ def require(state: TokenState, key: str, method: str) -> Tensor:
     return value
 
 
+def _unequal_frames(method: str) -> ValueError:
+    return ValueError(
+        f"{method} works frame by frame and needs the same number of tokens in every frame, but the "
+        "reduction before it leaves unequal counts; place it before that reduction or use a per-frame mode"
+    )
+
+
 def per_frame_count(num: int, frames: int | None, method: str) -> int:
     """Tokens per frame of a layout with equal frames, or a clear error when counts differ."""
     if frames is None:
-        raise ValueError(
-            f"{method} works frame by frame and needs the same number of tokens in every frame, but the "
-            "reduction before it leaves unequal counts; place it before that reduction or use a per-frame mode"
-        )
+        raise _unequal_frames(method)
     return num // frames
 
 
-def keep_top(state: TokenState, scores: Tensor, k: int, *, per_frame: bool) -> TokenState:
-    """Keep the `k` highest-scoring tokens of each sample (of each frame with `per_frame`), in their
-    current order.
+def require_frames(state: TokenState, method: str) -> int:
+    """The state's number of equal frames, or a clear error when per-frame counts differ."""
+    if state.frames is None:
+        raise _unequal_frames(method)
+    return state.frames
+
+
+def top_count(
+    keep: float, num: int, frames: int | None, *, per_frame: bool, method: str
+) -> tuple[int, int | None]:
+    """The `count` of a `keep_top` selection: tokens and frame layout it leaves from `num` tokens."""
+    if per_frame:
+        k = keep_count(keep, per_frame_count(num, frames, f"{method} (per_frame)"))
+        return k * frames, frames
+    k = keep_count(keep, num)
+    return k, frames if k == num else None
+
+
+def keep_top(state: TokenState, scores: Tensor, keep: float, *, per_frame: bool) -> TokenState:
+    """Keep the `keep_count(keep, .)` highest-scoring tokens of each sample (of each frame with
+    `per_frame`), in their current order.
 
     Args:
         scores: (B, N) one score per token.
-        k: tokens kept per sample, or per frame with `per_frame`.
+        keep: ratio of the tokens kept per sample, or per frame with `per_frame`.
     """
     B, N = scores.shape
     if not per_frame:
+        k = keep_count(keep, N)
         if k == N:
             return state
         with torch.no_grad():
@@ -203,12 +229,20 @@ def keep_top(state: TokenState, scores: Tensor, k: int, *, per_frame: bool) -> T
         return state.gather(idx)
     F = state.frames
     n = state.tokens_per_frame  # raises when per-frame counts differ
+    k = keep_count(keep, n)
     if k == n:
         return state
     with torch.no_grad():
         idx = scores.view(B, F, n).topk(k, dim=2).indices.sort(2).values  # (B, F, k)
         idx = (idx + torch.arange(F, device=idx.device).view(1, F, 1) * n).view(B, F * k)  # (B, F*k)
     return state.gather(idx, frames=F)
+
+
+def frame_count(keep: float, num: int, frames: int | None, method: str) -> tuple[int, int]:
+    """The `count` of a whole-frame selection keeping `keep_count(keep, frames)` frames."""
+    n = per_frame_count(num, frames, method)
+    k = keep_count(keep, frames)
+    return k * n, k
 
 
 def keep_frames(state: TokenState, frame_idx: Tensor) -> TokenState:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..tokens import TokenState
-from .base import Reducer, Site, check_keep, keep_count, keep_top, per_frame_count, register
+from .base import Reducer, Site, check_keep, keep_top, register, top_count
 
 __all__ = ["RandomSelection"]
 
@@ -40,18 +40,13 @@ class RandomSelection(Reducer):
         return (self.at,)
 
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        if self.per_frame:
-            k = keep_count(self.keep, per_frame_count(num, frames, f"{self.name} (per_frame)"))
-            return k * frames, frames
-        k = keep_count(self.keep, num)
-        return k, frames if k == num else None
+        return top_count(self.keep, num, frames, per_frame=self.per_frame, method=self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         B, N, _ = state.x.shape
-        n = state.tokens_per_frame if self.per_frame else N
         # Drawn on the CPU generator, then moved: identical selections on every device.
         scores = torch.rand(B, N, generator=self.generator).to(state.x.device)  # (B, N)
-        return keep_top(state, scores, keep_count(self.keep, n), per_frame=self.per_frame)
+        return keep_top(state, scores, self.keep, per_frame=self.per_frame)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, at={self.at}, per_frame={self.per_frame}, seed={self.seed}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..tokens import TokenState
-from .base import Reducer, Site, check_keep, keep_count, keep_frames, per_frame_count, register
+from .base import Reducer, Site, check_keep, frame_count, keep_count, keep_frames, register, require_frames
 
 __all__ = ["RandomFrames"]
 
@@ -35,15 +35,10 @@ class RandomFrames(Reducer):
         return (self.at,)
 
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        n = per_frame_count(num, frames, self.name)
-        k = keep_count(self.keep, frames)
-        return k * n, k
+        return frame_count(self.keep, num, frames, self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
-        B = state.x.shape[0]
-        F = state.frames
-        if F is None:
-            per_frame_count(0, None, self.name)  # raises the explanation
+        B, F = state.x.shape[0], require_frames(state, self.name)
         draws = torch.rand(B, F, generator=self.generator).to(state.x.device)  # (B, F)
         idx = draws.topk(keep_count(self.keep, F), dim=1).indices.sort(1).values  # (B, K)
         return keep_frames(state, idx)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..tokens import TokenState
-from .base import Reducer, Site, check_keep, keep_count, keep_frames, per_frame_count, register
+from .base import Reducer, Site, check_keep, frame_count, keep_count, keep_frames, register, require_frames
 
 __all__ = ["UniformFrames", "uniform_frames"]
 
@@ -43,15 +43,10 @@ class UniformFrames(Reducer):
         return (self.at,)
 
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        n = per_frame_count(num, frames, self.name)
-        k = keep_count(self.keep, frames)
-        return k * n, k
+        return frame_count(self.keep, num, frames, self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
-        B = state.x.shape[0]
-        F = state.frames
-        if F is None:
-            per_frame_count(0, None, self.name)  # raises the explanation
+        B, F = state.x.shape[0], require_frames(state, self.name)
         idx = uniform_frames(F, keep_count(self.keep, F), state.x.device)  # (K,)
         return keep_frames(state, idx.expand(B, -1))
 
