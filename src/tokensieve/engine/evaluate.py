@@ -29,13 +29,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.clips import ClipDataset
 from ..data.datasets import Sample, VideoDataset
 from ..data.transforms import normalize
 from ..flops import flops
 from .distributed import barrier, setup
 from .results import RecordWriter, merge, part_path, read_done
 
-__all__ = ["EvalSummary", "evaluate", "summarize"]
+__all__ = ["EvalSummary", "check_fits", "evaluate", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,20 @@ def summarize(
 
 
 # ---------------------------------------------------------------------------------------- running
+def check_fits(model: torch.nn.Module, dataset: VideoDataset | ClipDataset) -> None:
+    """Refuse a dataset whose clips or classes do not fit the model, saying how to build it."""
+    cfg = model.config
+    if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
+        raise ValueError(
+            f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
+            f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
+        )
+    if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
+        raise ValueError(
+            f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
+        )
+
+
 class _Todo(Dataset):
     """The dataset restricted to the videos this process still has to do."""
 
@@ -186,16 +201,8 @@ def evaluate(
         raise ValueError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
     if views is not None:
         dataset = dataset.with_views(views)
+    check_fits(model, dataset)
     cfg = model.config
-    if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
-        raise ValueError(
-            f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
-            f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
-        )
-    if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
-        raise ValueError(
-            f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
-        )
     device = next(model.parameters()).device
     world = setup(device)
     out = Path(out) if out is not None else None

@@ -90,7 +90,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import World, barrier, setup
-from .evaluate import EvalSummary, evaluate
+from .evaluate import EvalSummary, check_fits, evaluate
 
 __all__ = [
     "CHECKPOINT",
@@ -450,16 +450,8 @@ def train(
         RuntimeError: more than `dataset.max_failed` of the videos are unreadable.
     """
     config = dataclasses.replace(config or TrainConfig(), **changes)
+    check_fits(model, dataset)
     cfg = model.config
-    if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
-        raise ValueError(
-            f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
-            f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
-        )
-    if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
-        raise ValueError(
-            f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
-        )
     too_big = [r.id for r in dataset.records if max(r.labels) >= cfg.num_classes]
     if too_big:
         raise ValueError(f"video {too_big[0]!r} has a label >= the model's {cfg.num_classes} classes")
