@@ -28,6 +28,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.status import Status
 from rich.table import Column
 
@@ -103,16 +104,21 @@ def _usage_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from None
 
 
-def _resolve(name: str, *, frames: int | None, size: int | None, meta: bool = False) -> VideoBackbone:
+def _resolve(
+    name: str, *, frames: int | None, size: int | None, meta: bool = False, num_classes: int | None = None
+) -> VideoBackbone:
     """A preset (built on the meta device when `meta`), or a checkpoint loaded through transformers.
 
     Presets get the random weights of seed 0: the same in every run and in every torchrun process.
+    `num_classes` sizes a preset's classifier; a checkpoint keeps its own.
     """
     changes = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
     if name in PRESETS:
         torch.manual_seed(0)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return build(name, **changes)
+            return build(name, **changes, **({"num_classes": num_classes} if num_classes else {}))
+    if num_classes is not None:
+        raise UsageError("--num-classes sets the classifier of a preset; a checkpoint keeps its own")
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
     if not (Path(name).is_dir() or looks_like_hub_id):
         raise UsageError(
@@ -124,6 +130,24 @@ def _resolve(name: str, *, frames: int | None, size: int | None, meta: bool = Fa
         return load(name, **changes)
     except Exception as err:  # offline, missing files, unsupported architecture: all one line
         raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {_message(err)}") from err
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+
+
+def _check_sampling(sampling: str) -> None:
+    if sampling not in ("dense", "segments"):
+        raise UsageError(f"--sampling must be dense or segments; got {sampling!r}")
+
+
+def _bar(label: str, *, show: bool) -> Progress:
+    """A progress bar on stderr (done/total, ETA, a status text) shown only when `show`."""
+    return Progress(
+        TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), console=Console(stderr=True), disable=not show,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -172,8 +196,7 @@ def bench(
 ) -> None:
     """Clips/s of each plan, next to the unreduced baseline measured in the same run."""
     with _usage_errors():
-        if dtype not in DTYPES:
-            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        _check_dtype(dtype)
         specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
         with _progress(f"benchmarking {model}"):
             net = _resolve(model, frames=frames, size=size)
@@ -386,10 +409,8 @@ def eval_command(
     from .engine.evaluate import evaluate
 
     with _usage_errors():
-        if dtype not in DTYPES:
-            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        if sampling not in ("dense", "segments"):
-            raise UsageError(f"--sampling must be dense or segments; got {sampling!r}")
+        _check_dtype(dtype)
+        _check_sampling(sampling)
         chosen = _views(views)
         records, names = load_records(data, root=root, multilabel=multilabel)
         net = _resolve(model, frames=None, size=None)
@@ -399,17 +420,12 @@ def eval_command(
             stride=stride, num_classes=len(names) if names else None, class_names=names,
         )  # fmt: skip
         world = setup(next(net.parameters()).device)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("[bold]eval[/bold]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[speed]}"), console=Console(stderr=True), disable=not world.is_main,
-        )  # fmt: skip
+        bar = _bar("eval", show=world.is_main)
         with bar:
-            task = bar.add_task("eval", total=None, speed="")
+            task = bar.add_task("eval", total=None, status="")
 
             def progress(done: int, total: int, clips_per_s: float) -> None:
-                bar.update(task, completed=done, total=total, speed=f"{clips_per_s:.2f} clips/s")
+                bar.update(task, completed=done, total=total, status=f"{clips_per_s:.2f} clips/s")
 
             summary = evaluate(
                 net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
@@ -539,20 +555,14 @@ def train_command(
     from .engine.train import StepInfo, train
 
     with _usage_errors():
-        if dtype not in DTYPES:
-            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        if sampling not in ("dense", "segments"):
-            raise UsageError(f"--sampling must be dense or segments; got {sampling!r}")
+        _check_dtype(dtype)
+        _check_sampling(sampling)
         chosen, crop_scale = _views(val_views), _crop_scale(scale)
         records, names = load_records(data, root=root, multilabel=multilabel)
         classes = num_classes or (len(names) if names else None)
-        if model in PRESETS:
-            torch.manual_seed(0)  # the same random weights in every run and every torchrun process
-            net = build(model, **({"num_classes": classes} if classes else {}))
-        elif num_classes is not None:
-            raise UsageError("--num-classes sets the classifier of a preset; a checkpoint keeps its own")
-        else:
-            net = _resolve(model, frames=None, size=None)
+        net = _resolve(
+            model, frames=None, size=None, num_classes=classes if model in PRESETS else num_classes
+        )
         apply(net, plan)
         cfg = net.config
         dataset = ClipDataset(
@@ -567,12 +577,7 @@ def train_command(
                 num_classes=cfg.num_classes, class_names=val_names,
             )  # fmt: skip
         world = setup(next(net.parameters()).device)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"), console=Console(stderr=True), disable=not world.is_main,
-        )  # fmt: skip
+        bar = _bar("train", show=world.is_main)
         with bar, _warnings_to(bar.console):
             task = bar.add_task("train", total=None, status="")
 
@@ -635,8 +640,6 @@ def make_synthetic_command(
     from .data.synthetic import make_synthetic
 
     with _usage_errors():
-        from rich.progress import Progress
-
         with Progress(console=Console(stderr=True)) as bar:
             task = bar.add_task("writing videos", total=videos)
             listing = make_synthetic(
