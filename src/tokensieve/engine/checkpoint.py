@@ -5,22 +5,29 @@ the global torch RNG (dropout, drop-path), Python's and numpy's, CUDA's when use
 `torch.Generator` a reducer holds as its own RNG (`random`, `random_frames`, STA's first-frame
 drops). `rng_state` collects them in types `torch.load(weights_only=True)` accepts; `set_rng_state`
 puts them back. `save_atomic` writes through a temporary file and `os.replace`, so a kill never
-leaves a torn checkpoint.
+leaves a torn checkpoint. `check_resumable` refuses to resume a checkpoint into another plan or
+global batch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .distributed import World
+    from .train import TrainConfig
+
 __all__ = [
     "CHECKPOINT",
+    "check_resumable",
     "generators",
     "load_checkpoint",
     "rng_state",
@@ -28,6 +35,8 @@ __all__ = [
     "seed_everything",
     "set_rng_state",
 ]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 """The file name of a run's latest checkpoint inside its `out` folder."""
@@ -97,3 +106,40 @@ def load_checkpoint(out: Path | None) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"cannot resume: no checkpoint {path} (train without resume to start a run)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Settings that do not change the trajectory: resuming with other values is fine.
+_HARMLESS = {"workers", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "eval_batch_size"}
+
+
+def check_resumable(ckpt: dict[str, Any], model: nn.Module, config: TrainConfig, world: World) -> None:
+    """Refuse a checkpoint of another plan or global batch; warn about other changed settings."""
+    spec, saved = getattr(model, "spec", None) or "none", ckpt["spec"] or "none"
+    if spec != saved:
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained with plan {saved!r} but the model has plan {spec!r}; "
+            f"install the same plan (ts.apply(model, {saved!r})) or start a new run"
+        )
+    old = ckpt["config"]
+    old_global = old["batch_size"] * ckpt["world_size"]
+    if old_global != config.batch_size * world.size:
+        raise ValueError(
+            f"cannot resume: the checkpoint's global batch is {old_global} ({ckpt['world_size']} "
+            f"processes x {old['batch_size']}), this run's is {config.batch_size * world.size}; "
+            "the data order would differ"
+        )
+    changed = [
+        f"{k}: {old[k]!r} -> {v!r}"
+        for k, v in config.to_dict().items()
+        if k not in _HARMLESS and k in old and _plain(old[k]) != _plain(v)
+    ]
+    if changed:
+        log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
+                    "; ".join(changed))  # fmt: skip
+    if ckpt["world_size"] != world.size:
+        log.warning("resuming on %d processes a run checkpointed on %d: dropout RNG streams differ",
+                    world.size, ckpt["world_size"])  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-__all__ = ["World", "barrier", "setup"]
+__all__ = ["World", "barrier", "epoch_batches", "setup"]
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,16 @@ def barrier(world: World) -> None:
     """Wait for every process (nothing to wait for when alone)."""
     if world.size > 1:
         dist.barrier()
+
+
+def epoch_batches(num: int, *, batch_size: int, world: World, seed: int, epoch: int) -> Tensor:
+    """This process's indices for every step of `epoch`: (steps, batch_size) long.
+
+    The epoch's permutation (the same on every process) is cut into global batches of
+    world.size * batch_size (the last incomplete one dropped); process r takes rows r, r + world, ...
+    """
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))  # (num,)
+    size = batch_size * world.size
+    steps = num // size
+    batches = perm[: steps * size].view(steps, size)  # (steps, world * batch_size)
+    return batches[:, world.rank :: world.size]  # (steps, batch_size)

@@ -14,22 +14,11 @@ One step, for every method alike (no method is special-cased here):
 `model.train()` / `model.eval()` switch what reducers do (perturbed top-K in training, say); the loop
 does nothing else for them. Extra losses are logged by name.
 
-Optimiser: AdamW over up to four parameter groups, (backbone, reducers) x (decay, no decay). Reducer
-parameters are `model.plan.parameters()` with `reducer_lr`, everything else is the backbone with `lr`.
-No weight decay on 1-D parameters (biases, norm weights, VideoMAE's q/v biases) nor on class tokens
-and learned position/time embeddings (timm's `no_weight_decay` convention). `freeze_backbone` sets
-`requires_grad=False` on everything outside the plan (classifier included) for the run and leaves it
-out of the optimiser.
-
-Learning rate, per step s of S, with W warm-up steps and r = `min_lr_ratio` (`lr_factor`):
-
-    factor(s) = (s + 1) / W                                    for s < W
-              = r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2   otherwise
-
-times each group's base rate (so the first step already moves, and step W runs at the full rate).
+Optimiser (AdamW, weight decay only on >= 2-D weights, separate reducer and backbone rates) and
+warm-up + cosine schedule: `engine.optim`.
 
 Determinism and resume. Everything random is a function of what a checkpoint holds:
-- data: epoch e visits `torch.randperm(n, Generator().manual_seed(config.seed + e))`; every clip's
+- data: epoch e visits `torch.randperm(n, Generator().manual_seed(config.seed + e))` (`epoch_batches`); every clip's
   augmentation is a pure function of (dataset.seed, e, index) (`ClipDataset`), so DataLoader
   workers do not matter and resuming mid-epoch just skips the batches done;
 - the model's own randomness (dropout, drop-path): the global torch RNG, seeded with seed + rank
@@ -64,7 +53,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -83,14 +71,16 @@ from ..data.transforms import normalize
 from ..tokens import LOSSES
 from .checkpoint import (
     CHECKPOINT,
+    check_resumable,
     load_checkpoint,
     rng_state,
     save_atomic,
     seed_everything,
     set_rng_state,
 )
-from .distributed import World, barrier, setup
+from .distributed import World, barrier, epoch_batches, setup
 from .evaluate import EvalSummary, check_fits, evaluate
+from .optim import lr_factor, param_groups
 
 __all__ = [
     "CHECKPOINT",
@@ -108,9 +98,6 @@ log = logging.getLogger(__name__)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_NO_DECAY_NAMES = ("cls_token", "pos_embed", "time_embed")
-# Settings that do not change the trajectory: resuming with other values is fine.
-_HARMLESS = {"workers", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "eval_batch_size"}
 
 
 @dataclass(frozen=True)
@@ -270,102 +257,6 @@ class TrainResult:
         }  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------- schedule
-def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak learning rate at 0-based `step` of `total`: linear warm-up over
-    `warmup` steps, then a half cosine from 1 down to `min_ratio` (formula in the module docstring)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# ---------------------------------------------------------------------------------------- parameters
-def _no_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
-
-
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups of `model`: (backbone | reducer) x (decay | no decay), each with its
-    `name`, `lr` and `weight_decay`; only parameters that require gradients; empty groups left out.
-
-    Raises:
-        ValueError: when no parameter requires a gradient.
-    """
-    plan = getattr(model, "plan", nn.ModuleList())
-    reducer_ids = {id(p) for p in plan.parameters()}
-    reducer_lr = config.lr if config.reducer_lr is None else config.reducer_lr
-    buckets: dict[str, list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        owner = "reducer" if id(p) in reducer_ids else "backbone"
-        kind = "no_decay" if _no_decay(name, p) else "decay"
-        buckets.setdefault(f"{owner}.{kind}", []).append(p)
-    if not buckets:
-        spec = getattr(model, "spec", None) or "none"
-        frozen = " the backbone is frozen and" if config.freeze_backbone else ""
-        raise ValueError(
-            f"nothing to train:{frozen} no parameter of the model or of plan {spec!r} requires a gradient; "
-            "use a plan with learned parameters or do not freeze the backbone"
-        )
-    groups = []
-    for key in ("backbone.decay", "backbone.no_decay", "reducer.decay", "reducer.no_decay"):
-        if key in buckets:
-            lr = reducer_lr if key.startswith("reducer") else config.lr
-            decay = 0.0 if key.endswith("no_decay") else config.weight_decay
-            groups.append({"name": key, "params": buckets[key], "lr": lr, "weight_decay": decay})
-    return groups
-
-
-# ---------------------------------------------------------------------------------------- data order
-def epoch_batches(num: int, *, batch_size: int, world: World, seed: int, epoch: int) -> Tensor:
-    """This process's indices for every step of `epoch`: (steps, batch_size) long.
-
-    The epoch's permutation (the same on every process) is cut into global batches of
-    world.size * batch_size (the last incomplete one dropped); process r takes rows r, r + world, ...
-    """
-    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed + epoch))  # (num,)
-    size = batch_size * world.size
-    steps = num // size
-    batches = perm[: steps * size].view(steps, size)  # (steps, world * batch_size)
-    return batches[:, world.rank :: world.size]  # (steps, batch_size)
-
-
-# ---------------------------------------------------------------------------------------- resume
-def _check_resumable(ckpt: dict[str, Any], model: nn.Module, config: TrainConfig, world: World) -> None:
-    """Refuse a checkpoint of another plan or global batch; warn about other changed settings."""
-    spec, saved = getattr(model, "spec", None) or "none", ckpt["spec"] or "none"
-    if spec != saved:
-        raise ValueError(
-            f"cannot resume: the checkpoint was trained with plan {saved!r} but the model has plan {spec!r}; "
-            f"install the same plan (ts.apply(model, {saved!r})) or start a new run"
-        )
-    old = ckpt["config"]
-    old_global = old["batch_size"] * ckpt["world_size"]
-    if old_global != config.batch_size * world.size:
-        raise ValueError(
-            f"cannot resume: the checkpoint's global batch is {old_global} ({ckpt['world_size']} "
-            f"processes x {old['batch_size']}), this run's is {config.batch_size * world.size}; "
-            "the data order would differ"
-        )
-    changed = [
-        f"{k}: {old[k]!r} -> {v!r}"
-        for k, v in config.to_dict().items()
-        if k not in _HARMLESS and k in old and _plain(old[k]) != _plain(v)
-    ]
-    if changed:
-        log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
-                    "; ".join(changed))  # fmt: skip
-    if ckpt["world_size"] != world.size:
-        log.warning("resuming on %d processes a run checkpointed on %d: dropout RNG streams differ",
-                    world.size, ckpt["world_size"])  # fmt: skip
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 # ---------------------------------------------------------------------------------------- the loop
 class _Forward(nn.Module):
     """The training forward as one module (what DDP wraps): logits and the plan's extra losses."""
@@ -490,7 +381,7 @@ def train(
         history: list[EpochResult] = []
         step, sums = 0, {}
         if ckpt is not None:
-            _check_resumable(ckpt, model, config, world)
+            check_resumable(ckpt, model, config, world)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])

@@ -1,0 +1,24 @@
+"""The `tokensieve` command line: `bench`, `flops`, `info`, `eval`, `make-synthetic` and `train`.
+
+    tokensieve bench  --model videomae-s --plan none --plan random:keep=0.5 --batch-size 1 --batch-size 8
+    tokensieve train  --model videomae-s --data train.txt --val val.txt --plan random:keep=0.5 --epochs 3
+    tokensieve flops  --model videomae-b --plan sta:r=64
+    tokensieve info
+
+`--model` is a preset name (random weights, no download), a local checkpoint directory or a hub id
+(through transformers). Tables go to stdout, progress to stderr; `--json` prints one JSON document
+on stdout and nothing else. Usage errors (unknown preset, bad plan, bad dtype) print one red line
+naming the valid choices and exit with code 2.
+"""
+
+from __future__ import annotations
+
+from . import data, measure, train  # noqa: F401  (importing a command module registers its commands)
+from .common import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point of the `tokensieve` command."""
+    app(prog_name="tokensieve")

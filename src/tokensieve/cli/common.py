@@ -1,0 +1,185 @@
+"""What every `tokensieve` command shares: the Typer app, option types, model resolution,
+usage errors as one red line, progress displays and number formatting."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.status import Status
+from rich.table import Column
+
+from ..backbones import PRESETS, VideoBackbone, build
+from ..bench import (
+    DTYPES,
+)
+
+__all__ = [
+    "FramesOption",
+    "JsonOption",
+    "ModelOption",
+    "PlanOption",
+    "SizeOption",
+    "UsageError",
+    "app",
+    "bench_status",
+    "check_dtype",
+    "check_sampling",
+    "echo_json",
+    "gflops_text",
+    "num_column",
+    "parse_views",
+    "progress_bar",
+    "resolve_model",
+    "usage_errors",
+]
+
+app = typer.Typer(
+    name="tokensieve",
+    help="Fewer tokens, faster video transformers: measure token-reduction plans.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # bugs get a plain traceback, without tensors printed as locals
+)
+
+# Errors the library raises for bad user input; anything else is a bug and keeps its traceback.
+_USAGE_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError)
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Preset name (see `tokensieve info`), local checkpoint directory or hub id."
+    ),
+]
+PlanOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plan", "-p", help="Plan spec, e.g. 'random:keep=0.5' (repeatable). 'none' is always included."
+    ),
+]
+FramesOption = Annotated[int | None, typer.Option(help="Clip length; default the model's.", min=1)]
+SizeOption = Annotated[int | None, typer.Option(help="Frame side in pixels; default the model's.", min=1)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+
+
+class UsageError(Exception):
+    """A bad command-line input, reported as one red line (exit code 2)."""
+
+
+def _message(err: Exception) -> str:
+    # KeyError's str() is the repr of its argument; the other errors read as they are.
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn bad input (ours or the library's) into one red line on stderr and exit code 2.
+
+    Each command's body runs inside it, so the line is printed after any spinner has stopped.
+    """
+    try:
+        yield
+    except (UsageError, *_USAGE_ERRORS) as err:
+        Console(stderr=True).print(
+            f"[red]error:[/red] {escape(_message(err))}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(code=2) from None
+
+
+def resolve_model(
+    name: str, *, frames: int | None, size: int | None, meta: bool = False, num_classes: int | None = None
+) -> VideoBackbone:
+    """A preset (built on the meta device when `meta`), or a checkpoint loaded through transformers.
+
+    Presets get the random weights of seed 0: the same in every run and in every torchrun process.
+    `num_classes` sizes a preset's classifier; a checkpoint keeps its own.
+    """
+    changes = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
+    if name in PRESETS:
+        torch.manual_seed(0)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return build(name, **changes, **({"num_classes": num_classes} if num_classes else {}))
+    if num_classes is not None:
+        raise UsageError("--num-classes sets the classifier of a preset; a checkpoint keeps its own")
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+    if not (Path(name).is_dir() or looks_like_hub_id):
+        raise UsageError(
+            f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; or a local checkpoint directory or hub id"
+        )
+    from ..backbones.hf import load
+
+    try:
+        return load(name, **changes)
+    except Exception as err:  # offline, missing files, unsupported architecture: all one line
+        raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {_message(err)}") from err
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+
+
+def check_sampling(sampling: str) -> None:
+    if sampling not in ("dense", "segments"):
+        raise UsageError(f"--sampling must be dense or segments; got {sampling!r}")
+
+
+def progress_bar(label: str, *, show: bool) -> Progress:
+    """A progress bar on stderr (done/total, ETA, a status text) shown only when `show`."""
+    return Progress(
+        TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), console=Console(stderr=True), disable=not show,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def bench_status(prefix: str) -> Iterator[None]:
+    """A spinner on stderr showing the benchmark's log messages as they come."""
+    bench_log = logging.getLogger("tokensieve.bench")
+    with Status(f"{prefix}: starting", console=Console(stderr=True)) as status:
+
+        class ToStatus(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                status.update(f"{prefix}: {escape(record.getMessage())}")
+
+        handler, level = ToStatus(logging.INFO), bench_log.level
+        bench_log.addHandler(handler)
+        bench_log.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            bench_log.removeHandler(handler)
+            bench_log.setLevel(level)
+
+
+def echo_json(doc: object) -> None:
+    typer.echo(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
+
+
+def gflops_text(value: float) -> str:
+    """Two decimals, or three significant digits for the tiny test presets."""
+    return f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.3g}"
+
+
+def num_column(header: str) -> Column:
+    return Column(header, justify="right")
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    clips, sep, num_crops = text.lower().partition("x")
+    try:
+        views = (int(clips), int(num_crops)) if sep else (0, 0)
+    except ValueError:
+        views = (0, 0)
+    if views[0] < 1 or views[1] not in (1, 3):
+        raise UsageError(f"--views is CLIPSxCROPS with clips >= 1 and crops 1 or 3, e.g. 5x3; got {text!r}")
+    return views

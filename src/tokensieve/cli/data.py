@@ -1,0 +1,137 @@
+"""`tokensieve eval` and `make-synthetic`: evaluate on a video list, write the synthetic benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+
+from ..bench import (
+    DTYPES,
+    compact_table,
+)
+from ..reducers import apply
+from .common import (
+    JsonOption,
+    ModelOption,
+    app,
+    check_dtype,
+    check_sampling,
+    echo_json,
+    gflops_text,
+    parse_views,
+    progress_bar,
+    resolve_model,
+    usage_errors,
+)
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOption,
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="List file, Kinetics CSV, SSv2 videos.json or class folders.")
+    ],
+    plan: Annotated[str | None, typer.Option("--plan", "-p", help="Reduction plan spec.")] = None,
+    views: Annotated[str, typer.Option(help="Temporal clips x spatial crops per video, e.g. 5x3.")] = "1x1",
+    out: Annotated[Path | None, typer.Option(help="Per-video JSONL records; rerun to resume.")] = None,
+    sampling: Annotated[
+        str, typer.Option(help="dense (frames x stride) or segments (one frame each).")
+    ] = "dense",
+    stride: Annotated[int, typer.Option(help="Frame stride of dense clips.", min=1)] = 4,
+    root: Annotated[Path | None, typer.Option(help="Folder the list's paths are relative to.")] = None,
+    multilabel: Annotated[bool, typer.Option(help="List labels are comma-separated sets (mAP).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per forward pass.", min=1)] = 8,
+    workers: Annotated[int, typer.Option(help="Decoding processes.", min=0)] = 2,
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
+    as_json: JsonOption = False,
+) -> None:
+    """Accuracy of a model (and plan) on a video dataset, with GFLOPs per view and clips/s."""
+    from ..data.datasets import VideoDataset, load_records
+    from ..engine.distributed import setup
+    from ..engine.evaluate import evaluate
+
+    with usage_errors():
+        check_dtype(dtype)
+        check_sampling(sampling)
+        chosen = parse_views(views)
+        records, names = load_records(data, root=root, multilabel=multilabel)
+        net = resolve_model(model, frames=None, size=None)
+        apply(net, plan)
+        dataset = VideoDataset(
+            records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
+            stride=stride, num_classes=len(names) if names else None, class_names=names,
+        )  # fmt: skip
+        world = setup(next(net.parameters()).device)
+        bar = progress_bar("eval", show=world.is_main)
+        with bar:
+            task = bar.add_task("eval", total=None, status="")
+
+            def progress(done: int, total: int, clips_per_s: float) -> None:
+                bar.update(task, completed=done, total=total, status=f"{clips_per_s:.2f} clips/s")
+
+            summary = evaluate(
+                net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
+                progress=progress,
+            )  # fmt: skip
+    if not world.is_main:
+        return
+    doc = {"model": model, "data": str(data), **summary.to_dict()}
+    if out is not None:
+        target = out.with_name(out.name + ".summary.json")
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(target)
+    if as_json:
+        echo_json(doc)
+        return
+    table = compact_table(
+        title=f"{model} on {data}, {chosen[0]}x{chosen[1]} views, plan {summary.plan or 'none'}"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    rows = [("videos", str(summary.videos)), ("evaluated", str(summary.evaluated)), ("failed", str(summary.failed)),
+            ("top-1", pct(summary.top1)), ("top-5", pct(summary.top5)),
+            ("mean class accuracy", pct(summary.mean_class_accuracy)), ("mAP", pct(summary.map)),
+            ("GFLOPs per view", gflops_text(summary.gflops_per_view)),
+            ("clips/s (model)", "-" if summary.clips_per_s is None else f"{summary.clips_per_s:.2f}")]  # fmt: skip
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    for line in summary.errors:
+        Console(stderr=True).print(f"[yellow]failed:[/yellow] {escape(line)}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+@app.command("make-synthetic")
+def make_synthetic_command(
+    out: Annotated[
+        Path, typer.Argument(help="Folder to write the videos, list.txt, classes.txt and truth/ into.")
+    ],
+    videos: Annotated[int, typer.Option(help="Number of videos.", min=1)] = 100,
+    classes: Annotated[int, typer.Option(help="Number of classes (at most 10).", min=1, max=10)] = 10,
+    frames: Annotated[int, typer.Option(help="Frames per video.", min=1)] = 16,
+    size: Annotated[int, typer.Option(help="Frame side in pixels.", min=32)] = 224,
+    partial: Annotated[bool, typer.Option(help="The action happens only during part of the clip.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same videos).")] = 0,
+) -> None:
+    """Write the built-in synthetic benchmark: real .mp4 files, labels and per-token ground truth."""
+    from ..data.synthetic import make_synthetic
+
+    with usage_errors():
+        with Progress(console=Console(stderr=True)) as bar:
+            task = bar.add_task("writing videos", total=videos)
+            listing = make_synthetic(
+                out, videos=videos, classes=classes, frames=frames, size=size, partial=partial, seed=seed,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )  # fmt: skip
+    typer.echo(f"wrote {videos} videos; list: {listing}")

@@ -1,0 +1,239 @@
+"""`tokensieve bench`, `flops` and `info`: speed, GFLOPs and what is installed."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.status import Status
+from rich.table import Column
+
+from .. import __version__
+from ..backbones import PRESETS, VideoBackbone, build
+from ..bench import (
+    BASELINE,
+    DTYPES,
+    benchmark,
+    compact_table,
+    format_table,
+    main_plans,
+    to_json,
+    with_baseline,
+)
+from ..flops import FlopCount, flops
+from ..reducers import REGISTRY, Reducer, apply
+from ..reducers.plan import spec_parameters
+from .common import (
+    FramesOption,
+    JsonOption,
+    ModelOption,
+    PlanOption,
+    SizeOption,
+    app,
+    bench_status,
+    check_dtype,
+    echo_json,
+    gflops_text,
+    num_column,
+    resolve_model,
+    usage_errors,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    model: ModelOption = "videomae-s",
+    plan: PlanOption = None,
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option("--batch-size", "-b", help="Clips per forward pass (repeatable).", min=1),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
+    threads: Annotated[int | None, typer.Option(help="torch threads; default torch's choice.", min=1)] = None,
+    frames: FramesOption = None,
+    size: SizeOption = None,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.", min=0)] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed rounds; the median is reported.", min=1)] = 10,
+    methods: Annotated[
+        bool, typer.Option("--methods", help="Add every method's main fixed-budget setting to the plans.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Clips/s of each plan, next to the unreduced baseline measured in the same run."""
+    with usage_errors():
+        check_dtype(dtype)
+        specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
+        with bench_status(f"benchmarking {model}"):
+            net = resolve_model(model, frames=frames, size=size)
+            results = benchmark(
+                net, plans=specs, batch_size=batch_size or [1], dtype=dtype, threads=threads,
+                frames=frames, size=size, warmup=warmup, repeats=repeats,
+            )  # fmt: skip
+    if as_json:
+        echo_json(to_json(results, meta={"model": model}))
+        return
+    first = results[0]
+    title = (
+        f"{model}, {first.frames}x{first.size}, {first.dtype}, {first.device}, {first.threads} threads, "
+        f"median of {repeats} interleaved rounds"
+    )
+    table = format_table(results, title=title)
+    table.caption = (
+        "speed-up: clips/s over 'none' (same batch); efficiency: speed-up / GFLOPs ratio\n"
+        "reducer share: time inside the reducers; GFLOPs per clip, multiply-add = 1"
+    )
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------- flops
+def _count(net: VideoBackbone, spec: str, *, real: Callable[[], VideoBackbone]) -> FlopCount:
+    """FLOPs of `net` under a plan. A model on the meta device counts instantly (even ViT-H); a method
+    whose shapes depend on the content cannot run there, and is counted on `real()` instead."""
+    if next(net.parameters()).device.type == "meta":
+        try:
+            with torch.device("meta"):  # the plan's own parameters, if any, go to meta too
+                return flops(apply(net, spec), detail=True)
+        except (NotImplementedError, RuntimeError) as err:
+            log.info("plan %r cannot be counted on the meta device (%s); counting on a real model", spec, err)
+        net = real()
+    return flops(apply(net, spec), detail=True)
+
+
+@app.command("flops")
+def flops_command(
+    model: ModelOption,
+    plan: PlanOption = None,
+    frames: FramesOption = None,
+    size: SizeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """GFLOPs per clip (multiply-add = 1 FLOP, attention included), in total and per part."""
+    counts: dict[str, FlopCount] = {}
+    with usage_errors():
+        specs = with_baseline(plan or [BASELINE])
+        with Status(f"{escape(model)}: building the model", console=Console(stderr=True)) as status:
+            net = resolve_model(model, frames=frames, size=size, meta=model in PRESETS)
+            real = functools.cache(lambda: resolve_model(model, frames=frames, size=size))
+            for spec in specs:
+                status.update(f"{escape(model)}: counting {escape(spec)}")
+                counts[spec] = _count(net, spec, real=real)
+    cfg = net.config
+    base = counts[BASELINE].gflops
+    rows = [
+        {
+            "plan": spec,
+            "gflops": c.gflops,
+            "gflops_ratio": base / c.gflops if c.gflops else float("inf"),
+            "by_module": {k: v / c.clips / 1e9 for k, v in c.by_module.items()},
+            "by_op": {k: v / c.clips / 1e9 for k, v in c.by_op.items()},
+        }
+        for spec, c in counts.items()
+    ]
+    if as_json:
+        echo_json({"model": model, "frames": cfg.frames, "size": cfg.size, "results": rows})
+        return
+    console = Console()
+    console.print(
+        f"[bold]{escape(model)}, {cfg.frames}x{cfg.size}[/bold]: GFLOPs per clip "
+        "(multiply-add = 1 FLOP, attention included)"
+    )
+    totals = compact_table("plan", num_column("GFLOPs"), num_column("ratio"))
+    for row in rows:
+        totals.add_row(row["plan"], gflops_text(row["gflops"]), f"{row['gflops_ratio']:.2f}x")
+    console.print(totals)
+    parts = list(dict.fromkeys(k for row in rows for k in row["by_module"]))
+    console.print("GFLOPs per part of the model")
+    by_part = compact_table("part", *(num_column(row["plan"]) for row in rows))
+    for part in parts:
+        by_part.add_row(part, *(gflops_text(row["by_module"].get(part, 0.0)) for row in rows))
+    console.print(by_part)
+
+
+# ---------------------------------------------------------------------------------------- info
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _method_params(cls: type[Reducer]) -> list[dict[str, Any]]:
+    """The spec parameters of a method, as JSON-ready rows."""
+    params = []
+    for name, (p, hint) in spec_parameters(cls).items():
+        required = p.default is inspect.Parameter.empty
+        default = None if required else p.default
+        params.append({
+            "name": name,
+            "type": getattr(hint, "__name__", None) or str(hint),
+            "default": default if isinstance(default, (int, float, str, bool, type(None))) else repr(default),
+            "required": required,
+        })  # fmt: skip
+    return params
+
+
+def _presets() -> list[dict[str, Any]]:
+    rows = []
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            net = build(name)
+        rows.append({
+            "name": name, "arch": cfg.arch, "frames": cfg.frames, "size": cfg.size, "dim": cfg.dim,
+            "depth": cfg.depth, "heads": cfg.heads, "params_m": net.num_params / 1e6, "gflops": flops(net),
+        })  # fmt: skip
+    return rows
+
+
+@app.command()
+def info(as_json: JsonOption = False) -> None:
+    """Presets, methods with their parameters, and library versions."""
+    versions = {
+        "tokensieve": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
+        "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    presets = _presets()
+    methods = [
+        {"name": name, "summary": (inspect.getdoc(cls) or "").split("\n")[0], "params": _method_params(cls)}
+        for name, cls in sorted(REGISTRY.items())
+    ]
+    if as_json:
+        echo_json({"versions": versions, "presets": presets, "methods": methods})
+        return
+    console = Console()
+    libraries = [f"{k} {v or '(not installed)'}" for k, v in versions.items() if k != "torch_threads"]
+    console.print(
+        ", ".join([*libraries, f"{versions['torch_threads']} threads"]), highlight=False, soft_wrap=True
+    )
+    table = compact_table(
+        Column("preset", no_wrap=True), "arch", num_column("input"), num_column("dim/depth/heads"),
+        num_column("params (M)"), num_column("GFLOPs"), title="Presets (random weights)",
+    )  # fmt: skip
+    for p in presets:
+        table.add_row(
+            p["name"], p["arch"], f"{p['frames']}x{p['size']}", f"{p['dim']}/{p['depth']}/{p['heads']}",
+            f"{p['params_m']:.1f}" if p["params_m"] >= 1 else f"{p['params_m']:.3f}",
+            gflops_text(p["gflops"]),
+        )  # fmt: skip
+    console.print(table)
+    table = compact_table(
+        Column("method", no_wrap=True), "parameters (default)", "summary",
+        title="Methods (plan spec: method:key=value,...)",
+    )  # fmt: skip
+    for m in methods:
+        params = ", ".join(
+            f"{p['name']}" + ("" if p["required"] else f"={p['default']}") for p in m["params"]
+        )
+        table.add_row(m["name"], params or "-", m["summary"])
+    console.print(table)

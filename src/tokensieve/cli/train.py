@@ -1,0 +1,194 @@
+"""`tokensieve train`: train a model and its plan's selectors on a video list."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..backbones import PRESETS
+from ..bench import (
+    DTYPES,
+    compact_table,
+)
+from ..reducers import apply
+from .common import (
+    JsonOption,
+    ModelOption,
+    UsageError,
+    app,
+    check_dtype,
+    check_sampling,
+    echo_json,
+    parse_views,
+    progress_bar,
+    resolve_model,
+    usage_errors,
+)
+
+
+# ---------------------------------------------------------------------------------------- train
+def _crop_scale(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(",")
+    try:
+        scale = (float(low), float(high)) if sep else (0.0, 0.0)
+    except ValueError:
+        scale = (0.0, 0.0)
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise UsageError(f"--scale is LOW,HIGH with 0 < low <= high <= 1, e.g. 0.08,1; got {text!r}")
+    return scale
+
+
+@contextlib.contextmanager
+def _warnings_to(console: Console) -> Iterator[None]:
+    """Show the library's warnings (unreadable videos, changed settings on resume) above the progress bar."""
+    package = logging.getLogger("tokensieve")
+
+    class ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False)
+
+    handler = ToConsole(logging.WARNING)
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+
+
+@app.command("train")
+def train_command(
+    model: ModelOption,
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", "-d", help="Training list file, Kinetics CSV, SSv2 videos.json or class folders."
+        ),
+    ],
+    plan: Annotated[
+        str | None, typer.Option("--plan", "-p", help="Reduction plan spec to train with.")
+    ] = None,
+    val: Annotated[Path | None, typer.Option(help="Validation data, evaluated after every epoch.")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Folder for checkpoints (last.pt), evaluation records, logs.")
+    ] = Path("runs/train"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run checkpointed in --out.")] = False,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.", min=1)] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Clips per process per step.", min=1)
+    ] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the backbone.", min=0)] = 1e-3,
+    reducer_lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the plan's parameters; default --lr.", min=0)
+    ] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", min=0)] = 0.05,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up, in epochs.", min=0)] = 0.0,
+    min_lr_ratio: Annotated[
+        float, typer.Option(help="Final rate as a fraction of the peak.", min=0, max=1)
+    ] = 0.0,
+    clip_grad: Annotated[float | None, typer.Option(help="Maximum gradient norm; default none.")] = None,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.", min=0)] = 0.0,
+    freeze_backbone: Annotated[bool, typer.Option(help="Train only the plan's parameters.")] = False,
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
+    seed: Annotated[int, typer.Option(help="Data order, augmentation and dropout seed.", min=0)] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes.", min=0)] = 2,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Also checkpoint every N steps (always after each epoch).", min=1)
+    ] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep step-numbered checkpoints too.")] = False,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classifier size of a preset; default the data's class count.", min=1)
+    ] = None,
+    sampling: Annotated[
+        str, typer.Option(help="dense (frames x stride) or segments (one frame each).")
+    ] = "dense",
+    stride: Annotated[int, typer.Option(help="Frame stride of dense clips.", min=1)] = 4,
+    scale: Annotated[str, typer.Option(help="Random-resized-crop area range LOW,HIGH.")] = "0.08,1.0",
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips (off for direction classes).")] = True,
+    root: Annotated[Path | None, typer.Option(help="Folder the lists' paths are relative to.")] = None,
+    multilabel: Annotated[
+        bool, typer.Option(help="List labels are comma-separated sets (BCE, mAP).")
+    ] = False,
+    val_views: Annotated[str, typer.Option(help="Validation clips x crops per video.")] = "1x1",
+    as_json: JsonOption = False,
+) -> None:
+    """Train a model (and its plan's learned parameters) on videos; resumable, torchrun-aware."""
+    from ..data.clips import ClipDataset
+    from ..data.datasets import VideoDataset, load_records
+    from ..engine.distributed import setup
+    from ..engine.train import StepInfo, train
+
+    with usage_errors():
+        check_dtype(dtype)
+        check_sampling(sampling)
+        chosen, crop_scale = parse_views(val_views), _crop_scale(scale)
+        records, names = load_records(data, root=root, multilabel=multilabel)
+        classes = num_classes or (len(names) if names else None)
+        net = resolve_model(
+            model, frames=None, size=None, num_classes=classes if model in PRESETS else num_classes
+        )
+        apply(net, plan)
+        cfg = net.config
+        dataset = ClipDataset(
+            records, frames=cfg.frames, size=cfg.size, sampling=sampling, stride=stride, scale=crop_scale,
+            flip=flip, seed=seed, num_classes=cfg.num_classes,
+        )  # fmt: skip
+        validation = None
+        if val is not None:
+            val_records, val_names = load_records(val, root=root, multilabel=multilabel)
+            validation = VideoDataset(
+                val_records, frames=cfg.frames, size=cfg.size, views=chosen, sampling=sampling, stride=stride,
+                num_classes=cfg.num_classes, class_names=val_names,
+            )  # fmt: skip
+        world = setup(next(net.parameters()).device)
+        bar = progress_bar("train", show=world.is_main)
+        with bar, _warnings_to(bar.console):
+            task = bar.add_task("train", total=None, status="")
+
+            def progress(info: StepInfo) -> None:
+                lr_text = "/".join(f"{v:.2e}" for v in dict.fromkeys(info.lr.values()))
+                status = (
+                    f"epoch {info.epoch} loss {info.loss:.4f} lr {lr_text} {info.clips_per_s:.1f} clips/s"
+                )
+                bar.update(task, completed=info.step, total=info.total_steps, status=status)
+
+            result = train(
+                net, dataset, val=validation, out=out, resume=resume, progress=progress, epochs=epochs,
+                batch_size=batch_size, lr=lr, reducer_lr=reducer_lr, weight_decay=weight_decay,
+                warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio, clip_grad=clip_grad,
+                label_smoothing=label_smoothing, freeze_backbone=freeze_backbone, dtype=dtype, seed=seed,
+                workers=workers, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                eval_views=chosen,
+            )  # fmt: skip
+    if not world.is_main:
+        return
+    doc = {"model": model, "data": str(data), "plan": net.spec, **result.to_dict()}
+    target = out / "result.json"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(target)
+    if as_json:
+        echo_json(doc)
+        return
+    table = compact_table(title=f"{model} on {data}, plan {net.spec or 'none'}, {result.steps} steps")
+    for header in ("epoch", "loss", "lr", "top-1", "top-5", "mAP"):
+        table.add_column(header, justify="left" if header == "epoch" else "right")
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    for e in result.epochs:
+        summary = e.eval
+        table.add_row(
+            str(e.epoch), f"{e.loss:.4f}", "/".join(f"{v:.2e}" for v in dict.fromkeys(e.lr.values())),
+            pct(summary and summary.top1), pct(summary and summary.top5), pct(summary and summary.map),
+        )  # fmt: skip
+    Console().print(table)
+    Console(stderr=True).print(f"checkpoint: {escape(str(result.checkpoint))}", highlight=False)
