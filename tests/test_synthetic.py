@@ -333,3 +333,22 @@ def test_returning_actions_end_where_they_started(tmp_path: Path) -> None:
         mask, (start, end) = truth["mask"], truth["action"]
         torch.testing.assert_close(mask[0], mask[-1])  # back where it started
         assert not torch.allclose(mask[start], mask[(start + end - 1) // 2 + 1])  # away in between
+
+
+def test_visible_only_during_the_action(tmp_path: Path) -> None:
+    listing = make_synthetic(
+        tmp_path, videos=6, classes=4, frames=16, size=64, tubelet=1, partial=True, visible="action", seed=3
+    )
+    for record in read_records(listing):
+        truth = load_truth(tmp_path, record.id)
+        mask, (start, end) = truth["mask"], truth["action"]
+        outside = [t for t in range(16) if not start <= t < end]
+        assert outside and float(mask[outside].sum()) == 0.0  # nothing of the object outside the action
+        assert bool((mask[start:end].flatten(1).sum(1) > 0).all())  # present in every action frame
+        with av.open(str(record.path)) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(float)
+        scene = frames[outside]  # the static scene alone: alike up to the codec's noise
+        assert np.abs(scene - scene[0]).mean() < 1.0
+        assert np.abs(frames[start:end] - scene[0]).max() > 100  # the saturated object shows up
+    with pytest.raises(ValueError, match="visible must be"):
+        make_synthetic(tmp_path / "bad", videos=1, visible="sometimes")

@@ -154,6 +154,7 @@ def _render(
     object_size: tuple[float, float] = (1 / 6, 1 / 5),
     texture: float = 1.0,
     returning: bool = False,
+    visible: str = "always",
 ) -> tuple[np.ndarray, Tensor, tuple[int, int]]:
     """One clip: uint8 frames (F, S, S, 3), object coverage (F, S, S) and the action interval."""
     # Background: two octaves of smooth colour noise around a muted base colour, static over time.
@@ -214,6 +215,9 @@ def _render(
     turn = rng.choice((-1.0, 1.0)) * math.pi if name == "rotating" else 0.0  # half a turn, either way
     angle = rng.uniform(0, 2 * math.pi) + turn * p  # (F,)
     opacity = {"appearing": p, "disappearing": 1 - p}.get(name, torch.ones(frames))  # (F,)
+    if visible == "action":  # in the scene only from the action's first frame to its last
+        t = torch.arange(frames)
+        opacity = opacity * ((t >= action[0]) & (t < action[1])).float()
 
     cover = _coverage(shape, cx=cx, cy=cy, scale=scale, angle=angle, size=size) * opacity.view(-1, 1, 1)
     video = image.unsqueeze(0) * (1 - cover.unsqueeze(1)) + colour * cover.unsqueeze(1)  # (F, 3, S, S)
@@ -275,6 +279,7 @@ def make_synthetic(
     object_size: tuple[float, float] = (1 / 6, 1 / 5),
     texture: float = 1.0,
     returning: bool = False,
+    visible: str = "always",
     patch: int = 16,
     tubelet: int = 2,
     seed: int = 0,
@@ -302,6 +307,9 @@ def make_synthetic(
         returning: the object does its action and then undoes it within the action interval (moves
             and comes back, grows and shrinks back, ...), so the frames before and after the action
             look alike and only the action frames tell the class apart.
+        visible: "always" (the default), or "action": the object is in the scene only during the
+            action (from its first frame to its last), so every frame outside the action shows the
+            same static scene and only the action frames carry the label.
         patch: token side in pixels, for the truth masks.
         tubelet: frames per token, for the truth masks.
         seed: seed of everything random.
@@ -319,6 +327,8 @@ def make_synthetic(
         raise ValueError(f"object_size must be a (low, high) range within (0, 0.4], got {object_size!r}")
     if not texture >= 0:
         raise ValueError(f"texture must be a float >= 0, got {texture!r}")
+    if visible not in ("always", "action"):
+        raise ValueError(f"visible must be 'always' or 'action', got {visible!r}")
     _check("classes", classes, 1 <= classes <= len(CLASSES), f"an int in 1..{len(CLASSES)}")
     _check("tubelet", tubelet, tubelet >= 1, "an int >= 1")
     _check("patch", patch, patch >= 1, "an int >= 1")
@@ -361,6 +371,7 @@ def make_synthetic(
             object_size=object_size,
             texture=texture,
             returning=returning,
+            visible=visible,
         )
         g = size // patch
         mask = cover.view(frames // tubelet, tubelet, g, patch, g, patch).mean((1, 3, 5))  # (T, H, W)
