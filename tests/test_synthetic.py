@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -348,7 +349,21 @@ def test_visible_only_during_the_action(tmp_path: Path) -> None:
         with av.open(str(record.path)) as container:
             frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(float)
         scene = frames[outside]  # the static scene alone: alike up to the codec's noise
-        assert np.abs(scene - scene[0]).mean() < 1.0
+        assert np.abs(scene - scene[0]).mean() < 3.0
         assert np.abs(frames[start:end] - scene[0]).max() > 100  # the saturated object shows up
     with pytest.raises(ValueError, match="visible must be"):
         make_synthetic(tmp_path / "bad", videos=1, visible="sometimes")
+
+
+def test_tiny_videos_encode_to_the_same_bytes_every_time(tmp_path: Path) -> None:
+    # x264's lookahead (macroblock tree) reads memory it never wrote on frames this small, so the
+    # bitstream depended on what the allocator held before: the same arguments gave other videos.
+    digests = set()
+    for k in range(16):
+        torch.randn(12345 + k)  # leave different contents in freed memory before each run
+        listing = make_synthetic(
+            tmp_path / str(k), videos=2, classes=4, frames=16, size=32, patch=8, partial=True,
+            object_size=(1 / 3.5, 1 / 3), texture=0.4,
+        )  # fmt: skip
+        digests.add(tuple(hashlib.md5(r.path.read_bytes()).hexdigest() for r in read_records(listing)))
+    assert len(digests) == 1

@@ -22,8 +22,8 @@ before the action interval, rises linearly from 0 at its first frame to 1 at its
 after it: frames before `start` all show the initial state, frames from `end - 1` on the final one.
 Appearing/disappearing fade the object's opacity with p; the truth mask is opacity-weighted coverage.
 
-Determinism: video i is drawn from its own generator seeded with (seed, i) and encoded single-threaded,
-so the same arguments give the same truth files and the same decoded frames.
+Determinism: video i is drawn from its own generator seeded with (seed, i) and encoded single-threaded
+without x264's lookahead, so the same arguments give the same files, byte for byte.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ CLASSES: tuple[str, ...] = (
 
 _MOVES = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
 _CRF = "20"  # visually lossless enough for the flat shapes; ~10 kB per 224 x 224 x 16 clip
+# No lookahead and so no macroblock tree: on tiny frames (32 x 32) x264's lookahead reads memory it
+# never wrote, so the bitstream depended on what the allocator held before (same arguments, other
+# videos); without it the output is a function of the frames alone.
+_X264 = "rc-lookahead=0:mbtree=0"
 
 
 def _box(x0: float, y0: float, x1: float, y1: float) -> tuple[tuple[float, float], ...]:
@@ -240,7 +244,11 @@ def _encode(path: Path, video: np.ndarray, *, fps: int, codec: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
-            opts = {"crf": _CRF, "preset": "fast", "threads": "1"} if codec == "libx264" else {}
+            opts = (
+                {"crf": _CRF, "preset": "fast", "threads": "1", "x264-params": _X264}
+                if codec == "libx264"
+                else {}
+            )
             stream = container.add_stream(codec, rate=fps, options=opts)
             stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
             stream.codec_context.thread_count = 1  # deterministic bitstream
