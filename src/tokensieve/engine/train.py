@@ -18,9 +18,10 @@ Optimiser (AdamW, weight decay only on >= 2-D weights, separate reducer and back
 warm-up + cosine schedule: `engine.optim`.
 
 Determinism and resume. Everything random is a function of what a checkpoint holds:
-- data: epoch e visits `torch.randperm(n, Generator().manual_seed(config.seed + e))` (`epoch_batches`); every clip's
-  augmentation is a pure function of (dataset.seed, e, index) (`ClipDataset`), so DataLoader
-  workers do not matter and resuming mid-epoch just skips the batches done;
+- data: epoch e visits `torch.randperm(n, Generator().manual_seed(config.seed + e))`
+  (`epoch_batches`); every clip's augmentation is a pure function of (dataset.seed, e, index)
+  (`ClipDataset`), so DataLoader workers do not matter and resuming mid-epoch just skips the
+  batches done;
 - the model's own randomness (dropout, drop-path): the global torch RNG, seeded with seed + rank
   when the run starts (as are Python's and numpy's: a side effect on the calling process) and
   saved per process in every checkpoint, with the state of every `torch.Generator` a reducer
