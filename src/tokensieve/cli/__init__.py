@@ -2,6 +2,8 @@
 
     tokensieve bench  --model videomae-s --plan none --plan random:keep=0.5 --batch-size 1 --batch-size 8
     tokensieve train  --model videomae-s --data train.txt --val val.txt --plan random:keep=0.5 --epochs 3
+    tokensieve eval   --model videomae-s --data val.txt --plan random:keep=0.5 --views 5x3 --out runs/val
+    tokensieve make-synthetic synth --videos 100 --partial
     tokensieve flops  --model videomae-b --plan sta:r=64
     tokensieve info
 
