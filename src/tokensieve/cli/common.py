@@ -38,9 +38,11 @@ __all__ = [
     "gflops_text",
     "num_column",
     "parse_views",
+    "percent_text",
     "progress_bar",
     "resolve_model",
     "usage_errors",
+    "write_json",
 ]
 
 app = typer.Typer(
@@ -163,6 +165,18 @@ def bench_status(prefix: str) -> Iterator[None]:
 
 def echo_json(doc: object) -> None:
     typer.echo(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
+
+
+def write_json(target: Path, doc: object) -> None:
+    """Write `doc` as indented JSON through a temporary file and a rename (never a torn file)."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(target)
+
+
+def percent_text(value: float | None) -> str:
+    """A fraction as a percentage with two decimals, or "-" when missing."""
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def gflops_text(value: float) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -25,9 +24,11 @@ from .common import (
     echo_json,
     gflops_text,
     parse_views,
+    percent_text,
     progress_bar,
     resolve_model,
     usage_errors,
+    write_json,
 )
 
 
@@ -83,10 +84,7 @@ def eval_command(
         return
     doc = {"model": model, "data": str(data), **summary.to_dict()}
     if out is not None:
-        target = out.with_name(out.name + ".summary.json")
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        tmp.replace(target)
+        write_json(out.with_name(out.name + ".summary.json"), doc)
     if as_json:
         echo_json(doc)
         return
@@ -96,14 +94,17 @@ def eval_command(
     table.add_column("metric")
     table.add_column("value", justify="right")
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
-
-    rows = [("videos", str(summary.videos)), ("evaluated", str(summary.evaluated)), ("failed", str(summary.failed)),
-            ("top-1", pct(summary.top1)), ("top-5", pct(summary.top5)),
-            ("mean class accuracy", pct(summary.mean_class_accuracy)), ("mAP", pct(summary.map)),
-            ("GFLOPs per view", gflops_text(summary.gflops_per_view)),
-            ("clips/s (model)", "-" if summary.clips_per_s is None else f"{summary.clips_per_s:.2f}")]  # fmt: skip
+    rows = [
+        ("videos", str(summary.videos)),
+        ("evaluated", str(summary.evaluated)),
+        ("failed", str(summary.failed)),
+        ("top-1", percent_text(summary.top1)),
+        ("top-5", percent_text(summary.top5)),
+        ("mean class accuracy", percent_text(summary.mean_class_accuracy)),
+        ("mAP", percent_text(summary.map)),
+        ("GFLOPs per view", gflops_text(summary.gflops_per_view)),
+        ("clips/s (model)", "-" if summary.clips_per_s is None else f"{summary.clips_per_s:.2f}"),
+    ]
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)

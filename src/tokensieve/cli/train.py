@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +27,11 @@ from .common import (
     check_sampling,
     echo_json,
     parse_views,
+    percent_text,
     progress_bar,
     resolve_model,
     usage_errors,
+    write_json,
 )
 
 
@@ -170,10 +171,7 @@ def train_command(
     if not world.is_main:
         return
     doc = {"model": model, "data": str(data), "plan": net.spec, **result.to_dict()}
-    target = out / "result.json"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(target)
+    write_json(out / "result.json", doc)
     if as_json:
         echo_json(doc)
         return
@@ -181,14 +179,12 @@ def train_command(
     for header in ("epoch", "loss", "lr", "top-1", "top-5", "mAP"):
         table.add_column(header, justify="left" if header == "epoch" else "right")
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
-
     for e in result.epochs:
         summary = e.eval
         table.add_row(
             str(e.epoch), f"{e.loss:.4f}", "/".join(f"{v:.2e}" for v in dict.fromkeys(e.lr.values())),
-            pct(summary and summary.top1), pct(summary and summary.top5), pct(summary and summary.map),
+            percent_text(summary and summary.top1), percent_text(summary and summary.top5),
+            percent_text(summary and summary.map),
         )  # fmt: skip
     Console().print(table)
     Console(stderr=True).print(f"checkpoint: {escape(str(result.checkpoint))}", highlight=False)
