@@ -64,41 +64,43 @@ def build_backbone(classes: int) -> ts.VideoBackbone:
     )  # fmt: skip
 
 
-def action_slices(root: Path, video_id: str, T: int) -> set[int]:
-    """Temporal slices (tubelets of TUBELET frames) that hold at least one frame of the action."""
-    start, end = load_truth(root, video_id)["action"]
-    return {t for t in range(T) if TUBELET * t < end and TUBELET * (t + 1) > start}
+def action_slices(root: Path, dataset: VideoDataset, T: int) -> list[set[int]]:
+    """Per video: the temporal slices (tubelets of TUBELET frames) holding a frame of the action."""
+    intervals = (load_truth(root, record.id)["action"] for record in dataset.records)
+    return [
+        {t for t in range(T) if TUBELET * t < end and TUBELET * (t + 1) > start} for start, end in intervals
+    ]
 
 
-def action_overlap(model: ts.VideoBackbone, dataset: VideoDataset, root: Path) -> tuple[float, float]:
+def mean_pairs(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    return sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)
+
+
+def action_overlap(
+    model: ts.VideoBackbone, dataset: VideoDataset, actions: list[set[int]]
+) -> tuple[float, float]:
     """Mean share of the kept slices that hold the action, and of the action slices kept.
 
     The second is capped by the budget: with K kept slices and an action over A slices, a perfect
     selector keeps min(A, K) of them, so that is what it is divided by.
     """
-    T, H, W = model.config.grid
-    precision, recall = [], []
+    _, H, W = model.config.grid
+    shares = []
     model.eval()
-    for index, record in enumerate(dataset.records):
+    for index, action in enumerate(actions):
         views = normalize(dataset.load(index).float() / 255, model.config.mean, model.config.std)
         with torch.no_grad():
             kept = {int(t) for t in (model.forward_features(views).pos[0] // (H * W)).unique()}
-        action = action_slices(root, record.id, T)
-        precision.append(len(kept & action) / len(kept))
-        recall.append(len(kept & action) / min(len(action), len(kept)))
-    return sum(precision) / len(precision), sum(recall) / len(recall)
+        shares.append((len(kept & action) / len(kept), len(kept & action) / min(len(action), len(kept))))
+    return mean_pairs(shares)
 
 
-def reference_overlap(dataset: VideoDataset, root: Path, T: int, K: int) -> dict[str, tuple[float, float]]:
+def reference_overlap(actions: list[set[int]], T: int, K: int) -> dict[str, tuple[float, float]]:
     """The same two shares for slices drawn at random (in expectation) and for a perfect selector."""
-    rows: dict[str, list[tuple[float, float]]] = {"chance (random slices)": [], "perfect selector": []}
-    for record in dataset.records:
-        A = len(action_slices(root, record.id, T))
-        rows["chance (random slices)"].append((A / T, K * A / T / min(A, K)))
-        rows["perfect selector"].append((min(A, K) / K, 1.0))
+    sizes = [len(action) for action in actions]
     return {
-        name: (sum(p for p, _ in cells) / len(cells), sum(r for _, r in cells) / len(cells))
-        for name, cells in rows.items()
+        "chance (random slices)": mean_pairs([(A / T, K * A / T / min(A, K)) for A in sizes]),
+        "perfect selector": mean_pairs([(min(A, K) / K, 1.0) for A in sizes]),
     }
 
 
@@ -138,7 +140,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
 
-    # One thread: the backbone's result depends on its exact trajectory (see the note above), and the
+    # One thread: the backbone's result depends on its exact trajectory (see the module docstring), and the
     # trajectory on the thread count. The data-loading workers use the other cores.
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,16 +183,15 @@ def main() -> None:
             model, scorer_clips, epochs=args.stts_epochs, batch_size=16, lr=1e-3, reducer_lr=1e-3, freeze_backbone=True,
             workers=2, progress=report,
         )  # fmt: skip
-        trained_stts = {k: v.clone() for k, v in model.plan.state_dict().items()}
+        T = model.config.grid[0]
+        actions = action_slices(root, val, T)
         overlap = {}
         for spec in ("stts", "uniform:keep=0.5", "random_frames:keep=0.5"):
-            ts.apply(model, stts if spec == "stts" else spec)
-            if spec == "stts":
-                model.plan.load_state_dict(trained_stts)
+            if spec != "stts":  # the trained scorer is installed already
+                ts.apply(model, spec)
             results[spec] = ts.evaluate(model, val, batch_size=16, workers=2)
-            overlap[spec] = action_overlap(model, val, root)
-        T = model.config.grid[0]
-        overlap.update(reference_overlap(val, root, T, K=T // 2))
+            overlap[spec] = action_overlap(model, val, actions)
+        overlap.update(reference_overlap(actions, T, K=T // 2))
 
     print(
         f"\nheld-out accuracy ({args.val} videos, {CLASSES} classes, action in part of the clip,"
