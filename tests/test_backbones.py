@@ -11,6 +11,7 @@ from conftest import tiny_video
 from tokensieve.backbones import build_from_config
 from tokensieve.backbones.config import preset
 from tokensieve.backbones.layers import Attention, sinusoid_table
+from tokensieve.errors import InputError
 from tokensieve.tokens import CLS_ATTN, KEYS, TokenState
 
 TINY = ["videomae-tiny", "timesformer-tiny", "joint-tiny"]
@@ -41,9 +42,9 @@ def test_preset_input_sizes() -> None:
 
 
 def test_unknown_preset_and_field() -> None:
-    with pytest.raises(KeyError, match="valid presets: videomae-s"):
+    with pytest.raises(InputError, match="valid presets: videomae-s"):
         ts.build("videomae-xxl")
-    with pytest.raises(TypeError, match="unknown config field"):
+    with pytest.raises(InputError, match="unknown config field"):
         ts.build("videomae-tiny", num_class=3)
 
 

@@ -21,6 +21,7 @@ from tokensieve.data.datasets import (
     read_ssv2,
 )
 from tokensieve.data.transforms import crops, resize_short, to_float
+from tokensieve.errors import InputError
 
 
 def write_video(
@@ -131,7 +132,7 @@ def test_load_records_picks_the_reader(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("x\ny\n")
     records, names = load_records(tmp_path / "list.txt")
     assert names == ["x", "y"] and records[0].labels == (1,)
-    with pytest.raises(FileNotFoundError, match="no such dataset"):
+    with pytest.raises(InputError, match="no such dataset"):
         load_records(tmp_path / "missing.txt")
 
 

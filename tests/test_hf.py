@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import tokensieve as ts
 from tokensieve.backbones.checkpoint import CheckpointMismatchError
 from tokensieve.backbones.hf import SUPPORTED, from_hf_state_dict
+from tokensieve.errors import InputError
 
 transformers = pytest.importorskip("transformers")
 
@@ -348,7 +349,7 @@ def test_load_saved_pretraining_checkpoint(tmp_path: Path) -> None:
 )
 def test_unsupported_class(model: Callable[[], nn.Module]) -> None:
     m = model()
-    with pytest.raises(TypeError, match=rf"cannot convert {type(m).__name__}; supported") as err:
+    with pytest.raises(InputError, match=rf"cannot convert {type(m).__name__}; supported") as err:
         ts.from_hf(m)
     for name in SUPPORTED:
         assert name in str(err.value)
@@ -477,7 +478,7 @@ def test_load_unsupported_architecture(tmp_path: Path) -> None:
     )
     transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
     with pytest.raises(
-        TypeError, match=r"'ViTForImageClassification'\] is not supported; supported: VideoMAE"
+        InputError, match=r"'ViTForImageClassification'\] is not supported; supported: VideoMAE"
     ):
         ts.load(str(tmp_path))
 

@@ -24,6 +24,7 @@ import tokensieve as ts
 from tokensieve.backbones import build_from_config
 from tokensieve.backbones.checkpoint import CheckpointMismatchError
 from tokensieve.backbones.config import preset
+from tokensieve.errors import InputError
 
 SIZE, PATCH, DIM, DEPTH, HEADS, MLP = 32, 8, 32, 3, 2, 64  # the tiny presets' shape
 NUM_CLASSES = 10
@@ -241,7 +242,7 @@ def test_file_without_state_dict(tmp_path: Path, content: object) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint file at .*nothing\.safetensors"):
+    with pytest.raises(InputError, match=r"no checkpoint file at .*nothing\.safetensors"):
         ts.load_image_weights(ts.build("joint-tiny"), tmp_path / "nothing.safetensors")
 
 

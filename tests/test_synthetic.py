@@ -12,6 +12,7 @@ import torch
 from tokensieve.data import synthetic
 from tokensieve.data.datasets import read_list as read_records
 from tokensieve.data.synthetic import CLASSES, foreground_recall, load_truth, make_synthetic
+from tokensieve.errors import InputError
 
 SMALL = {"frames": 8, "size": 64, "patch": 16, "tubelet": 2}
 
@@ -299,7 +300,7 @@ def test_bad_input(tmp_path: Path, kwargs: dict, match: str) -> None:
 
 
 def test_load_truth_missing(small: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="999999"):
+    with pytest.raises(InputError, match="999999"):
         load_truth(small, "999999")
 
 

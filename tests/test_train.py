@@ -28,6 +28,7 @@ from tokensieve.data.clips import MAX_ATTEMPTS, ClipDataset, collate_clips
 from tokensieve.data.datasets import VideoDataset, VideoRecord
 from tokensieve.engine.distributed import World
 from tokensieve.engine.train import StepInfo, TrainConfig, epoch_batches, lr_factor, param_groups
+from tokensieve.errors import InputError
 from tokensieve.reducers.base import REGISTRY, Reducer, Site
 from tokensieve.tokens import TokenState
 
@@ -102,7 +103,7 @@ def test_an_unreadable_video_is_replaced_deterministically(
     again = _data(records)[8]
     assert torch.equal(again.video, clip.video) and again.label == clip.label  # the same substitute
     everything_broken = [VideoRecord(f"b{i}", tmp_path / "missing.mp4", (0,)) for i in range(3)]
-    with pytest.raises(RuntimeError, match=f"{MAX_ATTEMPTS} videos in a row"):
+    with pytest.raises(InputError, match=f"{MAX_ATTEMPTS} videos in a row"):
         _data(everything_broken)[0]
 
 
@@ -110,7 +111,7 @@ def test_training_stops_when_too_many_videos_are_unreadable(
     videos: list[VideoRecord], tmp_path: Path
 ) -> None:
     records = [*videos[:6], *(VideoRecord(f"gone{i}", tmp_path / f"gone{i}.mp4", (0,)) for i in range(2))]
-    with pytest.raises(RuntimeError, match="could not be loaded"):
+    with pytest.raises(InputError, match="could not be loaded"):
         ts.train(_model(), _data(records), epochs=3, batch_size=8, workers=0)
 
 
@@ -388,7 +389,7 @@ def test_bad_runs_fail_clearly(videos: list[VideoRecord], tmp_path: Path) -> Non
         ts.train(ts.apply(_model(), "random:keep=0.5"), data, freeze_backbone=True, workers=0)
     with pytest.raises(TypeError):
         ts.train(_model(), data, epoch=2)  # a typo is not swallowed
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(InputError, match="no checkpoint"):
         ts.train(_model(), data, out=tmp_path / "nothing", resume=True, workers=0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ts.train(_model(), data, batch_size=9, workers=0)

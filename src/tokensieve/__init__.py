@@ -17,6 +17,7 @@ from .backbones.image_init import load_image_weights
 from .bench import benchmark
 from .engine.evaluate import evaluate
 from .engine.train import train
+from .errors import InputError
 from .flops import flops
 from .reducers import REGISTRY as METHODS
 from .reducers import apply, plan
@@ -26,6 +27,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "BackboneConfig",
+    "InputError",
     "TimeSformer",
     "TokenState",
     "VideoBackbone",

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
 from .flops import flops
 from .reducers import REGISTRY, apply, parse
 from .reducers.base import At
@@ -232,15 +233,15 @@ def with_baseline(plans: Sequence[str]) -> list[str]:
 def _check_args(*, plans: Sequence[str], batch_sizes: Sequence[int], dtype: str, threads: int | None,
                 warmup: int, repeats: int) -> None:  # fmt: skip
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got {dtype!r}")
     if isinstance(plans, str):
-        raise TypeError(f"plans is a sequence of specs, e.g. [{plans!r}], not one string")
+        raise InputError(f"plans is a sequence of specs, e.g. [{plans!r}], not one string")
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+        raise InputError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 (or None to keep torch's setting), got {threads}")
+        raise InputError(f"threads must be >= 1 (or None to keep torch's setting), got {threads}")
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+        raise InputError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
 
 
 def _timed_rounds(num_plans: int, *, install: Callable[[int], None], run: Callable[[], None], warmup: int,
@@ -319,9 +320,9 @@ def benchmark(
     specs = with_baseline(plans)
     param = next(model.parameters())
     if param.device.type == "meta":
-        raise ValueError("cannot time a model on the meta device; use tokensieve.flops to count it")
+        raise InputError("cannot time a model on the meta device; use tokensieve.flops to count it")
     if param.dtype != torch.float32:
-        raise ValueError(
+        raise InputError(
             f"benchmark expects float32 weights (use dtype='bfloat16' for autocast), got {param.dtype}"
         )
     device = param.device

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import InputError
+
 __all__ = ["FlopCount", "count_flops", "flops", "register_cpu_sdpa_formula"]
 
 aten = torch.ops.aten
@@ -205,7 +207,7 @@ def flops(
         frames = frames or getattr(cfg, "frames", None)
         size = size or getattr(cfg, "size", None)
         if frames is None or size is None:
-            raise ValueError("pass frames= and size= (or video=) for a model without a tokensieve config")
+            raise InputError("pass frames= and size= (or video=) for a model without a tokensieve config")
         param = next(model.parameters())
         channels = getattr(cfg, "channels", 3)
         video = torch.randn(1, frames, channels, size, size, device=param.device, dtype=param.dtype)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = ["perturbed_topk"]
 
 
@@ -121,17 +123,17 @@ def perturbed_topk(
             of range.
     """
     if scores.dim() != 2 or not scores.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"scores must be a 2-D floating-point (B, N) tensor, got shape {tuple(scores.shape)} "
             f"and dtype {scores.dtype}"
         )
     B, N = scores.shape
     if not 1 <= k <= N:
-        raise ValueError(f"k must be in [1, N] = [1, {N}], got {k}")
+        raise InputError(f"k must be in [1, N] = [1, {N}], got {k}")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise InputError(f"num_samples must be >= 1, got {num_samples}")
     if not sigma >= 0:  # also rejects NaN
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
+        raise InputError(f"sigma must be >= 0, got {sigma}")
 
     if not training or sigma == 0:
         return _hard_topk(scores, k)  # (B, K, N)

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..tokens import TokenState
 from .config import BackboneConfig
 
@@ -54,23 +55,23 @@ class VideoBackbone(nn.Module):
         cfg = self.config
         if not isinstance(video, Tensor) or video.dim() != 5:
             shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
-            raise ValueError(f"expected a video batch of shape (B, T, C, H, W), got {shape}")
+            raise InputError(f"expected a video batch of shape (B, T, C, H, W), got {shape}")
         if not video.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"expected a float video (normalised like the checkpoint), got dtype {video.dtype}"
             )
         _, T, C, H, W = video.shape
         if C != cfg.channels:
-            raise ValueError(
+            raise InputError(
                 f"expected {cfg.channels} channels at dim 2 of (B, T, C, H, W), got {C} (shape {tuple(video.shape)})"
             )
         if T % cfg.tubelet:
-            raise ValueError(f"frames ({T}) must be divisible by the tubelet size {cfg.tubelet}")
+            raise InputError(f"frames ({T}) must be divisible by the tubelet size {cfg.tubelet}")
         if H % cfg.patch or W % cfg.patch:
-            raise ValueError(f"frame size {H}x{W} must be divisible by the patch size {cfg.patch}")
+            raise InputError(f"frame size {H}x{W} must be divisible by the patch size {cfg.patch}")
         grid = (T // cfg.tubelet, H // cfg.patch, W // cfg.patch)
         if grid != cfg.grid:
-            raise ValueError(
+            raise InputError(
                 f"this model's positions are built for {cfg.frames} frames of {cfg.size}x{cfg.size} "
                 f"(token grid {cfg.grid}); got {T} frames of {H}x{W} (token grid {grid})"
             )

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import InputError
 from .layers import QkvBias
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "BackboneConfig", "preset"]
@@ -62,25 +63,25 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         has_cls = self.arch != "videomae"
         if self.arch not in ("videomae", "vit-cls", "timesformer"):
-            raise ValueError(f"arch must be 'videomae', 'vit-cls' or 'timesformer', got {self.arch!r}")
+            raise InputError(f"arch must be 'videomae', 'vit-cls' or 'timesformer', got {self.arch!r}")
         if has_cls and self.pool != "cls":
-            raise ValueError(
+            raise InputError(
                 f"arch {self.arch!r} reads out its class token: pool must be 'cls', got {self.pool!r}"
             )
         if not has_cls and self.pool not in ("mean", "first"):
-            raise ValueError(
+            raise InputError(
                 f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}"
             )
         if self.arch != "videomae" and self.tubelet != 1:
-            raise ValueError(
+            raise InputError(
                 f"arch {self.arch!r} embeds every frame on its own: tubelet must be 1, got {self.tubelet}"
             )
         if self.frames % self.tubelet:
-            raise ValueError(f"frames ({self.frames}) must be divisible by the tubelet ({self.tubelet})")
+            raise InputError(f"frames ({self.frames}) must be divisible by the tubelet ({self.tubelet})")
         if self.size % self.patch:
-            raise ValueError(f"size ({self.size}) must be divisible by the patch ({self.patch})")
+            raise InputError(f"size ({self.size}) must be divisible by the patch ({self.patch})")
         if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+            raise InputError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -133,9 +134,9 @@ PRESETS: dict[str, BackboneConfig] = {
 def preset(name: str, **changes: object) -> BackboneConfig:
     """The config of a registered preset, with `changes` applied (e.g. `num_classes=174`)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(BackboneConfig)}
     unknown = sorted(set(changes) - fields)
     if unknown:
-        raise TypeError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
+        raise InputError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(PRESETS[name], **changes)

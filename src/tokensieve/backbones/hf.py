@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import VideoBackbone
 from .checkpoint import load_checked, remap
 from .config import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, BackboneConfig
@@ -82,14 +83,14 @@ TIMESFORMER_RULES = [
 def _square(value: Any, what: str) -> int:
     if isinstance(value, (tuple, list)):
         if len(set(value)) != 1:
-            raise ValueError(f"only square {what}s are supported, got {tuple(value)}")
+            raise InputError(f"only square {what}s are supported, got {tuple(value)}")
         value = value[0]
     return int(value)
 
 
 def _check_act(config: Any) -> None:
     if config.hidden_act != "gelu":
-        raise ValueError(f"only hidden_act='gelu' (exact erf GELU) is supported, got {config.hidden_act!r}")
+        raise InputError(f"only hidden_act='gelu' (exact erf GELU) is supported, got {config.hidden_act!r}")
 
 
 def _videomae_config(config: Any, num_classes: int) -> BackboneConfig:
@@ -108,7 +109,7 @@ def _videomae_config(config: Any, num_classes: int) -> BackboneConfig:
 def _timesformer_config(config: Any, num_classes: int) -> BackboneConfig:
     _check_act(config)
     if config.attention_type != "divided_space_time":
-        raise ValueError(
+        raise InputError(
             f"only attention_type='divided_space_time' is supported, got {config.attention_type!r}"
         )
     return BackboneConfig(
@@ -137,7 +138,7 @@ def from_hf(model: nn.Module, **config_changes: Any) -> VideoBackbone:
     """
     kind = type(model).__name__
     if kind not in SUPPORTED:
-        raise TypeError(f"cannot convert {kind}; supported transformers classes: {', '.join(SUPPORTED)}")
+        raise InputError(f"cannot convert {kind}; supported transformers classes: {', '.join(SUPPORTED)}")
     ours = from_hf_state_dict(model.state_dict(), model.config, kind, **config_changes)
     return ours.train(model.training)
 
@@ -162,7 +163,7 @@ def from_hf_state_dict(
         CheckpointMismatchError: keys or shapes do not fit (all of them listed).
     """
     if kind not in SUPPORTED:
-        raise ValueError(f"unknown kind {kind!r}; supported transformers classes: {', '.join(SUPPORTED)}")
+        raise InputError(f"unknown kind {kind!r}; supported transformers classes: {', '.join(SUPPORTED)}")
     classifier = kind.endswith("ForVideoClassification")
     num_classes = hf_config.num_labels if classifier else 0
     if kind.startswith("VideoMAE"):
@@ -213,7 +214,7 @@ def load(name_or_path: str | Path, *, revision: str | None = None, **config_chan
     architectures = list(getattr(hf_config, "architectures", None) or [])
     arch = next((a for a in architectures if a in _LOADERS), None)
     if arch is None:
-        raise TypeError(
+        raise InputError(
             f"{name}: architecture {architectures or hf_config.model_type!r} is not supported; "
             f"supported: {', '.join(_LOADERS)}"
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .base import VideoBackbone
 from .checkpoint import load_checked, remap
 
@@ -37,7 +38,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a `.safetensors` file or a torch checkpoint (unwrapping `model`/`state_dict`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise InputError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -47,7 +48,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(
+        raise InputError(
             f"{path} holds no state dict of tensors (looked under 'model', 'state_dict', 'module')"
         )
     return obj
@@ -72,7 +73,7 @@ def load_image_weights(
             another image size fails on `embed.pos_embed`).
     """
     if model.config.arch not in ("vit-cls", "timesformer"):
-        raise ValueError(
+        raise InputError(
             f"image weights fit class-token backbones (arch 'vit-cls' or 'timesformer'), not {model.config.arch!r}"
         )
     state = read_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else dict(checkpoint)

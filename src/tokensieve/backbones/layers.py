@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..tokens import ATTN_RECEIVED, CLS_ATTN, KEYS, PROP_ATTN, TokenState
 
 __all__ = [
@@ -129,9 +130,9 @@ class Attention(nn.Module):
     def __init__(self, *, dim: int, heads: int, qkv_bias: QkvBias = "qkv", attn_drop: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise InputError(f"dim {dim} is not divisible by heads {heads}")
         if qkv_bias not in ("qkv", "qv", "none"):
-            raise ValueError(f"qkv_bias must be 'qkv', 'qv' or 'none', got {qkv_bias!r}")
+            raise InputError(f"qkv_bias must be 'qkv', 'qv' or 'none', got {qkv_bias!r}")
         self.heads = heads
         self.head_dim = dim // heads
         self.attn_drop = attn_drop

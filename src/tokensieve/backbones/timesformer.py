@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..tokens import TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
@@ -97,7 +98,7 @@ class TimeSformer(VideoBackbone):
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch != "timesformer":
-            raise ValueError(f"TimeSformer builds arch 'timesformer', got {config.arch!r}")
+            raise InputError(f"TimeSformer builds arch 'timesformer', got {config.arch!r}")
         super().__init__(config)
         self.embed = FrameEmbed(
             channels=config.channels, dim=config.dim, patch=config.patch, grid=config.grid

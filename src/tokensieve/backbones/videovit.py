@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..tokens import TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
@@ -90,7 +91,7 @@ class VideoViT(VideoBackbone):
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch not in ("videomae", "vit-cls"):
-            raise ValueError(f"VideoViT builds arch 'videomae' or 'vit-cls', got {config.arch!r}")
+            raise InputError(f"VideoViT builds arch 'videomae' or 'vit-cls', got {config.arch!r}")
         super().__init__(config)
         kw = {"channels": config.channels, "dim": config.dim, "patch": config.patch, "grid": config.grid}
         self.embed = (

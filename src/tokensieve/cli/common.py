@@ -22,6 +22,7 @@ from ..backbones import PRESETS, VideoBackbone, build
 from ..bench import (
     DTYPES,
 )
+from ..errors import InputError
 
 __all__ = [
     "FramesOption",
@@ -53,9 +54,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # bugs get a plain traceback, without tensors printed as locals
 )
 
-# Errors the library raises for bad user input; anything else is a bug and keeps its traceback.
-_USAGE_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError)
-
 ModelOption = Annotated[
     str,
     typer.Option(
@@ -73,27 +71,31 @@ SizeOption = Annotated[int | None, typer.Option(help="Frame side in pixels; defa
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A bad command-line input, reported as one red line (exit code 2)."""
 
 
-def _message(err: Exception) -> str:
-    # KeyError's str() is the repr of its argument; the other errors read as they are.
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+def _os_message(err: OSError) -> str:
+    """One line naming the path and the problem: "cannot use out.jsonl: Read-only file system"."""
+    where = err.filename if err.filename is not None else ""
+    what = err.strerror or str(err)
+    return f"cannot use {where}: {what}" if where else what
 
 
 @contextlib.contextmanager
 def usage_errors() -> Iterator[None]:
-    """Turn bad input (ours or the library's) into one red line on stderr and exit code 2.
+    """Turn bad input into one red line on stderr and exit code 2.
 
-    Each command's body runs inside it, so the line is printed after any spinner has stopped.
+    Exactly the library's own `InputError` (and this module's `UsageError`, one of them) and
+    operating-system errors (a read-only folder, a full disk, a missing file) are reported this way;
+    any other exception is a bug and keeps its traceback. Each command's body runs inside it, so the
+    line is printed after any spinner has stopped.
     """
     try:
         yield
-    except (UsageError, *_USAGE_ERRORS) as err:
-        Console(stderr=True).print(
-            f"[red]error:[/red] {escape(_message(err))}", highlight=False, soft_wrap=True
-        )
+    except (InputError, OSError) as err:
+        text = _os_message(err) if isinstance(err, OSError) else str(err)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 
@@ -122,7 +124,7 @@ def resolve_model(
     try:
         return load(name, **changes)
     except Exception as err:  # offline, missing files, unsupported architecture: all one line
-        raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {_message(err)}") from err
+        raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {err}") from err
 
 
 def check_dtype(dtype: str) -> None:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from .datasets import DataFormatError, Sampling, VideoRecord
 from .sampling import Short, random_clip_indices, random_segment_indices
 from .transforms import hflip, random_resized_crop, to_float
@@ -95,7 +96,7 @@ def sample_generator(*key: int) -> torch.Generator:
     give unrelated streams (unlike seeding with seed + epoch + index, where (0, 1, 0) == (0, 0, 1)).
     """
     if any(k < 0 for k in key):
-        raise ValueError(f"seed, epoch and index must be >= 0, got {key}")
+        raise InputError(f"seed, epoch and index must be >= 0, got {key}")
     state = np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
@@ -144,26 +145,26 @@ class ClipDataset(Dataset):
         max_failed: float = 0.1,
     ) -> None:
         if sampling not in ("dense", "segments"):
-            raise ValueError(f"sampling must be 'dense' or 'segments', got {sampling!r}")
+            raise InputError(f"sampling must be 'dense' or 'segments', got {sampling!r}")
         if frames < 1 or size < 1 or stride < 1:
-            raise ValueError(f"frames, size and stride must be >= 1, got {frames}, {size}, {stride}")
+            raise InputError(f"frames, size and stride must be >= 1, got {frames}, {size}, {stride}")
         if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale}")
+            raise InputError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale}")
         if not 0 <= max_failed < 1:
-            raise ValueError(f"max_failed must be in [0, 1), got {max_failed}")
+            raise InputError(f"max_failed must be in [0, 1), got {max_failed}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise InputError(f"seed must be >= 0, got {seed}")
         self.records = list(records)
         if not self.records:
-            raise ValueError("a training dataset needs at least one video")
+            raise InputError("a training dataset needs at least one video")
         unlabelled = [r.id for r in self.records if not r.labels]
         if unlabelled:
-            raise ValueError(
+            raise InputError(
                 f"training needs labelled videos; {len(unlabelled)} have no label (first: {unlabelled[0]!r})"
             )
         self.multilabel = any(len(r.labels) > 1 for r in self.records)
         if self.multilabel and num_classes is None:
-            raise ValueError("multi-label data needs num_classes (the length of the multi-hot labels)")
+            raise InputError("multi-label data needs num_classes (the length of the multi-hot labels)")
         if num_classes is not None:
             for r in self.records:
                 bad = [label for label in r.labels if label >= num_classes]
@@ -180,7 +181,7 @@ class ClipDataset(Dataset):
         """Draw the clips of `epoch` from now on (call before creating the epoch's DataLoader
         iterator: worker processes get a copy of the dataset when the iterator starts)."""
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise InputError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -231,7 +232,7 @@ class ClipDataset(Dataset):
                     "training video %s (%s) failed, substituting another: %s", record.id, record.path, err
                 )
                 failed.append(f"{record.id}: {type(err).__name__}: {err}")
-        raise RuntimeError(
+        raise InputError(
             f"{MAX_ATTEMPTS} videos in a row could not be loaded for sample {index} (epoch {self.epoch}); "
             f"is the dataset readable? Last: {failed[-1]}"
         )

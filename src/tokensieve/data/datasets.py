@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from .sampling import clip_indices, segment_indices
 from .transforms import crops, resize_short, to_float
 from .video import Video
@@ -220,7 +221,7 @@ def load_records(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such dataset: {path}")
+        raise InputError(f"no such dataset: {path}")
     if path.is_dir():
         return read_folder(path)
     if path.suffix == ".csv":
@@ -290,10 +291,10 @@ class VideoDataset(Dataset):
         threads: bool = True,
     ) -> None:
         if sampling not in ("dense", "segments"):
-            raise ValueError(f"sampling must be 'dense' or 'segments', got {sampling!r}")
+            raise InputError(f"sampling must be 'dense' or 'segments', got {sampling!r}")
         clips, num_crops = views
         if clips < 1 or num_crops not in (1, 3):
-            raise ValueError(f"views must be (clips >= 1, crops in 1 or 3), got {views}")
+            raise InputError(f"views must be (clips >= 1, crops in 1 or 3), got {views}")
         self.records = list(records)
         self.frames, self.size, self.views = frames, size, (clips, num_crops)
         self.sampling, self.stride, self.short = sampling, stride, short

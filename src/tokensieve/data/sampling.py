@@ -23,6 +23,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["Short", "clip_indices", "random_clip_indices", "random_segment_indices", "segment_indices"]
 
 Short = Literal["loop", "repeat"]
@@ -32,12 +34,12 @@ Short = Literal["loop", "repeat"]
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
 
 
 def _check_short(short: str) -> None:
     if short not in get_args(Short):
-        raise ValueError(f"short must be one of {get_args(Short)}, got {short!r}")
+        raise InputError(f"short must be one of {get_args(Short)}, got {short!r}")
 
 
 def _clip(starts: Tensor, num_frames: int, *, frames: int, stride: int, short: Short) -> Tensor:
@@ -74,7 +76,7 @@ def clip_indices(
         starts = torch.tensor([max(num_frames - span, 0) // 2])
     else:
         if num_frames - span + 1 < views:
-            raise ValueError(
+            raise InputError(
                 f"the video has {num_frames} frames; {views} views of a clip spanning {span} frames "
                 f"({frames} frames, stride {stride}) need {span + views - 1}"
             )
@@ -103,7 +105,7 @@ def segment_indices(num_frames: int, *, segments: int, views: int = 1) -> Tensor
     """
     _check_positive(num_frames=num_frames, segments=segments, views=views)
     if views > 1 and num_frames < segments * views:
-        raise ValueError(
+        raise InputError(
             f"the video has {num_frames} frames; {views} views of {segments} segments need {segments * views}"
         )
     k = torch.arange(segments)

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["CLASSES", "foreground_recall", "load_truth", "make_synthetic"]
 
 log = logging.getLogger(__name__)
@@ -271,7 +273,7 @@ def _write_text(path: Path, lines: list[str]) -> None:
 
 def _check(name: str, value: int, ok: bool, valid: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not ok:
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
+        raise InputError(f"{name} must be {valid}, got {value!r}")
 
 
 def make_synthetic(
@@ -332,11 +334,11 @@ def make_synthetic(
     _check("videos", videos, videos >= 1, "an int >= 1")
     low, high = object_size
     if not 0 < low <= high <= 0.4:
-        raise ValueError(f"object_size must be a (low, high) range within (0, 0.4], got {object_size!r}")
+        raise InputError(f"object_size must be a (low, high) range within (0, 0.4], got {object_size!r}")
     if not texture >= 0:
-        raise ValueError(f"texture must be a float >= 0, got {texture!r}")
+        raise InputError(f"texture must be a float >= 0, got {texture!r}")
     if visible not in ("always", "action"):
-        raise ValueError(f"visible must be 'always' or 'action', got {visible!r}")
+        raise InputError(f"visible must be 'always' or 'action', got {visible!r}")
     _check("classes", classes, 1 <= classes <= len(CLASSES), f"an int in 1..{len(CLASSES)}")
     _check("tubelet", tubelet, tubelet >= 1, "an int >= 1")
     _check("patch", patch, patch >= 1, "an int >= 1")
@@ -415,7 +417,7 @@ def load_truth(out: str | Path, video_id: str) -> dict:
     """
     path = Path(out) / "truth" / f"{Path(video_id).stem}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no truth file for video {video_id!r}: expected {path}")
+        raise InputError(f"no truth file for video {video_id!r}: expected {path}")
     return torch.load(path, weights_only=True)
 
 
@@ -432,20 +434,20 @@ def foreground_recall(pos: Tensor, mask: Tensor, *, threshold: float = 0.5) -> T
         () or (B,) float32 recall; NaN for a video without foreground tokens.
     """
     if pos.dim() not in (1, 2) or mask.dim() != pos.dim() + 2:
-        raise ValueError(
+        raise InputError(
             f"expected pos (N,) with mask (T, H, W) or pos (B, N) with mask (B, T, H, W), "
             f"got pos {tuple(pos.shape)} and mask {tuple(mask.shape)}"
         )
     if pos.dtype.is_floating_point or pos.dtype == torch.bool:
-        raise ValueError(f"pos must hold integer grid positions, got {pos.dtype}")
+        raise InputError(f"pos must hold integer grid positions, got {pos.dtype}")
     single = pos.dim() == 1
     pos, mask = (pos[None], mask[None]) if single else (pos, mask)
     if pos.shape[0] != mask.shape[0]:
-        raise ValueError(f"pos and mask disagree on the batch size: {pos.shape[0]} vs {mask.shape[0]}")
+        raise InputError(f"pos and mask disagree on the batch size: {pos.shape[0]} vs {mask.shape[0]}")
     fg = mask.flatten(1) >= threshold  # (B, THW)
     n = fg.shape[1]
     if bool((pos >= n).any()):
-        raise ValueError(f"pos holds positions >= {n}, outside the (T, H, W) = {tuple(mask.shape[1:])} grid")
+        raise InputError(f"pos holds positions >= {n}, outside the (T, H, W) = {tuple(mask.shape[1:])} grid")
     slot = torch.where(pos >= 0, pos, n).long()  # (B, N), n = the discard slot
     kept = torch.zeros(pos.shape[0], n + 1, dtype=torch.bool, device=pos.device)
     kept = kept.scatter(1, slot, True)[:, :n].to(fg.device)  # (B, THW)

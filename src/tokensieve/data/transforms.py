@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["crops", "hflip", "normalize", "random_resized_crop", "resize_short", "to_float"]
 
 
 def _check_clip(video: Tensor, what: str) -> None:
     if video.dim() != 4:
-        raise ValueError(f"{what} expects a (T, C, H, W) clip, got shape {tuple(video.shape)}")
+        raise InputError(f"{what} expects a (T, C, H, W) clip, got shape {tuple(video.shape)}")
 
 
 def _as_float(video: Tensor) -> Tensor:
@@ -31,7 +33,7 @@ def _as_float(video: Tensor) -> Tensor:
     if video.dtype == torch.uint8:
         return video.float() / 255
     if not video.is_floating_point():
-        raise TypeError(f"expected a uint8 or floating clip, got {video.dtype}")
+        raise InputError(f"expected a uint8 or floating clip, got {video.dtype}")
     return video
 
 
@@ -45,7 +47,7 @@ def to_float(frames: Tensor) -> Tensor:
         (T, 3, H, W) float32 in [0, 1].
     """
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
-        raise ValueError(
+        raise InputError(
             f"to_float expects (T, H, W, 3) uint8 frames, got {frames.dtype} of shape {tuple(frames.shape)}"
         )
     return frames.permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
@@ -72,7 +74,7 @@ def resize_short(video: Tensor, size: int) -> Tensor:
     """
     _check_clip(video, "resize_short")
     if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+        raise InputError(f"size must be >= 1, got {size}")
     video = _as_float(video)
     H, W = video.shape[-2:]
     short, long = min(H, W), max(H, W)
@@ -102,12 +104,12 @@ def crops(video: Tensor, size: int, num: int = 1) -> Tensor:
     _check_clip(video, "crops")
     H, W = video.shape[-2:]
     if H < size or W < size:
-        raise ValueError(f"frames of {H}x{W} (HxW) are smaller than the crop size {size}")
+        raise InputError(f"frames of {H}x{W} (HxW) are smaller than the crop size {size}")
     top, left = (H - size) // 2, (W - size) // 2
     if num == 1:
         return _crop(video, top, left, size, size).unsqueeze(0)  # (1, T, C, size, size)
     if num != 3:
-        raise ValueError(f"num must be 1 (centre crop) or 3 (three crops along the long side), got {num}")
+        raise InputError(f"num must be 1 (centre crop) or 3 (three crops along the long side), got {num}")
     if H > W:
         boxes = [(t, left) for t in (0, top, H - size)]
     else:
@@ -127,15 +129,15 @@ def normalize(video: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
         (..., C, H, W) normalised, same dtype.
     """
     if video.dim() < 3 or not video.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"normalize expects a floating (..., C, H, W) tensor, got {video.dtype} of shape "
             f"{tuple(video.shape)}"
         )
     C = video.shape[-3]
     if len(mean) != C or len(std) != C:
-        raise ValueError(f"expected {C} means and stds (channels at dim -3), got {len(mean)} and {len(std)}")
+        raise InputError(f"expected {C} means and stds (channels at dim -3), got {len(mean)} and {len(std)}")
     if any(s == 0 for s in std):
-        raise ValueError(f"std must be non-zero, got {list(std)}")
+        raise InputError(f"std must be non-zero, got {list(std)}")
     m = torch.tensor(mean, dtype=video.dtype, device=video.device).view(C, 1, 1)  # (C, 1, 1)
     s = torch.tensor(std, dtype=video.dtype, device=video.device).view(C, 1, 1)  # (C, 1, 1)
     return (video - m) / s
@@ -195,9 +197,9 @@ def random_resized_crop(
     """
     _check_clip(video, "random_resized_crop")
     if not 0 < scale[0] <= scale[1]:
-        raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
+        raise InputError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
     if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {ratio}")
+        raise InputError(f"ratio must be (low, high) with 0 < low <= high, got {ratio}")
     video = _as_float(video)
     H, W = video.shape[-2:]
     top, left, h, w = _random_box(H, W, scale=scale, ratio=ratio, generator=generator)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["DecodeError", "Video", "VideoInfo", "read_frames"]
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,7 @@ class Video:
     def _as_list(self, indices: Sequence[int] | Tensor) -> list[int]:
         if isinstance(indices, Tensor):
             if indices.dim() != 1 or indices.is_floating_point():
-                raise ValueError(
+                raise InputError(
                     f"expected a 1-D integer tensor of frame indices, got {indices.dtype} of shape "
                     f"{tuple(indices.shape)} (flatten (views, frames) indices first)"
                 )
@@ -173,7 +175,7 @@ class Video:
         else:
             wanted = [int(i) for i in indices]
         if wanted and min(wanted) < 0:
-            raise ValueError(f"frame indices must be >= 0, got {min(wanted)} for {self.path}")
+            raise InputError(f"frame indices must be >= 0, got {min(wanted)} for {self.path}")
         return wanted
 
     def _index(self, frame: av.VideoFrame) -> int | None:

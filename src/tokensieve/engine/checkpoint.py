@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from .distributed import World
     from .train import TrainConfig
@@ -75,7 +77,7 @@ def set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
     held = generators(model)
     for name, value in state["generators"].items():
         if name not in held:
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint holds the RNG of {name!r}, which this model's plan does not have"
             )
         held[name].set_state(value)
@@ -101,10 +103,10 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(out: Path | None) -> dict[str, Any]:
     if out is None:
-        raise ValueError("resume=True needs out= (the folder holding the checkpoint)")
+        raise InputError("resume=True needs out= (the folder holding the checkpoint)")
     path = out / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"cannot resume: no checkpoint {path} (train without resume to start a run)")
+        raise InputError(f"cannot resume: no checkpoint {path} (train without resume to start a run)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -116,14 +118,14 @@ def check_resumable(ckpt: dict[str, Any], model: nn.Module, config: TrainConfig,
     """Refuse a checkpoint of another plan or global batch; warn about other changed settings."""
     spec, saved = getattr(model, "spec", None) or "none", ckpt["spec"] or "none"
     if spec != saved:
-        raise ValueError(
+        raise InputError(
             f"cannot resume: the checkpoint was trained with plan {saved!r} but the model has plan {spec!r}; "
             f"install the same plan (ts.apply(model, {saved!r})) or start a new run"
         )
     old = ckpt["config"]
     old_global = old["batch_size"] * ckpt["world_size"]
     if old_global != config.batch_size * world.size:
-        raise ValueError(
+        raise InputError(
             f"cannot resume: the checkpoint's global batch is {old_global} ({ckpt['world_size']} "
             f"processes x {old['batch_size']}), this run's is {config.batch_size * world.size}; "
             "the data order would differ"

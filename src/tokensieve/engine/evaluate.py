@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.clips import ClipDataset
 from ..data.datasets import Sample, VideoDataset
 from ..data.transforms import normalize
+from ..errors import InputError
 from ..flops import flops
 from .distributed import barrier, setup
 from .results import RecordWriter, merge, part_path, read_done
@@ -125,12 +126,12 @@ def check_fits(model: torch.nn.Module, dataset: VideoDataset | ClipDataset) -> N
     """Refuse a dataset whose clips or classes do not fit the model, saying how to build it."""
     cfg = model.config
     if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
-        raise ValueError(
+        raise InputError(
             f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
             f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
         )
     if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
-        raise ValueError(
+        raise InputError(
             f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
         )
 
@@ -198,7 +199,7 @@ def evaluate(
         The `EvalSummary` (the same on every process).
     """
     if batch_size < 1 or workers < 0:
-        raise ValueError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
+        raise InputError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)

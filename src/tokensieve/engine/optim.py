@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from .train import TrainConfig
 
@@ -65,7 +67,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     if not buckets:
         spec = getattr(model, "spec", None) or "none"
         frozen = " the backbone is frozen and" if config.freeze_backbone else ""
-        raise ValueError(
+        raise InputError(
             f"nothing to train:{frozen} no parameter of the model or of plan {spec!r} requires a gradient; "
             "use a plan with learned parameters or do not freeze the backbone"
         )

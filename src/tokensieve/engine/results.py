@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["RecordWriter", "merge", "part_path", "read_done"]
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def _read(path: Path, *, repair: bool) -> list[Record]:
         except json.JSONDecodeError:
             if number == len(complete) and not tail:  # the last line, torn inside its JSON
                 break
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: not a result record (the file is damaged): {line[:80]!r}"
             ) from None
         good_bytes += len(line) + 1

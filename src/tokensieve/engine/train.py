@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader
 from ..data.clips import ClipBatch, ClipDataset, collate_clips
 from ..data.datasets import VideoDataset
 from ..data.transforms import normalize
+from ..errors import InputError
 from ..tokens import LOSSES
 from .checkpoint import (
     CHECKPOINT,
@@ -154,7 +155,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be {what}, got {getattr(self, name)!r}")
 
         need(self.epochs >= 1, "epochs", ">= 1")
         need(self.batch_size >= 1, "batch_size", ">= 1")
@@ -339,30 +340,30 @@ def train(
             size or with fewer videos than one global batch, `out` already holding a run (without
             `resume`), a checkpoint of another plan or global batch; distributed evaluation without out.
         FileNotFoundError: `resume` without a checkpoint.
-        RuntimeError: more than `dataset.max_failed` of the videos are unreadable.
+        InputError: more than `dataset.max_failed` of the videos are unreadable.
     """
     config = dataclasses.replace(config or TrainConfig(), **changes)
     check_fits(model, dataset)
     cfg = model.config
     too_big = [r.id for r in dataset.records if max(r.labels) >= cfg.num_classes]
     if too_big:
-        raise ValueError(f"video {too_big[0]!r} has a label >= the model's {cfg.num_classes} classes")
+        raise InputError(f"video {too_big[0]!r} has a label >= the model's {cfg.num_classes} classes")
     device = next(model.parameters()).device
     world = setup(device)
     steps_per_epoch = len(dataset) // (config.batch_size * world.size)
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise InputError(
             f"the dataset has {len(dataset)} videos, fewer than one global batch "
             f"({world.size} processes x batch_size {config.batch_size})"
         )
     out = Path(out) if out is not None else None
     if val is not None and out is None and world.size > 1:
-        raise ValueError(
+        raise InputError(
             "distributed training with validation data needs out= (evaluation shares records there)"
         )
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is None and out is not None and (out / CHECKPOINT).exists():
-        raise ValueError(
+        raise InputError(
             f"{out} already holds a training run ({CHECKPOINT}); resume it (resume=True, --resume) "
             "or choose another out"
         )
@@ -531,7 +532,7 @@ class _Run:
         self.failed.update(f.split(": ", 1)[0] for f in failed)
         limit = self.dataset.max_failed * len(self.dataset)
         if len(self.failed) > limit:
-            raise RuntimeError(
+            raise InputError(
                 f"{len(self.failed)} of {len(self.dataset)} training videos could not be loaded, more than "
                 f"{self.dataset.max_failed:.0%}; last: {failed[-1]}"
             )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..tokens import TokenState
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class Reducer(nn.Module):
     def check(self, model: VideoBackbone) -> None:
         """Raise `ValueError` if this reducer cannot run on `model` (called by `apply`)."""
         if model.divided and not self.keeps_frames:
-            raise ValueError(
+            raise InputError(
                 f"{self.name} leaves different token counts in different frames, but "
                 f"{type(model).__name__}'s divided space-time attention needs the same count in every "
                 "frame; use a method (or mode) that keeps per-frame counts equal"
@@ -165,14 +166,14 @@ def keep_count(keep: float, num: int) -> int:
 
 def check_keep(keep: float, method: str) -> None:
     if not 0.0 < keep <= 1.0:
-        raise ValueError(f"{method}: keep must be in (0, 1], got {keep}")
+        raise InputError(f"{method}: keep must be in (0, 1], got {keep}")
 
 
 def require(state: TokenState, key: str, method: str) -> Tensor:
     """The side result `key` recorded by the block before `method`, or a clear error."""
     value = state.aux.get(key)
     if value is None:
-        raise ValueError(
+        raise InputError(
             f"{method} needs {key!r} recorded by the attention before it; install plans with "
             "tokensieve.apply (which tells each block what to record)"
         )

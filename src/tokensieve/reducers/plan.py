@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from ..backbones.base import VideoBackbone
+from ..errors import InputError
 from .base import REGISTRY, At, Reducer, Site
 
 __all__ = ["Step", "apply", "parse", "plan", "schedule", "spec_parameters"]
@@ -55,7 +56,7 @@ def _convert(value: str, annotation: Any, method: str, key: str) -> Any:
     hints = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
     if hints is not None:
         if value not in [str(h) for h in hints]:
-            raise ValueError(f"{method}: {key} must be one of {', '.join(map(str, hints))}; got {value!r}")
+            raise InputError(f"{method}: {key} must be one of {', '.join(map(str, hints))}; got {value!r}")
         return next(h for h in hints if str(h) == value)
     try:
         if annotation in (bool, "bool"):
@@ -67,7 +68,7 @@ def _convert(value: str, annotation: Any, method: str, key: str) -> Any:
         if annotation in (float, "float"):
             return float(value)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"{method}: {key} expects a {annotation if isinstance(annotation, str) else annotation.__name__}, got {value!r}"
         ) from None
     return value
@@ -81,14 +82,14 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             parameters with defaults), malformed `key=value`, or a value of the wrong type.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(
+        raise InputError(
             f"a plan spec is a non-empty string such as 'none' or 'random:keep=0.5', got {spec!r}"
         )
     items = []
     for term in spec.split("+"):
         method, _, args = term.strip().partition(":")
         if method not in REGISTRY:
-            raise ValueError(
+            raise InputError(
                 f"unknown method {method!r} in {spec!r}; valid methods: {', '.join(sorted(REGISTRY))}"
             )
         cls = REGISTRY[method]
@@ -98,10 +99,10 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             key, eq, value = pair.partition("=")
             key = key.strip()
             if not eq:
-                raise ValueError(f"{method}: expected key=value, got {pair!r}")
+                raise InputError(f"{method}: expected key=value, got {pair!r}")
             kind = params[key][1] if key in params else _pattern(cls, key)
             if kind is None:
-                raise ValueError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
+                raise InputError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
             values[key] = _convert(value.strip(), kind, method, key)
         items.append((method, values))
     return items
@@ -141,11 +142,11 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
         for stage, p in enumerate(positions):
             valid = f"0..{depth - 1}" if reducer.inside or not reducer.needs_for(model) else f"1..{depth - 1}"
             if not 0 <= p < depth:
-                raise ValueError(
+                raise InputError(
                     f"{reducer.name}: position {p} is outside this model; valid positions: {valid}"
                 )
             if reducer.needs_for(model) and p == 0 and not reducer.inside:
-                raise ValueError(
+                raise InputError(
                     f"{reducer.name} needs {', '.join(sorted(reducer.needs_for(model)))} recorded by the block "
                     f"before it, so it cannot run at position 0; valid positions: {valid}"
                 )
@@ -187,7 +188,7 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
     steps = schedule(model, reducers)  # raises before anything is changed
     readers = [r for r in reducers if r.overrides_readout]
     if len(readers) > 1:
-        raise ValueError(
+        raise InputError(
             f"only one method of a plan can replace the readout; {', '.join(r.name for r in readers)} all do"
         )
     depth = len(model.blocks)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones.base import VideoBackbone
+from ..errors import InputError
 from ..tokens import KEYS, TokenState
 from .base import Reducer, Site, register, require
 
@@ -133,14 +134,14 @@ class SemanticTemporalAccumulation(Reducer):
     ) -> None:
         super().__init__()
         if r < 0:
-            raise ValueError(f"sta: r must be >= 0, got {r}")
+            raise InputError(f"sta: r must be >= 0, got {r}")
         if balance not in ("group", "frame"):
-            raise ValueError(f"sta: balance must be 'group' or 'frame', got {balance!r}")
+            raise InputError(f"sta: balance must be 'group' or 'frame', got {balance!r}")
         if first not in ("tome", "random", "grid"):
-            raise ValueError(f"sta: first must be 'tome', 'random' or 'grid', got {first!r}")
+            raise InputError(f"sta: first must be 'tome', 'random' or 'grid', got {first!r}")
         directions = order.replace("-", "").upper()
         if len(directions) != 3 or set(directions) - {"F", "B"}:
-            raise ValueError(
+            raise InputError(
                 f"sta: order gives the direction of the three stages with F (forward) and B (backward), "
                 f"such as FBF, BFB, FFF or BBB; got {order!r}"
             )
@@ -153,7 +154,7 @@ class SemanticTemporalAccumulation(Reducer):
 
     def check(self, model: VideoBackbone) -> None:
         if model.divided and self.balance == "group":
-            raise ValueError(
+            raise InputError(
                 "sta with balance=group drops r per group of 2 and 4 frames, unevenly between its frames; "
                 f"{type(model).__name__}'s divided attention needs equal per-frame counts: use balance=frame"
             )
@@ -166,31 +167,31 @@ class SemanticTemporalAccumulation(Reducer):
         """(groups, r per group) at `stage`; `frames` is the input's frame layout, T the grid's."""
         if self.balance == "frame":
             if frames is None:
-                raise ValueError(
+                raise InputError(
                     "sta with balance=frame needs the same number of tokens in every frame; the reduction "
                     "before it leaves unequal counts"
                 )
             return frames, self.r >> stage
         if stage == 0 and frames != T:
-            raise ValueError(
+            raise InputError(
                 f"sta with balance=group needs all {T} temporal slices at its first stage, laid out frame "
                 f"by frame (got {frames if frames is not None else 'unequal frames'}); use balance=frame "
                 "after a frame selection"
             )
         groups = max(1, T >> stage)
         if T % groups:
-            raise ValueError(f"sta: {T} temporal slices cannot form {groups} equal groups; use balance=frame")
+            raise InputError(f"sta: {T} temporal slices cannot form {groups} equal groups; use balance=frame")
         return groups, self.r
 
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
         groups, r = self._groups(frames, site.grid[0], site.stage)
         m = num // groups
         if r >= m:
-            raise ValueError(
+            raise InputError(
                 f"sta: r={r} is not smaller than the {m} tokens of a frame (group) at stage {site.stage + 1}"
             )
         if self.first == "tome" and r > m // 2:
-            raise ValueError(
+            raise InputError(
                 f"sta: first=tome drops at most half of a frame's (group's) {m} tokens; r={r} at stage "
                 f"{site.stage + 1} is more"
             )

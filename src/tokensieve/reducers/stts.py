@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.base import VideoBackbone
+from ..errors import InputError
 from ..ops import perturbed_topk
 from ..tokens import TokenState
 from .base import Reducer, Site, keep_frames, register
@@ -76,7 +77,7 @@ def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, 
     """(P, stride, anchors down, anchors across) for keeping ~`ratio` of an H x W grid."""
     P = math.isqrt(int(H * W * ratio))
     if P < 1 or P > min(H, W):
-        raise ValueError(
+        raise InputError(
             f"stts: a spatial ratio of {ratio} on a {H}x{W} grid gives an anchor side of {P}; it must be "
             f"between 1 and {min(H, W)}"
         )
@@ -111,26 +112,26 @@ class SpatioTemporalSelection(Reducer):
     ) -> None:
         super().__init__()
         if samples < 1:
-            raise ValueError(f"stts: samples must be >= 1, got {samples}")
+            raise InputError(f"stts: samples must be >= 1, got {samples}")
         if sigma < 0:
-            raise ValueError(f"stts: sigma must be >= 0, got {sigma}")
+            raise InputError(f"stts: sigma must be >= 0, got {sigma}")
         if pool not in ("max", "meanmax") or anchor_pool not in ("max", "mean"):
-            raise ValueError(
+            raise InputError(
                 f"stts: pool must be max or meanmax and anchor_pool max or mean, got {pool}, {anchor_pool}"
             )
         if stride < 0:
-            raise ValueError(f"stts: stride must be >= 0 (0: the released code's rule), got {stride}")
+            raise InputError(f"stts: stride must be >= 0 (0: the released code's rule), got {stride}")
         chosen = []
         for key, ratio in selections.items():
             if not re.fullmatch(r"[TS]\d+", key):
-                raise ValueError(
+                raise InputError(
                     f"stts has no parameter {key!r}; selections are T<block>=ratio or S<block>=ratio"
                 )
             if not 0.0 < float(ratio) <= 1.0:
-                raise ValueError(f"stts: {key} must be a ratio in (0, 1], got {ratio}")
+                raise InputError(f"stts: {key} must be a ratio in (0, 1], got {ratio}")
             chosen.append((int(key[1:]), key[0] == "S", key[0], float(ratio)))
         if not chosen:
-            raise ValueError("stts needs at least one selection, e.g. stts:T0=0.6 or stts:T0=0.6,S4=0.9")
+            raise InputError("stts needs at least one selection, e.g. stts:T0=0.6 or stts:T0=0.6,S4=0.9")
         self.specs = [(kind, p, ratio) for p, _, kind, ratio in sorted(chosen)]  # temporal first at a place
         self.samples, self.sigma, self.pool, self.anchor_pool = samples, sigma, pool, anchor_pool
         self.stride = stride or None
@@ -163,16 +164,16 @@ class SpatioTemporalSelection(Reducer):
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
         kind, _, ratio = self.specs[site.stage]
         if frames is None:
-            raise ValueError(f"stts: {kind}{site.position} needs the same number of tokens in every frame")
+            raise InputError(f"stts: {kind}{site.position} needs the same number of tokens in every frame")
         n = num // frames
         if kind == "T":
             k = round(ratio * frames)
             if k < 1:
-                raise ValueError(f"stts: T{site.position}={ratio} of {frames} frames keeps no frame")
+                raise InputError(f"stts: T{site.position}={ratio} of {frames} frames keeps no frame")
             return k * n, k
         _, H, W = site.grid
         if n != H * W:
-            raise ValueError(
+            raise InputError(
                 f"stts: S{site.position} needs whole frames of {H}x{W} tokens, but frames hold {n} tokens here"
             )
         P, *_ = anchor_grid(H, W, ratio, self.stride)
@@ -212,7 +213,7 @@ class SpatioTemporalSelection(Reducer):
         B, F_, n, C = x.shape
         _, H, W = state.grid
         if n != H * W:
-            raise ValueError(
+            raise InputError(
                 f"stts: spatial selection needs whole frames of {H}x{W} tokens, got {n} per frame"
             )
         P, s, _, Gw = anchor_grid(H, W, selection.ratio, self.stride)

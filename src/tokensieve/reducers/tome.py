@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..tokens import KEYS, PROP_ATTN, TOKEN_AUX, TokenState, take
 from .base import Reducer, Site, register, require
 
@@ -42,9 +43,9 @@ def parse_r(r: int | str) -> int | tuple[int, ...]:
     try:
         values = tuple(int(v) for v in str(r).split("/"))
     except ValueError:
-        raise ValueError(f"tome: r must be an integer or a per-block list like 16/16/8, got {r!r}") from None
+        raise InputError(f"tome: r must be an integer or a per-block list like 16/16/8, got {r!r}") from None
     if any(v < 0 for v in values):
-        raise ValueError(f"tome: r must be >= 0 in every block, got {r!r}")
+        raise InputError(f"tome: r must be >= 0 in every block, got {r!r}")
     return values if "/" in str(r) else values[0]
 
 
@@ -54,7 +55,7 @@ def merge_schedule(r: int | str, schedule: str, depth: int) -> tuple[int, ...]:
     parsed = parse_r(r)
     if isinstance(parsed, tuple):
         if len(parsed) > depth:
-            raise ValueError(f"tome: r lists {len(parsed)} blocks but the model has {depth}")
+            raise InputError(f"tome: r lists {len(parsed)} blocks but the model has {depth}")
         return parsed + (0,) * (depth - len(parsed))
     if schedule == "constant":
         return (parsed,) * depth
@@ -152,9 +153,9 @@ class TokenMerging(Reducer):
     ) -> None:
         super().__init__()
         if schedule not in ("constant", "decreasing"):
-            raise ValueError(f"tome: schedule must be 'constant' or 'decreasing', got {schedule!r}")
+            raise InputError(f"tome: schedule must be 'constant' or 'decreasing', got {schedule!r}")
         if mode not in ("merge", "drop"):
-            raise ValueError(f"tome: mode must be 'merge' or 'drop', got {mode!r}")
+            raise InputError(f"tome: mode must be 'merge' or 'drop', got {mode!r}")
         parse_r(r)  # fails now on a malformed r, not at apply time
         self.r, self.schedule, self.mode, self.prop_attn = r, schedule, mode, prop_attn
 
@@ -164,7 +165,7 @@ class TokenMerging(Reducer):
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
         r = merge_schedule(self.r, self.schedule, site.depth)[site.position]
         if r > num // 2:
-            raise ValueError(
+            raise InputError(
                 f"tome: r={r} in block {site.position} is more than half of the {num} tokens there "
                 f"(at most {num // 2} can merge); lower r or use schedule=decreasing"
             )
