@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Literal
 
@@ -9,6 +10,7 @@ from torch import nn
 
 import tokensieve as ts
 from conftest import tiny_video
+from tokensieve.errors import InputError
 from tokensieve.reducers import REGISTRY, Reducer, Site, parse, register
 from tokensieve.reducers.none import NoReduction
 from tokensieve.tokens import KEYS, TokenState
@@ -76,6 +78,24 @@ def test_parse_converts_to_annotated_types(probe: type[Reducer]) -> None:
 def test_bad_specs_name_the_valid_choices(probe: type[Reducer], spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ts.plan(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        ("random:keep=0.5,keep=0.3", "keep"),
+        ("random:keep=0.5,at=0,keep=0.5", "keep"),  # the same value twice is still a typo somewhere
+        ("stts:T0=0.5,T0=0.6", "T0"),  # a pattern parameter
+        ("none+random:keep=0.5,keep=0.3", "keep"),  # in any term of a plan
+    ],
+)
+def test_a_parameter_given_twice_is_refused(spec: str, key: str) -> None:
+    with pytest.raises(InputError, match=rf"{key} is given twice in '{re.escape(spec)}'"):
+        parse(spec)
+
+
+def test_a_method_twice_in_one_plan_is_not_a_repeated_key(probe: type[Reducer]) -> None:
+    assert parse("probe:at=1+probe:at=2") == [("probe", {"at": 1}), ("probe", {"at": 2})]
 
 
 def test_apply_installs_and_tells_the_block_before_to_record(probe: type[Reducer]) -> None:

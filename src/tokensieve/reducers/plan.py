@@ -18,7 +18,7 @@ from ..backbones.base import VideoBackbone
 from ..errors import InputError
 from .base import REGISTRY, At, Reducer, Site
 
-__all__ = ["Step", "apply", "parse", "plan", "schedule", "spec_parameters"]
+__all__ = ["Step", "apply", "parse", "pattern_label", "plan", "schedule", "spec_parameters"]
 
 
 def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, Any]]:
@@ -33,12 +33,16 @@ def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, An
     }
 
 
+def pattern_label(pattern: str) -> str:
+    """How a pattern parameter is shown to people: `T\\d+` (a `Reducer.pattern_parameters` key) -> `T<block>`."""
+    return pattern.replace(r"\d+", "<block>")
+
+
 def _describe(cls: type[Reducer]) -> str:
     params = spec_parameters(cls)
     named = [f"{n}={p.default!r}" for n, (p, _) in params.items()]
     patterns = [
-        f"{pattern.replace(chr(92) + 'd+', '<block>')}=<{kind.__name__}>"
-        for pattern, kind in cls.pattern_parameters.items()
+        f"{pattern_label(pattern)}=<{kind.__name__}>" for pattern, kind in cls.pattern_parameters.items()
     ]
     if not named and not patterns:
         return f"{cls.name} (no parameters)"
@@ -79,7 +83,8 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
 
     Raises:
         ValueError: unknown method (lists the valid ones), unknown parameter (lists the method's
-            parameters with defaults), malformed `key=value`, or a value of the wrong type.
+            parameters with defaults), a parameter given twice in one term, malformed `key=value`,
+            or a value of the wrong type.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(
@@ -103,6 +108,8 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             kind = params[key][1] if key in params else _pattern(cls, key)
             if kind is None:
                 raise InputError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
+            if key in values:  # the last value winning silently would hide a typo
+                raise InputError(f"{method}: {key} is given twice in {spec!r}; give each parameter once")
             values[key] = _convert(value.strip(), kind, method, key)
         items.append((method, values))
     return items
