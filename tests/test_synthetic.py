@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from tokensieve.data import synthetic
 from tokensieve.data.datasets import read_list as read_records
-from tokensieve.data.synthetic import CLASSES, foreground_recall, load_truth, make_synthetic
+from tokensieve.data.synthetic import CLASSES, MANIFEST, foreground_recall, load_truth, make_synthetic
 from tokensieve.errors import InputError
 
 SMALL = {"frames": 8, "size": 64, "patch": 16, "tubelet": 2}
@@ -368,3 +369,35 @@ def test_tiny_videos_encode_to_the_same_bytes_every_time(tmp_path: Path) -> None
         )  # fmt: skip
         digests.add(tuple(hashlib.md5(r.path.read_bytes()).hexdigest() for r in read_records(listing)))
     assert len(digests) == 1
+
+
+# ---------------------------------------------------------------------------------------------- one set per folder
+def test_a_folder_holds_one_set(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    tiny = {"videos": 2, "classes": 2, "frames": 4, "size": 32}
+    make_synthetic(out, seed=1, **tiny)
+    manifest = json.loads((out / MANIFEST).read_text())["arguments"]
+    assert {k: manifest[k] for k in (*tiny, "seed")} == {**tiny, "seed": 1}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    make_synthetic(out, seed=1, **tiny)  # the same arguments again: the same set, rewritten
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    for change, named in (({"seed": 2}, "seed=1 there, 2 here"), ({"videos": 3}, "videos=2 there, 3 here")):
+        with pytest.raises(InputError, match=f"holds another synthetic set \\({named}\\)"):
+            make_synthetic(out, **{**tiny, "seed": 1, **change})
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_of_other_files_is_refused_and_an_empty_one_used(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty and holds no synthetic set"):
+        make_synthetic(tmp_path / "other", videos=1, frames=4, size=32)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert make_synthetic(tmp_path / "empty", videos=1, frames=4, size=32).is_file()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a synthetic set's manifest"):
+        make_synthetic(tmp_path / "broken", videos=1, frames=4, size=32)

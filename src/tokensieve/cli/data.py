@@ -116,7 +116,11 @@ def eval_command(
 @app.command("make-synthetic")
 def make_synthetic_command(
     out: Annotated[
-        Path, typer.Argument(help="Folder to write the videos, list.txt, classes.txt and truth/ into.")
+        Path,
+        typer.Argument(
+            help="Folder to write the set into: videos/, truth/, list.txt, classes.txt, synthetic.json. "
+            "It must be empty, new, or hold a set written with the same options (then rewritten).",
+        ),
     ],
     videos: Annotated[int, typer.Option(help="Number of videos.", min=1)] = 100,
     classes: Annotated[int, typer.Option(help="Number of classes (at most 10).", min=1, max=10)] = 10,
@@ -129,7 +133,9 @@ def make_synthetic_command(
     from ..data.synthetic import make_synthetic
 
     with usage_errors():
-        with Progress(console=Console(stderr=True)) as bar:
+        stderr = Console(stderr=True)
+        # Cleared when done, and not drawn at all into a file: an error stays one line.
+        with Progress(console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
             task = bar.add_task("writing videos", total=videos)
             listing = make_synthetic(
                 out, videos=videos, classes=classes, frames=frames, size=size, partial=partial, seed=seed,

@@ -14,6 +14,11 @@ Layout written into `out`:
     list.txt          "videos/{id}.mp4 {label}" per line (Kinetics-style, paths relative to `out`)
     classes.txt       class names, line i = label i
     truth/{id}.pt     {"label", "action": (start, end), "mask": (T, H, W) float32, "patch", "tubelet"}
+    synthetic.json    {"arguments": {...}}: what the set was made with, written first
+
+A folder holds one set: `make_synthetic` writes into a new or empty folder, or into one holding a set
+made with the same arguments (rewritten, to the same bytes); it refuses a folder holding another set
+or anything else, so two sets are never mixed and no unrelated file is overwritten.
 
 Rendering: the object is a union of convex polygons drawn with an anti-aliased edge (coverage
 0.5 - signed distance, clamped to [0, 1]); every pixel of every frame is computed at once, so a
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import json
 import logging
 import math
 import os
@@ -45,7 +51,7 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["CLASSES", "foreground_recall", "load_truth", "make_synthetic"]
+__all__ = ["CLASSES", "MANIFEST", "foreground_recall", "load_truth", "make_synthetic"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,9 @@ CLASSES: tuple[str, ...] = (
     "disappearing",
     "staying",
 )
+
+MANIFEST = "synthetic.json"
+"""The file in a set's folder naming the arguments it was made with."""
 
 _MOVES = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
 _CRF = "20"  # visually lossless enough for the flat shapes; ~10 kB per 224 x 224 x 16 clip
@@ -271,6 +280,35 @@ def _write_text(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def _claim(out: Path, arguments: dict[str, object]) -> None:
+    """Make `out` the folder of the set made with `arguments` (JSON-ready), or refuse.
+
+    A new or empty folder gets the manifest; a folder whose manifest names the same arguments is
+    reused (rewriting it gives the same files); anything else raises InputError.
+    """
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            held = json.loads(manifest.read_text())["arguments"]
+            differ = [k for k in {**held, **arguments} if held.get(k) != arguments.get(k)]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(
+                f"{manifest} is not a synthetic set's manifest; write the set elsewhere"
+            ) from None
+        if differ:
+            changes = ", ".join(f"{k}={held.get(k)!r} there, {arguments.get(k)!r} here" for k in differ)
+            raise InputError(
+                f"{out} holds another synthetic set ({changes}); write it into a new or empty folder"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise InputError(
+            f"{out} is not empty and holds no synthetic set (no {MANIFEST}); write it into a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(manifest, [json.dumps({"arguments": arguments}, indent=2)])
+
+
 def _check(name: str, value: int, ok: bool, valid: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not ok:
         raise InputError(f"{name} must be {valid}, got {value!r}")
@@ -299,8 +337,9 @@ def make_synthetic(
 
     Video i is drawn from its own generator seeded with (seed, i); labels are balanced (label
     `j % classes` for j < videos) and shuffled deterministically from `seed`, so the same arguments
-    always give the same files. Files of an earlier, larger run in `out` are left in place (only the
-    ones listed in list.txt belong to this run).
+    always give the same files. `out` holds one set: it must be new, empty, or hold a set made with
+    the same arguments (its `synthetic.json`), which is then rewritten (the same files again; an
+    interrupted run is completed this way).
 
     Args:
         out: output directory.
@@ -329,7 +368,8 @@ def make_synthetic(
         The path of list.txt.
 
     Raises:
-        ValueError: naming the first invalid argument and its valid range.
+        ValueError: naming the first invalid argument and its valid range; `out` holding another set
+            (naming the arguments that differ) or files that are not a set.
     """
     _check("videos", videos, videos >= 1, "an int >= 1")
     low, high = object_size
@@ -362,6 +402,12 @@ def make_synthetic(
     _check("distractors", distractors, distractors >= 0, "an int >= 0")
 
     out = Path(out)
+    arguments = {
+        "videos": videos, "classes": classes, "frames": frames, "size": size, "fps": fps, "partial": partial,
+        "distractors": distractors, "object_size": list(object_size), "texture": float(texture),
+        "returning": returning, "visible": visible, "patch": patch, "tubelet": tubelet, "seed": seed,
+    }  # fmt: skip
+    _claim(out, json.loads(json.dumps(arguments)))  # as the manifest reads back: tuples are lists
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
     codec = _codec()
