@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 import tokensieve as ts
-from tokensieve.bench import BenchResult, format_table, to_json
+from tokensieve import bench
+from tokensieve.bench import BUSY_SPREAD, BenchResult, busy_warning, format_table, to_json
 
 FAST = {"warmup": 1, "repeats": 2}
 
@@ -128,3 +130,57 @@ def test_json_and_table(model: ts.VideoBackbone, halve: str) -> None:
     assert doc["results"][1]["gflops_ratio"] == pytest.approx(results[1].gflops_ratio)
     table = format_table(results)
     assert table.row_count == 2 and len(table.columns) == 9
+
+
+def _result(plan: str, *, seconds: float, seconds_iqr: tuple[float, float], speedup: float = 1.0,
+            speedup_iqr: tuple[float, float] = (1.0, 1.0)) -> BenchResult:  # fmt: skip
+    """A result made by hand: no timing in unit tests."""
+    return BenchResult(
+        plan=plan, batch_size=1, dtype="float32", frames=4, size=32, device="cpu", threads=1, gflops=1.0,
+        gflops_ratio=1.0, seconds=seconds, seconds_iqr=seconds_iqr, times=(seconds,), clips_per_s=1 / seconds,
+        speedup=speedup, speedup_iqr=speedup_iqr,
+    )  # fmt: skip
+
+
+def test_spread_is_the_paired_range_for_plans_and_the_seconds_range_for_the_baseline() -> None:
+    base = _result("none", seconds=2.0, seconds_iqr=(1.9, 2.3))
+    plan = _result(
+        "random:keep=0.5", seconds=1.0, seconds_iqr=(0.5, 1.5), speedup=2.0, speedup_iqr=(1.9, 2.1)
+    )
+    assert base.spread == pytest.approx(0.2)  # (2.3 - 1.9) / 2.0
+    assert plan.spread == pytest.approx(0.1)  # (2.1 - 1.9) / 2.0: drift in the seconds cancels in the pairs
+    table = format_table([base, plan])
+    assert list(table.columns[-1].cells) == ["20.0%", "10.0%"]  # the IQR column shows the spread
+
+
+def test_busy_warning_names_the_noisiest_result_above_the_threshold() -> None:
+    quiet = [
+        _result("none", seconds=1.0, seconds_iqr=(0.99, 1.01)),
+        _result("tome:r=8", seconds=0.5, seconds_iqr=(0.4, 0.6), speedup=2.0, speedup_iqr=(1.91, 2.09)),
+    ]
+    assert quiet[1].spread < BUSY_SPREAD < quiet[1].seconds_iqr[1] / quiet[1].seconds - 1  # the pairs decide
+    assert busy_warning(quiet) is None and busy_warning([]) is None
+    doc = json.loads(to_json(quiet))
+    assert doc["busy"] is None and doc["results"][1]["spread"] == pytest.approx(0.09)
+
+    noisy = [*quiet, _result("random:keep=0.5", seconds=0.5, seconds_iqr=(0.4, 0.7), speedup=2.0,
+                             speedup_iqr=(1.6, 2.2))]  # fmt: skip
+    warning = busy_warning(noisy)
+    assert warning is not None and "\n" not in warning
+    assert (
+        "busy" in warning and "1 of 3 results" in warning and "'random:keep=0.5' at batch 1 (30%)" in warning
+    )
+    assert json.loads(to_json(noisy))["busy"] == warning
+
+
+def test_benchmark_logs_the_busy_warning(
+    model: ts.VideoBackbone, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def disagreeing_rounds(num_plans: int, **_: object) -> tuple[list[list[float]], list[list[float]]]:
+        return [[1.0, 2.0] for _ in range(num_plans)], [[0.0, 0.0] for _ in range(num_plans)]
+
+    monkeypatch.setattr(bench, "_timed_rounds", disagreeing_rounds)  # whatever this machine does
+    with caplog.at_level(logging.WARNING, logger="tokensieve.bench"):
+        (result,) = ts.benchmark(model, **FAST)
+    assert result.spread > BUSY_SPREAD
+    assert [r.getMessage() for r in caplog.records] == [busy_warning([result])]

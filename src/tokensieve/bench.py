@@ -16,6 +16,9 @@ Method (the conventions of ToMe's and STA's benchmarks, made robust to drift on 
    clips_per_s`. Because rounds interleave, the per-round ratios baseline/plan are paired samples;
    their interquartile range (`speedup_iqr`) says how much of a speed-up is noise.
    `efficiency = speedup / gflops_ratio` says how much of the FLOP saving reaches the wall clock.
+   `spread` (the table's IQR column) is that range over the speed-up (for the baseline, which has
+   no pair: its seconds' range over their median); above `BUSY_SPREAD` (10%) the rounds disagree
+   more than a quiet machine lets them, and `busy_warning` says so (logged, and in the JSON).
 4. The reducers' own time (`reducer_share` of the forward) is read by forward hooks around each
    reducer slot, in the same timed runs (on GPUs the hooks synchronise, which costs a little).
 
@@ -50,9 +53,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASELINE",
+    "BUSY_SPREAD",
     "DTYPES",
     "BenchResult",
     "benchmark",
+    "busy_warning",
     "compact_table",
     "format_table",
     "main_plans",
@@ -67,6 +72,11 @@ BASELINE = "none"
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """Compute dtypes `benchmark` accepts; "bfloat16" runs under `torch.autocast` (CPU too)."""
+
+BUSY_SPREAD = 0.10
+"""A result whose `spread` is above this was measured on a busy machine. On an idle one the rounds of
+a plan agree within a few percent; 10% is past that, and is where a speed-up's second decimal (and
+an efficiency near 1) stops meaning anything."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,14 @@ class BenchResult:
     def efficiency(self) -> float:
         """speed-up / GFLOPs ratio: 1.0 when wall-clock time falls as much as the FLOPs do."""
         return self.speedup / self.gflops_ratio
+
+    @property
+    def spread(self) -> float:
+        """How much the timed rounds disagree, as a fraction: the interquartile range of the per-round
+        paired ratios over the speed-up (drift that slows both sides of a pair cancels), or for the
+        baseline, which has no pair, of the seconds per batch over their median."""
+        q1, q3 = self.seconds_iqr if self.is_baseline else self.speedup_iqr
+        return (q3 - q1) / (self.seconds if self.is_baseline else self.speedup)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -375,6 +393,8 @@ def benchmark(
                     )  # fmt: skip
                     log.info("batch %d, %s: %.1f ms/batch, %.2fx", batch, spec, 1e3 * seconds, base / seconds)
             clock.remove()
+        if warning := busy_warning(results):
+            log.warning("%s", warning)
     finally:
         _install(model, original)
         model.train(was_training)
@@ -382,6 +402,21 @@ def benchmark(
 
 
 # ---------------------------------------------------------------------------------------- output
+def busy_warning(results: Sequence[BenchResult]) -> str | None:
+    """One line saying the machine was busy, naming the result whose rounds disagree most, when its
+    `spread` is above `BUSY_SPREAD`; None when every result is within it."""
+    worst = max(results, key=lambda r: r.spread, default=None)
+    if worst is None or not worst.spread > BUSY_SPREAD:
+        return None
+    noisy = sum(r.spread > BUSY_SPREAD for r in results)
+    what = "seconds per batch" if worst.is_baseline else "speed-up"
+    return (
+        f"the machine was busy: timed rounds disagree by more than {BUSY_SPREAD:.0%} (IQR / median) in "
+        f"{noisy} of {len(results)} results, most in the {what} of {worst.plan!r} at batch {worst.batch_size} "
+        f"({worst.spread:.0%}); measure on an idle machine"
+    )
+
+
 def _environment() -> dict[str, object]:
     from . import __version__
 
@@ -394,10 +429,11 @@ def to_json(
 ) -> str:
     """Results as a JSON document: `{"environment": {...}, **meta, "results": [{...}, ...]}`.
 
-    Every `BenchResult` field is a key of its result object (tuples become lists), plus `efficiency`.
+    Every `BenchResult` field is a key of its result object (tuples become lists), plus `efficiency`
+    and `spread`. `"busy"` holds `busy_warning(results)`: null, or the line saying the machine was busy.
     """
-    rows = [{**asdict(r), "efficiency": r.efficiency} for r in results]
-    doc = {"environment": _environment(), **(meta or {}), "results": rows}
+    rows = [{**asdict(r), "efficiency": r.efficiency, "spread": r.spread} for r in results]
+    doc = {"environment": _environment(), **(meta or {}), "busy": busy_warning(results), "results": rows}
     return json.dumps(doc, indent=indent)
 
 
@@ -425,8 +461,10 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     """A `rich.table.Table` of results: one row per plan and batch size, the baseline rows dimmed.
     The dtype belongs in the title (a column appears only when results mix dtypes).
 
-    "IQR" is the interquartile range of the seconds per batch as a percentage of their median: a
-    speed-up smaller than it is within the noise of the run.
+    "IQR" is each result's `spread` as a percentage: the interquartile range of the per-round
+    speed-ups over the speed-up (of the seconds over their median for the baseline, which has no
+    pair). A speed-up closer to 1 than that is within the noise of the run; above `BUSY_SPREAD` the
+    machine was busy (`busy_warning`).
     """
     table = compact_table(title=title)
     table.add_column("plan", no_wrap=True)  # plans are never cut: the numbers make room
@@ -446,11 +484,10 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     if len({r.dtype for r in results}) > 1:
         table.add_column("dtype")
     for r in results:
-        q1, q3 = r.seconds_iqr
         table.add_row(
             r.plan, str(r.batch_size), _fmt(r.gflops), f"{r.gflops_ratio:.2f}x",
             _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}", f"{100 * r.reducer_share:.1f}%",
-            f"{100 * (q3 - q1) / r.seconds:.1f}%",
+            f"{100 * r.spread:.1f}%",
             *([r.dtype] if len({x.dtype for x in results}) > 1 else []),
             style="dim" if r.is_baseline and len(results) > 1 else None,
         )  # fmt: skip
