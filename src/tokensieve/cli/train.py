@@ -49,7 +49,8 @@ def _crop_scale(text: str) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def _warnings_to(console: Console) -> Iterator[None]:
-    """Show the library's warnings (unreadable videos, changed settings on resume) above the progress bar."""
+    """Show the library's warnings (unreadable videos, changed settings on resume, clips a partial last
+    batch leaves out) above the progress bar."""
     package = logging.getLogger("tokensieve")
 
     class ToConsole(logging.Handler):
@@ -83,7 +84,14 @@ def train_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run checkpointed in --out.")] = False,
     epochs: Annotated[int, typer.Option(help="Passes over the training data.", min=1)] = 1,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Clips per process per step.", min=1)
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Clips per process per step. The global batch is processes x this; an epoch's "
+            "last, partial global batch is dropped (with a warning).",
+            min=1,
+        ),
     ] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the backbone.", min=0)] = 1e-3,
     reducer_lr: Annotated[

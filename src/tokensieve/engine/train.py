@@ -367,6 +367,14 @@ def train(
             f"{out} already holds a training run ({CHECKPOINT}); resume it (resume=True, --resume) "
             "or choose another out"
         )
+    unused = len(dataset) - steps_per_epoch * config.batch_size * world.size
+    if unused and world.is_main:  # once per run, not once per process or epoch
+        log.warning(
+            "%d of the %d training clips are not used in each epoch: a step takes one global batch of "
+            "%d clips (%d processes x batch_size %d) and the last, partial one is dropped; which clips "
+            "are left out changes every epoch",
+            unused, len(dataset), config.batch_size * world.size, world.size, config.batch_size,
+        )  # fmt: skip
 
     plan_ids = {id(p) for p in model.plan.parameters()}
     frozen = [p for p in model.parameters() if id(p) not in plan_ids] if config.freeze_backbone else []
