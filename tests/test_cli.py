@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import typer
+from typer.core import TyperCommand, TyperGroup
 from typer.testing import CliRunner
 
 from tokensieve import PRESETS
-from tokensieve.cli import app
+from tokensieve.bench import BenchResult, busy_warning
+from tokensieve.cli import app, measure
+from tokensieve.data.synthetic import make_synthetic
+from tokensieve.reducers import REGISTRY
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}  # rich fits tables to the terminal; keep every name whole
@@ -127,3 +134,116 @@ def test_python_dash_m() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("bench", "flops", "info", "eval", "make-synthetic", "train"):
         assert command in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+def _commands() -> dict[str, TyperCommand]:
+    """Every registered command, by name, from the app itself (a new command is covered unasked)."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    return dict(group.commands)
+
+
+@pytest.mark.parametrize("name", [None, *_commands()])
+def test_help_at_80_columns_shows_every_option_name_whole(name: str | None) -> None:
+    result = runner.invoke(
+        app, [*([name] if name else []), "--help"], env={"COLUMNS": "80"}, terminal_width=80
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, "\n".join(line for line in lines if len(line) > 80)
+    if name is None:
+        expected = list(_commands())
+    else:
+        params = _commands()[name].params
+        expected = [opt for p in params for opt in (*p.opts, *p.secondary_opts) if opt.startswith("-")]
+        assert expected
+    for word in expected:  # whole: not cut ("--freeze-backb…") nor glued to a neighbour
+        assert re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", result.stdout), f"{word} missing or cut"
+
+
+def test_info_lists_pattern_parameters() -> None:
+    doc = _json(["info", "--json"])
+    stts = next(m for m in doc["methods"] if m["name"] == "stts")
+    by_name = {p["name"]: p for p in stts["params"]}
+    assert {"T<block>", "S<block>", "samples"} <= by_name.keys()
+    assert by_name["T<block>"] == {"name": "T<block>", "pattern": r"T\d+", "type": "float", "default": None,
+                                   "required": False}  # fmt: skip
+    assert by_name["samples"]["pattern"] is None
+    for name, cls in REGISTRY.items():  # every method's patterns, from the registry
+        method = next(m for m in doc["methods"] if m["name"] == name)
+        assert [p["pattern"] for p in method["params"] if p["pattern"]] == list(cls.pattern_parameters)
+    result = runner.invoke(app, ["info"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "T<block>=<float>, S<block>=<float>, samples=500" in result.stdout
+
+
+def _fake_result(plan: str, *, spread: float) -> BenchResult:
+    """A bench result made by hand, whose rounds disagree by `spread` (no timing in unit tests)."""
+    paired = (1.0 - spread / 2, 1.0 + spread / 2)
+    return BenchResult(
+        plan=plan, batch_size=1, dtype="float32", frames=4, size=32, device="cpu", threads=1, gflops=1.0,
+        gflops_ratio=1.0, seconds=1.0, seconds_iqr=paired, times=(1.0,), clips_per_s=1.0, speedup=1.0,
+        speedup_iqr=paired,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_bench_explains_iqr_and_warns_when_the_machine_was_busy(
+    monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> None:
+    results = [
+        _fake_result("none", spread=0.02),
+        _fake_result("random:keep=0.5", spread=0.3 if busy else 0.05),
+    ]
+    monkeypatch.setattr(measure, "benchmark", lambda *args, **kwargs: results)
+    args = ["bench", "--model", "videomae-tiny", "--plan", "random:keep=0.5"]
+    table = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    assert (
+        "IQR: how much the timed rounds disagree" in table.stdout
+        and "over 10%: a busy machine" in table.stdout
+    )
+    assert ("30.0%" if busy else "5.0%") in table.stdout  # the plan's spread, in the IQR column
+    doc = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert [r["spread"] for r in doc["results"]] == pytest.approx([0.02, 0.3 if busy else 0.05])
+    warnings = [line for line in table.stderr.splitlines() if line.strip()]
+    if busy:
+        assert warnings == [f"warning: {busy_warning(results)}"]
+        assert doc["busy"] == busy_warning(results) and "'random:keep=0.5'" in doc["busy"]
+    else:
+        assert warnings == [] and doc["busy"] is None
+
+
+def test_make_synthetic_refuses_a_folder_holding_another_set(tmp_path: Path) -> None:
+    args = ["make-synthetic", str(tmp_path / "set"), "--videos", "1", "--frames", "4", "--size", "32"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)  # the same set: written again
+    assert again.exit_code == 0, again.output
+    other = runner.invoke(app, [*args, "--seed", "1"], env=WIDE)
+    assert other.exit_code == 2 and other.stdout == ""
+    assert other.stderr == f"error: {tmp_path / 'set'} holds another synthetic set (seed=0 there, 1 here); " \
+        "write it into a new or empty folder\n"  # fmt: skip
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    unrelated = runner.invoke(app, ["make-synthetic", str(tmp_path / "notes"), "--videos", "1"], env=WIDE)
+    assert unrelated.exit_code == 2 and unrelated.stderr.count("\n") == 1
+    assert "not empty and holds no synthetic set" in unrelated.stderr
+
+
+def test_train_warns_once_about_clips_a_partial_batch_leaves_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    listing = make_synthetic(tmp_path / "data", videos=5, classes=2, frames=4, size=32)
+    args = ["train", "--model", "videomae-tiny", "--data", str(listing), "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--epochs", "2", "--workers", "0", "--stride", "1"]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tokensieve.engine.train"):
+        result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    expected = ("1 of the 5 training clips are not used in each epoch: a step takes one global batch of 2 "
+                "clips (1 processes x batch_size 2)")  # fmt: skip
+    assert [r.getMessage()[: len(expected)] for r in caplog.records if "not used" in r.getMessage()] == [
+        expected
+    ]
+    assert f"warning: {expected}" in result.stderr  # shown above the progress bar, once
+    assert result.stderr.count("not used in each epoch") == 1

@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -17,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.status import Status
 from rich.table import Column
+from typer.core import TyperGroup
 
 from ..backbones import PRESETS, VideoBackbone, build
 from ..bench import (
@@ -46,12 +48,34 @@ __all__ = [
     "write_json",
 ]
 
+
+class _Commands(TyperGroup):
+    """The group of commands; `--help` lists each one's whole first sentence, wrapped, where click
+    would cut it to the space left at 80 columns ("Accuracy of a model (and plan) on a video...")."""
+
+    # `formatter` is click's HelpFormatter, which newer typer vendors (typer._click): not importable
+    # under one public name across the typer versions we support.
+    def format_commands(self, ctx: typer.Context, formatter: Any) -> None:
+        rows = [
+            (name, command.get_short_help_str(limit=sys.maxsize))
+            for name in self.list_commands(ctx)
+            if (command := self.get_command(ctx, name)) is not None and not command.hidden
+        ]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
     name="tokensieve",
+    cls=_Commands,
     help="Fewer tokens, faster video transformers: measure token-reduction plans.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # bugs get a plain traceback, without tensors printed as locals
+    # Click's plain help, not rich's panels: rich fits its option table to the terminal by cutting
+    # long option names ("--freeze-backb…") at 80 columns; click puts a long name on its own line.
+    rich_markup_mode=None,
 )
 
 ModelOption = Annotated[

@@ -21,8 +21,10 @@ from .. import __version__
 from ..backbones import PRESETS, VideoBackbone, build
 from ..bench import (
     BASELINE,
+    BUSY_SPREAD,
     DTYPES,
     benchmark,
+    busy_warning,
     compact_table,
     format_table,
     main_plans,
@@ -31,7 +33,7 @@ from ..bench import (
 )
 from ..flops import FlopCount, flops
 from ..reducers import REGISTRY, Reducer, apply
-from ..reducers.plan import spec_parameters
+from ..reducers.plan import pattern_label, spec_parameters
 from .common import (
     FramesOption,
     JsonOption,
@@ -52,6 +54,15 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- bench
+# Below the table rather than its caption: a caption wraps at the table's width, these lines fit 80.
+_BENCH_LEGEND = (
+    "speed-up: clips/s over 'none' (same batch); efficiency: speed-up / GFLOPs ratio\n"
+    "reducer share: time inside the reducers; GFLOPs per clip, multiply-add = 1\n"
+    "IQR: how much the timed rounds disagree, interquartile range / median of the\n"
+    f"per-round speed-ups ('none': of its seconds); over {BUSY_SPREAD:.0%}: a busy machine"
+)
+
+
 @app.command()
 def bench(
     model: ModelOption = "videomae-s",
@@ -71,7 +82,11 @@ def bench(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Clips/s of each plan, next to the unreduced baseline measured in the same run."""
+    """Clips/s of each plan, next to the unreduced baseline measured in the same run.
+
+    Warns (one yellow line on stderr; "busy" in the JSON) when the timed rounds disagree by more
+    than 10%: the machine was busy and small differences are noise.
+    """
     with usage_errors():
         check_dtype(dtype)
         specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
@@ -83,18 +98,21 @@ def bench(
             )  # fmt: skip
     if as_json:
         echo_json(to_json(results, meta={"model": model}))
-        return
-    first = results[0]
-    title = (
-        f"{model}, {first.frames}x{first.size}, {first.dtype}, {first.device}, {first.threads} threads, "
-        f"median of {repeats} interleaved rounds"
-    )
-    table = format_table(results, title=title)
-    table.caption = (
-        "speed-up: clips/s over 'none' (same batch); efficiency: speed-up / GFLOPs ratio\n"
-        "reducer share: time inside the reducers; GFLOPs per clip, multiply-add = 1"
-    )
-    Console().print(table)
+    else:
+        first = results[0]
+        console = Console()
+        console.print(
+            f"[bold]{escape(model)}, {first.frames}x{first.size}, {first.dtype}, {first.device}, "
+            f"{first.threads} threads[/bold], median of {repeats} interleaved rounds",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        console.print(format_table(results))
+        console.print(_BENCH_LEGEND, highlight=False)
+    warning = busy_warning(results)
+    if warning is not None:
+        Console(stderr=True).print(
+            f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
+        )
 
 
 # ---------------------------------------------------------------------------------------- flops
@@ -170,18 +188,31 @@ def _version(package: str) -> str | None:
 
 
 def _method_params(cls: type[Reducer]) -> list[dict[str, Any]]:
-    """The spec parameters of a method, as JSON-ready rows."""
-    params = []
+    """The spec parameters of a method, as JSON-ready rows: first those named by a pattern (STTS's
+    `T<block>`, any number of them; "pattern" holds the regex a key must match), then the named ones."""
+    params = [
+        {"name": pattern_label(pattern), "pattern": pattern, "type": kind.__name__, "default": None,
+         "required": False}
+        for pattern, kind in cls.pattern_parameters.items()
+    ]  # fmt: skip
     for name, (p, hint) in spec_parameters(cls).items():
         required = p.default is inspect.Parameter.empty
         default = None if required else p.default
         params.append({
             "name": name,
+            "pattern": None,
             "type": getattr(hint, "__name__", None) or str(hint),
             "default": default if isinstance(default, (int, float, str, bool, type(None))) else repr(default),
             "required": required,
         })  # fmt: skip
     return params
+
+
+def _param_text(param: dict[str, Any]) -> str:
+    """`keep=0.5`, `T<block>=<float>` (a pattern), or `r` (required): as the spec parser names them."""
+    if param["pattern"] is not None:
+        return f"{param['name']}=<{param['type']}>"
+    return param["name"] if param["required"] else f"{param['name']}={param['default']}"
 
 
 def _presets() -> list[dict[str, Any]]:
@@ -232,8 +263,5 @@ def info(as_json: JsonOption = False) -> None:
         title="Methods (plan spec: method:key=value,...)",
     )  # fmt: skip
     for m in methods:
-        params = ", ".join(
-            f"{p['name']}" + ("" if p["required"] else f"={p['default']}") for p in m["params"]
-        )
-        table.add_row(m["name"], params or "-", m["summary"])
+        table.add_row(m["name"], ", ".join(map(_param_text, m["params"])) or "-", m["summary"])
     console.print(table)
