@@ -136,7 +136,12 @@ def test_identity_setting_equals_the_bare_backbone(method: str, name: str) -> No
     assert torch.equal(reduced, bare)
 
 
-@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if not _is_random(c[0])])
+def _keyed(spec: str) -> bool:
+    """Whether the plan's random draws are keyed by clip (a pure function of the clip and seed)."""
+    return bool(ts.plan(spec)[0].keyed_random)
+
+
+@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if not _is_random(c[0]) or _keyed(c[0])])
 def test_batch_of_two_equals_two_batches_of_one(spec: str, name: str) -> None:
     model = _model(name, spec)
     video = tiny_video(name)
@@ -146,18 +151,32 @@ def test_batch_of_two_equals_two_batches_of_one(spec: str, name: str) -> None:
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if _is_random(c[0])])
-def test_same_seed_same_selection(spec: str, name: str) -> None:
-    video = tiny_video(name)
-    runs = []
-    for seed in (3, 3, 4):
-        model = _model(name, f"{spec},seed={seed}")
-        with torch.no_grad():
-            runs.append((model.forward_features(video).pos, model.forward_features(video).pos))
-    (a1, a2), (b1, b2), (c1, _) = runs
-    assert torch.equal(a1, b1) and torch.equal(a2, b2)  # same seed: same sequence of selections
-    assert not torch.equal(a1, a2)  # the generator advances: the next batch gets a new draw
-    assert not torch.equal(a1, c1)  # another seed, another selection
+@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if _keyed(c[0])])
+def test_random_draws_are_keyed_by_clip(spec: str, name: str) -> None:
+    video = tiny_video(name, batch=6)
+    model = _model(name, f"{spec},seed=3")
+    with torch.no_grad():
+        first = model.forward_features(video).pos
+        ts.flops(model)  # counting FLOPs (or anything else run in between) draws nothing
+        again = model.forward_features(video).pos
+        shuffled = model.forward_features(video[[2, 0, 1, 5, 4, 3]]).pos
+        alone = model.forward_features(video[1:2]).pos
+        other_seed = _model(name, f"{spec},seed=4").forward_features(video).pos
+    assert torch.equal(first, again)  # the same clip, the same selection
+    assert torch.equal(shuffled, first[[2, 0, 1, 5, 4, 3]]) and torch.equal(alone, first[1:2])  # any batch
+    assert len({tuple(row) for row in first.tolist()}) > 1  # different clips draw differently
+    assert not torch.equal(first, other_seed)  # another seed, another selection
+    model.train()
+    with torch.no_grad():
+        drawn = []
+        for step in (5, 6, 5):
+            for reducer in model.plan:
+                reducer.on_train_step(step, 10)
+            drawn.append(model.forward_features(video).pos)
+    assert not torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])  # new draws each step
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(video).pos, first)  # evaluation ignores the step
 
 
 @pytest.mark.parametrize(("spec", "name"), RUNNABLE)
