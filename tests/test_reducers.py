@@ -7,6 +7,8 @@ setting that changes nothing); `test_every_registered_method_is_covered` fails u
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 
 import pytest
@@ -44,26 +46,31 @@ IDENTITY = {
     "sta": "sta:r=0,balance=frame",
     "stts": "stts:T0=1",
 }
-BACKBONES = ["videomae-tiny", "joint-tiny", "timesformer-tiny"]
+BACKBONES = [name for name in ts.PRESETS if name.endswith("-tiny")]  # one per backbone family
 CASES = [(spec, name) for specs in CONTRACT.values() for spec in specs for name in BACKBONES]
 
 
-# Plans divided attention must refuse: they leave unequal token counts per frame.
-REFUSED_ON_TIMESFORMER = {
-    "random:keep=0.5", "attention:keep=0.5", "tome:r=6", "tome:r=4,mode=drop",
-    "tome:r=5,schedule=decreasing,prop_attn=false", "sta:r=4", "sta:r=3,first=grid", "sta:r=3,first=random",
-    "tome:r=0",
-}  # fmt: skip
+def _refused_by_divided_attention(spec: str) -> bool:
+    """Plans divided attention must refuse: some reducer leaves unequal token counts per frame."""
+    return not all(reducer.keeps_frames for reducer in ts.plan(spec))
+
+
+REFUSED_ON_TIMESFORMER = sorted({spec for spec, _ in CASES if _refused_by_divided_attention(spec)})
+
+
+@functools.cache
+def _divided(name: str) -> bool:
+    return ts.build(name).divided
 
 
 def _runs_on(spec: str, name: str) -> bool:
-    return name != "timesformer-tiny" or spec not in REFUSED_ON_TIMESFORMER
+    return not (_divided(name) and _refused_by_divided_attention(spec))
 
 
 RUNNABLE = [(spec, name) for spec, name in CASES if _runs_on(spec, name)]
 
 
-@pytest.mark.parametrize("spec", sorted(REFUSED_ON_TIMESFORMER))
+@pytest.mark.parametrize("spec", REFUSED_ON_TIMESFORMER)
 def test_divided_attention_refuses_unbalanced_plans(spec: str) -> None:
     with pytest.raises(
         ValueError, match=r"divided space-time attention needs the same count|use balance=frame"
@@ -136,7 +143,12 @@ def test_identity_setting_equals_the_bare_backbone(method: str, name: str) -> No
     assert torch.equal(reduced, bare)
 
 
-@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if not _is_random(c[0])])
+def _keyed(spec: str) -> bool:
+    """Whether the plan's random draws are keyed by clip (a pure function of the clip and seed)."""
+    return bool(ts.plan(spec)[0].keyed_random)
+
+
+@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if not _is_random(c[0]) or _keyed(c[0])])
 def test_batch_of_two_equals_two_batches_of_one(spec: str, name: str) -> None:
     model = _model(name, spec)
     video = tiny_video(name)
@@ -146,26 +158,98 @@ def test_batch_of_two_equals_two_batches_of_one(spec: str, name: str) -> None:
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if _is_random(c[0])])
-def test_same_seed_same_selection(spec: str, name: str) -> None:
-    video = tiny_video(name)
-    runs = []
-    for seed in (3, 3, 4):
-        model = _model(name, f"{spec},seed={seed}")
-        with torch.no_grad():
-            runs.append((model.forward_features(video).pos, model.forward_features(video).pos))
-    (a1, a2), (b1, b2), (c1, _) = runs
-    assert torch.equal(a1, b1) and torch.equal(a2, b2)  # same seed: same sequence of selections
-    assert not torch.equal(a1, a2)  # the generator advances: the next batch gets a new draw
-    assert not torch.equal(a1, c1)  # another seed, another selection
+@pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if _keyed(c[0])])
+def test_random_draws_are_keyed_by_clip(spec: str, name: str) -> None:
+    video = tiny_video(name, batch=6)
+    model = _model(name, f"{spec},seed=3")
+    with torch.no_grad():
+        first = model.forward_features(video).pos
+        ts.flops(model)  # counting FLOPs (or anything else run in between) draws nothing
+        again = model.forward_features(video).pos
+        shuffled = model.forward_features(video[[2, 0, 1, 5, 4, 3]]).pos
+        alone = model.forward_features(video[1:2]).pos
+        other_seed = _model(name, f"{spec},seed=4").forward_features(video).pos
+    assert torch.equal(first, again)  # the same clip, the same selection
+    assert torch.equal(shuffled, first[[2, 0, 1, 5, 4, 3]]) and torch.equal(alone, first[1:2])  # any batch
+    assert len({tuple(row) for row in first.tolist()}) > 1  # different clips draw differently
+    assert not torch.equal(first, other_seed)  # another seed, another selection
+    model.train()
+    with torch.no_grad():
+        drawn = []
+        for step in (5, 6, 5):
+            for reducer in model.plan:
+                reducer.on_train_step(step, 10)
+            drawn.append(model.forward_features(video).pos)
+    assert not torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])  # new draws each step
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(video).pos, first)  # evaluation ignores the step
 
 
 @pytest.mark.parametrize(("spec", "name"), RUNNABLE)
-def test_gradients_flow_through_the_reduction(spec: str, name: str) -> None:
+def test_gradients_reach_the_backbone_and_the_plan(spec: str, name: str) -> None:
     model = _model(name, spec).train()
     model(tiny_video(name)).sum().backward()
     grad = model.embed.proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+    params = dict(model.plan.named_parameters())
+    for pname, param in params.items():  # a learned method's every parameter is in the graph
+        assert param.grad is not None, f"no gradient reaches plan.{pname}"
+    if params:  # (one may get an exact zero: a bias followed by min-max normalisation, say)
+        assert sum(float(p.grad.abs().sum()) for p in params.values()) > 0
+
+
+# One setting per method (its first contract setting) on every backbone it runs on.
+FIRST = [(specs[0], name) for specs in CONTRACT.values() for name in BACKBONES if _runs_on(specs[0], name)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("convert_first", [False, True], ids=["apply-then-to", "to-then-apply"])
+@pytest.mark.parametrize(("spec", "name"), FIRST)
+def test_runs_in_other_dtypes(spec: str, name: str, dtype: torch.dtype, convert_first: bool) -> None:
+    torch.manual_seed(0)
+    model = ts.build(name).eval()
+    model = ts.apply(model.to(dtype), spec) if convert_first else ts.apply(model, spec).to(dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}  # the plan's parameters follow the model
+    seen = _trace(model)
+    with torch.no_grad():
+        logits = model(tiny_video(name, dtype=dtype))
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    for before, after in seen:
+        assert after.x.dtype == dtype and after.x.shape[1] <= before.x.shape[1]
+
+
+@pytest.mark.parametrize(("spec", "name"), FIRST)
+def test_deepcopy_is_an_independent_equal_model(spec: str, name: str) -> None:
+    model = _model(name, spec)
+    twin = copy.deepcopy(model)
+    video = tiny_video(name)
+    with torch.no_grad():
+        assert torch.equal(model(video), twin(video))
+    slots = [m for m in twin.modules() if isinstance(m, At)]
+    assert all(any(slot.reducer is r for r in twin.plan) for slot in slots)  # slots call the copy's plan
+    assert not any(a is b for a in model.plan for b in twin.plan)
+    for param in twin.parameters():
+        param.data.add_(1.0)  # changing the copy leaves the original alone
+    with torch.no_grad():
+        assert torch.equal(model(video), _model(name, spec)(video))
+
+
+@pytest.mark.parametrize(("spec", "name"), FIRST)
+def test_compiles_with_fullgraph(spec: str, name: str) -> None:
+    model = _model(name, spec)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    video = tiny_video(name)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(video), model(video), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("spec", "name"), FIRST)
+def test_flops_are_counted_on_the_meta_device(spec: str, name: str) -> None:
+    with torch.device("meta"):
+        meta = ts.apply(ts.build(name), spec)
+    assert ts.flops(meta) == pytest.approx(ts.flops(_model(name, spec)), rel=1e-12)
 
 
 @pytest.mark.parametrize("spec", [s for specs in CONTRACT.values() for s in specs])

@@ -20,7 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ATTN_RECEIVED", "CLS_ATTN", "KEYS", "LOSSES", "PROP_ATTN", "TOKEN_AUX", "TokenState", "take"]
+__all__ = [
+    "ATTN_RECEIVED",
+    "CLIP_KEY",
+    "CLS_ATTN",
+    "KEYS",
+    "LOSSES",
+    "PROP_ATTN",
+    "TOKEN_AUX",
+    "TokenState",
+    "take",
+]
 
 # `aux` keys a block records when a reducer asks for them (`Reducer.needs`).
 KEYS = "keys"
@@ -34,6 +44,10 @@ signal for models without a class token."""
 PROP_ATTN = "prop_attn"
 """Flag (not per token): attention adds log(size) of each key to its logits (ToMe's proportional
 attention). Set by a merging reducer; read by `backbones.layers.attention_mask`."""
+
+CLIP_KEY = "clip_key"
+"""(B,) int64: a hash of each clip's input (`rng.clip_keys`), put there by the backbone when the plan
+draws random numbers. Random methods draw from it, so a clip gets the same draws in any batch."""
 
 LOSSES = "losses"
 """Extra training losses reducers add along the forward pass: a dict name -> scalar tensor (not per

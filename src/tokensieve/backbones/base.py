@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..tokens import TokenState
+from ..rng import clip_keys
+from ..tokens import CLIP_KEY, TokenState
 from .config import BackboneConfig
 
 __all__ = ["VideoBackbone", "init_weights"]
@@ -42,6 +43,7 @@ class VideoBackbone(nn.Module):
         self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth))
         self.plan = nn.ModuleList()  # the installed plan's reducers (`tokensieve.apply`)
         self.spec: str | None = None  # the installed plan's spec
+        self.hash_clips = False  # whether the plan draws random numbers keyed by clip (set by `apply`)
         # The plan's reducer that pools the features instead (a reference: it lives in `plan`).
         self.__dict__["readout_by"] = None
 
@@ -81,6 +83,8 @@ class VideoBackbone(nn.Module):
     def forward_features(self, video: Tensor) -> TokenState:
         """Tokens after the last block (before the final norm)."""
         state = self.embed(video, self.check_input(video))
+        if self.hash_clips:  # the plan draws random numbers keyed by clip (`tokensieve.rng`)
+            state = state.with_aux(**{CLIP_KEY: clip_keys(video)})
         for block, reduce in zip(self.blocks, self.reducers, strict=True):
             state = block(reduce(state))
         return state

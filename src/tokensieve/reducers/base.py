@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .. import rng
 from ..errors import InputError
-from ..tokens import TokenState
+from ..tokens import CLIP_KEY, TokenState
 
 if TYPE_CHECKING:
     from ..backbones.base import VideoBackbone
@@ -69,11 +70,18 @@ class Reducer(nn.Module):
     pattern_parameters: ClassVar[dict[str, type]] = {}
     """Spec parameters named by a pattern rather than the signature (STTS's `T0=0.6`, `S4=0.9`:
     regex -> type); the constructor receives them as keyword arguments and validates them."""
+    keyed_random: ClassVar[bool] = False
+    """True: the method draws random numbers keyed by clip (`tokensieve.rng`, `draw_stream`); the
+    backbone then hashes every input clip into `aux[CLIP_KEY]`."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     main_settings: ClassVar[tuple[str, ...]] = ()
     """Specs of the paper's main fixed-budget settings on 16x224 ViT-S/B, which `tokensieve bench
     --methods` and benchmarks/reducers.py measure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_step = 0  # the current training step (`on_train_step`); random draws depend on it
 
     def positions(self, depth: int) -> tuple[int, ...]:
         """Block counts before each place this reducer runs, for a model of `depth` blocks."""
@@ -112,7 +120,27 @@ class Reducer(nn.Module):
     def on_train_step(self, step: int, total_steps: int) -> None:
         """Called by the training loop before every optimisation step (0-based, of `total_steps`):
         the place for parameters scheduled over training (STTS decays its sigma here). It must depend
-        only on its arguments, so a resumed run schedules exactly as an uninterrupted one."""
+        only on its arguments, so a resumed run schedules exactly as an uninterrupted one. The base
+        records the step: in training, random draws depend on it (`draw_stream`). An override calls
+        `super().on_train_step(step, total_steps)`."""
+        self.train_step = step
+
+    def draw_stream(self, state: TokenState, site: Site, seed: int, *purpose: int) -> tuple[Tensor, int]:
+        """(clip keys (B,), stream id) of this call's random draws (`tokensieve.rng`).
+
+        A draw is a pure function of the clip (its key), the method's `seed`, the stage it runs at,
+        `purpose` (to tell apart several draws of one call) and, in training mode, the step set by
+        `on_train_step`: so a clip gets the same draws in a batch of any size or composition, on
+        any number of processes, whatever ran before; and new ones at every training step.
+        """
+        keys = state.aux.get(CLIP_KEY)
+        if keys is None:
+            raise ValueError(
+                f"{self.name} draws random numbers keyed by clip, but the state holds no clip keys; "
+                "install plans with tokensieve.apply (which makes the backbone hash its input clips)"
+            )
+        step = self.train_step if self.training else -1
+        return keys, rng.stream(seed, site.stage, step, *purpose)
 
     def readout(self, state: TokenState, model: VideoBackbone) -> Tensor:
         """(B, C) features for the classifier from the final state (only if `overrides_readout`);

@@ -6,14 +6,15 @@ fraction `keep` of the tokens, drawn uniformly without replacement, right after 
 (`at=0`), and run the unchanged backbone on them. With `per_frame=true` every frame keeps the same
 count (needed by divided space-time attention).
 
-Draws come from the reducer's own `torch.Generator` seeded with `seed`, so a plan built from the
-same spec selects the same tokens for the same sequence of batches, independently of the global RNG.
+Draws are keyed by clip (`tokensieve.rng`): a pure function of the clip's content, `seed` and, in
+training, the step. A clip keeps the same tokens in a batch of any size or composition, under
+`torchrun` on any number of processes, whatever ran before (a FLOP count, another evaluation); the
+global RNG is never touched.
 """
 
 from __future__ import annotations
 
-import torch
-
+from .. import rng
 from ..tokens import TokenState
 from .base import Reducer, Site, check_keep, keep_top, register, top_count
 
@@ -25,12 +26,12 @@ class RandomSelection(Reducer):
     """Keeps round(keep * N) random tokens of each sample (of each frame with `per_frame`)."""
 
     main_settings = ("random:keep=0.5",)
+    keyed_random = True
 
     def __init__(self, *, keep: float = 0.5, at: int = 0, per_frame: bool = False, seed: int = 0) -> None:
         super().__init__()
         check_keep(keep, self.name)
         self.keep, self.at, self.per_frame, self.seed = keep, at, per_frame, seed
-        self.generator = torch.Generator().manual_seed(seed)
 
     @property
     def keeps_frames(self) -> bool:
@@ -43,9 +44,8 @@ class RandomSelection(Reducer):
         return top_count(self.keep, num, frames, per_frame=self.per_frame, method=self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
-        B, N, _ = state.x.shape
-        # Drawn on the CPU generator, then moved: identical selections on every device.
-        scores = torch.rand(B, N, generator=self.generator).to(state.x.device)  # (B, N)
+        keys, stream = self.draw_stream(state, site, self.seed)
+        scores = rng.uniform_bits(keys, state.x.shape[1], stream=stream)  # (B, N) random int64 ranks
         return keep_top(state, scores, self.keep, per_frame=self.per_frame)
 
     def extra_repr(self) -> str:

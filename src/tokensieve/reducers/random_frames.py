@@ -2,13 +2,12 @@
 
 STTS's Random-K baseline (Wang et al., arXiv:2111.11591, Sec. 4.3): of the F temporal slices keep
 K = round(keep * F) drawn uniformly without replacement, independently per sample, in time order.
-Draws come from the reducer's own generator seeded with `seed`, as in `random`.
+Draws are keyed by clip, as in `random` (`tokensieve.rng`).
 """
 
 from __future__ import annotations
 
-import torch
-
+from .. import rng
 from ..tokens import TokenState
 from .base import Reducer, Site, check_keep, frame_count, keep_count, keep_frames, register, require_frames
 
@@ -20,12 +19,12 @@ class RandomFrames(Reducer):
     """Keeps round(keep * F) random temporal slices of each sample."""
 
     main_settings = ("random_frames:keep=0.5",)
+    keyed_random = True
 
     def __init__(self, *, keep: float = 0.5, at: int = 0, seed: int = 0) -> None:
         super().__init__()
         check_keep(keep, self.name)
         self.keep, self.at, self.seed = keep, at, seed
-        self.generator = torch.Generator().manual_seed(seed)
 
     @property
     def keeps_frames(self) -> bool:
@@ -38,8 +37,9 @@ class RandomFrames(Reducer):
         return frame_count(self.keep, num, frames, self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
-        B, F = state.x.shape[0], require_frames(state, self.name)
-        draws = torch.rand(B, F, generator=self.generator).to(state.x.device)  # (B, F)
+        F = require_frames(state, self.name)
+        keys, stream = self.draw_stream(state, site, self.seed)
+        draws = rng.uniform_bits(keys, F, stream=stream)  # (B, F) random int64 ranks
         idx = draws.topk(keep_count(self.keep, F), dim=1).indices.sort(1).values  # (B, K)
         return keep_frames(state, idx)
 

@@ -149,7 +149,8 @@ class SpatioTemporalSelection(Reducer):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.selections.to(next(model.parameters()).device)
+        param = next(model.parameters())  # the scorers take the model's device and dtype
+        self.selections.to(device=param.device, dtype=param.dtype)
 
     @property
     def keeps_frames(self) -> bool:
