@@ -247,3 +247,5 @@ def test_train_warns_once_about_clips_a_partial_batch_leaves_out(
     ]
     assert f"warning: {expected}" in result.stderr  # shown above the progress bar, once
     assert result.stderr.count("not used in each epoch") == 1
+    # The synthetic classes move left and right: a flip would change the label, so flips are off.
+    assert result.stderr.count("warning: random horizontal flips are off: the classes name directions") == 1

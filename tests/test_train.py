@@ -80,6 +80,29 @@ def test_clips_are_a_pure_function_of_seed_epoch_and_index(videos: list[VideoRec
     assert batch.videos.shape == (2, 4, 3, 32, 32) and batch.labels.tolist() == [0, 1]
 
 
+@pytest.mark.parametrize(
+    ("names", "flips"),
+    [
+        (["moving left", "moving right", "staying"], False),
+        (["Pushing something from left to right", "Dropping something"], False),
+        (["Turning RIGHT"], False),
+        (["cat", "upright piano", "bright light"], True),  # no direction word
+        (None, True),
+    ],
+)
+def test_direction_classes_turn_flips_off(
+    videos: list[VideoRecord], names: list[str] | None, flips: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="tokensieve.data.clips"):
+        data = _data(videos, class_names=names)
+    assert data.flip is flips
+    assert ("random horizontal flips are off" in caplog.text) is not flips
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tokensieve.data.clips"):
+        assert _data(videos, class_names=names, flip=False).flip is False
+    assert not caplog.text  # asked for no flips: nothing to say
+
+
 def test_multilabel_clips_have_multi_hot_labels(videos: list[VideoRecord]) -> None:
     records = [VideoRecord(r.id, r.path, (0, 2) if i % 2 else (1,)) for i, r in enumerate(videos)]
     data = _data(records)

@@ -9,12 +9,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 __all__ = ["CheckpointMismatchError", "load_checked", "remap"]
 
 _PARTS = ("#q", "#k", "#v")  # suffixes of the thirds of a fused qkv weight
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The checkpoint does not fit the model; the message lists every offending key."""
 
 

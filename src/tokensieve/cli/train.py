@@ -145,10 +145,11 @@ def train_command(
         )
         apply(net, plan)
         cfg = net.config
-        dataset = ClipDataset(
-            records, frames=cfg.frames, size=cfg.size, sampling=sampling, stride=stride, scale=crop_scale,
-            flip=flip, seed=seed, num_classes=cfg.num_classes,
-        )  # fmt: skip
+        with _warnings_to(Console(stderr=True)):  # e.g. flips turned off for direction classes
+            dataset = ClipDataset(
+                records, frames=cfg.frames, size=cfg.size, sampling=sampling, stride=stride,
+                scale=crop_scale, flip=flip, seed=seed, num_classes=cfg.num_classes, class_names=names,
+            )  # fmt: skip
         validation = None
         if val is not None:
             val_records, val_names = load_records(val, root=root, multilabel=multilabel)

@@ -33,6 +33,7 @@ dataset raises (the data is almost certainly not readable at all).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -47,7 +48,15 @@ from .sampling import Short, random_clip_indices, random_segment_indices
 from .transforms import hflip, random_resized_crop, to_float
 from .video import Video
 
-__all__ = ["MAX_ATTEMPTS", "Clip", "ClipBatch", "ClipDataset", "collate_clips", "sample_generator"]
+__all__ = [
+    "MAX_ATTEMPTS",
+    "Clip",
+    "ClipBatch",
+    "ClipDataset",
+    "collate_clips",
+    "direction_class",
+    "sample_generator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +110,15 @@ def sample_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def direction_class(class_names: Sequence[str]) -> str | None:
+    """The first class whose name gives a horizontal direction (the word left or right), or None.
+
+    A horizontal flip turns such a class into another ("moving left" into "moving right", or
+    Something-Something's "pushing something from left to right"), so training must not flip.
+    """
+    return next((name for name in class_names if re.search(r"\b(left|right)", name, re.IGNORECASE)), None)
+
+
 class ClipDataset(Dataset):
     """Labelled videos as random training clips (see the module docstring).
 
@@ -113,7 +131,8 @@ class ClipDataset(Dataset):
         stride: frame stride of dense clips.
         scale: range of the crop area as a fraction of the frame (VideoMAE fine-tuning: (0.08, 1)).
         ratio: range of the crop aspect ratio, width / height.
-        flip: horizontal flip with probability 0.5 (turn off for direction-sensitive classes).
+        flip: horizontal flip with probability 0.5. Turned off (with a warning) when a class name
+            gives a left/right direction (`direction_class`): flipping would change the label.
         seed: seed of every random draw, with the epoch and the index.
         num_classes: number of classes; required for multi-label data (multi-hot labels), and when
             given every label must be below it.
@@ -121,6 +140,8 @@ class ClipDataset(Dataset):
         threads: threaded decoding (PyAV's frame/slice threads).
         max_failed: fraction of the dataset that may be unreadable before training stops (read by
             the training loop, which counts failures).
+        class_names: the classes' names, if known (`load_records` returns them); they tell whether
+            flipping changes labels.
 
     Raises:
         ValueError: an unlabelled record, bad sampling, or multi-label data without `num_classes`.
@@ -143,6 +164,7 @@ class ClipDataset(Dataset):
         short: Short = "loop",
         threads: bool = True,
         max_failed: float = 0.1,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if sampling not in ("dense", "segments"):
             raise InputError(f"sampling must be 'dense' or 'segments', got {sampling!r}")
@@ -172,6 +194,14 @@ class ClipDataset(Dataset):
                     raise DataFormatError(
                         f"video {r.id!r} has label {bad[0]}, outside the {num_classes} classes (0..{num_classes - 1})"
                     )
+        turned = direction_class(class_names or ()) if flip else None
+        if turned is not None:
+            log.warning(
+                "random horizontal flips are off: the classes name directions (%r), and a flipped clip "
+                "would show another class; pass flip=False (--no-flip) to say so",
+                turned,
+            )
+            flip = False
         self.frames, self.size, self.sampling, self.stride = frames, size, sampling, stride
         self.scale, self.ratio, self.flip, self.seed = scale, ratio, flip, seed
         self.num_classes, self.short, self.threads, self.max_failed = num_classes, short, threads, max_failed

@@ -53,7 +53,7 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 Sampling = Literal["dense", "segments"]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A malformed list, CSV or JSON file; the message names the file and the line or entry."""
 
 
