@@ -1,15 +1,20 @@
-"""ToMe: which pairs merge and with what sizes (hand-checked), a loop oracle, schedules, size
-tracking through a model, and proportional attention."""
+"""ToMe: which pairs merge and with what sizes (hand-checked, with and without a class token), a
+slow re-statement of the released algorithm as the oracle (one step, and run inside the blocks of
+whole models), schedules, size tracking through a model, and proportional attention."""
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import Tensor, nn
 
 import tokensieve as ts
 from conftest import tiny_video
-from tokensieve.backbones.layers import Attention, attention_mask
+from tokensieve.backbones.layers import Attention, attention_mask, with_cls
+from tokensieve.errors import InputError
 from tokensieve.reducers.tome import bipartite_matching, merge_schedule, merge_tokens
 from tokensieve.tokens import KEYS, PROP_ATTN, TokenState
 
@@ -43,26 +48,173 @@ def test_golden_pairs_and_sizes() -> None:
     assert PROP_ATTN not in dropped.aux
 
 
-def test_merge_equals_a_loop_over_pairs() -> None:
-    B, N, C, r = 3, 20, 5, 7
+def _at(degrees: float) -> list[float]:
+    return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
+
+
+# Eight patch tokens after a class token. The attention's sequence is [cls, p0, ..., p7], so
+# A = sequence positions 0, 2, 4, 6, 8 = cls, p1, p3, p5, p7 and B = p0, p2, p4, p6. Keys are unit
+# vectors at these angles (degrees): B at 0, 90, 180, 270; A at 40, 95, 200, 300.
+GOLDEN_CLS_KEYS = torch.tensor([_at(d) for d in (0, 40, 90, 95, 180, 200, 270, 300)])
+
+
+def test_golden_class_token_split_sort_and_sizes() -> None:
+    """Best B partner = nearest angle: p1 -> p0 (40 deg, cos .766), p3 -> p2 (5 deg, .996),
+    p5 -> p4 (20 deg, .940), p7 -> p6 (30 deg, .866); the class token has no edge. With r = 2 the
+    two most similar edges merge: p3 into p2, p5 into p4. Unmerged A: p7 (.866), p1 (.766) by
+    similarity, re-sorted by index to p1, p7. Output: p1, p7, then B: p0, p2, p4, p6."""
+    unm, src, dst = bipartite_matching(GOLDEN_CLS_KEYS[None], 2, has_cls=True)
+    # Indices into A's patch tokens (p1, p3, p5, p7) and into B (p0, p2, p4, p6).
+    assert src.tolist() == [[1, 2]] and dst.tolist() == [[1, 2]] and unm.tolist() == [[0, 3]]
+
+    x = torch.arange(8.0).repeat_interleave(2).view(1, 8, 2) + 1  # patch token i = (i + 1, i + 1)
+    cls = torch.full((1, 1, 2), -5.0)
+    state = TokenState.from_grid(x, (1, 2, 4), cls_token=cls).with_aux(**{KEYS: GOLDEN_CLS_KEYS[None]})
+    sized = state.replace(size=torch.tensor([[1.0, 2, 1, 3, 2, 1, 1, 1]]))
+    out = merge_tokens(sized, 2, drop=False, prop_attn=True)
+    assert out.pos.tolist() == [[1, 7, 0, 2, 4, 6]]
+    assert out.size.tolist() == [[2, 1, 1, 4, 3, 1]]
+    # p2 <- p3: (1 * 3 + 3 * 4) / 4 = 3.75; p4 <- p5: (2 * 5 + 1 * 6) / 3 = 16 / 3.
+    torch.testing.assert_close(out.x[0, :, 0], torch.tensor([2.0, 8.0, 1.0, 3.75, 16 / 3, 7.0]))
+    assert out.cls is cls and out.frames is None and KEYS not in out.aux
+
+    dropped = merge_tokens(state, 2, drop=True, prop_attn=True)
+    assert dropped.pos.tolist() == [[1, 7, 0, 2, 4, 6]] and dropped.size is None
+    torch.testing.assert_close(dropped.x[0, :, 0], torch.tensor([2.0, 8.0, 1.0, 3.0, 5.0, 7.0]))
+
+
+def released_merge(
+    seq_x: Tensor, seq_keys: Tensor, seq_size: Tensor, r: int, *, has_cls: bool
+) -> list[tuple[Tensor, float, int]]:
+    """ToMe's released merge restated slowly, one sample, over the attention's whole sequence.
+
+    Args:
+        seq_x: (n, C) the sequence, class token at 0 when `has_cls`.
+        seq_keys: (n, c) head-mean keys (the class token's row is not read).
+        seq_size: (n,) sizes (the class token's is 1).
+
+    Returns:
+        The output tokens in order, each (value (C,), size, index in the input sequence of the
+        token whose place it takes).
+    """
+    n = len(seq_x)
+    a_side, b_side = list(range(0, n, 2)), list(range(1, n, 2))  # A: even positions, B: odd
+    edges = []  # (similarity, a, its most similar b)
+    for a in a_side:
+        if has_cls and a == 0:
+            continue  # the class token is protected: it has no edge
+        sims = [float(torch.cosine_similarity(seq_keys[a], seq_keys[b], dim=0)) for b in b_side]
+        edges.append((max(sims), a, b_side[sims.index(max(sims))]))  # first best b on a tie
+    edges.sort(key=lambda e: -e[0])
+    merged, unmerged = edges[:r], [a for _, a, _ in edges[r:]]
+    if has_cls:
+        unmerged = [0, *sorted(unmerged)]  # the released code re-sorts them: class token first
+    out = [(seq_x[a], float(seq_size[a]), a) for a in unmerged]
+    for b in b_side:
+        group = [b] + [a for _, a, partner in merged if partner == b]
+        total = sum(float(seq_size[i]) for i in group)
+        out.append((sum(float(seq_size[i]) * seq_x[i] for i in group) / total, total, b))
+    return out
+
+
+def reference_merge(state: TokenState, r: int) -> TokenState:
+    """`merge_tokens(state, r, drop=False, prop_attn=True)` by `released_merge`, sample by sample."""
+    has_cls = state.cls is not None
+    B, N, _ = state.x.shape
+    size = torch.ones(B, N, dtype=torch.float64) if state.size is None else state.size.double()
+    xs, clss, sizes, poss = [], [], [], []
+    for i in range(B):
+        seq_x = with_cls(state)[i].double()  # (1 + N, C) or (N, C)
+        keys, pos = state.aux[KEYS][i].double(), state.pos[i]
+        seq_size = size[i]
+        if has_cls:  # the class token: size 1, not a grid cell, its key never read
+            keys = torch.cat([torch.full_like(keys[:1], math.nan), keys])
+            seq_size, pos = (
+                torch.cat([seq_size.new_ones(1), seq_size]),
+                torch.cat([pos.new_full((1,), -1), pos]),
+            )
+        out = released_merge(seq_x, keys, seq_size, r, has_cls=has_cls)
+        if has_cls:
+            assert out[0][2] == 0 and out[0][1] == 1  # the class token stays first, alone
+            clss.append(out[0][0][None])
+            out = out[1:]
+        xs.append(torch.stack([v for v, _, _ in out]))
+        sizes.append(torch.tensor([s for _, s, _ in out], dtype=torch.float64))
+        poss.append(torch.stack([pos[j] for _, _, j in out]))
+    return state.replace(
+        x=torch.stack(xs).to(state.x.dtype),
+        cls=torch.stack(clss).to(state.x.dtype) if has_cls else None,
+        size=torch.stack(sizes).to(state.x.dtype),
+        pos=torch.stack(poss),
+        frames=None,
+        aux={PROP_ATTN: True},
+    )
+
+
+@pytest.mark.parametrize("has_cls", [False, True], ids=["no-cls", "cls"])
+@pytest.mark.parametrize(("N", "r"), [(20, 1), (20, 7), (20, 10), (21, 6), (21, 10)])
+def test_merge_equals_the_released_algorithm_restated(has_cls: bool, N: int, r: int) -> None:
+    B, C = 3, 5
     x, keys = torch.randn(B, N, C, dtype=torch.float64), torch.randn(B, N, 4, dtype=torch.float64)
     size = torch.rand(B, N, dtype=torch.float64) + 0.5
-    state = TokenState.from_grid(x, (5, 2, 2)).replace(size=size).with_aux(**{KEYS: keys})
-    out = merge_tokens(state, r, drop=False, prop_attn=False)
-    for b in range(B):
-        unit = F.normalize(keys[b], dim=-1)
-        sim = unit[::2] @ unit[1::2].T  # (10, 10)
-        best, partner = sim.max(1)
-        order = best.argsort(descending=True)
-        sums = x[b, 1::2] * size[b, 1::2, None]
-        sizes = size[b, 1::2].clone()
-        for a in order[:r].tolist():  # one pair at a time
-            sums[partner[a]] += x[b, 2 * a] * size[b, 2 * a]
-            sizes[partner[a]] += size[b, 2 * a]
-        unmerged = order[r:]
-        torch.testing.assert_close(out.x[b], torch.cat([x[b, 2 * unmerged], sums / sizes[:, None]]))
-        torch.testing.assert_close(out.size[b], torch.cat([size[b, 2 * unmerged], sizes]))
-        assert out.pos[b].tolist() == (2 * unmerged).tolist() + list(range(1, N, 2))
+    cls = torch.randn(B, 1, C, dtype=torch.float64) if has_cls else None
+    state = TokenState.from_grid(x, (1, 1, N), cls_token=cls).replace(size=size).with_aux(**{KEYS: keys})
+    out, ref = merge_tokens(state, r, drop=False, prop_attn=True), reference_merge(state, r)
+    assert out.pos.tolist() == ref.pos.tolist()  # the same merges, in the same order
+    torch.testing.assert_close(out.x, ref.x)
+    torch.testing.assert_close(out.size, ref.size)
+    assert out.cls is cls
+    out.check()
+
+
+class ReferenceMerge(nn.Module):
+    """A block's inner slot running `reference_merge` instead of the reducer."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def forward(self, state: TokenState) -> TokenState:
+        return reference_merge(state, self.r)
+
+
+@pytest.mark.parametrize(
+    ("name", "r", "atol"),
+    [
+        ("joint-tiny", "4", 1e-5),
+        ("joint-tiny", "16", 1e-5),
+        ("joint-tiny", "20/10/2", 1e-5),
+        ("videomae-tiny", "6", 1e-6),
+        ("videomae-tiny", "8/4/2", 1e-6),
+    ],
+)
+def test_a_stack_of_blocks_equals_the_released_algorithm_restated(name: str, r: str, atol: float) -> None:
+    """The same weights with the restated merge inside every block: same tokens in the same order,
+    same sizes, features and logits within `atol` (1e-5 with a class token, 1e-6 without)."""
+    model = ts.apply(ts.build(name).eval(), f"tome:r={r}")
+    reference = copy.deepcopy(model)
+    for block, r_l in zip(reference.blocks, merge_schedule(r, "constant", model.config.depth), strict=True):
+        if r_l > 0:
+            block.inner = ReferenceMerge(r_l)
+    video = tiny_video(name)
+    with torch.no_grad():
+        out, ref = model.forward_features(video), reference.forward_features(video)
+        logits, ref_logits = model.forward_head(out), reference.forward_head(ref)
+    assert out.pos.tolist() == ref.pos.tolist()
+    torch.testing.assert_close(out.size, ref.size, rtol=0, atol=0)
+    torch.testing.assert_close(out.x, ref.x, rtol=0, atol=atol)
+    if out.cls is not None:
+        torch.testing.assert_close(out.cls, ref.cls, rtol=0, atol=atol)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=atol)
+
+
+def test_r_outside_the_mergeable_range() -> None:
+    state = _golden_state(None)
+    assert merge_tokens(state, 0, drop=False, prop_attn=True) is state  # nothing to merge: unchanged
+    with pytest.raises(InputError, match="half of the 6 tokens"):
+        merge_tokens(state, 4, drop=False, prop_attn=True)
+    with pytest.raises(InputError, match="r=40 in block 0 is more than half of the 64 tokens"):
+        ts.apply(ts.build("joint-tiny"), "tome:r=40")  # not clamped as in the released code: an error
 
 
 def test_schedules() -> None:
@@ -97,6 +249,19 @@ def test_proportional_attention_counts_a_merged_token_as_its_copies() -> None:
     torch.testing.assert_close(bias, torch.tensor([[[[2.0, 1.0]]]]).log())
     merged, _ = attn(state.x, mask=bias)
     torch.testing.assert_close(merged, copies[:, 1:])
+
+
+def test_proportional_attention_gives_the_class_token_size_one() -> None:
+    """[cls, a, a, b] equals [cls, a (size 2), b]: the class token's bias is log 1 = 0."""
+    attn = Attention(dim=8, heads=2).eval()
+    c, a, b = torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    copies, _ = attn(torch.cat([c, a, a, b], 1))
+    state = TokenState.from_grid(torch.cat([a, b], 1), (1, 1, 2), cls_token=c)
+    state = state.replace(size=torch.tensor([[2.0, 1.0]])).with_aux(**{PROP_ATTN: True})
+    bias = attention_mask(state)
+    torch.testing.assert_close(bias, torch.tensor([[[[1.0, 2.0, 1.0]]]]).log())
+    merged, _ = attn(with_cls(state), mask=bias)
+    torch.testing.assert_close(merged, copies[:, [0, 1, 3]])
 
 
 def test_proportional_attention_switch_changes_the_output() -> None:

@@ -1,26 +1,40 @@
 """`tome`: Token Merging by bipartite soft matching (Bolya et al., "Token Merging: Your ViT But
 Faster", ICLR 2023, arXiv:2210.09461), applied to all space-time tokens of a clip.
 
-Written from the paper (Sec. 3). In every block with r_l > 0, between attention and MLP:
+Written from the paper (Sec. 3); where the paper leaves a choice open, as the released code makes it
+(checked side by side on the same tensors). In every block with r_l > 0, between attention and MLP:
 1. metric: the block's keys averaged over heads, L2-normalised (`KEYS`);
-2. split the tokens alternately into A (even positions) and B (odd positions);
-3. for each a in A its most similar b in B (cosine) — the edge (a, b*);
+2. split the token sequence alternately into A (even positions) and B (odd positions). The
+   sequence is the one the attention sees: with a class token it is position 0, so A = the class
+   token and patches 1, 3, 5, ... and B = patches 0, 2, 4, ... (patches counted from 0); without
+   one, A = patches 0, 2, 4, ... and B = patches 1, 3, 5, ...;
+3. for each a in A its most similar b in B (cosine) — the edge (a, b*); the class token has no
+   edge (it is never merged and, sitting in A, never receives a merge);
 4. keep the r_l most similar edges; each such a is merged into its b*;
 5. merge size-weighted: x_b <- (s_b x_b + sum_a s_a x_a) / (s_b + sum_a s_a), s_b <- s_b + sum_a s_a,
    with sizes s carried across layers in `TokenState.size` (1 per patch at the start);
 6. proportional attention (`prop_attn`): later attention adds log s of each key to its logits
-   (`PROP_ATTN`, an additive SDPA mask), so a merged token counts as the patches it stands for.
-The output holds the unmerged A tokens, then all B tokens. `mode=drop` removes the r_l matched A
-tokens instead of merging them (the pruning ablation of the paper, Table 1).
+   (`PROP_ATTN`, an additive SDPA mask; the class token has size 1, bias 0), so a merged token
+   counts as the patches it stands for.
+
+Output order (`pos` follows the tokens): the unmerged A tokens, then all B tokens in their order (a
+merged token keeps its B token's place and `pos`). The unmerged A tokens come in ascending order
+of their current index when the model has a class token, and in descending order of their best
+edge's similarity without one — the orders the released code leaves, so the next block splits the
+same sequence. Ties and near-ties between similarities fall as in the released code too: with a
+class token we score and sort the same (1 + N)-token layout it does. `mode=drop` removes the r_l
+matched A tokens instead of merging them (the pruning ablation of the paper, Table 1).
 
 Schedules: `r=16` merges 16 tokens in every block; `schedule=decreasing` goes linearly from 2r in
 the first block to 0 in the last (the paper's decreasing schedule, same total); `r=32/32/16/8`
 lists r per block explicitly (missing blocks merge nothing).
 
-NOTE(paper): the class token is not a member of A or B here (it lives outside the token sequence in
-`TokenState` and is never merged), where the released code puts it first in A and masks it out; for
-class-token models the even/odd alternation of patch tokens is therefore shifted by one position.
-The readout averages tokens weighted by size (as the released MAE adapter does).
+The class token lives outside the patch tokens in `TokenState` (`state.cls`) and is never merged
+or moved; the split above still counts it, so the merges are the released code's.
+
+NOTE(paper): an r larger than half of a block's patch tokens (N // 2, with or without a class
+token) is an error at `apply` time (and in `merge_tokens`), where the released code silently
+lowers r. The readout averages tokens weighted by size (as the released MAE adapter does).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import functools
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
@@ -64,61 +79,87 @@ def merge_schedule(r: int | str, schedule: str, depth: int) -> tuple[int, ...]:
     return tuple(int(2 * parsed - 2 * parsed * i / (depth - 1)) for i in range(depth))
 
 
-def bipartite_matching(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def bipartite_matching(metric: Tensor, r: int, *, has_cls: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Which A tokens merge into which B tokens.
 
     Args:
-        metric: (B, N, c) token features to compare (head-mean keys).
+        metric: (B, N, c) features of the patch tokens to compare (head-mean keys).
         r: number of A tokens to merge, at most N // 2.
+        has_cls: whether a class token precedes the patches in the attention's sequence. It is not
+            in `metric`: it takes A's first place, never merges and receives no merge.
 
     Returns:
         `unm_idx` (B, nA - r) indices into A of the tokens left alone, `src_idx` (B, r) indices into
         A of the merged tokens, most similar first, and `dst_idx` (B, r) the index into B each is
-        merged into. A holds tokens 0, 2, 4, ..., B tokens 1, 3, 5, ....
+        merged into; nA counts the patch tokens of A. A holds patch tokens 1, 3, 5, ... with a class
+        token and 0, 2, 4, ... without; B the others. `unm_idx` is ascending with a class token,
+        most similar edge first without one.
     """
     with torch.no_grad():
+        if has_cls:
+            # A placeholder row where the class token stands in the attention's sequence (masked
+            # below), so scores and sort run on the same (1 + N)-token layout as the released code.
+            # Why not just the patch rows: matmul rounding can depend on where a row sits, and the
+            # order torch's default (unstable) sort gives equal values depends on the whole vector;
+            # with the same layout even ties and near-ties fall the same way.
+            metric = F.pad(metric, (0, 0, 1, 0), value=1.0)  # (B, 1 + N, c)
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]  # (B, nA, c), (B, nB, c)
-        scores = a @ b.transpose(1, 2)  # (B, nA, nB) cosine similarities
-        order = scores.amax(-1).argsort(-1, descending=True)  # (B, nA): most similar edges first
-        src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, nA - r)
+        a, b = metric[:, ::2], metric[:, 1::2]  # (B, [1 +] nA, c), (B, nB, c): A opens with the class token
+        scores = a @ b.transpose(1, 2)  # (B, [1 +] nA, nB) cosine similarities
+        if has_cls:
+            scores[:, 0] = float("-inf")  # the class token has no edge: it sorts last, never merges
+        order = scores.amax(-1).argsort(-1, descending=True)  # (B, [1 +] nA): most similar edges first
+        src_idx, unm_idx = order[:, :r], order[:, r:]  # (B, r), (B, [1 +] nA - r)
         # The partner only for the r merged tokens (`max` with indices over all rows is much slower).
         dst_idx = take(scores, src_idx).argmax(-1)  # (B, r)
+        if has_cls:
+            # Unmerged A tokens in sequence order; the class token (0) comes first and is dropped,
+            # and indices move from the sequence's A to the patch tokens of A.
+            unm_idx = unm_idx.sort(-1).values[:, 1:] - 1  # (B, nA - r)
+            src_idx = src_idx - 1  # (B, r)
     return unm_idx, src_idx, dst_idx
 
 
 def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> TokenState:
     """Apply one bipartite merge (or drop) of `r` tokens to every per-token field of `state`.
 
-    The output holds the unmerged A tokens, then all B tokens (A token i is token 2i, B token j is
-    token 2j + 1). Written with few, large tensor ops: the reducer's own time is part of what the
-    benchmark holds against its FLOP savings.
+    The output holds the unmerged A tokens, then all B tokens (see `bipartite_matching` for which
+    patch tokens are A and B and the order of the unmerged ones); the class token stays in
+    `state.cls`, untouched. `r=0` returns `state` as it is. Written with few, large tensor ops: the
+    reducer's own time is part of what the benchmark holds against its FLOP savings.
+
+    Raises:
+        InputError: if `r` is negative or more than half of the patch tokens.
     """
-    metric = require(state, KEYS, "tome")
-    unm_idx, src_idx, dst_idx = bipartite_matching(metric, r)
     B, N, C = state.x.shape
+    if not 0 <= r <= N // 2:
+        raise InputError(f"tome: r={r} must be between 0 and half of the {N} tokens ({N // 2})")
+    if r == 0:
+        return state
+    metric = require(state, KEYS, "tome")
+    has_cls = state.cls is not None
+    unm_idx, src_idx, dst_idx = bipartite_matching(metric, r, has_cls=has_cls)
+    first = int(has_cls)  # A token i is patch token 2i + first, B token j is patch token 2j + 1 - first
     num_unm = unm_idx.shape[1]
-    keep_idx = torch.cat(
-        [unm_idx * 2, torch.arange(1, N, 2, device=unm_idx.device).expand(B, -1)], 1
-    )  # (B, N-r)
+    b_idx = torch.arange(1 - first, N, 2, device=unm_idx.device)  # (nB,)
+    keep_idx = torch.cat([unm_idx * 2 + first, b_idx.expand(B, -1)], 1)  # (B, N - r)
     x = take(state.x, keep_idx)  # (B, N - r, C), a new contiguous tensor
     size = state.size
     if not drop:
         if size is None:
             size = torch.ones(B, N, dtype=x.dtype, device=x.device)
-        src_s = size.gather(1, src_idx * 2)  # (B, r)
-        b_s = size[:, 1::2]  # (B, nB)
+        src_tok = src_idx * 2 + first  # (B, r) patch-token indices of the merged A tokens
+        src_s = size.gather(1, src_tok)  # (B, r)
+        b_s = size[:, 1 - first :: 2]  # (B, nB)
         merged_s = b_s.scatter_add(1, dst_idx, src_s)  # (B, nB)
         # Size-weighted mean into B, in place on the B rows of `x`:
         # x_b <- (s_b x_b + sum of s_a x_a merged into b) / (s_b + sum of s_a).
         rows = num_unm + dst_idx + torch.arange(0, B * (N - r), N - r, device=x.device).unsqueeze(1)  # (B, r)
         b_x = x[:, num_unm:]  # (B, nB, C) view
         b_x.mul_(b_s.unsqueeze(-1))
-        x.view(-1, C).index_add_(
-            0, rows.view(-1), (take(state.x, src_idx * 2) * src_s.unsqueeze(-1)).view(-1, C)
-        )
+        x.view(-1, C).index_add_(0, rows.view(-1), (take(state.x, src_tok) * src_s.unsqueeze(-1)).view(-1, C))
         b_x.div_(merged_s.unsqueeze(-1))
-        size = torch.cat([size.gather(1, unm_idx * 2), merged_s], 1)  # (B, N - r)
+        size = torch.cat([size.gather(1, unm_idx * 2 + first), merged_s], 1)  # (B, N - r)
     elif size is not None:
         size = size.gather(1, keep_idx)
     aux = {k: v for k, v in state.aux.items() if k not in TOKEN_AUX}  # per-token records are stale now
