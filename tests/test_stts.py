@@ -1,15 +1,19 @@
-"""STTS: gradients reach the scorers, hand-checked temporal and anchor selections, sigma decay,
-GFLOPs with the scorer counted, and the bad-input errors. (The contract suite covers the rest.)"""
+"""STTS: gradients reach the scorers, hand-checked temporal and anchor selections, the soft paths
+against a re-statement of the released code's order (pool raw scores, then min-max), the Jacobian
+choice, sigma decay, GFLOPs with the scorer counted, and the bad-input errors. (The contract suite
+covers the rest.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tokensieve as ts
 from conftest import tiny_video
-from tokensieve.reducers.stts import Scorer, SpatioTemporalSelection, anchor_grid
+from tokensieve.errors import InputError
+from tokensieve.reducers.stts import Scorer, SpatioTemporalSelection, anchor_grid, min_max
 
 
 class FixedScores(nn.Module):
@@ -74,7 +78,7 @@ def test_soft_temporal_selection_mixes_frames_with_the_perturbed_indicator() -> 
     torch.manual_seed(3)
     out = model.reducers[0](state)
     torch.manual_seed(3)
-    Y = ts.ops.perturbed_topk(scores.expand(2, -1), 2, num_samples=200, sigma=0.5)  # (2, 2, 4)
+    Y = ts.ops.perturbed_topk(min_max(scores.expand(2, -1)), 2, num_samples=200, sigma=0.5)  # (2, 2, 4)
     expected = torch.einsum("bkf,bfnc->bknc", Y, state.per_frame()).reshape(2, 32, -1)
     torch.testing.assert_close(out.x, expected)
     assert out.pos.tolist() == [list(range(16)) + list(range(48, 64))] * 2  # positions: the hard choice
@@ -93,11 +97,115 @@ def test_anchor_selection_keeps_the_best_window() -> None:
     assert state.frames == 4 and state.pos[0].tolist() == [f * 16 + w for f in range(4) for w in window]
 
 
-def test_scorer_is_min_max_normalised_per_sample() -> None:
-    scores = Scorer(dim=8)(torch.randn(3, 5, 8) * 10)
-    assert scores.shape == (3, 5)
+def test_scorer_gives_raw_scores_and_min_max_normalises_them_per_sample() -> None:
+    torch.manual_seed(0)
+    raw = Scorer(dim=8)(torch.randn(3, 5, 8) * 10)
+    assert raw.shape == (3, 5)
+    assert not bool((raw.amin(1) == 0).all())  # the scorer itself does not normalise
+    scores = min_max(raw)
     torch.testing.assert_close(scores.amin(1), torch.zeros(3), atol=1e-6, rtol=0)
     assert bool((scores.amax(1) > 0.99).all())
+    golden = min_max(torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]]))
+    torch.testing.assert_close(golden, torch.tensor([[0.0, 2 / (2 + 1e-5), 1 / (2 + 1e-5)], [0.0, 0.0, 0.0]]))
+
+
+def _raw_scores(scorer: Scorer, q: Tensor) -> Tensor:
+    """The scorer's MLP output before any normalisation, spelled out: (B, L, D) -> (B, L)."""
+    f_l = scorer.local(scorer.norm(q))  # (B, L, D/2)
+    return scorer.score(torch.cat([f_l, f_l.mean(1, keepdim=True).expand_as(f_l)], -1)).squeeze(-1)  # (B, L)
+
+
+def _released_order_anchor_scores(raw: Tensor, H: int, W: int, P: int, s: int, anchor_pool: str) -> Tensor:
+    """The released code's anchor scores, restated: pool the raw token scores (B*F, H*W) over every
+    P x P window at stride s (unfold), then min-max over the windows with 1e-5 in the denominator."""
+    windows = F.unfold(raw.view(-1, 1, H, W), P, stride=s)  # (B*F, P*P, G)
+    pooled = windows.mean(1) if anchor_pool == "mean" else windows.amax(1)  # (B*F, G)
+    low, high = pooled.amin(1, keepdim=True), pooled.amax(1, keepdim=True)
+    return (pooled - low) / (high - low + 1e-5)  # (B*F, G)
+
+
+@pytest.mark.parametrize("anchor_pool", ["mean", "max"])
+def test_soft_anchor_selection_pools_raw_scores_then_min_maxes(anchor_pool: str) -> None:
+    # An untrained scorer (the backbone's init) on joint-tiny: its raw token scores span ~1e-5, the
+    # regime where normalising before pooling (then again after) and the released order differ.
+    # float64: dividing by a range of ~1e-5 amplifies rounding (avg_pool2d vs unfold) in float32.
+    spec = f"stts:S0=0.6,samples=200,sigma=0.5,anchor_pool={anchor_pool}"
+    model = ts.apply(ts.build("joint-tiny").train(), spec).double()
+    scorer = _stts(model).selections[0].scorer
+    state = model.embed(tiny_video("joint-tiny", dtype=torch.float64), model.config.grid)
+    x = state.per_frame()  # (B, F, n, C)
+    B, F_, n, C = x.shape
+    _, H, W = state.grid
+    P, s, *_ = anchor_grid(H, W, 0.6, None)  # 3, 1: four anchors per 4x4 frame
+    frames = x.reshape(B * F_, n, C)  # (B*F, n, C)
+
+    raw = _raw_scores(scorer, frames)  # (B*F, n)
+    anchors = _released_order_anchor_scores(raw, H, W, P, s, anchor_pool)  # (B*F, G)
+    normalised_first = _released_order_anchor_scores(min_max(raw), H, W, P, s, anchor_pool)
+    assert (anchors - normalised_first).abs().max() > 0.1  # the order matters here
+    torch.manual_seed(3)
+    Y = ts.ops.perturbed_topk(anchors, 1, num_samples=200, sigma=0.5)  # (B*F, 1, G)
+    windows = F.unfold(frames.transpose(1, 2).reshape(B * F_, C, H, W), P, stride=s)  # (B*F, C*P*P, G)
+    mixed = torch.einsum("bg,bdg->bd", Y[:, 0], windows).view(B * F_, C, P * P)  # (B*F, C, P*P)
+    expected = mixed.transpose(1, 2).reshape(B, F_ * P * P, C)  # (B, F*P*P, C)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(scorer.parameters()))
+
+    torch.manual_seed(3)
+    out = model.reducers[0](state)
+    torch.testing.assert_close(out.x, expected)
+    grads = torch.autograd.grad(out.x.square().sum(), list(scorer.parameters()))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> None:
+    # The temporal path already followed the released order (score, min-max over frames, top-K);
+    # pinned here with the real scorer, its gradients, and both Jacobian estimators.
+    video = tiny_video("joint-tiny")
+    for jacobian in ("diagonal", "full"):
+        model = ts.apply(
+            ts.build("joint-tiny").train(), f"stts:T0=0.5,samples=100,sigma=0.5,jacobian={jacobian}"
+        )
+        scorer = _stts(model).selections[0].scorer
+        state = model.embed(video, model.config.grid)
+        x = state.per_frame()  # (B, F, n, C)
+        B, F_, n, C = x.shape
+        torch.manual_seed(5)
+        Y = ts.ops.perturbed_topk(
+            min_max(_raw_scores(scorer, x.amax(2))), 2, num_samples=100, sigma=0.5, jacobian=jacobian
+        )  # (B, 2, F)
+        expected = (Y @ x.reshape(B, F_, n * C)).view(B, 2 * n, C)  # (B, 2n, C)
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(scorer.parameters()))
+        torch.manual_seed(5)
+        out = model.reducers[0](state)
+        torch.testing.assert_close(out.x, expected)
+        grads = torch.autograd.grad(out.x.square().sum(), list(scorer.parameters()))
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def test_jacobian_parameter() -> None:
+    assert ts.plan("stts:T0=0.5")[0].jacobian == "diagonal"  # the released code's estimator
+    reducer = ts.plan("stts:T0=0.5,jacobian=full")[0]
+    assert reducer.jacobian == "full" and "jacobian=full" in repr(reducer)
+    with pytest.raises(InputError, match="stts: jacobian must be one of diagonal, full; got 'exact'"):
+        ts.plan("stts:T0=0.5,jacobian=exact")
+    with pytest.raises(InputError, match="stts: jacobian must be one of diagonal, full; got 'exact'"):
+        SpatioTemporalSelection(T0=0.5, jacobian="exact")  # type: ignore[arg-type]
+
+
+def test_jacobian_choice_changes_only_the_scorer_gradient() -> None:
+    video = tiny_video("joint-tiny")
+    outputs, grads = {}, {}
+    for jacobian in ("diagonal", "full"):
+        torch.manual_seed(0)
+        model = ts.apply(ts.build("joint-tiny").train(), f"stts:T0=0.5,S1=0.6,samples=64,jacobian={jacobian}")
+        torch.manual_seed(1)
+        outputs[jacobian] = model(video)
+        outputs[jacobian].logsumexp(-1).sum().backward()
+        grads[jacobian] = torch.cat([p.grad.flatten() for p in _stts(model).selections.parameters()])
+    torch.testing.assert_close(outputs["diagonal"], outputs["full"], rtol=0, atol=0)
+    assert not torch.allclose(grads["diagonal"], grads["full"])
 
 
 def test_gflops_of_half_the_slices_plus_the_scorer() -> None:

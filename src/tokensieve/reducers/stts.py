@@ -9,24 +9,34 @@ Scorer (Sec. 3.2, Eq. 2-3), on L candidates q (frames or tokens) of width D:
     f_l = MLP_1(LN(q))            per candidate, width D/2              (Eq. 2)
     f_g = mean_i f_l,i            the sequence's context
     s   = MLP_2([f_l, f_g])       one score per candidate                (Eq. 3)
-    s'  = (s - min s) / (max s - min s)                                  (min-max per sample)
+    s'  = (s - min s) / (max s - min s + 1e-5)    min-max over the candidates that compete (`min_max`)
 NOTE(paper): the paper does not give the layers; like the released code we put a LayerNorm first,
 use one Linear+GELU for MLP_1 and Linear(D, D/2)+GELU, Linear(D/2, D/4)+GELU, Linear(D/4, 1) for
 MLP_2. The released code instead maps D -> D and splits the channels into local and global halves.
 
 Temporal selection (Eq. 5-6): frame descriptors by max-pooling over each frame's tokens (`pool=max`,
-the paper; `pool=meanmax` concatenates mean and max pooling as the released code does), scores,
-Y = Top-K(s') in (B, K, T), kept frames z = Y x, in time order. K = round(ratio * T).
+the paper; `pool=meanmax` concatenates mean and max pooling as the released code does), scores s,
+min-max over the frames, Y = Top-K(s') in (B, K, T), kept frames z = Y x, in time order.
+K = round(ratio * T).
 Spatial selection (Eq. 7): token scores within each frame (context = the frame's mean), reshaped to
 the H x W grid; anchors are the P x P windows at stride s, P = floor(sqrt(ratio * H * W)),
 s = max((H - P) // 2, 1) unless `stride` is given (the released code's rule), G = ((H-P)/s+1)((W-P)/s+1)
-anchors (the paper's formula omits the +1); anchor score = max over its tokens (`anchor_pool=max`,
-the paper; `mean`, the released code), min-max over anchors; Top-1 anchor per frame. The kept tokens
-stay a rectangular P x P grid in every frame; the class token is always kept.
+anchors (the paper's formula omits the +1); anchor score = max over its tokens' raw scores s
+(`anchor_pool=max`, the paper; `mean`, the released code), then min-max over the anchors of the
+frame; Top-1 anchor per frame. The kept tokens stay a rectangular P x P grid in every frame; the class
+token is always kept. Like the released code, the token scores are pooled raw and normalised once,
+after pooling. (Min-max over the tokens first changes the normalised anchor scores only through the
+1e-5, which matters while the pooled raw scores span about that little: an untrained scorer's
+mean-pooled anchors on `joint-tiny` span ~3e-6, so the released order keeps them within [0, 0.25]
+where normalising twice spread them over [0, 1]; on VideoMAE-B they span ~2e-3 and the two orders
+differ by < 1%.)
 
 Training: Top-K is the perturbed maximum (`ops.perturbed_topk`, `samples` noise draws, `sigma`
 decayed linearly to 0 over training by `on_train_step`), so the kept frames / anchors are convex
-mixtures Y x and gradients reach the scorers. Evaluation (or sigma = 0): hard selection, a gather.
+mixtures Y x and gradients reach the scorers. Its backward is the released code's diagonal Jacobian
+estimate by default (`jacobian=diagonal`: each slot's entry for item n is differentiated only with
+respect to s'[n]) or Eq. 11's full estimate E[Y Z^T] / sigma (`jacobian=full`); equations in `ops`.
+Evaluation (or sigma = 0): hard selection, a gather.
 """
 
 from __future__ import annotations
@@ -41,15 +51,25 @@ from torch import Tensor, nn
 
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
-from ..ops import perturbed_topk
+from ..ops import JACOBIANS, perturbed_topk
 from ..tokens import TokenState
 from .base import Reducer, Site, keep_frames, register
 
-__all__ = ["Scorer", "SpatioTemporalSelection", "anchor_grid"]
+__all__ = ["Scorer", "SpatioTemporalSelection", "anchor_grid", "min_max"]
+
+
+def min_max(scores: Tensor) -> Tensor:
+    """(B, L) scores -> (B, L) in [0, 1): (s - min s) / (max s - min s + 1e-5) per row (the released eps)."""
+    low, high = scores.amin(1, keepdim=True), scores.amax(1, keepdim=True)
+    return (scores - low) / (high - low + 1e-5)
 
 
 class Scorer(nn.Module):
-    """The selection network: per-candidate MLP, global context, second MLP, min-max scores."""
+    """The selection network: per-candidate MLP, global context, second MLP; raw scores.
+
+    The min-max normalisation is not part of it: the caller applies `min_max` over whatever competes
+    (frames, or anchors after pooling the raw token scores), as the released code does.
+    """
 
     def __init__(self, *, dim: int) -> None:
         super().__init__()
@@ -65,12 +85,10 @@ class Scorer(nn.Module):
         )
 
     def forward(self, q: Tensor) -> Tensor:
-        """(B, L, D) candidates -> (B, L) scores in [0, 1]."""
+        """(B, L, D) candidates -> (B, L) raw scores (not normalised)."""
         f_l = self.local(self.norm(q))  # (B, L, D/2)
         f_g = f_l.mean(1, keepdim=True).expand_as(f_l)  # (B, L, D/2)
-        s = self.score(torch.cat([f_l, f_g], -1)).squeeze(-1)  # (B, L)
-        low, high = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
-        return (s - low) / (high - low + 1e-5)
+        return self.score(torch.cat([f_l, f_g], -1)).squeeze(-1)  # (B, L)
 
 
 def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, int, int, int]:
@@ -108,6 +126,7 @@ class SpatioTemporalSelection(Reducer):
         pool: Literal["max", "meanmax"] = "max",
         anchor_pool: Literal["max", "mean"] = "max",
         stride: int = 0,
+        jacobian: Literal["diagonal", "full"] = "diagonal",
         **selections: float,
     ) -> None:
         super().__init__()
@@ -119,6 +138,8 @@ class SpatioTemporalSelection(Reducer):
             raise InputError(
                 f"stts: pool must be max or meanmax and anchor_pool max or mean, got {pool}, {anchor_pool}"
             )
+        if jacobian not in JACOBIANS:
+            raise InputError(f"stts: jacobian must be one of {', '.join(JACOBIANS)}; got {jacobian!r}")
         if stride < 0:
             raise InputError(f"stts: stride must be >= 0 (0: the released code's rule), got {stride}")
         chosen = []
@@ -135,6 +156,7 @@ class SpatioTemporalSelection(Reducer):
         self.specs = [(kind, p, ratio) for p, _, kind, ratio in sorted(chosen)]  # temporal first at a place
         self.samples, self.sigma, self.pool, self.anchor_pool = samples, sigma, pool, anchor_pool
         self.stride = stride or None
+        self.jacobian = jacobian
         self.current_sigma = sigma  # set every training step by `on_train_step`
         self.selections = nn.ModuleList()  # filled by `setup`, once the model's width is known
 
@@ -188,7 +210,14 @@ class SpatioTemporalSelection(Reducer):
 
     def _soft_topk(self, scores: Tensor, k: int) -> Tensor:
         """(B, L) scores -> (B, k, L) perturbed Top-K indicator (rows in ascending index order)."""
-        return perturbed_topk(scores, k, num_samples=self.samples, sigma=self.current_sigma, training=True)
+        return perturbed_topk(
+            scores,
+            k,
+            num_samples=self.samples,
+            sigma=self.current_sigma,
+            training=True,
+            jacobian=self.jacobian,
+        )
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         selection = self.selections[site.stage]
@@ -201,7 +230,7 @@ class SpatioTemporalSelection(Reducer):
         B, F_, n, C = x.shape
         k = round(selection.ratio * F_)
         pooled = x.amax(2) if self.pool == "max" else torch.cat([x.mean(2), x.amax(2)], -1)  # (B, F, C')
-        scores = selection.scorer(pooled)  # (B, F)
+        scores = min_max(selection.scorer(pooled))  # (B, F)
         # The hard choice gives positions (and, in eval, the tokens): unique frames in time order.
         kept = keep_frames(state, scores.topk(k, dim=1).indices.sort(1).values)
         if not self.soft:
@@ -219,11 +248,9 @@ class SpatioTemporalSelection(Reducer):
             )
         P, s, _, Gw = anchor_grid(H, W, selection.ratio, self.stride)
         frames = x.reshape(B * F_, n, C)  # (B*F, H*W, C), raster order
-        token_scores = selection.scorer(frames).view(B * F_, 1, H, W)
+        token_scores = selection.scorer(frames).view(B * F_, 1, H, W)  # raw: normalised after pooling
         pool = F.max_pool2d if self.anchor_pool == "max" else F.avg_pool2d
-        anchor_scores = pool(token_scores, P, s).flatten(1)  # (B*F, G)
-        low, high = anchor_scores.amin(1, keepdim=True), anchor_scores.amax(1, keepdim=True)
-        anchor_scores = (anchor_scores - low) / (high - low + 1e-5)
+        anchor_scores = min_max(pool(token_scores, P, s).flatten(1))  # (B*F, G)
         best = anchor_scores.argmax(1)  # (B*F,)
         # Token indices of the chosen anchor in each frame, raster order within the P x P window.
         rows = (best // Gw * s).view(-1, 1, 1) + torch.arange(P, device=best.device).view(1, P, 1)
@@ -240,4 +267,7 @@ class SpatioTemporalSelection(Reducer):
 
     def extra_repr(self) -> str:
         picks = ", ".join(f"{kind}{p}={ratio}" for kind, p, ratio in self.specs)
-        return f"{picks}, samples={self.samples}, sigma={self.sigma}, pool={self.pool}, anchor_pool={self.anchor_pool}"
+        return (
+            f"{picks}, samples={self.samples}, sigma={self.sigma}, pool={self.pool}, "
+            f"anchor_pool={self.anchor_pool}, jacobian={self.jacobian}"
+        )
