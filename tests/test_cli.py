@@ -249,3 +249,100 @@ def test_train_warns_once_about_clips_a_partial_batch_leaves_out(
     assert result.stderr.count("not used in each epoch") == 1
     # The synthetic classes move left and right: a flip would change the label, so flips are off.
     assert result.stderr.count("warning: random horizontal flips are off: the classes name directions") == 1
+
+
+# ---------------------------------------------------------------------------------------- trained runs as models
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A two-step `tokensieve train` run of an STTS plan: (its list file, its folder)."""
+    from test_datasets import write_video
+
+    root = tmp_path_factory.mktemp("cli-run")
+    for i in range(4):
+        write_video(root / f"v{i}.mp4", frames=12, seed=i)
+    (root / "list.txt").write_text("".join(f"v{i}.mp4 {i % 3}\n" for i in range(4)))
+    out = root / "run"
+    args = ["train", "--model", "videomae-tiny", "--data", str(root / "list.txt"), "--plan", "stts:T0=0.5",
+            "--out", str(out), "--batch-size", "2", "--workers", "0", "--num-classes", "3", "--stride", "2"]  # fmt: skip
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    # The end of training says how to use the result.
+    assert f"model: {out} (tokensieve eval --model {out}" in " ".join(result.stderr.split())
+    return root / "list.txt", out
+
+
+def test_eval_bench_and_flops_take_a_run_and_a_saved_model(
+    trained_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import tokensieve as ts
+
+    listing, run = trained_run
+    saved = ts.save(ts.load(run), tmp_path / "saved")
+    top1 = []
+    for model in (run, run / "last.pt", saved):
+        doc = _json(["eval", "--model", str(model), "--data", str(listing), "--stride", "2", "--workers", "0",
+                     "--json"])  # fmt: skip
+        assert (doc["plan"], doc["videos"], doc["failed"]) == ("stts:T0=0.5", 4, 0)  # the trained plan ran
+        top1.append(doc["top1"])
+        doc = _json(["flops", "--model", str(model), "--json"])
+        assert [r["plan"] for r in doc["results"]] == ["none", "stts:T0=0.5"]  # its own plan by default
+        assert doc["results"][1]["gflops_ratio"] > 1.5  # half the frames
+        doc = _json(["bench", "--model", str(model), "--repeats", "1", "--warmup", "0", "--json"])
+        assert [r["plan"] for r in doc["results"]] == ["none", "stts:T0=0.5"]
+    assert top1[0] == top1[1] == top1[2]
+
+
+def test_the_same_plan_keeps_a_loaded_models_trained_reducers(trained_run: tuple[Path, Path]) -> None:
+    import tokensieve as ts
+    from tokensieve.cli.common import install_plan
+
+    net = ts.load(trained_run[1])
+    trained = net.plan[0]
+    assert install_plan(net, None).plan[0] is trained
+    assert install_plan(net, "stts:T0=.5").plan[0] is trained  # the same spec, written differently
+    assert install_plan(net, "stts:T0=1.0").plan[0] is not trained  # another plan replaces it
+    assert install_plan(net, "none").spec == "none"
+
+
+def test_damaged_checkpoints_are_one_line_naming_the_file(
+    trained_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    listing, run = trained_run
+    folder = tmp_path / "torn"
+    folder.mkdir()
+    data = (run / "last.pt").read_bytes()
+    (folder / "last.pt").write_bytes(data[: len(data) // 3])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    eval_args = ["--data", str(listing), "--workers", "0"]
+    cases = [
+        (["eval", "--model", str(folder), *eval_args], folder / "last.pt"),
+        (["flops", "--model", str(folder / "last.pt")], folder / "last.pt"),
+        (["bench", "--model", str(foreign)], foreign),
+        (["train", "--model", str(foreign), *eval_args, "--out", str(tmp_path / "new")], foreign),
+        (["train", "--model", "videomae-tiny", *eval_args, "--num-classes", "3", "--batch-size", "2", "--out",
+          str(folder), "--resume"], folder / "last.pt"),
+    ]  # fmt: skip
+    for args, path in cases:
+        result = runner.invoke(app, args, env=WIDE)
+        assert result.exit_code == 2, (args, result.output)
+        # `train --resume` reads the checkpoint inside ts.train, after its progress bar has started.
+        lines = result.stderr.splitlines()[1:] if args[-1] == "--resume" else result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert str(path) in " ".join(result.stderr.split()) and "Traceback" not in result.output
+
+
+def test_weights_that_do_not_fit_are_a_usage_error(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    import tokensieve as ts
+
+    saved = ts.save(ts.build("videomae-tiny"), tmp_path / "saved")
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["head.bias"]
+    save_file(tensors, saved / "model.safetensors")
+    result = runner.invoke(app, ["flops", "--model", str(saved)], env=WIDE)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "missing" in result.stderr and "head.bias" in result.stderr  # the mismatch lists the keys

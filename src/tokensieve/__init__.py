@@ -1,9 +1,10 @@
 """tokensieve: fewer tokens, faster video transformers.
 
 import tokensieve as ts
-model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id_or_dir), ts.from_hf(model)
+model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id, saved model or run), ts.from_hf(model)
 ts.flops(model, frames=16, size=224)              # GFLOPs per clip (multiply-add = 1 FLOP)
 ts.benchmark(model)                               # clips/s, median of repeats
+ts.save(model, "my-model")                        # backbone config + plan spec + weights
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from . import data, metrics, ops
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
+from .backbones.saved import save
 from .bench import benchmark
 from .engine.evaluate import evaluate
 from .engine.train import train
@@ -44,6 +46,7 @@ __all__ = [
     "metrics",
     "ops",
     "plan",
+    "save",
     "train",
 ]
 __version__ = "0.1.0"

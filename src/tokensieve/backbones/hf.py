@@ -3,7 +3,8 @@
 `from_hf(model)` converts a live `VideoMAEForVideoClassification`, `VideoMAEModel`,
 `TimesformerForVideoClassification` or `TimesformerModel`; `from_hf_state_dict(state, config, kind)`
 converts one's state dict (e.g. read from a hub file); `load(hub_id_or_dir)` loads one through
-transformers first. Both generations of VideoMAE parameter names are accepted: `q_bias`/`v_bias`
+transformers first, and is also `ts.load` for tokensieve's own saved models and training runs
+(`saved.py` reads those). Both generations of VideoMAE parameter names are accepted: `q_bias`/`v_bias`
 (hub files, transformers 4.x and early 5.x) and `query.bias`/`value.bias` (transformers >= 5.x in
 memory). Every key and shape is checked; a mismatch raises an error that lists them all.
 
@@ -27,6 +28,7 @@ from ..errors import InputError
 from .base import VideoBackbone
 from .checkpoint import load_checked, remap
 from .config import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, BackboneConfig
+from .saved import CONFIG_FILE, RUN_CHECKPOINT, is_run, is_saved, load_local
 from .timesformer import TimeSformer
 from .videovit import VideoViT
 
@@ -196,21 +198,56 @@ _LOADERS = {
 
 
 def load(name_or_path: str | Path, *, revision: str | None = None, **config_changes: Any) -> VideoBackbone:
-    """Load a transformers checkpoint (hub id or local directory) as a native backbone.
+    """Load a model: a tokensieve saved model, a training run, or a transformers checkpoint.
 
-    The normalisation the checkpoint expects (`image_mean`/`image_std` of its preprocessor
-    config, when present) is carried in the returned model's config.
+    What `name_or_path` is decides how it loads:
+    - a folder written by `ts.save` (it holds `tokensieve.json`): backbone, plan and weights;
+    - a training run's folder (it holds `last.pt`) or a checkpoint file of a run (`last.pt`,
+      `step-*.pt`): the model and plan as trained, at its latest step;
+    - otherwise a transformers checkpoint, a hub id or a `save_pretrained` folder, loaded through
+      transformers. The normalisation it expects (`image_mean`/`image_std` of its preprocessor
+      config, when present) is carried in the returned model's config.
+
+    Args:
+        name_or_path: see above.
+        revision: hub revision (transformers checkpoints only).
+        **config_changes: `BackboneConfig` fields to override (e.g. `frames`, `size`).
+
+    Returns:
+        A native backbone in eval mode, with its plan installed when it was saved or trained with one.
 
     Raises:
-        ImportError: transformers is not installed (`pip install tokensieve[hf]`).
-        TypeError: the checkpoint's architecture is not supported.
+        ImportError: transformers is not installed (`pip install tokensieve[hf]`) and a transformers
+            checkpoint was asked for.
+        InputError: the architecture is not supported; a damaged, foreign or incomplete saved model
+            or checkpoint (one line naming the file).
+        CheckpointMismatchError: the weights do not fit the model (all keys listed).
     """
+    local = Path(name_or_path)
+    if local.is_file() or is_saved(local) or is_run(local):
+        if revision is not None:
+            raise InputError(f"{local} is a local tokensieve model or run: revision= applies to hub ids only")
+        return load_local(local, **config_changes)
+    if not local.exists() and (
+        str(name_or_path).count("/") > 1 or str(name_or_path).startswith((".", "/", "~"))
+    ):
+        raise InputError(
+            f"{name_or_path}: no such file or folder (and not a hub id, which is namespace/name)"
+        )
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise InputError(
+            f"{local} is not a model folder: no {CONFIG_FILE} (ts.save), {RUN_CHECKPOINT} (a training run) "
+            "or config.json (transformers save_pretrained)"
+        )
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError("ts.load needs transformers: pip install 'tokensieve[hf]'") from err
     name = str(name_or_path)
-    hf_config = transformers.AutoConfig.from_pretrained(name, revision=revision)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(name, revision=revision)
+    except ValueError as err:  # a config.json transformers cannot read (unknown model_type, ...)
+        raise InputError(f"{name}: {str(err).strip().splitlines()[0]}") from err
     architectures = list(getattr(hf_config, "architectures", None) or [])
     arch = next((a for a in architectures if a in _LOADERS), None)
     if arch is None:

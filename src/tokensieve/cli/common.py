@@ -21,10 +21,12 @@ from rich.table import Column
 from typer.core import TyperGroup
 
 from ..backbones import PRESETS, VideoBackbone, build
+from ..backbones.hf import load
 from ..bench import (
     DTYPES,
 )
 from ..errors import InputError
+from ..reducers import apply, parse
 
 __all__ = [
     "FramesOption",
@@ -39,6 +41,7 @@ __all__ = [
     "check_sampling",
     "echo_json",
     "gflops_text",
+    "install_plan",
     "num_column",
     "parse_views",
     "percent_text",
@@ -126,10 +129,12 @@ def usage_errors() -> Iterator[None]:
 def resolve_model(
     name: str, *, frames: int | None, size: int | None, meta: bool = False, num_classes: int | None = None
 ) -> VideoBackbone:
-    """A preset (built on the meta device when `meta`), or a checkpoint loaded through transformers.
+    """A preset (built on the meta device when `meta`), or a model `ts.load` reads: a saved model
+    (`ts.save`), a training run's folder or its `last.pt`, a transformers checkpoint folder or hub id.
 
     Presets get the random weights of seed 0: the same in every run and in every torchrun process.
-    `num_classes` sizes a preset's classifier; a checkpoint keeps its own.
+    `num_classes` sizes a preset's classifier; a loaded model keeps its own. Loading errors become
+    one usage error; anything else is a bug and keeps its traceback.
     """
     changes = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
     if name in PRESETS:
@@ -137,18 +142,32 @@ def resolve_model(
         with torch.device("meta") if meta else contextlib.nullcontext():
             return build(name, **changes, **({"num_classes": num_classes} if num_classes else {}))
     if num_classes is not None:
-        raise UsageError("--num-classes sets the classifier of a preset; a checkpoint keeps its own")
+        raise UsageError("--num-classes sets the classifier of a preset; a loaded model keeps its own")
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
-    if not (Path(name).is_dir() or looks_like_hub_id):
+    if not (Path(name).exists() or looks_like_hub_id):
         raise UsageError(
-            f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; or a local checkpoint directory or hub id"
+            f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; or a saved model, a training run "
+            "(its folder or last.pt), a local checkpoint directory or hub id"
         )
-    from ..backbones.hf import load
-
     try:
         return load(name, **changes)
-    except Exception as err:  # offline, missing files, unsupported architecture: all one line
+    except InputError:
+        raise  # names the file and the problem already
+    except (OSError, ImportError) as err:  # offline, missing files, no transformers
         raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {err}") from err
+
+
+def install_plan(net: VideoBackbone, plan: str | None) -> VideoBackbone:
+    """Install `--plan` on a resolved model, keeping the model's own plan when it is the same.
+
+    No `--plan` keeps whatever plan the model came with (a saved model's or a training run's, with
+    its trained reducers; none for a preset). A spec equal to the model's own (parsed: "T0=0.5" and
+    "T0=.5" are the same) keeps the installed reducers too; installing it afresh would replace
+    trained selectors with untrained ones. Any other spec replaces the plan.
+    """
+    if plan is None or parse(plan) == parse(net.spec or "none"):
+        return net
+    return apply(net, plan)
 
 
 def check_dtype(dtype: str) -> None:

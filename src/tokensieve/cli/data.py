@@ -14,7 +14,6 @@ from ..bench import (
     DTYPES,
     compact_table,
 )
-from ..reducers import apply
 from .common import (
     JsonOption,
     ModelOption,
@@ -23,6 +22,7 @@ from .common import (
     check_sampling,
     echo_json,
     gflops_text,
+    install_plan,
     parse_views,
     percent_text,
     progress_bar,
@@ -63,7 +63,7 @@ def eval_command(
         chosen = parse_views(views)
         records, names = load_records(data, root=root, multilabel=multilabel)
         net = resolve_model(model, frames=None, size=None)
-        apply(net, plan)
+        install_plan(net, plan)
         dataset = VideoDataset(
             records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
             stride=stride, num_classes=len(names) if names else None, class_names=names,

@@ -92,6 +92,8 @@ def bench(
         specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
         with bench_status(f"benchmarking {model}"):
             net = resolve_model(model, frames=frames, size=size)
+            if not plan and net.spec:  # a saved model or run: its own plan, next to the baseline
+                specs = with_baseline([net.spec, *specs])
             results = benchmark(
                 net, plans=specs, batch_size=batch_size or [1], dtype=dtype, threads=threads,
                 frames=frames, size=size, warmup=warmup, repeats=repeats,
@@ -143,6 +145,8 @@ def flops_command(
         specs = with_baseline(plan or [BASELINE])
         with Status(f"{escape(model)}: building the model", console=Console(stderr=True)) as status:
             net = resolve_model(model, frames=frames, size=size, meta=model in PRESETS)
+            if not plan and net.spec:  # a saved model or run: its own plan, next to the baseline
+                specs = with_baseline([net.spec])
             real = functools.cache(lambda: resolve_model(model, frames=frames, size=size))
             for spec in specs:
                 status.update(f"{escape(model)}: counting {escape(spec)}")

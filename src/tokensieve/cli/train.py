@@ -17,7 +17,6 @@ from ..bench import (
     DTYPES,
     compact_table,
 )
-from ..reducers import apply
 from .common import (
     JsonOption,
     ModelOption,
@@ -26,6 +25,7 @@ from .common import (
     check_dtype,
     check_sampling,
     echo_json,
+    install_plan,
     parse_views,
     percent_text,
     progress_bar,
@@ -143,7 +143,7 @@ def train_command(
         net = resolve_model(
             model, frames=None, size=None, num_classes=classes if model in PRESETS else num_classes
         )
-        apply(net, plan)
+        install_plan(net, plan)
         cfg = net.config
         with _warnings_to(Console(stderr=True)):  # e.g. flips turned off for direction classes
             dataset = ClipDataset(
@@ -196,4 +196,13 @@ def train_command(
             percent_text(summary and summary.map),
         )  # fmt: skip
     Console().print(table)
-    Console(stderr=True).print(f"checkpoint: {escape(str(result.checkpoint))}", highlight=False)
+    console = Console(stderr=True)
+    console.print(f"checkpoint: {escape(str(result.checkpoint))}", highlight=False)
+    if result.checkpoint is not None:  # the run folder is a model: every --model and ts.load take it
+        run = escape(str(out))
+        console.print(
+            f"model: {run} (tokensieve eval --model {run} --data {escape(str(val or 'LIST'))}, "
+            f"tokensieve bench --model {run}, ts.load({escape(repr(str(out)))}))",
+            highlight=False,
+            soft_wrap=True,
+        )
