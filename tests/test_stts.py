@@ -12,8 +12,10 @@ from torch import Tensor, nn
 
 import tokensieve as ts
 from conftest import tiny_video
+from tokensieve import rng
 from tokensieve.errors import InputError
 from tokensieve.reducers.stts import Scorer, SpatioTemporalSelection, anchor_grid, min_max
+from tokensieve.tokens import CLIP_KEY, TokenState
 
 
 class FixedScores(nn.Module):
@@ -25,6 +27,20 @@ class FixedScores(nn.Module):
 
     def forward(self, q: Tensor) -> Tensor:
         return self.scores.expand(q.shape[0], -1)
+
+
+def _embedded(model: ts.VideoBackbone, video: Tensor) -> TokenState:
+    """The state the first reducer slot sees: embedded tokens plus the clip keys (`forward_features`)."""
+    return model.embed(video, model.config.grid).with_aux(**{CLIP_KEY: rng.clip_keys(video)})
+
+
+def _noise(video: Tensor, rows: int, samples: int, L: int, *, stage: int = 0, step: int = 0) -> Tensor:
+    """The perturbation noise STTS draws for `video` in training: keyed by clip, stream (seed 0,
+    stage, step), `rows` score rows per clip; (B*rows, samples, L)."""
+    keys = rng.clip_keys(video)
+    return rng.normal(keys, (rows, samples, L), stream=rng.stream(0, stage, step), dtype=video.dtype).view(
+        -1, samples, L
+    )
 
 
 def _stts(model: ts.VideoBackbone) -> SpatioTemporalSelection:
@@ -74,11 +90,11 @@ def test_soft_temporal_selection_mixes_frames_with_the_perturbed_indicator() -> 
     reducer = _stts(model)
     scores = torch.tensor([[0.9, 0.1, 0.0, 1.0]])
     reducer.selections[0].scorer = FixedScores(scores)
-    state = model.embed(tiny_video("joint-tiny"), model.config.grid)
-    torch.manual_seed(3)
+    video = tiny_video("joint-tiny")
+    state = _embedded(model, video)
     out = model.reducers[0](state)
-    torch.manual_seed(3)
-    Y = ts.ops.perturbed_topk(min_max(scores.expand(2, -1)), 2, num_samples=200, sigma=0.5)  # (2, 2, 4)
+    noise = _noise(video, 1, 200, 4)  # (2, 200, 4)
+    Y = ts.ops.perturbed_topk(min_max(scores.expand(2, -1)), 2, num_samples=200, sigma=0.5, noise=noise)
     expected = torch.einsum("bkf,bfnc->bknc", Y, state.per_frame()).reshape(2, 32, -1)
     torch.testing.assert_close(out.x, expected)
     assert out.pos.tolist() == [list(range(16)) + list(range(48, 64))] * 2  # positions: the hard choice
@@ -132,7 +148,8 @@ def test_soft_anchor_selection_pools_raw_scores_then_min_maxes(anchor_pool: str)
     spec = f"stts:S0=0.6,samples=200,sigma=0.5,anchor_pool={anchor_pool}"
     model = ts.apply(ts.build("joint-tiny").train(), spec).double()
     scorer = _stts(model).selections[0].scorer
-    state = model.embed(tiny_video("joint-tiny", dtype=torch.float64), model.config.grid)
+    video = tiny_video("joint-tiny", dtype=torch.float64)
+    state = _embedded(model, video)
     x = state.per_frame()  # (B, F, n, C)
     B, F_, n, C = x.shape
     _, H, W = state.grid
@@ -143,14 +160,13 @@ def test_soft_anchor_selection_pools_raw_scores_then_min_maxes(anchor_pool: str)
     anchors = _released_order_anchor_scores(raw, H, W, P, s, anchor_pool)  # (B*F, G)
     normalised_first = _released_order_anchor_scores(min_max(raw), H, W, P, s, anchor_pool)
     assert (anchors - normalised_first).abs().max() > 0.1  # the order matters here
-    torch.manual_seed(3)
-    Y = ts.ops.perturbed_topk(anchors, 1, num_samples=200, sigma=0.5)  # (B*F, 1, G)
+    noise = _noise(video, F_, 200, anchors.shape[1])  # (B*F, 200, G): one draw per frame
+    Y = ts.ops.perturbed_topk(anchors, 1, num_samples=200, sigma=0.5, noise=noise)  # (B*F, 1, G)
     windows = F.unfold(frames.transpose(1, 2).reshape(B * F_, C, H, W), P, stride=s)  # (B*F, C*P*P, G)
     mixed = torch.einsum("bg,bdg->bd", Y[:, 0], windows).view(B * F_, C, P * P)  # (B*F, C, P*P)
     expected = mixed.transpose(1, 2).reshape(B, F_ * P * P, C)  # (B, F*P*P, C)
     expected_grads = torch.autograd.grad(expected.square().sum(), list(scorer.parameters()))
 
-    torch.manual_seed(3)
     out = model.reducers[0](state)
     torch.testing.assert_close(out.x, expected)
     grads = torch.autograd.grad(out.x.square().sum(), list(scorer.parameters()))
@@ -167,16 +183,19 @@ def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> N
             ts.build("joint-tiny").train(), f"stts:T0=0.5,samples=100,sigma=0.5,jacobian={jacobian}"
         )
         scorer = _stts(model).selections[0].scorer
-        state = model.embed(video, model.config.grid)
+        state = _embedded(model, video)
         x = state.per_frame()  # (B, F, n, C)
         B, F_, n, C = x.shape
-        torch.manual_seed(5)
         Y = ts.ops.perturbed_topk(
-            min_max(_raw_scores(scorer, x.amax(2))), 2, num_samples=100, sigma=0.5, jacobian=jacobian
+            min_max(_raw_scores(scorer, x.amax(2))),
+            2,
+            num_samples=100,
+            sigma=0.5,
+            jacobian=jacobian,
+            noise=_noise(video, 1, 100, F_),
         )  # (B, 2, F)
         expected = (Y @ x.reshape(B, F_, n * C)).view(B, 2 * n, C)  # (B, 2n, C)
         expected_grads = torch.autograd.grad(expected.square().sum(), list(scorer.parameters()))
-        torch.manual_seed(5)
         out = model.reducers[0](state)
         torch.testing.assert_close(out.x, expected)
         grads = torch.autograd.grad(out.x.square().sum(), list(scorer.parameters()))

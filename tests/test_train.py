@@ -267,10 +267,10 @@ import tokensieve as ts
 from tokensieve.data.clips import ClipDataset
 from tokensieve.data.datasets import VideoDataset, VideoRecord
 
-root, out = Path(sys.argv[1]), Path(sys.argv[2])
+root, out, spec = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 records = [VideoRecord(f"v{i}", root / f"v{i}.mp4", (i % 3,)) for i in range(8)]
 torch.manual_seed(0)
-model = ts.build("videomae-tiny", num_classes=3)
+model = ts.apply(ts.build("videomae-tiny", num_classes=3), spec)
 data = ClipDataset(records, frames=4, size=32, stride=2, num_classes=3)
 val = VideoDataset(records[:4], frames=4, size=32, stride=2, num_classes=3)
 losses = []
@@ -288,16 +288,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_gloo_processes_match_one(videos: list[VideoRecord], tmp_path: Path) -> None:
+# A learned plan whose training draws perturbation noise, composed with a random selection: both
+# draw keyed by clip and step, so how the global batch is split across processes changes nothing.
+@pytest.mark.parametrize("spec", ["none", "stts:T0=0.5,samples=50+random:keep=0.5,at=1"])
+def test_torchrun_two_gloo_processes_match_one(videos: list[VideoRecord], tmp_path: Path, spec: str) -> None:
     losses: list[float] = []
-    model = _model()
+    model = ts.apply(_model(), spec)
     val = VideoDataset(videos[:4], frames=4, size=32, stride=2, num_classes=3)
     one = ts.train(model, _data(videos), val=val, out=tmp_path / "one", epochs=2, batch_size=4, workers=0,
                    lr=1e-3, progress=lambda info: losses.append(info.loss))  # fmt: skip
     script = tmp_path / "ddp.py"
     script.write_text(_SCRIPT)
     args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-            str(script), str(videos[0].path.parent), str(tmp_path / "two")]  # fmt: skip
+            str(script), str(videos[0].path.parent), str(tmp_path / "two"), spec]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -121,6 +121,7 @@ def perturbed_topk(
     sigma: float = 0.05,
     training: bool = True,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
     jacobian: Literal["diagonal", "full"] = "diagonal",
 ) -> Tensor:
     """Selects the top-k items of every row as a (soft, in training) indicator matrix.
@@ -133,8 +134,9 @@ def perturbed_topk(
     top-k of `scores + sigma * Z`, differentiable with a Monte Carlo estimate of E[Y Z^T] / sigma:
     `jacobian="diagonal"` (default, the released STTS code) keeps, for every slot k, only the
     derivative of Y[k, n] with respect to its own score s[n]; `"full"` is Eq. 11 with every cross
-    term (see the module docstring for both as equations). The noise is
-    drawn as `torch.randn((B, num_samples, N), generator=generator, device=generator.device,
+    term (see the module docstring for both as equations). The noise Z is `noise` when given
+    (STTS passes draws keyed by clip, `tokensieve.rng`); otherwise it is drawn as
+    `torch.randn((B, num_samples, N), generator=generator, device=generator.device,
     dtype=scores.dtype)` and then moved to `scores.device` (with `generator=None`, the global RNG
     draws directly on `scores.device`), so a seeded generator reproduces the draw exactly.
 
@@ -144,7 +146,8 @@ def perturbed_topk(
         num_samples: Monte Carlo samples S of the perturbed path (500 in STTS).
         sigma: standard deviation of the perturbation (STTS decays it linearly to 0 over training).
         training: False always takes the hard path.
-        generator: source of the noise; None uses the global RNG.
+        generator: source of the noise when `noise` is not given; None uses the global RNG.
+        noise: (B, num_samples, N) standard normal draws to use as Z.
         jacobian: the backward estimator, "diagonal" (released STTS) or "full" (Eq. 11).
 
     Returns:
@@ -171,7 +174,13 @@ def perturbed_topk(
 
     if not training or sigma == 0:
         return _hard_topk(scores, k)  # (B, K, N)
-    if generator is None:
+    if noise is not None:
+        if noise.shape != (B, num_samples, N):
+            raise InputError(
+                f"noise must be (B, num_samples, N) = ({B}, {num_samples}, {N}), got {tuple(noise.shape)}"
+            )
+        noise = noise.to(scores.dtype)
+    elif generator is None:
         noise = torch.randn(B, num_samples, N, device=scores.device, dtype=scores.dtype)  # (B, S, N)
     else:
         noise = torch.randn(

@@ -43,7 +43,6 @@ class VideoBackbone(nn.Module):
         self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth))
         self.plan = nn.ModuleList()  # the installed plan's reducers (`tokensieve.apply`)
         self.spec: str | None = None  # the installed plan's spec
-        self.hash_clips = False  # whether the plan draws random numbers keyed by clip (set by `apply`)
         # The plan's reducer that pools the features instead (a reference: it lives in `plan`).
         self.__dict__["readout_by"] = None
 
@@ -83,7 +82,7 @@ class VideoBackbone(nn.Module):
     def forward_features(self, video: Tensor) -> TokenState:
         """Tokens after the last block (before the final norm)."""
         state = self.embed(video, self.check_input(video))
-        if self.hash_clips:  # the plan draws random numbers keyed by clip (`tokensieve.rng`)
+        if any(r.keyed_random for r in self.plan):  # the plan will draw random numbers keyed by clip
             state = state.with_aux(**{CLIP_KEY: clip_keys(video)})
         for block, reduce in zip(self.blocks, self.reducers, strict=True):
             state = block(reduce(state))

@@ -70,9 +70,11 @@ class Reducer(nn.Module):
     pattern_parameters: ClassVar[dict[str, type]] = {}
     """Spec parameters named by a pattern rather than the signature (STTS's `T0=0.6`, `S4=0.9`:
     regex -> type); the constructor receives them as keyword arguments and validates them."""
-    keyed_random: ClassVar[bool] = False
-    """True: the method draws random numbers keyed by clip (`tokensieve.rng`, `draw_stream`); the
-    backbone then hashes every input clip into `aux[CLIP_KEY]`."""
+    keyed_random: bool = False
+    """True when the method will draw random numbers keyed by clip in the next forward pass
+    (`tokensieve.rng`, `draw_stream`); the backbone then hashes every input clip into
+    `aux[CLIP_KEY]`. A class attribute, or a property when it depends on the mode (STTS draws
+    only in training)."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     main_settings: ClassVar[tuple[str, ...]] = ()

@@ -215,7 +215,6 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
         block.record = frozenset(record[p])
     model.plan = nn.ModuleList(reducers).train(model.training)
     model.spec = None if spec is None else spec.strip()
-    model.hash_clips = any(r.keyed_random for r in reducers)
     model.__dict__["readout_by"] = readers[0] if readers else None  # a reference, not a submodule
     return model
 

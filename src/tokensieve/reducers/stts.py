@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import rng
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
 from ..ops import JACOBIANS, perturbed_topk
@@ -182,6 +183,7 @@ class SpatioTemporalSelection(Reducer):
         return tuple(p for _, p, _ in self.specs)
 
     def on_train_step(self, step: int, total_steps: int) -> None:
+        super().on_train_step(step, total_steps)
         self.current_sigma = self.sigma * max(0.0, 1.0 - step / max(total_steps, 1))
 
     def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
@@ -208,24 +210,38 @@ class SpatioTemporalSelection(Reducer):
         """Whether selections are perturbed mixtures now (training with sigma > 0)."""
         return self.training and self.current_sigma > 0
 
-    def _soft_topk(self, scores: Tensor, k: int) -> Tensor:
-        """(B, L) scores -> (B, k, L) perturbed Top-K indicator (rows in ascending index order)."""
+    @property
+    def keyed_random(self) -> bool:
+        """Draws perturbation noise keyed by clip, in training only (`Reducer.keyed_random`)."""
+        return self.soft
+
+    def _soft_topk(self, scores: Tensor, k: int, state: TokenState, site: Site) -> Tensor:
+        """(B*R, L) scores, R rows per clip (frames of a spatial selection, 1 for temporal) ->
+        (B*R, k, L) perturbed Top-K indicator, rows in ascending index order.
+
+        The noise is keyed by clip and training step (`draw_stream`), so a clip's gradient estimate
+        does not depend on the rest of its batch nor on how `torchrun` splits the batch.
+        """
+        keys, stream = self.draw_stream(state, site, 0)
+        rows, L = scores.shape[0] // keys.shape[0], scores.shape[1]
+        noise = rng.normal(keys, (rows, self.samples, L), stream=stream, dtype=scores.dtype)  # (B, R, S, L)
         return perturbed_topk(
             scores,
             k,
             num_samples=self.samples,
             sigma=self.current_sigma,
             training=True,
+            noise=noise.view(-1, self.samples, L),  # (B*R, S, L)
             jacobian=self.jacobian,
         )
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         selection = self.selections[site.stage]
         if selection.kind == "T":
-            return self._temporal(state, selection)
-        return self._spatial(state, selection)
+            return self._temporal(state, selection, site)
+        return self._spatial(state, selection, site)
 
-    def _temporal(self, state: TokenState, selection: _Selection) -> TokenState:
+    def _temporal(self, state: TokenState, selection: _Selection, site: Site) -> TokenState:
         x = state.per_frame()  # (B, F, n, C); raises when per-frame counts differ
         B, F_, n, C = x.shape
         k = round(selection.ratio * F_)
@@ -235,10 +251,10 @@ class SpatioTemporalSelection(Reducer):
         kept = keep_frames(state, scores.topk(k, dim=1).indices.sort(1).values)
         if not self.soft:
             return kept
-        Y = self._soft_topk(scores, k)  # (B, k, F)
+        Y = self._soft_topk(scores, k, state, site)  # (B, k, F)
         return kept.replace(x=(Y @ x.reshape(B, F_, n * C)).view(B, k * n, C))  # z = Y x: (B, k*n, C)
 
-    def _spatial(self, state: TokenState, selection: _Selection) -> TokenState:
+    def _spatial(self, state: TokenState, selection: _Selection, site: Site) -> TokenState:
         x = state.per_frame()  # (B, F, n, C)
         B, F_, n, C = x.shape
         _, H, W = state.grid
@@ -260,7 +276,7 @@ class SpatioTemporalSelection(Reducer):
         kept = state.gather(idx, frames=F_)
         if not self.soft:
             return kept
-        Y = self._soft_topk(anchor_scores, 1)  # (B*F, 1, G)
+        Y = self._soft_topk(anchor_scores, 1, state, site)  # (B*F, 1, G)
         windows = F.unfold(frames.transpose(1, 2).reshape(B * F_, C, H, W), P, stride=s)  # (B*F, C*P*P, G)
         mixed = (windows @ Y.transpose(1, 2)).view(B * F_, C, P * P).transpose(1, 2)  # (B*F, P*P, C)
         return kept.replace(x=mixed.reshape(B, F_ * P * P, C))
