@@ -27,6 +27,7 @@ __all__ = [
     "KEYS",
     "LOSSES",
     "PROP_ATTN",
+    "STA_ORDER",
     "TOKEN_AUX",
     "TokenState",
     "take",
@@ -53,7 +54,12 @@ LOSSES = "losses"
 """Extra training losses reducers add along the forward pass: a dict name -> scalar tensor (not per
 token). The training loop adds them to the task loss; `add_loss` is the way to put one in."""
 
-TOKEN_AUX = frozenset({KEYS, CLS_ATTN, ATTN_RECEIVED})
+STA_ORDER = "sta_order"
+"""STA's running state: (B, N) long, each token's place in the sequence the released STA code would
+store after the last STA stage (tokens themselves stay in their current order). The next stage
+processes each group in this order, which decides its first group's even/odd split."""
+
+TOKEN_AUX = frozenset({KEYS, CLS_ATTN, ATTN_RECEIVED, STA_ORDER})
 """`aux` entries laid out per token (token axis 1); `gather` moves them with the tokens. A method
 that keeps its own per-token running state adds its key here."""
 

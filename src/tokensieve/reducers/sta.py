@@ -5,8 +5,9 @@ at three stages.
 At a stage, with the tokens split into G temporal groups of m tokens (frames, or groups of frames):
 - first group (the first in processing order): an image method drops r tokens (`first`):
   `tome` drops the r even-position tokens most similar (cosine of keys) to some odd-position token,
-  bipartite matching without merging; `random` drops r random tokens; `grid` cuts the group's tokens,
-  in raster order, into r strata of near-equal size and drops one random token of each.
+  bipartite matching without merging, even and odd counted in the order the released code stores the
+  group (below); `random` drops r random tokens; `grid` cuts the group's tokens, in raster order,
+  into r strata of near-equal size and drops one random token of each.
 - every following group t, given the kept tokens X'_{t-1} of the group before (Eq. 3):
       P_t = softmax over the tokens i of group t of  k_i . k'_j     (k: unit head-mean keys, no scale)
       A_t = P_t A'_{t-1}                                            (accumulated redundancy, (m,))
@@ -26,10 +27,19 @@ F-B-F by default, Table 6b). `balance`:
   same count, so it also runs on divided space-time attention (TimeSformer).
 Both leave the same totals, e.g. 1568 -> 1056 -> 800 -> 672 tokens for r=64 on 16x224 VideoMAE.
 
-NOTE(paper): kept tokens are stored in their original order within each group (the released code
-stores them in score order); attention, the mean readout and later STA stages do not depend on it,
-and it keeps per-frame slots aligned for divided attention. The semantic min-max guards against a
-zero range (the released code divides by it unguarded).
+Order. The released code stores a stage's kept tokens in the order its selection produced them,
+groups in time order: the first group's odd-position tokens (in stored order), then its kept even
+ones by ascending similarity; every other group's kept tokens by ascending score (top-k order). The
+next stage opens with the even/odd split of its first group in that stored order, so the order
+decides what stages 2 and 3 drop. Here the tokens keep their current order (for STA on the full
+clip: grid order, `pos` ascending), so divided attention keeps pairing slot j of every frame roughly
+by place. Instead every token carries its place in the released code's sequence (`STA_ORDER`, per
+token); a stage processes each group in that order and records the new places. Kept sets therefore
+equal the released code's at every stage, in both balance modes, and ties go as there (the same sort
+and top-k calls over the same sequence).
+
+NOTE(paper): the semantic min-max guards against a zero range (the released code divides by it
+unguarded).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from torch import Tensor
 
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
-from ..tokens import KEYS, TokenState
+from ..tokens import KEYS, STA_ORDER, TokenState
 from .base import Reducer, Site, register, require
 
 __all__ = ["SemanticTemporalAccumulation", "accumulate", "drop_first", "semantic_score"]
@@ -58,10 +68,13 @@ def semantic_score(x: Tensor) -> Tensor:
 def drop_first(
     keys: Tensor, pos: Tensor, r: int, how: str, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Kept token indices of the first group, (B, m - r) ascending.
+    """The first group's tokens in the order the released code sorts them, (B, m): the m - r kept
+    ones first, in the order it stores them, then the r dropped ones. For `tome`: the odd positions,
+    then all even ones by ascending similarity to their closest odd token (the last r go); for
+    `random` and `grid`: the kept ones ascending, then the dropped ones.
 
     Args:
-        keys: (B, m, hd) unit keys of the group.
+        keys: (B, m, hd) unit keys of the group, in the order the released code stores it.
         pos: (B, m) grid positions of its tokens (raster order for `grid`).
         r: tokens to drop.
         how: "tome", "random" or "grid".
@@ -70,8 +83,10 @@ def drop_first(
     if how == "tome":
         a, b = keys[:, ::2], keys[:, 1::2]  # (B, nA, hd), (B, nB, hd)
         best = (a @ b.transpose(1, 2)).amax(-1)  # (B, nA): each A token's closest B token
-        drop = best.topk(r, dim=1).indices * 2  # (B, r): the most redundant A tokens, as group indices
-    elif how == "random":
+        by_similarity = best.argsort(dim=1)  # (B, nA) ascending; the released code's sort, ties included
+        odd = torch.arange(1, m, 2, device=keys.device).expand(B, -1)  # (B, nB)
+        return torch.cat([odd, by_similarity * 2], 1)  # (B, m): the r most similar A tokens last
+    if how == "random":
         drop = torch.rand(B, m, generator=generator).to(keys.device).topk(r, dim=1).indices  # (B, r)
     else:  # grid: one random token in each of r raster-order strata
         raster = pos.argsort(1)  # (B, m): group indices in raster order
@@ -80,36 +95,38 @@ def drop_first(
         offset = (torch.rand(B, r, generator=generator).to(keys.device) * length).long()  # (B, r)
         drop = raster.gather(1, start + offset)  # (B, r)
     kept = torch.ones(B, m, dtype=torch.bool, device=keys.device).scatter(1, drop, False)  # (B, m)
-    return (~kept).to(torch.int8).argsort(dim=1, stable=True)[:, : m - r]  # (B, m - r) kept, ascending
+    return (~kept).to(torch.int8).argsort(dim=1, stable=True)  # (B, m): kept ascending, then dropped
 
 
-def accumulate(
-    keys: Tensor, semantic: Tensor, first_kept: Tensor, r: int
-) -> tuple[list[Tensor], list[Tensor]]:
+def accumulate(keys: Tensor, semantic: Tensor, first: Tensor, r: int) -> tuple[list[Tensor], list[Tensor]]:
     """The Markov chain of Eq. 3-5 over groups, in the given (processing) order.
 
     Args:
         keys: (B, G, m, hd) unit keys, groups in processing order.
         semantic: (B, G, m) normalised semantic scores.
-        first_kept: (B, m - r) kept indices of group 0.
+        first: (B, m) group 0 in the order `drop_first` returns, its m - r kept tokens first.
         r: tokens dropped per group.
 
     Returns:
-        Kept indices of every group, each (B, m - r), in the same order (unsorted after group 0), and
-        the accumulated redundancy A_t (B, m) of groups 1..G-1 (before the semantic weighting).
+        Kept indices of every group, each (B, m - r), groups in the same order: group 0's as `first`
+        orders them, the others by ascending score (the released code's top-k order); and the
+        accumulated redundancy A_t (B, m) of groups 1..G-1 (before the semantic weighting).
     """
-    B, G, m, _ = keys.shape
-    kept, accumulated = [first_kept], []
-    prev = keys[:, 0]  # (B, m, hd): all keys of the first group (the released code's first transition)
-    mass = keys.new_ones(B, m, 1)  # (B, m, 1)
+    _, G, m, hd = keys.shape
+    kept, accumulated = [first[:, : m - r]], []
+    # The first transition compares against all m keys of the first group (the released code's),
+    # taken in the order the released code holds them and summed as it does (unit mass on each), so
+    # that the scores agree with it to the bit on the same input.
+    prev = keys[:, 0].gather(1, first.unsqueeze(-1).expand(-1, -1, hd))  # (B, m, hd)
+    mass: Tensor | None = None  # (B, m', 1): normalised A'_{t-1}, from the second transition on
     for g in range(1, G):  # sequential by definition: each group conditions on the one before
         cur = keys[:, g]  # (B, m, hd)
         transition = (cur @ prev.transpose(1, 2)).softmax(1)  # (B, m, m'): each column sums to 1
-        acc = (transition @ mass).squeeze(-1)  # (B, m): redundancy accumulated from the group before
+        acc = transition.sum(2) if mass is None else (transition @ mass).squeeze(-1)  # (B, m)
         keep = (acc * (1 - semantic[:, g])).topk(m - r, dim=1, largest=False).indices  # (B, m - r)
         mass = acc.gather(1, keep).unsqueeze(-1)  # (B, m - r, 1)
         mass = mass / mass.sum(1, keepdim=True)
-        prev = cur.gather(1, keep.unsqueeze(-1).expand(-1, -1, cur.shape[-1]))  # (B, m - r, hd)
+        prev = cur.gather(1, keep.unsqueeze(-1).expand(-1, -1, hd))  # (B, m - r, hd)
         kept.append(keep)
         accumulated.append(acc)
     return kept, accumulated
@@ -206,23 +223,29 @@ class SemanticTemporalAccumulation(Reducer):
         m = N // groups
         backward = self.order[site.stage] == "B"
         with torch.no_grad():
-            keys = F.normalize(require(state, KEYS, self.name), dim=-1).view(
-                B, groups, m, -1
-            )  # (B, G, m, hd)
-            semantic = semantic_score(state.x.view(B, groups, m, C))  # (B, G, m)
+            # Each group in the order the released code would store it: it decides the first group's
+            # even/odd split. Before any STA stage that is the current order.
+            order = state.aux.get(STA_ORDER)
+            if order is None:
+                order = torch.arange(N, device=state.x.device).expand(B, N)  # (B, N)
+            slots = order.view(B, groups, m).argsort(2)  # (B, G, m): current slots, in released order
+            keys = F.normalize(require(state, KEYS, self.name), dim=-1).view(B, groups, m, -1)
+            keys = keys.gather(2, slots.unsqueeze(-1).expand_as(keys))  # (B, G, m, hd)
+            semantic = semantic_score(state.x.view(B, groups, m, C)).gather(2, slots)  # (B, G, m)
+            pos = state.pos.view(B, groups, m).gather(2, slots)  # (B, G, m)
             if backward:
-                keys, semantic = keys.flip(1), semantic.flip(1)
-            first_pos = state.pos.view(B, groups, m)[:, -1 if backward else 0]  # (B, m)
-            first_kept = drop_first(keys[:, 0], first_pos, r, self.first, self.generator)
-            kept, _ = accumulate(keys, semantic, first_kept, r)  # G x (B, m - r), processing order
+                keys, semantic, pos = keys.flip(1), semantic.flip(1), pos.flip(1)
+            first_order = drop_first(keys[:, 0], pos[:, 0], r, self.first, self.generator)  # (B, m)
+            kept, _ = accumulate(keys, semantic, first_order, r)  # G x (B, m - r), processing order
             if backward:
                 kept.reverse()
-            idx = torch.stack(kept, 1).sort(2).values  # (B, G, m - r), time order, ascending in group
-            idx = (idx + torch.arange(groups, device=idx.device).view(1, groups, 1) * m).view(
-                B, -1
-            )  # (B, G*(m-r))
+            kept_slots = slots.gather(2, torch.stack(kept, 1))  # (B, G, m - r): released order
+            idx, place = kept_slots.sort(2)  # (B, G, m - r): slots in current order; their released places
+            start = torch.arange(groups, device=idx.device).view(1, groups, 1)  # (1, G, 1)
+            idx = (idx + start * m).view(B, -1)  # (B, G*(m-r))
+            place = (place + start * (m - r)).view(B, -1)  # (B, G*(m-r)): place in the released sequence
         keeps_layout = self.balance == "frame" or groups == state.grid[0]
-        return state.gather(idx, frames=state.frames if keeps_layout else None)
+        return state.gather(idx, frames=state.frames if keeps_layout else None).with_aux(**{STA_ORDER: place})
 
     def extra_repr(self) -> str:
         return f"r={self.r}, balance={self.balance}, first={self.first}, order={self.order}"
