@@ -65,19 +65,32 @@ def test_the_reducer_runs_the_chain_forward_and_backward() -> None:
 
 def test_grid_drop_takes_one_token_from_each_raster_stratum() -> None:
     pos = torch.tensor([[5, 3, 7, 1, 0, 6, 2, 4]])  # tokens stored out of raster order
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        dropped = drop_first(torch.randn(1, 8, 2), pos, 4, "grid", generator)[0, 4:].tolist()
-        # strata of raster positions {0,1}, {2,3}, {4,5}, {6,7}: one dropped from each
+    # Strata of raster positions {0,1}, {2,3}, {4,5}, {6,7}; the draws pick places 0, 1, 1, 0 in them
+    # (floor(u * 2)): raster positions 0, 3, 5, 6, held by tokens 4, 1, 0, 5.
+    draws = torch.tensor([[0.0, 0.99, 0.5, 0.4, 0.7, 0.7, 0.7, 0.7]], dtype=torch.float64)
+    order = drop_first(torch.randn(1, 8, 2), pos, 4, "grid", draws)
+    assert order.tolist() == [[2, 3, 6, 7, 0, 1, 4, 5]]  # kept ascending, then the dropped ones
+    for seed in range(5):  # any draws: one token from each stratum
+        draws = torch.rand(1, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        dropped = drop_first(torch.randn(1, 8, 2), pos, 4, "grid", draws)[0, 4:].tolist()
         assert sorted(int(pos[0, d]) // 2 for d in dropped) == [0, 1, 2, 3]
 
 
-def test_random_drop_is_reproducible_from_the_seed() -> None:
-    keys, pos = torch.randn(2, 16, 4), torch.arange(16).expand(2, -1)
-    a = drop_first(keys, pos, 5, "random", torch.Generator().manual_seed(1))
-    b = drop_first(keys, pos, 5, "random", torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and a.shape == (2, 16) and not torch.equal(a[0, :11], a[1, :11])
-    assert bool((a[:, :11].diff() > 0).all()) and bool((a[:, 11:].diff() > 0).all())  # kept, then dropped
+def test_random_drop_removes_the_tokens_with_the_largest_draws() -> None:
+    keys, pos = torch.randn(1, 6, 4), torch.arange(6).expand(1, -1)
+    draws = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2, 0.0]], dtype=torch.float64)
+    assert drop_first(keys, pos, 2, "random", draws).tolist() == [[0, 2, 4, 5, 1, 3]]
+
+
+@pytest.mark.parametrize("first", ["random", "grid"])
+def test_random_first_group_drops_are_keyed_by_clip(first: str) -> None:
+    model = ts.apply(ts.build("videomae-tiny").eval(), f"sta:r=3,first={first}")
+    video = torch.randn(3, 4, 3, 32, 32)
+    with torch.no_grad():
+        together = model.forward_features(video).pos
+        alone = [model.forward_features(video[i : i + 1]).pos for i in range(3)]
+    assert torch.equal(together, torch.cat(alone))  # a clip's drops do not depend on its batch
+    assert len({tuple(row) for row in together.tolist()}) == 3
 
 
 @pytest.mark.parametrize("balance", ["group", "frame"])

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["clip_keys", "normal", "stream", "uniform_bits"]
+__all__ = ["clip_keys", "normal", "stream", "uniform", "uniform_bits"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -123,6 +123,11 @@ def uniform_bits(keys: Tensor, n: int, *, stream: int) -> Tensor:
     base = _mix(keys ^ stream).unsqueeze(1)  # (B, 1)
     counter = torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * _GOLDEN  # (n,)
     return _mix(base + counter)  # (B, n)
+
+
+def uniform(keys: Tensor, n: int, *, stream: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, n) uniform floats in [0, 1) per clip, multiples of 2^-24 (every float32 of that grid)."""
+    return _shr(uniform_bits(keys, n, stream=stream), 40).to(dtype) * (1.0 / (1 << 24))
 
 
 def _unit(bits: Tensor, dtype: torch.dtype) -> Tensor:

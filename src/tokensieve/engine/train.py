@@ -24,8 +24,10 @@ Determinism and resume. Everything random is a function of what a checkpoint hol
   batches done;
 - the model's own randomness (dropout, drop-path): the global torch RNG, seeded with seed + rank
   when the run starts (as are Python's and numpy's: a side effect on the calling process) and
-  saved per process in every checkpoint, with the state of every `torch.Generator` a reducer
-  holds (`random`'s);
+  saved per process in every checkpoint;
+- the plan's randomness (random selections, STTS's perturbation noise): keyed by clip and step
+  (`tokensieve.rng`), so it depends on neither the batch split nor what ran before, and needs no
+  saved state;
 - nothing else touches the global RNG: the DataLoader gets its own generator and the per-epoch
   evaluation runs under `torch.random.fork_rng`.
 A run interrupted after a checkpoint and resumed with `resume=True` therefore reaches the same
@@ -396,7 +398,7 @@ def train(
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             rngs = ckpt["rng"]
-            set_rng_state(model, rngs[world.rank % len(rngs)])
+            set_rng_state(rngs[world.rank % len(rngs)])
             step, sums = ckpt["step"], dict(ckpt["epoch_sums"])
             history = [EpochResult.from_dict(e) for e in ckpt["history"]]
             log.info("resuming %s at step %d of %d (epoch %d)", out / CHECKPOINT, step, total, ckpt["epoch"])
@@ -593,7 +595,7 @@ class _Run:
         if self.out is None:
             return
         cuda = self.device.type == "cuda"
-        rng = rng_state(self.model, cuda)
+        rng = rng_state(cuda)
         rngs = [rng]
         if self.world.size > 1:
             rngs = [None] * self.world.size

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import rng
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
 from ..tokens import KEYS, STA_ORDER, TokenState
@@ -65,9 +66,7 @@ def semantic_score(x: Tensor) -> Tensor:
     return (act - low) / (high - low).clamp_min(torch.finfo(act.dtype).tiny)
 
 
-def drop_first(
-    keys: Tensor, pos: Tensor, r: int, how: str, generator: torch.Generator | None = None
-) -> Tensor:
+def drop_first(keys: Tensor, pos: Tensor, r: int, how: str, draws: Tensor | None = None) -> Tensor:
     """The first group's tokens in the order the released code sorts them, (B, m): the m - r kept
     ones first, in the order it stores them, then the r dropped ones. For `tome`: the odd positions,
     then all even ones by ascending similarity to their closest odd token (the last r go); for
@@ -78,6 +77,8 @@ def drop_first(
         pos: (B, m) grid positions of its tokens (raster order for `grid`).
         r: tokens to drop.
         how: "tome", "random" or "grid".
+        draws: (B, m) uniform numbers in [0, 1) for `random` and `grid` (one per token; `grid` uses the
+            first r); None for `tome`.
     """
     B, m, _ = keys.shape
     if how == "tome":
@@ -87,12 +88,12 @@ def drop_first(
         odd = torch.arange(1, m, 2, device=keys.device).expand(B, -1)  # (B, nB)
         return torch.cat([odd, by_similarity * 2], 1)  # (B, m): the r most similar A tokens last
     if how == "random":
-        drop = torch.rand(B, m, generator=generator).to(keys.device).topk(r, dim=1).indices  # (B, r)
+        drop = draws.topk(r, dim=1).indices  # (B, r): r random tokens
     else:  # grid: one random token in each of r raster-order strata
         raster = pos.argsort(1)  # (B, m): group indices in raster order
         start = torch.arange(r, device=keys.device) * m // r  # (r,)
         length = (torch.arange(1, r + 1, device=keys.device) * m // r) - start  # (r,) >= 1 as r <= m
-        offset = (torch.rand(B, r, generator=generator).to(keys.device) * length).long()  # (B, r)
+        offset = (draws[:, :r] * length).long()  # (B, r): a random place in each stratum
         drop = raster.gather(1, start + offset)  # (B, r)
     kept = torch.ones(B, m, dtype=torch.bool, device=keys.device).scatter(1, drop, False)  # (B, m)
     return (~kept).to(torch.int8).argsort(dim=1, stable=True)  # (B, m): kept ascending, then dropped
@@ -163,7 +164,11 @@ class SemanticTemporalAccumulation(Reducer):
                 f"such as FBF, BFB, FFF or BBB; got {order!r}"
             )
         self.r, self.balance, self.first, self.order, self.seed = r, balance, first, directions, seed
-        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def keyed_random(self) -> bool:
+        """Random first-group drops draw keyed by clip (`tokensieve.rng`); `tome` draws nothing."""
+        return self.first != "tome"
 
     @property
     def keeps_frames(self) -> bool:
@@ -235,7 +240,11 @@ class SemanticTemporalAccumulation(Reducer):
             pos = state.pos.view(B, groups, m).gather(2, slots)  # (B, G, m)
             if backward:
                 keys, semantic, pos = keys.flip(1), semantic.flip(1), pos.flip(1)
-            first_order = drop_first(keys[:, 0], pos[:, 0], r, self.first, self.generator)  # (B, m)
+            draws = None
+            if self.keyed_random:
+                clip_keys, stream = self.draw_stream(state, site, self.seed)
+                draws = rng.uniform(clip_keys, m, stream=stream, dtype=torch.float64)  # (B, m)
+            first_order = drop_first(keys[:, 0], pos[:, 0], r, self.first, draws)  # (B, m)
             kept, _ = accumulate(keys, semantic, first_order, r)  # G x (B, m - r), processing order
             if backward:
                 kept.reverse()
