@@ -144,8 +144,9 @@ def test_identity_setting_equals_the_bare_backbone(method: str, name: str) -> No
 
 
 def _keyed(spec: str) -> bool:
-    """Whether the plan's random draws are keyed by clip (a pure function of the clip and seed)."""
-    return bool(ts.plan(spec)[0].keyed_random)
+    """Whether the plan selects at random, keyed by clip (a pure function of the clip and seed).
+    (STTS draws keyed noise too, in training only: tests/test_stts.py.)"""
+    return _is_random(spec) and bool(ts.plan(spec)[0].keyed_random)
 
 
 @pytest.mark.parametrize(("spec", "name"), [c for c in RUNNABLE if not _is_random(c[0]) or _keyed(c[0])])

@@ -203,6 +203,17 @@ def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> N
             torch.testing.assert_close(got, want)
 
 
+def test_training_noise_is_keyed_by_clip_and_step() -> None:
+    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5,S1=0.6,samples=64,sigma=0.5")
+    video = tiny_video("joint-tiny", batch=3)
+    together = model.forward_features(video).x
+    apart = torch.cat([model.forward_features(video[i : i + 1]).x for i in (0, 1, 2)])
+    torch.testing.assert_close(together, apart)  # a clip's soft selection ignores the rest of its batch
+    model.plan[0].on_train_step(1, 10)
+    model.plan[0].current_sigma = 0.5  # the same sigma: only the step's noise differs
+    assert not torch.allclose(model.forward_features(video).x, together)  # the next step draws anew
+
+
 def test_jacobian_parameter() -> None:
     assert ts.plan("stts:T0=0.5")[0].jacobian == "diagonal"  # the released code's estimator
     reducer = ts.plan("stts:T0=0.5,jacobian=full")[0]
@@ -247,6 +258,7 @@ def test_gflops_of_half_the_slices_plus_the_scorer() -> None:
         ("stts:T0=0", r"T0 must be a ratio in \(0, 1\]"),
         ("stts:sigma=-1,T0=0.5", "sigma must be >= 0"),
         ("stts:X0=0.5", r"no parameter 'X0'; valid: stts: T<block>=<float>, S<block>=<float>"),
+        ("stts:T0=0.5,T00=0.6", "two T selections before block 0"),
     ],
 )
 def test_bad_specs(spec: str, message: str) -> None:

@@ -7,8 +7,8 @@
     tokensieve flops  --model videomae-b --plan sta:r=64
     tokensieve info
 
-`--model` is a preset name (random weights, no download), a local checkpoint directory or a hub id
-(through transformers). Tables go to stdout, progress to stderr; `--json` prints one JSON document
+`--model` is a preset name (random weights, no download), a saved model (`ts.save`), a training run
+(its folder or `last.pt`), or a transformers checkpoint folder or hub id. Tables go to stdout, progress to stderr; `--json` prints one JSON document
 on stdout and nothing else. Usage errors (unknown preset, bad plan, bad dtype) print one red line
 naming the valid choices and exit with code 2.
 """

@@ -84,7 +84,10 @@ app = typer.Typer(
 ModelOption = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="Preset name (see `tokensieve info`), local checkpoint directory or hub id."
+        "--model",
+        "-m",
+        help="Preset name (see `tokensieve info`), a saved model or training run (folder or last.pt), "
+        "a transformers checkpoint folder or hub id.",
     ),
 ]
 PlanOption = Annotated[

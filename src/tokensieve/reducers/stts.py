@@ -154,6 +154,12 @@ class SpatioTemporalSelection(Reducer):
             chosen.append((int(key[1:]), key[0] == "S", key[0], float(ratio)))
         if not chosen:
             raise InputError("stts needs at least one selection, e.g. stts:T0=0.6 or stts:T0=0.6,S4=0.9")
+        places = [(kind, p) for p, _, kind, _ in chosen]
+        twice = next((f"{kind}{p}" for kind, p in places if places.count((kind, p)) > 1), None)
+        if twice is not None:
+            raise InputError(
+                f"stts: two {twice[0]} selections before block {twice[1:]} (e.g. T0 and T00); give one"
+            )
         self.specs = [(kind, p, ratio) for p, _, kind, ratio in sorted(chosen)]  # temporal first at a place
         self.samples, self.sigma, self.pool, self.anchor_pool = samples, sigma, pool, anchor_pool
         self.stride = stride or None
