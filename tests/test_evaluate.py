@@ -1,9 +1,13 @@
 """`ts.evaluate`: per-video records against a manual loop, failures, resuming after a kill,
-metrics by hand, and torchrun with two gloo processes against one."""
+metrics by hand, and torchrun with two gloo processes against one. The results file's safety:
+its provenance header and refused resumes, foreign files, short videos, OS errors, the lock."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,8 +20,10 @@ import tokensieve as ts
 from test_datasets import write_video
 from tokensieve.data.datasets import VideoDataset, VideoRecord, read_list
 from tokensieve.data.transforms import normalize
-from tokensieve.engine.evaluate import summarize
-from tokensieve.engine.results import part_path, read_done
+from tokensieve.engine import results
+from tokensieve.engine.evaluate import model_checksum, summarize
+from tokensieve.engine.results import Provenance, part_path, read_done, read_results
+from tokensieve.errors import InputError
 
 VIEWS = (2, 3)
 
@@ -50,7 +56,30 @@ def _dataset(root: Path) -> VideoDataset:
 
 
 def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return read_results(out)[1]
+
+
+def _small(root: Path, **changes) -> VideoDataset:
+    """Two readable videos (10 and 13 frames)."""
+    settings = {"frames": 4, "size": 32, "views": VIEWS, "stride": 2, "num_classes": 3, **changes}
+    return VideoDataset(read_list(root / "list.txt")[:2], **settings)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(count: int):
+    def progress(done: int, total: int, speed: float) -> None:
+        if done == count:
+            raise Killed
+
+    return progress
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Files an evaluation may leave besides its results: temporary files, locks, parts."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".lock", ".parts")))
 
 
 def test_records_match_a_manual_loop_and_failures_are_recorded(videos: Path, tmp_path: Path) -> None:
@@ -95,7 +124,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_results(videos: Path, tmp_p
     with pytest.raises(Killed):
         ts.evaluate(model, dataset, batch_size=4, workers=0, out=out, progress=stop_after_four)
     part = part_path(out, 0)
-    assert len(part.read_text().splitlines()) == 4 and not out.exists()
+    assert len(part.read_text().splitlines()) == 1 + 4 and _records(out) == []  # header + 4; none merged
     with part.open("a") as f:  # the kill also tore the next record mid-write
         f.write('{"id":"v3","labels":[0],"sta')
     assert len(read_done(out)) == 4  # the torn line is not a record
@@ -118,12 +147,270 @@ def test_a_reused_output_counts_only_this_datasets_videos(videos: Path, tmp_path
     assert len(_records(out)) == 11  # the other videos' records are kept
 
 
-def test_views_larger_than_the_video_allows_are_recorded_as_failed(videos: Path) -> None:
-    dataset = VideoDataset(
-        [VideoRecord("v0", videos / "v0.mp4", (0,))], frames=4, size=32, stride=3, views=(5, 1)
+def test_short_videos_give_every_view_for_any_number_of_views(videos: Path) -> None:
+    # 10 frames: a 4 x 3 clip spans 10 frames (one start), 4 x 8 spans 25 (longer than the video)
+    for stride, views in ((3, (5, 1)), (8, (2, 3)), (8, (7, 3))):
+        dataset = VideoDataset(
+            [VideoRecord("v0", videos / "v0.mp4", (0,))], frames=4, size=32, stride=stride, views=views
+        )
+        summary = ts.evaluate(_model(), dataset, workers=0)
+        assert (summary.evaluated, summary.failed) == (1, 0), (stride, views, summary.errors)
+    segments = VideoDataset(
+        [VideoRecord("v0", videos / "v0.mp4", (0,))], frames=4, size=32, sampling="segments", views=(10, 1)
+    )  # 40 segment frames of a 10-frame video
+    assert ts.evaluate(_model(), segments, workers=0).failed == 0
+    # the whole list at 2 x 3 views of 25-frame clips: only the broken files fail
+    dataset = VideoDataset(read_list(videos / "list.txt"), frames=4, size=32, views=VIEWS, stride=8)
+    summary = ts.evaluate(_model(), dataset, batch_size=12, workers=2)
+    assert (summary.evaluated, summary.failed) == (7, 4)
+    assert all("DecodeError" in e for e in summary.errors)
+
+
+# ---------------------------------------------------------------------------------------- provenance
+def test_the_header_says_what_produced_the_records(videos: Path, tmp_path: Path) -> None:
+    model = ts.apply(_model(), "random:keep=0.5")
+    out = tmp_path / "r.jsonl"
+    summary = ts.evaluate(model, _small(videos), workers=0, out=out, model_name="videomae-tiny")
+    provenance, records = read_results(out)
+    assert provenance == Provenance(
+        model="videomae-tiny", checksum=model_checksum(model), plan="random:keep=0.5", views=VIEWS, frames=4,
+        size=32, resize=32, sampling="dense", stride=2, short="loop", dtype="float32",
+    )  # fmt: skip
+    header = json.loads(out.read_text().splitlines()[0])
+    assert header["tokensieve"] == "eval-results" and header["format"] == 1 and header["views"] == [2, 3]
+    assert [r["id"] for r in records] == ["v0", "v1"] and summary.evaluated == 2
+    # the checksum is stable, and any change of any weight changes it
+    assert model_checksum(model) == model_checksum(_model()) and model_checksum(model).startswith("sha256:")
+    other = _model()
+    with torch.no_grad():
+        other.head.bias[0] += 1e-7
+    assert model_checksum(other) != model_checksum(model)
+    segments = Provenance.from_header(json.loads(_header_of(videos, tmp_path, sampling="segments")), tmp_path)
+    assert (segments.sampling, segments.stride, segments.short) == ("segments", None, None)
+    # plans compare with their defaults filled in; the name never counts
+    assert provenance.differences(dataclasses.replace(provenance, plan="random", model="elsewhere")) == []
+    assert provenance.differences(dataclasses.replace(provenance, plan="random:keep=0.25")) == [
+        "plan (file: random:keep=0.25, now: random:keep=0.5)"
+    ]
+
+
+def _header_of(videos: Path, tmp_path: Path, **changes) -> str:
+    out = tmp_path / "header.jsonl"
+    ts.evaluate(_model(), _small(videos, **changes), workers=0, out=out)
+    return out.read_text().splitlines()[0]
+
+
+def _seed_1() -> ts.VideoBackbone:
+    torch.manual_seed(1)
+    return ts.build("videomae-tiny", num_classes=3).eval()
+
+
+CHANGES = {  # what a resuming run changes -> (model, dataset changes, evaluate arguments)
+    "plan": (lambda: ts.apply(_model(), "random:keep=0.5"), {}, {}),
+    "views": (_model, {}, {"views": (1, 3)}),
+    "model weights": (_seed_1, {}, {}),
+    "dtype": (_model, {}, {"dtype": torch.bfloat16}),
+    "stride": (_model, {"stride": 3}, {}),
+    "sampling": (_model, {"sampling": "segments"}, {}),
+    "short": (_model, {"short": "repeat"}, {}),
+}
+
+
+@pytest.mark.parametrize("field", list(CHANGES))
+def test_resuming_with_anything_different_is_refused_naming_it(
+    field: str, videos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(Killed):  # a half-finished run: one video in its part file
+        ts.evaluate(_model(), _small(videos), workers=0, out=out, progress=_kill_after(1))
+    before = {p: p.read_bytes() for p in (out, part_path(out, 0))}
+    make, dataset_changes, arguments = CHANGES[field]
+    with pytest.raises(
+        InputError,
+        match=rf"holds results of another run \(1 video, unfinished\).* Differs: {field} \(file: .*, now: .*\)",
+    ) as err:
+        ts.evaluate(make(), _small(videos, **dataset_changes), workers=0, out=out, **arguments)
+    assert err.value.args[0].count("Differs") == 1 and "\n" not in err.value.args[0]
+    assert {p: p.read_bytes() for p in before} == before  # nothing added, nothing lost
+    assert _leftovers(tmp_path) == ["r.jsonl.parts"]  # the half-finished run's, as it was
+
+
+def test_a_finished_file_refuses_another_run_and_the_model_name_is_informational(
+    videos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.jsonl"
+    ts.evaluate(_model(), _small(videos), workers=0, out=out, model_name="videomae-tiny")
+    finished = out.read_bytes()
+    other = ts.apply(_seed_1(), "random:keep=0.5")
+    with pytest.raises(InputError) as err:
+        ts.evaluate(other, _small(videos), views=(1, 1), workers=0, out=out, model_name="videomae-tiny")
+    message = err.value.args[0]
+    assert message.startswith(
+        f"{out} holds results of another run (2 videos); resuming would mix them. Differs: "
     )
-    summary = ts.evaluate(_model(), dataset, workers=0)  # 10 frames: a 10-frame clip has one position
-    assert summary.failed == 1 and "5 views" in summary.errors[0]
+    assert "model weights (file: videomae-tiny sha256:" in message
+    assert "plan (file: none, now: random:keep=0.5)" in message and "views (file: 2x3, now: 1x1)" in message
+    assert out.read_bytes() == finished
+    # same weights under another name (a moved checkpoint), a plan spelled out: the same run
+    again = ts.evaluate(
+        ts.apply(_model(), "none"), _small(videos), workers=0, out=out, model_name="/elsewhere"
+    )
+    assert again.done_before == 2 and again.clips_per_s is None and len(_records(out)) == 2
+    assert read_results(out)[0].model == "videomae-tiny"  # the header keeps the first name
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"v0.mp4 0\n", "is not a tokensieve results file"),
+        (b"v0.mp4 0", "is not a tokensieve results file"),
+        (b"\x00\x01\x02 a video, say", "is not a tokensieve results file"),
+        (b'{"id":"v0","labels":[0],"status":"ok","top5":[[0,1.0]]}\n', "without a results header"),
+    ],
+)
+def test_a_file_that_is_not_a_results_file_is_never_overwritten(
+    content: bytes, message: str, videos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "list.txt"
+    out.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        ts.evaluate(_model(), _small(videos), workers=0, out=out)
+    assert out.read_bytes() == content and _leftovers(tmp_path) == []
+
+
+def test_an_empty_file_or_a_folder_as_out(videos: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()  # nothing to lose: becomes the results file
+    assert ts.evaluate(_model(), _small(videos), workers=0, out=empty).evaluated == 2
+    with pytest.raises(IsADirectoryError) as err:
+        ts.evaluate(_model(), _small(videos), workers=0, out=tmp_path)
+    assert err.value.filename == str(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- OS errors
+def _full_disk(monkeypatch: pytest.MonkeyPatch, *, when) -> None:
+    """Writes of data for which `when(data)` is true write half of it, then find the disk full."""
+    real = results._write
+
+    def write(fd: int, data: bytes) -> None:
+        if when(bytes(data)):
+            real(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(results, "_write", write)
+
+
+def test_a_full_disk_while_recording_keeps_whole_records_for_a_resume(
+    videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, records = tmp_path / "r.jsonl", []
+
+    def fourth_record(data: bytes) -> bool:
+        records.extend([data] if data.startswith(b'{"id"') else [])
+        return len(records) == 4
+
+    _full_disk(monkeypatch, when=fourth_record)
+    with pytest.raises(OSError) as err:
+        ts.evaluate(_model(), _dataset(videos), workers=0, out=out)
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(part_path(out, 0)))
+    lines = part_path(out, 0).read_bytes().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(line)["id"] for line in lines[1:-1]] == ["v0", "v1", "truncated"]
+    assert _leftovers(tmp_path) == ["r.jsonl.parts"]  # no lock, no temporary file
+    monkeypatch.undo()
+    resumed = ts.evaluate(_model(), _dataset(videos), workers=0, out=out)
+    assert resumed.done_before == 3 and [r["id"] for r in _records(out)] == [
+        r.id for r in _dataset(videos).records
+    ]
+
+
+def test_a_full_disk_while_merging_leaves_the_file_and_the_parts(
+    videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r.jsonl"
+    _full_disk(monkeypatch, when=lambda data: data.count(b"\n") > 1)  # the merged file: header and records
+    with pytest.raises(OSError) as err:
+        ts.evaluate(_model(), _small(videos), workers=0, out=out)
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(out))
+    assert len(out.read_text().splitlines()) == 1 and _leftovers(tmp_path) == ["r.jsonl.parts"]
+    monkeypatch.undo()
+    again = ts.evaluate(_model(), _small(videos), workers=0, out=out)  # merges what was done
+    assert again.done_before == 2 and again.clips_per_s is None and len(_records(out)) == 2
+
+
+def test_a_read_only_folder_is_refused_before_any_work(
+    videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real = os.open
+
+    def open_(path, flags, mode=0o777, *, dir_fd=None):  # chmod does not stop root: refuse here
+        if Path(path).parent == read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(OSError) as err:
+        ts.evaluate(_model(), _small(videos), workers=0, out=read_only / "r.jsonl", progress=_kill_after(1))
+    assert err.value.errno == errno.EROFS and err.value.filename.startswith(str(read_only / "r.jsonl"))
+    assert list(read_only.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------- one run at a time
+HOLD_LOCK = """
+import os, sys, time
+from pathlib import Path
+from tokensieve.engine.results import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+child = os.fork()  # as a decoding worker is: it must not keep the lock alive
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(
+    videos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "r.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(
+            InputError, match=rf"{out} is being written by another run \(pid {holder.pid} on "
+        ):
+            ts.evaluate(_model(), _small(videos), workers=0, out=out)
+        assert not out.exists()  # refused at the start
+        holder.kill()  # SIGKILL: no clean-up, its lock file stays behind; its worker lives on
+        holder.wait()
+        lock = tmp_path / "r.jsonl.lock"
+        assert f"pid {holder.pid} on " in lock.read_text()
+        with caplog.at_level(logging.WARNING, logger="tokensieve.engine.results"):
+            summary = ts.evaluate(_model(), _small(videos), workers=0, out=out)
+        assert summary.evaluated == 2 and not lock.exists()
+        assert (
+            f"taking over the lock of a run that ended without releasing it (pid {holder.pid} on "
+            in caplog.text
+        )
+    finally:
+        holder.kill()
+        os.kill(worker, 9)
+
+
+def test_a_resumed_run_says_how_many_videos_were_done(
+    videos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(Killed):
+        ts.evaluate(_model(), _dataset(videos), workers=0, out=out, progress=_kill_after(3))
+    with caplog.at_level(logging.INFO, logger="tokensieve.engine.evaluate"):
+        summary = ts.evaluate(_model(), _dataset(videos), workers=0, out=out)
+    assert f"{out}: resuming: 3 of 11 videos already done, 8 to do" in caplog.text
+    assert summary.done_before == 3 and summary.evaluated + summary.failed == 11
 
 
 def test_summary_metrics_by_hand() -> None:
@@ -181,3 +468,29 @@ def test_torchrun_two_gloo_processes_match_one(videos: Path, tmp_path: Path) -> 
         if a["status"] == "ok":
             assert [c for c, _ in a["top5"]] == [c for c, _ in b["top5"]]
             torch.testing.assert_close(torch.tensor(a["top5"]), torch.tensor(b["top5"]), atol=1e-5, rtol=0)
+
+
+def test_torchrun_processes_share_one_lock_and_refuse_together(videos: Path, tmp_path: Path) -> None:
+    data, out = tmp_path / "two.txt", tmp_path / "r.jsonl"
+    data.write_text("v0.mp4 0\nv1.mp4 1\n")
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "tokensieve",
+                "eval", "--model", "videomae-tiny", "--data", str(data), "--root", str(videos), "--views", "2x3",
+                "--stride", "2", "--out", str(out), "--workers", "0", "--json", *extra]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    first = torchrun()  # rank 0 holds the lock for both processes: rank 1 is not refused
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout)["evaluated"] == 2 and not (tmp_path / "r.jsonl.lock").exists()
+    finished = out.read_bytes()
+    other = torchrun("--plan", "random:keep=0.5")  # both processes refuse at the start, none hangs
+    assert other.returncode != 0
+    refusals = [line for line in other.stderr.splitlines() if line.startswith("error: ")]
+    assert len(refusals) == 2 and all(
+        "Differs: plan (file: none, now: random:keep=0.5)" in r for r in refusals
+    )
+    frames = [line for line in other.stderr.splitlines() if line.strip().startswith('File "')]
+    assert not any("tokensieve" in line for line in frames)  # only torchrun's own report of the exit codes
+    assert out.read_bytes() == finished and other.stdout == ""

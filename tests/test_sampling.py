@@ -38,11 +38,33 @@ def test_clip_shorter_than_span_follows_policy() -> None:
     assert clip_indices(1, frames=3, stride=4, short="repeat").tolist() == [[0, 0, 0]]
 
 
-def test_clip_too_many_views() -> None:
-    with pytest.raises(ValueError, match=r"8 frames; 3 views of a clip spanning 7 frames .* need 9"):
-        clip_indices(8, frames=4, stride=2, views=3)
-    with pytest.raises(ValueError, match=r"5 frames; 2 views .* need 8"):
-        clip_indices(5, frames=4, stride=2, views=2)
+def test_clip_views_of_a_short_video_spread_over_its_frames() -> None:
+    # 8 frames hold 2 starts of a 7-frame span, not 3: starts spread over all frames,
+    # round(linspace(0, 7, 3)) = 0, 4 (3.5 half to even), 7, and clips loop past the end
+    assert clip_indices(8, frames=4, stride=2, views=3).tolist() == [[0, 2, 4, 6], [4, 6, 0, 2], [7, 1, 3, 5]]
+    # a clip longer than the video: starts 0 and 4 of 5 frames
+    assert clip_indices(5, frames=4, stride=2, views=2).tolist() == [[0, 2, 4, 1], [4, 1, 3, 0]]
+    assert clip_indices(5, frames=4, stride=2, views=2, short="repeat").tolist() == [
+        [0, 2, 4, 4],
+        [4, 4, 4, 4],
+    ]
+    # the README's case: 16-frame videos, 16 x 4 clips (a 61-frame span), 2 views start at 0 and 15
+    assert clip_indices(16, frames=16, stride=4, views=2)[:, :5].tolist() == [
+        [0, 4, 8, 12, 0],
+        [15, 3, 7, 11, 15],
+    ]
+
+
+@pytest.mark.parametrize("short", ["loop", "repeat"])
+def test_clip_any_number_of_views_of_any_video(short: str) -> None:
+    for num_frames in (1, 2, 7, 16, 60, 61, 62, 64, 300):
+        for views in (1, 2, 3, 5, 10, 20):
+            idx = clip_indices(num_frames, frames=16, stride=4, views=views, short=short)  # type: ignore[arg-type]
+            assert idx.shape == (views, 16) and idx.dtype == torch.long
+            assert 0 <= idx.min() and idx.max() < num_frames
+            starts = idx[:, 0]
+            assert starts[0] == 0 or views == 1
+            assert bool((starts.diff() >= 0).all())  # views in temporal order
 
 
 def test_segment_one_view_takes_centres() -> None:
@@ -65,9 +87,13 @@ def test_segment_short_video_repeats_frames() -> None:
     assert segment_indices(1, segments=4).tolist() == [[0, 0, 0, 0]]
 
 
-def test_segment_too_many_views() -> None:
-    with pytest.raises(ValueError, match=r"7 frames; 2 views of 4 segments need 8"):
-        segment_indices(7, segments=4, views=2)
+def test_segment_views_of_a_short_video_repeat_frames() -> None:
+    # floor((2 * (k * views + v) + 1) * N / (2 * views * S)) needs no minimum length
+    assert segment_indices(7, segments=4, views=2).tolist() == [[0, 2, 3, 5], [1, 3, 4, 6]]
+    assert segment_indices(3, segments=4, views=3).tolist() == [[0, 0, 1, 2], [0, 1, 1, 2], [0, 1, 2, 2]]
+    for num_frames in (1, 2, 5, 16):
+        idx = segment_indices(num_frames, segments=8, views=5)
+        assert idx.shape == (5, 8) and 0 <= idx.min() and idx.max() < num_frames
 
 
 def test_random_clip_is_reproducible_and_in_range() -> None:

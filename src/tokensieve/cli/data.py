@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,9 +18,12 @@ from ..bench import (
     DTYPES,
     compact_table,
 )
+from ..engine.results import read_done
+from ..errors import InputError
 from .common import (
     JsonOption,
     ModelOption,
+    UsageError,
     app,
     check_dtype,
     check_sampling,
@@ -28,8 +35,39 @@ from .common import (
     progress_bar,
     resolve_model,
     usage_errors,
-    write_json,
 )
+
+if TYPE_CHECKING:
+    from ..data.datasets import VideoRecord
+    from ..engine.evaluate import EvalSummary
+
+EXIT_FAILED = 1  # nothing evaluated, or --strict and a video failed; 2 is bad input (usage_errors)
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+@contextlib.contextmanager
+def _engine_log_to(console: Console) -> Iterator[None]:
+    """Show the evaluation's messages (resuming, a stale lock taken over, a torn record cut off)
+    above the progress bar."""
+    engine = logging.getLogger("tokensieve.engine")
+
+    class ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tag = "[yellow]warning:[/yellow] " if record.levelno >= logging.WARNING else ""
+            console.print(f"{tag}{escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+    handler, level = ToConsole(logging.INFO), engine.level
+    engine.addHandler(handler)
+    engine.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        engine.removeHandler(handler)
+        engine.setLevel(level)
+
+
+def _error(text: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -50,12 +88,19 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per forward pass.", min=1)] = 8,
     workers: Annotated[int, typer.Option(help="Decoding processes.", min=0)] = 2,
     dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
+    strict: Annotated[bool, typer.Option(help="Exit with code 1 if any video fails to load.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Accuracy of a model (and plan) on a video dataset, with GFLOPs per view and clips/s."""
+    """Accuracy of a model (and plan) on a video dataset, with GFLOPs per view and clips/s.
+
+    Exit code 0 when videos were evaluated (unreadable ones are reported), 1 when none was (or, with
+    --strict, when any failed), 2 for bad input (including an --out that belongs to another run),
+    130 when interrupted: rerun the same command to resume.
+    """
     from ..data.datasets import VideoDataset, load_records
     from ..engine.distributed import setup
     from ..engine.evaluate import evaluate
+    from ..engine.results import write_atomic
 
     with usage_errors():
         check_dtype(dtype)
@@ -64,29 +109,49 @@ def eval_command(
         records, names = load_records(data, root=root, multilabel=multilabel)
         net = resolve_model(model, frames=None, size=None)
         install_plan(net, plan)
+        if not records:
+            raise UsageError(f"{data} lists no videos: nothing to evaluate")
         dataset = VideoDataset(
             records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
             stride=stride, num_classes=len(names) if names else None, class_names=names,
         )  # fmt: skip
         world = setup(next(net.parameters()).device)
         bar = progress_bar("eval", show=world.is_main)
-        with bar:
-            task = bar.add_task("eval", total=None, status="")
+        task = bar.add_task("eval", total=None, status="", start=False)
 
-            def progress(done: int, total: int, clips_per_s: float) -> None:
-                bar.update(task, completed=done, total=total, status=f"{clips_per_s:.2f} clips/s")
+        def progress(done: int, total: int, clips_per_s: float) -> None:
+            # Shown from the first call, once `out` is checked: a refused run prints its error alone.
+            if not bar.live.is_started:
+                bar.start()
+                bar.start_task(task)
+            bar.update(task, completed=done, total=total, status=f"{clips_per_s:.2f} clips/s")
 
-            summary = evaluate(
-                net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
-                progress=progress,
-            )  # fmt: skip
-    if not world.is_main:
-        return
-    doc = {"model": model, "data": str(data), **summary.to_dict()}
-    if out is not None:
-        write_json(out.with_name(out.name + ".summary.json"), doc)
+        try:
+            with _engine_log_to(bar.console) if world.is_main else contextlib.nullcontext():
+                try:
+                    summary = evaluate(
+                        net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
+                        progress=progress, model_name=model,
+                    )  # fmt: skip
+                finally:
+                    if bar.live.is_started:
+                        bar.stop()
+        except KeyboardInterrupt:
+            if world.is_main:
+                Console(stderr=True).print(
+                    f"[yellow]interrupted:[/yellow] {escape(_resume_hint(out, records))}", highlight=False,
+                    soft_wrap=True,
+                )  # fmt: skip
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
+        if not world.is_main:
+            return
+        doc = {"model": model, "data": str(data), **summary.to_dict()}
+        if out is not None:
+            summary_path = out.with_name(out.name + ".summary.json")
+            write_atomic(summary_path, json.dumps(doc, indent=2).encode())
     if as_json:
         echo_json(doc)
+        _exit_status(summary, strict=strict)
         return
     table = compact_table(
         title=f"{model} on {data}, {chosen[0]}x{chosen[1]} views, plan {summary.plan or 'none'}"
@@ -110,6 +175,29 @@ def eval_command(
     Console().print(table)
     for line in summary.errors:
         Console(stderr=True).print(f"[yellow]failed:[/yellow] {escape(line)}", highlight=False)
+    _exit_status(summary, strict=strict)
+
+
+def _resume_hint(out: Path | None, records: list[VideoRecord]) -> str:
+    """What an interrupted run kept, and how to go on."""
+    if out is None:
+        return "nothing was kept (--out makes a run resumable)"
+    ids = {r.id for r in records}
+    try:
+        kept = sum(vid in ids for vid in read_done(out))
+    except (InputError, OSError):  # interrupted before `out` was checked
+        return "rerun the same command to resume"
+    return f"{kept} of {len(records)} videos are recorded in {out}; rerun the same command to resume"
+
+
+def _exit_status(summary: EvalSummary, *, strict: bool) -> None:
+    """Exit with code 1 when no video was evaluated, or (`strict`) when any failed."""
+    if summary.evaluated == 0:
+        _error(f"no video could be evaluated: all {summary.failed} failed")
+        raise typer.Exit(code=EXIT_FAILED)
+    if strict and summary.failed:
+        _error(f"{summary.failed} of {summary.videos} videos failed (--strict)")
+        raise typer.Exit(code=EXIT_FAILED)
 
 
 # ---------------------------------------------------------------------------------------- synthetic

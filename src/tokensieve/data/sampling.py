@@ -6,13 +6,16 @@ Two conventions cover the backbones we evaluate:
   clip spanning S = (frames - 1) * stride + 1 frames. Testing takes K temporal views whose starts
   spread uniformly over the video, round(linspace(0, num_frames - S, K)); one view takes the centre
   start (num_frames - S) // 2. Training takes a uniform random start.
+  A video with fewer than K distinct starts (num_frames < S + K - 1; 16-frame videos for 16 x 4
+  clips) spreads the K starts over the frames it has, round(linspace(0, num_frames - 1, K)).
 - Uniform segments (TSN; Something-Something, HaltingVT): [0, num_frames) split into `segments`
   equal segments and one frame taken from each. Testing takes, for view v of K, the frame at
   fraction (v + 0.5) / K of every segment (K = 1: segment centres); training a random frame in each.
 
-A video shorter than a clip starts the clip at 0 and maps the indices past the end with `short`:
-"loop" wraps around (i % num_frames), "repeat" repeats the last frame. Asking for more distinct
-views than a video allows raises ValueError (the evaluation records the video as failed).
+Indices past the end of a video (a clip longer than the video, or a late start of a short video)
+are mapped with `short`: "loop" wraps around (i % num_frames), "repeat" repeats the last frame.
+A segment shorter than a frame (num_frames < segments * K) repeats frames. So any video of at
+least one frame gives any number of views: a short video is never an error.
 All samplers return long tensors of indices in [0, num_frames).
 """
 
@@ -60,14 +63,15 @@ def clip_indices(
         frames: frames per clip.
         stride: distance between consecutive frames of a clip.
         views: temporal views; their starts spread uniformly (rounded half to even) from the first
-            to the last possible start; one view takes the centre start.
-        short: for a video shorter than the clip span (start 0): "loop" or "repeat".
+            to the last possible start, or over all the frames when the video has fewer than
+            `views` possible starts; one view takes the centre start (0 for a short video).
+        short: what indices past the end take: "loop" (wrap around) or "repeat" (the last frame).
 
     Returns:
         (views, frames) long indices.
 
     Raises:
-        ValueError: a count is < 1, or `views` > 1 exceeds the distinct starts the video allows.
+        InputError: a count is < 1, or an unknown `short`.
     """
     _check_positive(num_frames=num_frames, frames=frames, stride=stride, views=views)
     _check_short(short)
@@ -75,13 +79,12 @@ def clip_indices(
     if views == 1:
         starts = torch.tensor([max(num_frames - span, 0) // 2])
     else:
-        if num_frames - span + 1 < views:
-            raise InputError(
-                f"the video has {num_frames} frames; {views} views of a clip spanning {span} frames "
-                f"({frames} frames, stride {stride}) need {span + views - 1}"
-            )
+        # The last start is the last one that keeps a clip inside the video, unless that leaves
+        # fewer than `views` distinct starts: then the starts spread over every frame and the
+        # clips run past the end (mapped by `short`), rather than repeating one view or failing.
+        last = num_frames - span if num_frames - span + 1 >= views else num_frames - 1
         # float64 is exact on these integers; torch.round rounds half to even, like Python's round.
-        starts = torch.linspace(0, num_frames - span, views, dtype=torch.float64).round().long()  # (K,)
+        starts = torch.linspace(0, last, views, dtype=torch.float64).round().long()  # (K,)
     return _clip(starts, num_frames, frames=frames, stride=stride, short=short)
 
 
@@ -89,7 +92,8 @@ def segment_indices(num_frames: int, *, segments: int, views: int = 1) -> Tensor
     """One frame from each of `segments` equal segments, for `views` views (testing).
 
     View v takes, in segment k, floor((k + (v + 0.5) / views) * num_frames / segments), computed in
-    integers. A video with fewer frames than segments repeats frames (one view only).
+    integers. A video with fewer frames than segments * views repeats frames (views may then
+    share frames).
 
     Args:
         num_frames: frames in the video.
@@ -100,14 +104,9 @@ def segment_indices(num_frames: int, *, segments: int, views: int = 1) -> Tensor
         (views, segments) long indices.
 
     Raises:
-        ValueError: a count is < 1, or `views` > 1 and the video has fewer than segments * views
-            frames (views would repeat frames).
+        InputError: a count is < 1.
     """
     _check_positive(num_frames=num_frames, segments=segments, views=views)
-    if views > 1 and num_frames < segments * views:
-        raise InputError(
-            f"the video has {num_frames} frames; {views} views of {segments} segments need {segments * views}"
-        )
     k = torch.arange(segments)
     v = torch.arange(views)
     # (k + (v + 0.5) / views) * N / S = (2 * (k * views + v) + 1) * N / (2 * views * S)

@@ -8,13 +8,19 @@ and stays single-process: no group, no barrier, no extra dependency.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["World", "barrier", "epoch_batches", "setup"]
+from ..errors import InputError
+
+__all__ = ["World", "barrier", "epoch_batches", "gather", "on_main", "setup"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,39 @@ def barrier(world: World) -> None:
     """Wait for every process (nothing to wait for when alone)."""
     if world.size > 1:
         dist.barrier()
+
+
+def gather(world: World, value: Any) -> list[Any]:
+    """Every process's `value` (picklable), in rank order, on every process."""
+    if world.size == 1:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def on_main(world: World, fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone; its result there, None elsewhere. Every process waits for it, and
+    an error of rank 0 is raised on every process (the same `InputError` or `OSError`, other
+    errors as a RuntimeError naming it), so no process waits forever for one that failed."""
+    if world.size == 1:
+        return fn()
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except (InputError, OSError) as err:
+            error = err
+        except Exception as err:
+            error = RuntimeError(f"process 0 failed: {type(err).__name__}: {err}")
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+    return result
 
 
 def epoch_batches(num: int, *, batch_size: int, world: World, seed: int, epoch: int) -> Tensor:

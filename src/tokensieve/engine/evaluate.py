@@ -9,7 +9,10 @@ as the video's last view is done. Metrics come from the records: top-1, top-5 an
 accuracy, or mAP for multi-label data, over the videos that could be read; failures are counted.
 
 Records (`engine/results.py`) make a run resumable and safe to interrupt: rerunning with the same
-`out` skips finished videos, redoes a torn last one, and never counts one twice. Under `torchrun`
+`out` skips finished videos, redoes a torn last one, and never counts one twice. The file's header
+says what produced it (the model's checksum, plan, views, clip shape, sampling, dtype): a run that
+differs in any of these is refused before it starts, naming the fields, as is a second run on the
+same `out` while the first is alive, and a file that is not a results file. Under `torchrun`
 the unfinished videos are split across processes without padding (process r takes every r-th),
 each writes its own part file, and rank 0 merges after a barrier; the summary is computed from the
 merged records, so it is the same for any number of processes.
@@ -17,7 +20,7 @@ merged records, so it is the same for any number of processes.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,15 +37,16 @@ from ..data.datasets import Sample, VideoDataset
 from ..data.transforms import normalize
 from ..errors import InputError
 from ..flops import flops
-from .distributed import barrier, setup
-from .results import RecordWriter, merge, part_path, read_done
+from .distributed import World, barrier, gather, on_main, setup
+from .results import Provenance, RecordWriter, merge, read_done, start_run
 
-__all__ = ["EvalSummary", "check_fits", "evaluate", "summarize"]
+__all__ = ["EvalSummary", "check_fits", "evaluate", "model_checksum", "summarize"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
-"""progress(videos done, videos to do in this run, clips per second so far)."""
+"""progress(videos done, videos to do in this run, clips per second so far): called once `out` is
+checked and locked (with 0 done), then after each video."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class EvalSummary:
             together; None when every video was already done.
         plan: the installed plan's spec.
         errors: first failures, "id: error".
+        done_before: videos of the dataset already recorded in `out` when the run started (resumed).
     """
 
     videos: int
@@ -73,6 +78,7 @@ class EvalSummary:
     clips_per_s: float | None
     plan: str | None
     errors: tuple[str, ...] = ()
+    done_before: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +155,30 @@ class _Todo(Dataset):
         return self.dataset[self.indices[i]]
 
 
+def model_checksum(model: torch.nn.Module) -> str:
+    """The "sha256:<hex>" of a backbone's config and state dict: every tensor's name, dtype, shape and
+    bytes, in state-dict order. The same on every process holding the same weights. sha256 hashes
+    about 1 GB/s on one core (seconds for ViT-H's 2.5 GB): cheap next to an evaluation."""
+    digest = hashlib.sha256(repr(getattr(model, "config", None)).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
+    return "sha256:" + digest.hexdigest()
+
+
+def _provenance(
+    model: torch.nn.Module, dataset: VideoDataset, dtype: torch.dtype, name: str | None
+) -> Provenance:
+    dense = dataset.sampling == "dense"
+    return Provenance(
+        model=name, checksum=model_checksum(model), plan=getattr(model, "spec", None), views=dataset.views,
+        frames=dataset.frames, size=dataset.size, resize=dataset.resize, sampling=dataset.sampling,
+        stride=dataset.stride if dense else None, short=dataset.short if dense else None,
+        dtype=str(dtype).removeprefix("torch."),
+    )  # fmt: skip
+
+
 @dataclass
 class _Pending:
     """A video whose views are partly through the model."""
@@ -182,6 +212,7 @@ def evaluate(
     out: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    model_name: str | None = None,
 ) -> EvalSummary:
     """Evaluate `model` (with its installed plan) on `dataset`.
 
@@ -191,55 +222,81 @@ def evaluate(
         views: (temporal clips, spatial crops) per video; default the dataset's.
         batch_size: clips per forward pass (views of several videos share a batch).
         workers: decoding processes (0 decodes in this process).
-        out: JSONL file of per-video records; makes the run resumable. None keeps them in memory.
+        out: JSONL file of per-video records under a provenance header (`engine/results.py`);
+            makes the run resumable. None keeps them in memory.
         dtype: torch.float32, or torch.bfloat16 to run under autocast.
-        progress: called after each video with (done, total, clips/s).
+        progress: called with (done, total, clips/s) when the run starts (0 done, after `out` is
+            checked) and after each video; `total` counts this process's videos.
+        model_name: the model's name or path, kept in `out`'s header for readers (the weights'
+            checksum is what identifies the model).
 
     Returns:
         The `EvalSummary` (the same on every process).
+
+    Raises:
+        InputError: the dataset does not fit the model; `out` is not a results file, holds results
+            of another model, plan, views, clip shape, sampling or dtype (the message names which),
+            or is being written by another live run.
+        OSError: `out` cannot be written (a folder, a read-only location, a full disk), naming the
+            file; nothing is left half-written, and records already written stay for a resume.
     """
     if batch_size < 1 or workers < 0:
         raise InputError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)
-    cfg = model.config
     device = next(model.parameters()).device
     world = setup(device)
     out = Path(out) if out is not None else None
-    if out is not None and world.is_main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    barrier(world)
+    provenance, lock = None, None
+    if out is not None:
+        provenance = _provenance(model, dataset, dtype, model_name)
+        if len(set(gather(world, provenance.checksum))) > 1:
+            raise InputError(
+                "the torchrun processes hold different weights (seed the model, or load the same "
+                "checkpoint, in every process)"
+            )
+        lock = on_main(world, lambda: start_run(out, provenance))  # refuses before any work
+    try:
+        return _evaluate(model, dataset, batch_size=batch_size, workers=workers, out=out, dtype=dtype,
+                         progress=progress, world=world, provenance=provenance)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _evaluate(
+    model: torch.nn.Module, dataset: VideoDataset, *, batch_size: int, workers: int, out: Path | None,
+    dtype: torch.dtype, progress: Progress | None, world: World, provenance: Provenance | None,
+) -> EvalSummary:  # fmt: skip
+    """`evaluate` once `out` is locked and checked: run the videos not done yet, merge, summarise."""
+    cfg = model.config
     done = read_done(out, repair=False) if out is not None else {}
     todo = [i for i, r in enumerate(dataset.records) if r.id not in done]
+    done_before = len(dataset) - len(todo)
     mine = todo[world.rank :: world.size]  # unpadded: no video is done twice
-    log.info(
-        "rank %d: %d of %d videos to do (%d done before)", world.rank, len(mine), len(dataset), len(done)
-    )
+    barrier(world)  # every process has read the same `done` before any of them writes a record
+    if done_before and world.is_main:
+        log.info(
+            "%s: resuming: %d of %d videos already done, %d to do", out, done_before, len(dataset), len(todo)
+        )
+    log.debug("rank %d: %d of %d videos to do", world.rank, len(mine), len(dataset))
 
     was_training = model.training
     model.eval()
     memory: list[dict[str, Any]] = []
     try:
         seconds, clips = _run(model, dataset, mine, batch_size=batch_size, workers=workers, dtype=dtype,
-                              out=out, rank=world.rank, memory=memory, progress=progress)  # fmt: skip
+                              out=out, provenance=provenance, rank=world.rank, memory=memory,
+                              progress=progress)  # fmt: skip
     finally:
         model.train(was_training)
-    if out is not None:
-        part_path(out, world.rank).with_suffix(".stats").write_text(
-            json.dumps({"clips": clips, "seconds": seconds})
-        )
     barrier(world)
+    stats = gather(world, (clips, seconds))
+    clips, seconds = sum(c for c, _ in stats), max(s for _, s in stats)
     if out is not None:
-        if world.is_main:
-            stats = [json.loads(p.read_text()) for p in part_path(out, 0).parent.glob("rank-*.stats")]
-            clips, seconds = sum(s["clips"] for s in stats), max((s["seconds"] for s in stats), default=0.0)
-            records = merge(out, [r.id for r in dataset.records])
-        barrier(world)
-        if not world.is_main:
-            records = read_done(out).values()
-            records = list(records)
+        merged = on_main(world, lambda: merge(out, [r.id for r in dataset.records], provenance))
+        records = merged if merged is not None else list(read_done(out).values())
     else:
         records = memory  # one process (a memory-only run is not shared across ranks)
     ids = {r.id for r in dataset.records}
@@ -251,13 +308,14 @@ def evaluate(
         videos=len(dataset), evaluated=summary["evaluated"], failed=summary["failed"], top1=summary["top1"],
         top5=summary["top5"], mean_class_accuracy=summary["mean_class_accuracy"], map=summary["map"],
         views=dataset.views, gflops_per_view=gflops, clips_per_s=clips / seconds if seconds > 0 else None,
-        plan=getattr(model, "spec", None), errors=errors,
+        plan=getattr(model, "spec", None), errors=errors, done_before=done_before,
     )  # fmt: skip
 
 
 def _run(
     model: torch.nn.Module, dataset: VideoDataset, indices: list[int], *, batch_size: int, workers: int,
-    dtype: torch.dtype, out: Path | None, rank: int, memory: list[dict[str, Any]], progress: Progress | None,
+    dtype: torch.dtype, out: Path | None, provenance: Provenance | None, rank: int, memory: list[dict[str, Any]],
+    progress: Progress | None,
 ) -> tuple[float, int]:  # fmt: skip
     """Run the model over `indices`; returns (seconds in the model, views through it)."""
     cfg, device = model.config, next(model.parameters()).device
@@ -266,7 +324,7 @@ def _run(
         _Todo(dataset, indices), batch_size=None, num_workers=workers,
         prefetch_factor=2 if workers else None, persistent_workers=False,
     )  # fmt: skip
-    writer = RecordWriter(out, rank) if out is not None else None
+    writer = RecordWriter(out, rank, provenance) if out is not None and provenance is not None else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     pending: list[_Pending] = []  # videos with views queued or in flight, in order
     queue: list[tuple[_Pending, Tensor]] = []  # (video, some of its views) not yet through the model
@@ -310,6 +368,8 @@ def _run(
             owner.done += 1
 
     try:
+        if progress is not None:
+            progress(0, len(indices), 0.0)
         for sample in loader:
             item = _Pending(sample, total=0 if sample.views is None else len(sample.views))
             pending.append(item)
