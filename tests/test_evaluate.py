@@ -437,9 +437,9 @@ def test_map_by_hand() -> None:
     assert m["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 2) / 2)
 
 
-def _cli_eval(videos: Path, out: Path, nproc: int) -> dict:
+def _cli_eval(videos: Path, out: Path, nproc: int, *extra: str) -> dict:
     args = ["-m", "tokensieve", "eval", "--model", "videomae-tiny", "--data", str(videos / "list.txt"),
-            "--views", "2x3", "--stride", "2", "--out", str(out), "--workers", "1", "--json"]  # fmt: skip
+            "--views", "2x3", "--stride", "2", "--out", str(out), "--workers", "1", "--json", *extra]  # fmt: skip
     if nproc > 1:
         args = [
             "-m",
@@ -457,8 +457,11 @@ def _cli_eval(videos: Path, out: Path, nproc: int) -> dict:
 
 
 def test_torchrun_two_gloo_processes_match_one(videos: Path, tmp_path: Path) -> None:
-    one = _cli_eval(videos, tmp_path / "one.jsonl", 1)
-    two = _cli_eval(videos, tmp_path / "two.jsonl", 2)
+    # A random plan: each clip's selection is keyed by the clip, so neither the processes nor the
+    # batches (8 clips in one process, other splits in two) change what is kept.
+    plan = ("--plan", "random:keep=0.5")
+    one = _cli_eval(videos, tmp_path / "one.jsonl", 1, *plan, "--batch-size", "8")
+    two = _cli_eval(videos, tmp_path / "two.jsonl", 2, *plan, "--batch-size", "3")
     for key in ("videos", "evaluated", "failed", "top1", "top5", "mean_class_accuracy"):
         assert one[key] == two[key], key
     ids = [r["id"] for r in _records(tmp_path / "two.jsonl")]
