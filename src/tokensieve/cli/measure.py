@@ -85,7 +85,7 @@ def bench(
     """Clips/s of each plan, next to the unreduced baseline measured in the same run.
 
     Warns (one yellow line on stderr; "busy" in the JSON) when the timed rounds disagree by more
-    than 10%: the machine was busy and small differences are noise.
+    than 15%: the machine was busy and small differences are noise.
     """
     with usage_errors():
         check_dtype(dtype)
