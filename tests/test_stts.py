@@ -165,13 +165,17 @@ def test_soft_anchor_selection_pools_raw_scores_then_min_maxes(anchor_pool: str)
     windows = F.unfold(frames.transpose(1, 2).reshape(B * F_, C, H, W), P, stride=s)  # (B*F, C*P*P, G)
     mixed = torch.einsum("bg,bdg->bd", Y[:, 0], windows).view(B * F_, C, P * P)  # (B*F, C, P*P)
     expected = mixed.transpose(1, 2).reshape(B, F_ * P * P, C)  # (B, F*P*P, C)
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(scorer.parameters()))
+    _assert_same_tokens_and_scorer_gradients(model.reducers[0](state).x, expected, scorer)
 
-    out = model.reducers[0](state)
-    torch.testing.assert_close(out.x, expected)
-    grads = torch.autograd.grad(out.x.square().sum(), list(scorer.parameters()))
-    for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
+
+def _assert_same_tokens_and_scorer_gradients(got: Tensor, expected: Tensor, scorer: nn.Module) -> None:
+    """The reducer's tokens equal the re-statement's, and so do the gradients both send to the scorer."""
+    torch.testing.assert_close(got, expected)
+    params = list(scorer.parameters())
+    grads = torch.autograd.grad(got.square().sum(), params, retain_graph=True)
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> None:
@@ -195,12 +199,7 @@ def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> N
             noise=_noise(video, 1, 100, F_),
         )  # (B, 2, F)
         expected = (Y @ x.reshape(B, F_, n * C)).view(B, 2 * n, C)  # (B, 2n, C)
-        expected_grads = torch.autograd.grad(expected.square().sum(), list(scorer.parameters()))
-        out = model.reducers[0](state)
-        torch.testing.assert_close(out.x, expected)
-        grads = torch.autograd.grad(out.x.square().sum(), list(scorer.parameters()))
-        for got, want in zip(grads, expected_grads, strict=True):
-            torch.testing.assert_close(got, want)
+        _assert_same_tokens_and_scorer_gradients(model.reducers[0](state).x, expected, scorer)
 
 
 def test_training_noise_is_keyed_by_clip_and_step() -> None:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,9 +39,11 @@ __all__ = [
     "bench_status",
     "check_dtype",
     "check_sampling",
+    "console_lines",
     "echo_json",
     "gflops_text",
     "install_plan",
+    "log_to",
     "num_column",
     "parse_views",
     "percent_text",
@@ -192,23 +194,47 @@ def progress_bar(label: str, *, show: bool) -> Progress:
 
 
 @contextlib.contextmanager
+def log_to(name: str, level: int, show: Callable[[logging.LogRecord], None]) -> Iterator[None]:
+    """Pass the library's log records from logger `name` at `level` and above to `show` while inside.
+
+    The library logs and never prints; commands show its messages this way (above a progress bar,
+    in a spinner), and stop when the command ends.
+    """
+    logger = logging.getLogger(name)
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            show(record)
+
+    handler, saved = Forward(level), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
+def console_lines(console: Console) -> Callable[[logging.LogRecord], None]:
+    """`show` for `log_to`: one line per record on `console`, warnings marked in yellow."""
+
+    def show(record: logging.LogRecord) -> None:
+        tag = "[yellow]warning:[/yellow] " if record.levelno >= logging.WARNING else ""
+        console.print(f"{tag}{escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+    return show
+
+
+@contextlib.contextmanager
 def bench_status(prefix: str) -> Iterator[None]:
     """A spinner on stderr showing the benchmark's log messages as they come."""
-    bench_log = logging.getLogger("tokensieve.bench")
     with Status(f"{prefix}: starting", console=Console(stderr=True)) as status:
-
-        class ToStatus(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                status.update(f"{prefix}: {escape(record.getMessage())}")
-
-        handler, level = ToStatus(logging.INFO), bench_log.level
-        bench_log.addHandler(handler)
-        bench_log.setLevel(logging.INFO)
-        try:
+        with log_to(
+            "tokensieve.bench", logging.INFO, lambda r: status.update(f"{prefix}: {escape(r.getMessage())}")
+        ):
             yield
-        finally:
-            bench_log.removeHandler(handler)
-            bench_log.setLevel(level)
 
 
 def echo_json(doc: object) -> None:

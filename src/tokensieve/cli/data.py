@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,9 +26,11 @@ from .common import (
     app,
     check_dtype,
     check_sampling,
+    console_lines,
     echo_json,
     gflops_text,
     install_plan,
+    log_to,
     parse_views,
     percent_text,
     progress_bar,
@@ -45,25 +46,10 @@ EXIT_FAILED = 1  # nothing evaluated, or --strict and a video failed; 2 is bad i
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
-@contextlib.contextmanager
-def _engine_log_to(console: Console) -> Iterator[None]:
+def _engine_log_to(console: Console) -> contextlib.AbstractContextManager[None]:
     """Show the evaluation's messages (resuming, a stale lock taken over, a torn record cut off)
     above the progress bar."""
-    engine = logging.getLogger("tokensieve.engine")
-
-    class ToConsole(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            tag = "[yellow]warning:[/yellow] " if record.levelno >= logging.WARNING else ""
-            console.print(f"{tag}{escape(record.getMessage())}", highlight=False, soft_wrap=True)
-
-    handler, level = ToConsole(logging.INFO), engine.level
-    engine.addHandler(handler)
-    engine.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        engine.removeHandler(handler)
-        engine.setLevel(level)
+    return log_to("tokensieve.engine", logging.INFO, console_lines(console))
 
 
 def _error(text: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +23,10 @@ from .common import (
     app,
     check_dtype,
     check_sampling,
+    console_lines,
     echo_json,
     install_plan,
+    log_to,
     parse_views,
     percent_text,
     progress_bar,
@@ -47,22 +48,10 @@ def _crop_scale(text: str) -> tuple[float, float]:
     return scale
 
 
-@contextlib.contextmanager
-def _warnings_to(console: Console) -> Iterator[None]:
+def _warnings_to(console: Console) -> contextlib.AbstractContextManager[None]:
     """Show the library's warnings (unreadable videos, changed settings on resume, clips a partial last
-    batch leaves out) above the progress bar."""
-    package = logging.getLogger("tokensieve")
-
-    class ToConsole(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            console.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False)
-
-    handler = ToConsole(logging.WARNING)
-    package.addHandler(handler)
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
+    batch leaves out, flips turned off) above the progress bar."""
+    return log_to("tokensieve", logging.WARNING, console_lines(console))
 
 
 @app.command("train")
