@@ -306,6 +306,16 @@ def test_the_same_plan_keeps_a_loaded_models_trained_reducers(trained_run: tuple
     assert install_plan(net, "none").spec == "none"
 
 
+def test_a_mistyped_local_model_path_is_not_looked_up_on_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["flops", "--model", "runs/stts2"], env=WIDE)  # a typo of runs/stts
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "no such model: runs/stts2 (not a file or folder; runs/ is a local folder)" in result.stderr
+
+
 def test_damaged_checkpoints_are_one_line_naming_the_file(
     trained_run: tuple[Path, Path], tmp_path: Path
 ) -> None:

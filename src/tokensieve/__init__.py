@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import data, metrics, ops
+from . import data, metrics, ops, rng
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
@@ -46,6 +46,7 @@ __all__ = [
     "metrics",
     "ops",
     "plan",
+    "rng",
     "save",
     "train",
 ]

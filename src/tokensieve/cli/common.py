@@ -148,8 +148,12 @@ def resolve_model(
             return build(name, **changes, **({"num_classes": num_classes} if num_classes else {}))
     if num_classes is not None:
         raise UsageError("--num-classes sets the classifier of a preset; a loaded model keeps its own")
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
-    if not (Path(name).exists() or looks_like_hub_id):
+    path = Path(name)
+    if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
+        # "runs/stts2" when runs/ is a folder here: a mistyped local path, not a hub id to look up.
+        raise UsageError(f"no such model: {name} (not a file or folder; {path.parts[0]}/ is a local folder)")
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists()
+    if not (path.exists() or looks_like_hub_id):
         raise UsageError(
             f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; or a saved model, a training run "
             "(its folder or last.pt), a local checkpoint directory or hub id"
