@@ -129,6 +129,19 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], names: list[str]) ->
         assert name in result.stderr
 
 
+@pytest.mark.parametrize("error", [ValueError, KeyError, TypeError, RuntimeError])
+def test_an_internal_error_keeps_its_traceback(
+    error: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise error("a bug inside the library")
+
+    monkeypatch.setattr(measure, "flops", broken)
+    result = runner.invoke(app, ["flops", "--model", "videomae-tiny"], env=WIDE)
+    assert result.exit_code == 1 and isinstance(result.exception, error)  # not turned into a usage error
+    assert "error: " not in result.stderr
+
+
 def test_python_dash_m() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tokensieve", "--help"], capture_output=True, text=True, check=False
