@@ -27,6 +27,8 @@ from tokensieve.cli import app
 from tokensieve.data.clips import MAX_ATTEMPTS, ClipDataset, collate_clips
 from tokensieve.data.datasets import VideoDataset, VideoRecord
 from tokensieve.engine.distributed import World
+from tokensieve.engine.evaluate import model_checksum
+from tokensieve.engine.results import read_results
 from tokensieve.engine.train import StepInfo, TrainConfig, epoch_batches, lr_factor, param_groups
 from tokensieve.errors import InputError
 from tokensieve.reducers.base import REGISTRY, Reducer, Site
@@ -256,6 +258,20 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(
         "history",
     } <= a.keys()
     assert a["spec"] == "random:keep=0.5" and a["config"]["batch_size"] == 3 and a["epoch"] == 3
+
+
+def test_each_epochs_evaluation_starts_afresh(videos: list[VideoRecord], tmp_path: Path) -> None:
+    # What a run killed during an epoch's evaluation leaves, from weights that (on a GPU) may differ
+    # in their last bits from the resumed run's: the epoch's records are redone, not resumed.
+    val = VideoDataset(videos[:4], frames=4, size=32, stride=2, num_classes=3)
+    stale = tmp_path / "run" / "eval" / "epoch-0.jsonl"
+    ts.evaluate(_model(drop=0.0, depth=2).eval(), val, workers=0, out=stale)  # another model's records
+    result = ts.train(
+        _model(), _data(videos), val=val, out=tmp_path / "run", epochs=1, batch_size=4, workers=0
+    )
+    provenance, records = read_results(stale)
+    assert provenance.checksum == model_checksum(result_model := ts.load(tmp_path / "run"))
+    assert len(records) == 4 and result.epochs[0].eval.evaluated == 4 and result_model.spec is None
 
 
 # ---------------------------------------------------------------------------------------- torchrun

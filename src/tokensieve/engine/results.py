@@ -47,6 +47,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable
@@ -60,6 +61,7 @@ __all__ = [
     "Provenance",
     "RecordWriter",
     "RunLock",
+    "discard",
     "merge",
     "part_path",
     "read_done",
@@ -400,6 +402,20 @@ class RunLock:
             self.path.unlink()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def discard(out: Path) -> None:
+    """Remove the records of `out` (the merged file and any parts) so that a run starts it afresh.
+
+    For files a caller owns: the training loop's per-epoch evaluation, whose records belong to the
+    weights at the end of that epoch; after a resume they are recomputed, never resumed from a
+    killed attempt (whose weights may differ in their last bits on a GPU).
+    """
+    for path in _files(out):
+        path.unlink(missing_ok=True)
+    parts = parts_dir(out)
+    if parts.is_dir():
+        shutil.rmtree(parts)
 
 
 def start_run(out: Path, provenance: Provenance) -> RunLock:

@@ -82,9 +82,10 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .distributed import World, barrier, epoch_batches, setup
+from .distributed import World, barrier, epoch_batches, on_main, setup
 from .evaluate import EvalSummary, check_fits, evaluate
 from .optim import lr_factor, param_groups
+from .results import discard
 
 __all__ = [
     "CHECKPOINT",
@@ -569,6 +570,8 @@ class _Run:
         summary = None
         if val is not None:
             records = None if self.out is None else self.out / "eval" / f"epoch-{epoch}.jsonl"
+            if records is not None:  # this epoch's weights are evaluated from the start (`discard`)
+                on_main(self.world, lambda: discard(records))
             # Evaluation must not move the training RNG (its DataLoader and FLOP count draw from it).
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 summary = evaluate(
