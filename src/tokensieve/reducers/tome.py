@@ -39,7 +39,6 @@ lowers r. The readout averages tokens weighted by size (as the released MAE adap
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -64,7 +63,6 @@ def parse_r(r: int | str) -> int | tuple[int, ...]:
     return values if "/" in str(r) else values[0]
 
 
-@functools.lru_cache(maxsize=64)
 def merge_schedule(r: int | str, schedule: str, depth: int) -> tuple[int, ...]:
     """r for every block: constant, decreasing (2r -> 0 linearly), or an explicit 'a/b/c' list."""
     parsed = parse_r(r)
