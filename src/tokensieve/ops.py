@@ -32,7 +32,7 @@ and never builds a (B, S, K, N) tensor: the forward scatter-adds the counts into
 backward gathers G at idx and contracts (B, S) with (B, S, N); the diagonal backward gathers G and Z
 at idx, multiplies them (B, S, K) and scatter-adds the products into (B, N). At token scale
 (N = 1568, K = 784, S = 500) the one-hot formulation would need ~2.5 GB of float32 per clip; this one
-peaks at ~15 MB (benchmarks/topk.py).
+peaks at ~15 MB per clip (110 MB for a batch of 8, benchmarks/topk.py).
 
 NOTE(paper): the released operator returns zero gradient when sigma <= 1e-20; here sigma == 0 (or
 `training=False`) takes the hard path, whose output is not connected to `scores` at all.

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 
-__all__ = ["CheckpointMismatchError", "load_checked", "remap"]
+__all__ = ["CheckpointMismatchError", "fit_problems", "load_checked", "remap"]
 
 _PARTS = ("#q", "#k", "#v")  # suffixes of the thirds of a fused qkv weight
 
@@ -57,6 +57,18 @@ def _fuse_qkv(mapped: dict[str, Tensor]) -> dict[str, Tensor]:
     return fused
 
 
+def fit_problems(
+    own: Mapping[str, Tensor], given: Mapping[str, Tensor], *, optional: Iterable[str] = ()
+) -> tuple[list[str], list[str], list[str]]:
+    """How tensors `given` by model key fail to fit a model's state dict `own`: the sorted keys
+    missing (not in `optional`), unexpected, and of another shape."""
+    optional = set(optional)
+    missing = sorted(k for k in own if k not in given and k not in optional)
+    unexpected = sorted(set(given) - set(own))
+    shapes = sorted(k for k, v in given.items() if k in own and v.shape != own[k].shape)
+    return missing, unexpected, shapes
+
+
 def load_checked(
     model: nn.Module,
     mapped: Mapping[str, Tensor],
@@ -78,14 +90,9 @@ def load_checked(
         CheckpointMismatchError: missing keys, unexpected keys, or shape mismatches.
     """
     own = model.state_dict()
-    optional = set(optional)
-    unexpected = sorted(set(unmatched) | (set(mapped) - set(own)))
-    missing = sorted(k for k in own if k not in mapped and k not in optional)
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in mapped.items()
-        if k in own and v.shape != own[k].shape
-    )
+    missing, unexpected, mismatched = fit_problems(own, mapped, optional=optional)
+    unexpected = sorted(set(unmatched) | set(unexpected))
+    shapes = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
     if unexpected or missing or shapes:
         lines = [f"{source} does not fit {type(model).__name__}:"]
         for title, keys in (

@@ -44,7 +44,7 @@ from ..errors import InputError
 from ..reducers import apply
 from . import build_from_config
 from .base import VideoBackbone
-from .checkpoint import load_checked
+from .checkpoint import fit_problems, load_checked
 from .config import BackboneConfig
 
 __all__ = [
@@ -154,10 +154,9 @@ def _check_rebuilds(model: VideoBackbone, spec: str | None, removed: list[str]) 
     """Refuse to save what `load_local` could not rebuild: the keys and shapes must come back."""
     with torch.device("meta"):
         rebuilt = _remove(apply(build_from_config(model.config), spec), removed)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if want != got:
-        differ = sorted(set(want) ^ set(got) | {k for k in set(want) & set(got) if want[k] != got[k]})
+    missing, unexpected, mismatched = fit_problems(rebuilt.state_dict(), model.state_dict())
+    differ = sorted({*missing, *unexpected, *mismatched})
+    if differ:
         raise InputError(
             f"cannot save: the model's structure is not what its config and plan {spec!r} build "
             f"(changed after ts.build/ts.apply?); differing keys: {', '.join(differ[:8])}"

@@ -25,6 +25,7 @@ from ..backbones.hf import load
 from ..bench import (
     DTYPES,
 )
+from ..engine.results import write_atomic
 from ..errors import InputError
 from ..reducers import apply, parse
 
@@ -41,6 +42,7 @@ __all__ = [
     "check_sampling",
     "console_lines",
     "echo_json",
+    "error_line",
     "gflops_text",
     "install_plan",
     "log_to",
@@ -126,9 +128,13 @@ def usage_errors() -> Iterator[None]:
     try:
         yield
     except (InputError, OSError) as err:
-        text = _os_message(err) if isinstance(err, OSError) else str(err)
-        Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+        error_line(_os_message(err) if isinstance(err, OSError) else str(err))
         raise typer.Exit(code=2) from None
+
+
+def error_line(text: str) -> None:
+    """One red "error: ..." line on stderr."""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def resolve_model(
@@ -246,10 +252,9 @@ def echo_json(doc: object) -> None:
 
 
 def write_json(target: Path, doc: object) -> None:
-    """Write `doc` as indented JSON through a temporary file and a rename (never a torn file)."""
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(target)
+    """Write `doc` as indented JSON atomically (`results.write_atomic`: never a torn file, and no
+    temporary file left behind when the write fails)."""
+    write_atomic(target, json.dumps(doc, indent=2).encode())
 
 
 def percent_text(value: float | None) -> str:

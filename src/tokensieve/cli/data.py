@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -28,6 +27,7 @@ from .common import (
     check_sampling,
     console_lines,
     echo_json,
+    error_line,
     gflops_text,
     install_plan,
     log_to,
@@ -36,6 +36,7 @@ from .common import (
     progress_bar,
     resolve_model,
     usage_errors,
+    write_json,
 )
 
 if TYPE_CHECKING:
@@ -50,10 +51,6 @@ def _engine_log_to(console: Console) -> contextlib.AbstractContextManager[None]:
     """Show the evaluation's messages (resuming, a stale lock taken over, a torn record cut off)
     above the progress bar."""
     return log_to("tokensieve.engine", logging.INFO, console_lines(console))
-
-
-def _error(text: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -86,7 +83,6 @@ def eval_command(
     from ..data.datasets import VideoDataset, load_records
     from ..engine.distributed import setup
     from ..engine.evaluate import evaluate
-    from ..engine.results import write_atomic
 
     with usage_errors():
         check_dtype(dtype)
@@ -133,8 +129,7 @@ def eval_command(
             return
         doc = {"model": model, "data": str(data), **summary.to_dict()}
         if out is not None:
-            summary_path = out.with_name(out.name + ".summary.json")
-            write_atomic(summary_path, json.dumps(doc, indent=2).encode())
+            write_json(out.with_name(out.name + ".summary.json"), doc)
     if as_json:
         echo_json(doc)
         _exit_status(summary, strict=strict)
@@ -179,10 +174,10 @@ def _resume_hint(out: Path | None, records: list[VideoRecord]) -> str:
 def _exit_status(summary: EvalSummary, *, strict: bool) -> None:
     """Exit with code 1 when no video was evaluated, or (`strict`) when any failed."""
     if summary.evaluated == 0:
-        _error(f"no video could be evaluated: all {summary.failed} failed")
+        error_line(f"no video could be evaluated: all {summary.failed} failed")
         raise typer.Exit(code=EXIT_FAILED)
     if strict and summary.failed:
-        _error(f"{summary.failed} of {summary.videos} videos failed (--strict)")
+        error_line(f"{summary.failed} of {summary.videos} videos failed (--strict)")
         raise typer.Exit(code=EXIT_FAILED)
 
 

@@ -368,7 +368,7 @@ def make_synthetic(
         The path of list.txt.
 
     Raises:
-        ValueError: naming the first invalid argument and its valid range; `out` holding another set
+        InputError: naming the first invalid argument and its valid range; `out` holding another set
             (naming the arguments that differ) or files that are not a set.
     """
     _check("videos", videos, videos >= 1, "an int >= 1")

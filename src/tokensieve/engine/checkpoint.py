@@ -3,8 +3,9 @@
 A resumed run equals an uninterrupted one only if everything random restarts where it stopped:
 the global torch RNG (dropout, drop-path), Python's and numpy's, and CUDA's when used. (Reducers
 hold no RNG: their draws are keyed by clip and training step, `tokensieve.rng`.) `rng_state`
-collects them in types `torch.load(weights_only=True)` accepts; `set_rng_state` puts them back. `save_atomic` writes through a temporary file and `os.replace`, so a kill never
-leaves a torn checkpoint. `load_checkpoint` turns a truncated, corrupt or foreign `last.pt` into one
+collects them in types `torch.load(weights_only=True)` accepts; `set_rng_state` puts them back.
+`save_atomic` writes through a temporary file and `os.replace`, so a kill never leaves a torn
+checkpoint. `load_checkpoint` turns a truncated, corrupt or foreign `last.pt` into one
 `InputError` naming the file; `check_resumable` refuses to resume a checkpoint into another backbone,
 plan or global batch.
 """
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones.checkpoint import fit_problems
 from ..backbones.saved import RUN_CHECKPOINT, read_checkpoint
 from ..errors import InputError
 
@@ -168,11 +170,10 @@ def check_resumable(ckpt: dict[str, Any], model: nn.Module, config: TrainConfig,
 
 def _check_weights_fit(weights: dict[str, Any], model: nn.Module) -> None:
     """One line naming what does not fit (the model was changed after `ts.build`, say)."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    problems = [f"missing {k}" for k in sorted(own.keys() - got.keys())]
-    problems += [f"unexpected {k}" for k in sorted(got.keys() - own.keys())]
-    problems += [f"{k}: {got[k]} vs {own[k]}" for k in sorted(own.keys() & got.keys()) if got[k] != own[k]]
+    own = model.state_dict()
+    missing, unexpected, mismatched = fit_problems(own, weights)
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    problems += [f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
     if problems:
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise InputError(

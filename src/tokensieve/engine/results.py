@@ -47,7 +47,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterable
@@ -411,11 +410,17 @@ def discard(out: Path) -> None:
     weights at the end of that epoch; after a resume they are recomputed, never resumed from a
     killed attempt (whose weights may differ in their last bits on a GPU).
     """
-    for path in _files(out):
-        path.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
+    _remove_parts(out)
+
+
+def _remove_parts(out: Path) -> None:
+    """Remove the per-process part files of `out` and their folder."""
     parts = parts_dir(out)
     if parts.is_dir():
-        shutil.rmtree(parts)
+        for path in parts.glob("rank-*"):
+            path.unlink()
+        parts.rmdir()
 
 
 def start_run(out: Path, provenance: Provenance) -> RunLock:
@@ -501,9 +506,5 @@ def merge(out: Path, order: Iterable[str], provenance: Provenance) -> list[Recor
     records = sorted(done.values(), key=lambda r: rank.get(r["id"], len(rank)))
     header = _header(out) or provenance.header()
     write_atomic(out, b"".join(_line(r) for r in [header, *records]))
-    parts = parts_dir(out)
-    if parts.exists():
-        for path in parts.glob("rank-*"):
-            path.unlink()
-        parts.rmdir()
+    _remove_parts(out)
     return records

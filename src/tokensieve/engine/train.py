@@ -82,7 +82,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .distributed import World, barrier, epoch_batches, on_main, setup
+from .distributed import World, barrier, epoch_batches, gather, on_main, setup
 from .evaluate import EvalSummary, check_fits, evaluate
 from .optim import lr_factor, param_groups
 from .results import discard
@@ -339,11 +339,11 @@ def train(
         The `TrainResult` (the same on every process).
 
     Raises:
-        ValueError: bad settings (naming the parameter), nothing trainable, a dataset of another clip
+        InputError: bad settings (naming the parameter), nothing trainable, a dataset of another clip
             size or with fewer videos than one global batch, `out` already holding a run (without
-            `resume`), a checkpoint of another plan or global batch; distributed evaluation without out.
-        FileNotFoundError: `resume` without a checkpoint.
-        InputError: more than `dataset.max_failed` of the videos are unreadable.
+            `resume`), `resume` without a checkpoint or with a damaged one or one of another backbone,
+            plan or global batch; distributed evaluation without out; more than `dataset.max_failed`
+            of the videos unreadable.
     """
     config = dataclasses.replace(config or TrainConfig(), **changes)
     check_fits(model, dataset)
@@ -597,12 +597,7 @@ class _Run:
         """Save the run after `self.step` steps; `epoch` is the epoch the next step belongs to."""
         if self.out is None:
             return
-        cuda = self.device.type == "cuda"
-        rng = rng_state(cuda)
-        rngs = [rng]
-        if self.world.size > 1:
-            rngs = [None] * self.world.size
-            dist.all_gather_object(rngs, rng)
+        rngs = gather(self.world, rng_state(self.device.type == "cuda"))  # one per process
         if self.world.is_main:
             payload = {
                 "format": 1, "model": self.model.state_dict(), "spec": getattr(self.model, "spec", None),

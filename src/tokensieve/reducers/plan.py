@@ -82,7 +82,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """Split a spec into (method, parameters) pairs, checking names and converting values.
 
     Raises:
-        ValueError: unknown method (lists the valid ones), unknown parameter (lists the method's
+        InputError: unknown method (lists the valid ones), unknown parameter (lists the method's
             parameters with defaults), a parameter given twice in one term, malformed `key=value`,
             or a value of the wrong type.
     """
