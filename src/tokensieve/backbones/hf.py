@@ -201,6 +201,7 @@ def load(name_or_path: str | Path, *, revision: str | None = None, **config_chan
     """Load a model: a tokensieve saved model, a training run, or a transformers checkpoint.
 
     What `name_or_path` is decides how it loads:
+    - "builtin:synthetic": the reference model shipped with tokensieve (`tokensieve.assets`);
     - a folder written by `ts.save` (it holds `tokensieve.json`): backbone, plan and weights;
     - a training run's folder (it holds `last.pt`) or a checkpoint file of a run (`last.pt`,
       `step-*.pt`): the model and plan as trained, at its latest step;
@@ -223,6 +224,12 @@ def load(name_or_path: str | Path, *, revision: str | None = None, **config_chan
             or checkpoint (one line naming the file).
         CheckpointMismatchError: the weights do not fit the model (all keys listed).
     """
+    from .. import assets
+
+    if assets.is_builtin(name_or_path):
+        if revision is not None:
+            raise InputError(f"{name_or_path} is a built-in model: revision= applies to hub ids only")
+        return assets.load(str(name_or_path), **config_changes)
     local = Path(name_or_path)
     if local.is_file() or is_saved(local) or is_run(local):
         if revision is not None:

@@ -1,5 +1,7 @@
-"""The `tokensieve` command line: `bench`, `flops`, `info`, `eval`, `make-synthetic` and `train`.
+"""The `tokensieve` command line: `sweep`, `bench`, `flops`, `info`, `eval`, `make-synthetic` and `train`.
 
+    tokensieve sweep                      (the built-in model: every method x budget vs random; report.md)
+    tokensieve sweep  --model runs/x --data val.txt --methods sta,tome --budgets 0.3,0.5 --out sweep/
     tokensieve bench  --model videomae-s --plan none --plan random:keep=0.5 --batch-size 1 --batch-size 8
     tokensieve train  --model videomae-s --data train.txt --val val.txt --plan random:keep=0.5 --epochs 3
     tokensieve eval   --model videomae-s --data val.txt --plan random:keep=0.5 --views 5x3 --out runs/val
@@ -15,7 +17,7 @@ naming the valid choices and exit with code 2.
 
 from __future__ import annotations
 
-from . import data, measure, train  # noqa: F401  (importing a command module registers its commands)
+from . import data, measure, sweep, train  # noqa: F401  (importing a command module registers its commands)
 from .common import app
 
 __all__ = ["app", "main"]

@@ -20,6 +20,7 @@ from rich.status import Status
 from rich.table import Column
 from typer.core import TyperGroup
 
+from ..assets import BUILTINS, is_builtin
 from ..backbones import PRESETS, VideoBackbone, build
 from ..backbones.hf import load
 from ..bench import (
@@ -90,8 +91,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Preset name (see `tokensieve info`), a saved model or training run (folder or last.pt), "
-        "a transformers checkpoint folder or hub id.",
+        help="Preset name (see `tokensieve info`), builtin:synthetic (the trained reference model), a saved "
+        "model or training run (folder or last.pt), a transformers checkpoint folder or hub id.",
     ),
 ]
 PlanOption = Annotated[
@@ -155,13 +156,16 @@ def resolve_model(
     if num_classes is not None:
         raise UsageError("--num-classes sets the classifier of a preset; a loaded model keeps its own")
     path = Path(name)
+    if is_builtin(name):
+        return load(name, **changes)
     if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
         # "runs/stts2" when runs/ is a folder here: a mistyped local path, not a hub id to look up.
         raise UsageError(f"no such model: {name} (not a file or folder; {path.parts[0]}/ is a local folder)")
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists()
     if not (path.exists() or looks_like_hub_id):
         raise UsageError(
-            f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; or a saved model, a training run "
+            f"unknown model {name!r}; valid presets: {', '.join(PRESETS)}; built-in trained models: "
+            f"{', '.join(BUILTINS)}; or a saved model, a training run "
             "(its folder or last.pt), a local checkpoint directory or hub id"
         )
     try:

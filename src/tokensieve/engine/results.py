@@ -65,6 +65,7 @@ __all__ = [
     "part_path",
     "read_done",
     "read_results",
+    "record_key",
     "start_run",
     "write_atomic",
 ]
@@ -298,12 +299,17 @@ def _files(out: Path) -> list[Path]:
     return [out, *sorted(parts.glob("rank-*.jsonl"))] if parts.is_dir() else [out]
 
 
+def record_key(video_id: str, setting: str | None = None) -> str:
+    """What identifies a record: its video id, and in a sweep's file also its setting (a plan)."""
+    return video_id if setting is None else f"{video_id}\t{setting}"
+
+
 def read_done(out: Path, *, repair: bool = False) -> dict[str, Record]:
-    """Every record already on disk for `out` (merged file and parts), by video id, first wins."""
+    """Every record already on disk for `out` (merged file and parts) by `record_key`, first wins."""
     done: dict[str, Record] = {}
     for path in _files(out):
         for record in _read(path, repair=repair)[1]:
-            done.setdefault(record["id"], record)
+            done.setdefault(record_key(record["id"], record.get("setting")), record)
     return done
 
 
@@ -499,11 +505,13 @@ class RecordWriter:
 
 
 def merge(out: Path, order: Iterable[str], provenance: Provenance) -> list[Record]:
-    """Merge `out` and its parts into `out` (dataset `order`; unknown ids last), atomically, under
-    `out`'s header (or `provenance`'s); remove the parts. Returns the merged records."""
+    """Merge `out` and its parts into `out` (in the `order` of their `record_key`s; unknown ones
+    last), atomically, under `out`'s header (or `provenance`'s); remove the parts. Returns the merged
+    records."""
     done = read_done(out)
-    rank = {vid: i for i, vid in enumerate(order)}
-    records = sorted(done.values(), key=lambda r: rank.get(r["id"], len(rank)))
+    rank = {key: i for i, key in enumerate(order)}
+    records = sorted(done.items(), key=lambda item: rank.get(item[0], len(rank)))
+    records = [record for _, record in records]
     header = _header(out) or provenance.header()
     write_atomic(out, b"".join(_line(r) for r in [header, *records]))
     _remove_parts(out)

@@ -29,6 +29,7 @@ class AttentionSelection(Reducer):
     """Keeps the tokens with the most class-token (or received) attention, inside block `at`."""
 
     main_settings = ("attention:keep=0.5",)
+    budget = "keep"
 
     inside = True
 

@@ -77,6 +77,11 @@ class Reducer(nn.Module):
     only in training)."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
+    budget: ClassVar[str | None] = None
+    """The spec parameter that sets how many tokens the method keeps (`tokensieve sweep` sets it from a
+    target token ratio): a keep ratio in (0, 1], more keeping more, or with `budget_removes` a count of
+    tokens removed, more keeping fewer. None: the method has no fixed budget."""
+    budget_removes: ClassVar[bool] = False
     main_settings: ClassVar[tuple[str, ...]] = ()
     """Specs of the paper's main fixed-budget settings on 16x224 ViT-S/B, which `tokensieve bench
     --methods` and benchmarks/reducers.py measure."""

@@ -26,6 +26,7 @@ class RandomSelection(Reducer):
     """Keeps round(keep * N) random tokens of each sample (of each frame with `per_frame`)."""
 
     main_settings = ("random:keep=0.5",)
+    budget = "keep"
     keyed_random = True
 
     def __init__(self, *, keep: float = 0.5, at: int = 0, per_frame: bool = False, seed: int = 0) -> None:

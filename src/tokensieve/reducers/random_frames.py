@@ -19,6 +19,7 @@ class RandomFrames(Reducer):
     """Keeps round(keep * F) random temporal slices of each sample."""
 
     main_settings = ("random_frames:keep=0.5",)
+    budget = "keep"
     keyed_random = True
 
     def __init__(self, *, keep: float = 0.5, at: int = 0, seed: int = 0) -> None:

@@ -138,6 +138,8 @@ class SemanticTemporalAccumulation(Reducer):
     """Drops r tokens per frame (group) in three stages by semantic-aware temporal accumulation."""
 
     main_settings = ("sta:r=64", "sta:r=64,balance=frame")
+    budget = "r"
+    budget_removes = True
 
     needs = frozenset({KEYS})
 

@@ -118,6 +118,7 @@ class SpatioTemporalSelection(Reducer):
     """Learned temporal top-K frame selection and anchor-based spatial top-1 selection."""
 
     pattern_parameters: ClassVar[dict[str, type]] = {r"T\d+": float, r"S\d+": float}
+    budget = "T0"  # the sweep varies the frames kept before block 0
 
     def __init__(
         self,

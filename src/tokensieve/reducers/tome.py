@@ -178,6 +178,8 @@ class TokenMerging(Reducer):
     """Merges r_l tokens in block l by bipartite soft matching on its keys."""
 
     main_settings = ("tome:r=100",)
+    budget = "r"
+    budget_removes = True
 
     needs = frozenset({KEYS})
     inside = True

@@ -29,6 +29,7 @@ class UniformFrames(Reducer):
     """Keeps round(keep * F) temporal slices at equal intervals."""
 
     main_settings = ("uniform:keep=0.5",)
+    budget = "keep"
 
     def __init__(self, *, keep: float = 0.5, at: int = 0) -> None:
         super().__init__()

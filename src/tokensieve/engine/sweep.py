@@ -1,0 +1,709 @@
+"""The sweep: every method at a grid of budgets, each against `random` at the same GFLOPs.
+
+    report = ts.sweep(model, dataset, methods=["sta", "tome"], budgets=[0.3, 0.5], out="sweep/")
+
+1. Settings. A budget is a target token ratio: the mean over the blocks of the tokens each block
+   processes, as a fraction of all tokens (a block whose MLP runs on fewer tokens than its attention
+   counts the mean of the two). Each method declares the spec parameter that sets its budget
+   (`Reducer.budget`: a keep ratio such as `random`'s `keep` or STTS's `T0`, or a count of tokens
+   removed such as ToMe's and STA's `r`, `Reducer.budget_removes`); the sweep searches the value whose
+   schedule (`reducers.schedule`, no data needed) comes closest to the budget. A method that cannot run
+   on the model, or cannot come within `BUDGET_TOLERANCE` of a budget, is recorded as refused with the
+   reason. A learned method runs with its trained weights (`selectors`), or is refused without them.
+2. The random baseline at matched GFLOPs. For each setting, `random` keeps the number of tokens
+   (right after the patch embedding, or later if that cannot match) whose GFLOPs per view come
+   closest to the setting's, within `MATCH_TOLERANCE`; it is evaluated with `SEEDS` seeds.
+3. One decoding pass. Each video's views are decoded and preprocessed once; every setting not yet
+   recorded for it runs on them (batches of `batch_size` views, several videos per batch).
+4. Records. One line per (video, setting) in `out/results.jsonl` under a provenance header
+   (`engine/results.py`): a killed sweep rerun with the same arguments redoes nothing that was
+   recorded, and a sweep of another model, data or views is refused. Under `torchrun` videos are split
+   across processes and merged by rank 0, as in evaluation.
+5. The report. Per setting: top-1 with a 95% bootstrap interval over videos, top-5, GFLOPs per view,
+   measured speed-up over the unreduced model (`ts.benchmark`, same process), the foreground recall of
+   what was kept (synthetic sets with ground truth), and the accuracy difference to the matched random
+   baseline (mean of its seeds) with a paired bootstrap interval and a verdict. `engine/report.py`
+   writes `report.md` and `pareto.png`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..bench import PlanState, _install, _installed
+from ..data.datasets import VideoDataset
+from ..data.synthetic import foreground_recall, load_truth
+from ..data.transforms import normalize
+from ..errors import InputError
+from ..flops import flops
+from ..reducers import REGISTRY, apply, parse
+from ..reducers.plan import plan as make_plan
+from ..reducers.plan import schedule, spec_parameters
+from ..tokens import TokenState
+from .distributed import World, barrier, gather, on_main, setup
+from .evaluate import _Todo, check_fits, model_checksum
+from .report import Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
+from .results import Provenance, RecordWriter, merge, read_done, record_key, start_run
+
+__all__ = [
+    "BUDGETS",
+    "MATCH_TOLERANCE",
+    "SEEDS",
+    "Planned",
+    "matched_random",
+    "plan_settings",
+    "spec_at_budget",
+    "sweep",
+    "token_ratio",
+]
+
+log = logging.getLogger(__name__)
+
+BUDGETS: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
+"""Default target token ratios."""
+SEEDS = 3
+"""Seeds of the matched random baseline."""
+MATCH_TOLERANCE = 0.005
+"""The matched random baseline's GFLOPs are within this fraction of the setting's."""
+BUDGET_TOLERANCE = 0.1
+"""A method whose nearest setting misses the budget's token ratio by more than this is refused."""
+SWEEP_PLAN = "sweep"
+"""The `plan` of a sweep's results header (an evaluation's file holds one plan's records)."""
+
+Progress = Callable[[int, int], None]
+"""progress(settings x videos done, to do in this run): once `out` is checked, then after each batch."""
+
+
+# ---------------------------------------------------------------------------------------- budgets
+def token_ratio(model: nn.Module, spec: str | None) -> float:
+    """Mean over the blocks of the tokens each block processes, as a fraction of all tokens.
+
+    A reducer inside block p (between its attention and MLP) makes that block count the mean of the
+    tokens its attention and its MLP see. Computed from the plan's schedule: no data, no forward.
+
+    Raises:
+        InputError: the plan cannot run on `model` (as `apply` would say).
+    """
+    T, H, W = model.config.grid
+    full, depth = T * H * W, len(model.blocks)
+    steps = schedule(model, make_plan(spec) if spec else [])
+    num, i, total = full, 0, 0.0
+    for p in range(depth):
+        while i < len(steps) and steps[i].site.position == p and not steps[i].inside:
+            num, i = steps[i].tokens_out, i + 1
+        block = float(num)
+        while i < len(steps) and steps[i].site.position == p and steps[i].inside:
+            block, num, i = (block + steps[i].tokens_out) / 2, steps[i].tokens_out, i + 1
+        total += block
+    return total / (depth * full)
+
+
+def _with(base: str, key: str, value: float | int) -> str:
+    """`base` (one method's spec, maybe with parameters) with `key` set to `value`."""
+    method, _, args = base.partition(":")
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{method}:{','.join([*filter(None, args.split(',')), f'{key}={text}'])}"
+
+
+def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, float]:
+    """The spec of method `base` (e.g. "sta" or "sta:balance=frame") whose token ratio comes closest
+    to `budget`, and that ratio.
+
+    Raises:
+        InputError: the method has no budget parameter, cannot run on `model` at any setting, or its
+            nearest setting misses `budget` by more than `BUDGET_TOLERANCE` (naming the nearest).
+    """
+    (method, given), = parse(base)  # fmt: skip
+    cls = REGISTRY[method]
+    key = cls.budget
+    if key is None:
+        raise InputError(f"{method} has no budget parameter, so it cannot be swept")
+    if key in given:
+        raise InputError(f"{base}: leave {key} out; the sweep sets it from the budget")
+    ratios: dict[float | int, float | None] = {}
+
+    def ratio(value: float | int) -> float | None:
+        if value not in ratios:
+            try:
+                ratios[value] = token_ratio(model, _with(base, key, value))
+            except InputError:
+                ratios[value] = None
+        return ratios[value]
+
+    if cls.budget_removes:  # an int count of removed tokens: more removes more
+        T, H, W = model.config.grid
+        lo, hi = 0, T * H * W  # ratio(lo) is defined; find the largest valid value below hi
+        if ratio(lo) is None:
+            raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, lo))}")
+        while hi - lo > 1:  # valid values form a prefix 0..v (a larger r is refused once it is too large)
+            mid = (lo + hi) // 2
+            r = ratio(mid)
+            if r is None or r < budget:
+                hi = mid
+            else:
+                lo = mid
+        candidates: list[float | int] = [lo, lo + 1]
+    else:  # a ratio in (0, 1]: more keeps more; the hundredths, which every paper's settings are
+        if ratio(1.0) is None:
+            raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, 1.0))}")
+        candidates = [k / 100 for k in range(1, 101)]
+    # The nearest ratio; among the values that give it, the roundest (keep=0.5 rather than 0.53).
+    found = [(abs(r - budget), len(f"{v:g}"), abs(r - v), v) for v in candidates if (r := ratio(v)) is not None]
+    if not found:
+        raise InputError(f"{base} cannot run on this model near budget {budget:g}")
+    miss, _, _, value = min(found)
+    achieved = ratio(value)
+    assert achieved is not None
+    if miss > BUDGET_TOLERANCE:
+        raise InputError(
+            f"{base} cannot come near a token ratio of {budget:g} on this model: the nearest setting "
+            f"{key}={value} keeps {achieved:.3g}"
+        )
+    return _with(base, key, value), achieved
+
+
+def _why(model: nn.Module, spec: str) -> str:
+    try:
+        token_ratio(model, spec)
+    except InputError as err:
+        return str(err)
+    return "no setting fits"
+
+
+# ---------------------------------------------------------------------------------------- GFLOPs
+class _Flops:
+    """GFLOPs per view of plans on a twin of the model on the meta device (counted, never computed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        with torch.device("meta"):
+            self.twin = copy.deepcopy(model).to("meta") if _small(model) else _meta_twin(model)
+        apply(self.twin, None)
+        self.cache: dict[str, float] = {}
+
+    def __call__(self, spec: str | None) -> float:
+        key = spec or "none"
+        if key not in self.cache:
+            apply(self.twin, spec)
+            self.cache[key] = float(flops(self.twin))
+        return self.cache[key]
+
+
+def _small(model: nn.Module) -> bool:
+    return sum(p.numel() for p in model.parameters()) < 50_000_000
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    from ..backbones import build_from_config
+    from ..backbones.saved import _remove, _removed_modules
+
+    twin = build_from_config(model.config)
+    return _remove(twin, _removed_modules(model))
+
+
+def matched_random(model: nn.Module, target: float, count: Callable[[str | None], float]) -> str:
+    """The `random` spec (without seed) whose GFLOPs per view (`count(spec)`) come closest to
+    `target`: the fewest blocks before it (`at`) that come within `MATCH_TOLERANCE`, the nearest
+    token count there. On a divided space-time backbone it keeps the same count in every frame."""
+    T, H, W = model.config.grid
+    full = T * H * W
+    per_frame = getattr(model, "divided", False)
+    unit = T if per_frame else 1  # tokens per step of the count
+
+    def spec(at: int, n: int) -> str:
+        return f"random:keep={n / full:.6g},at={at}" + (",per_frame=true" if per_frame else "")
+
+    best: tuple[float, str] | None = None
+    for at in range(len(model.blocks)):
+        lo, hi = 1, full // unit  # counts in units; GFLOPs grow with the count
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if count(spec(at, mid * unit)) < target:
+                lo = mid
+            else:
+                hi = mid
+        for n in (lo, hi):
+            miss = abs(count(spec(at, n * unit)) - target) / target
+            if best is None or miss < best[0]:
+                best = (miss, spec(at, n * unit))
+        if best[0] <= MATCH_TOLERANCE:
+            break
+    assert best is not None
+    if best[0] > MATCH_TOLERANCE:
+        log.warning("random cannot match %.4g GFLOPs within %.1f%%: nearest %s is %.2f%% off",
+                    target, 100 * MATCH_TOLERANCE, best[1], 100 * best[0])  # fmt: skip
+    return best[1]
+
+
+# ---------------------------------------------------------------------------------------- settings
+@dataclass
+class Planned:
+    """One (method, budget) of the sweep before it runs."""
+
+    method: str
+    budget: float | None
+    spec: str | None = None
+    refused: str | None = None
+    ratio: float | None = None
+    gflops: float | None = None
+    random: str | None = None  # matched random spec, without seed
+    random_gflops: float | None = None
+    seeds: list[str] = field(default_factory=list)  # the matched random specs run, one per seed
+
+
+def _learned(base: str, model: nn.Module) -> bool:
+    """Whether method `base` has parameters to train (tried at its largest budget)."""
+    cls = REGISTRY[parse(base)[0][0]]
+    spec = base if cls.budget is None else _with(base, cls.budget, 0 if cls.budget_removes else 1.0)
+    reducer = make_plan(spec)[0]
+    reducer.setup(model)
+    return any(True for _ in reducer.parameters())
+
+
+def plan_settings(
+    model: nn.Module,
+    methods: Sequence[str],
+    budgets: Sequence[float],
+    *,
+    selectors: Mapping[str, Mapping[str, Tensor]] | None = None,
+    seeds: int = SEEDS,
+    count: Callable[[str | None], float] | None = None,
+) -> list[Planned]:
+    """The settings of a sweep: "none", then every method at every budget, with its GFLOPs and its
+    matched random baseline (refused ones say why)."""
+    count = count or _Flops(model)
+    settings = [Planned("none", None, spec="none", ratio=1.0, gflops=count(None))]
+    for base in methods:
+        method = base.partition(":")[0].strip()
+        if method == "none":
+            continue
+        if method not in REGISTRY:
+            raise InputError(f"unknown method {method!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+        untrained = _learned(base, model) and method not in (selectors or {})
+        for budget in budgets:
+            item = Planned(method, budget)
+            settings.append(item)
+            if untrained:
+                item.refused = (
+                    f"{method} is learned and this model has no trained {method} weights: train it "
+                    f"(tokensieve train --plan {method}:...) and sweep the run"
+                )
+                continue
+            try:
+                item.spec, item.ratio = spec_at_budget(model, base.strip(), budget)
+                item.gflops = count(item.spec)
+            except InputError as err:
+                item.refused = str(err)
+                continue
+            item.random = matched_random(model, item.gflops, count)
+            item.random_gflops = count(item.random)
+            item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
+    return settings
+
+
+def canonical(spec: str) -> str:
+    """One text per plan: every parameter with its default filled in, in a fixed order."""
+    terms = []
+    for method, values in parse(spec):
+        if method == "none":
+            continue
+        defaults = {n: p.default for n, (p, _) in spec_parameters(REGISTRY[method]).items()}
+        merged = {**defaults, **values}
+        terms.append(f"{method}:" + ",".join(f"{k}={merged[k]}" for k in sorted(merged)))
+    return "+".join(terms) or "none"
+
+
+# ---------------------------------------------------------------------------------------- running
+@dataclass
+class _Video:
+    index: int
+    id: str
+    labels: list[int]
+    views: Tensor | None
+    error: str | None
+    todo: list[str]  # canonical specs still to run
+    truth: Tensor | None = None  # (T, H, W) foreground mask when recall is measured
+
+
+def _install_all(
+    model: nn.Module, specs: Sequence[str], selectors: Mapping[str, Mapping[str, Tensor]]
+) -> dict[str, PlanState]:
+    """Install each plan once (learned reducers get their trained weights); keep the installed state
+    so plans are swapped without re-initialising anything."""
+    states = {}
+    for spec in specs:
+        apply(model, None if spec == "none" else spec)
+        for reducer in model.plan:
+            trained = selectors.get(reducer.name)
+            if trained is not None:
+                try:
+                    reducer.load_state_dict(trained)
+                except RuntimeError as err:
+                    raise InputError(f"the trained {reducer.name} weights do not fit {spec}: {err}") from None
+        states[spec] = _installed(model)
+    return states
+
+
+def _recall(state: TokenState, truth: Tensor) -> Tensor:
+    """(B,) foreground recall of what the state kept (a merged token counts for what it covers)."""
+    return foreground_recall(state.pos, truth)  # TODO covered
+
+
+def sweep(
+    model: nn.Module,
+    dataset: VideoDataset,
+    *,
+    out: str | Path,
+    methods: Sequence[str] | None = None,
+    budgets: Sequence[float] = BUDGETS,
+    selectors: Mapping[str, Mapping[str, Tensor]] | None = None,
+    seeds: int = SEEDS,
+    views: tuple[int, int] | None = None,
+    batch_size: int = 16,
+    workers: int = 2,
+    truth: str | Path | None = None,
+    speed: bool = True,
+    speed_batch: int | None = None,
+    progress: Progress | None = None,
+    model_name: str | None = None,
+    header: Mapping[str, str] | None = None,
+    examples: Callable[[Sequence[Planned], Path], dict[str, str]] | None = None,
+) -> SweepReport:
+    """Run the sweep (module docstring) and write `out/results.jsonl`, `report.md`, `pareto.png`.
+
+    Args:
+        model: a tokensieve backbone; the learned reducers of its installed plan count as trained
+            weights of their methods (unless `selectors` gives them); its plan is put back afterwards.
+        dataset: the videos (`VideoDataset`).
+        out: the sweep's folder.
+        methods: method specs without their budget parameter ("sta", "attention:per_frame=true");
+            default every registered method.
+        budgets: target token ratios in (0, 1).
+        selectors: trained weights per learned method (`reducer.state_dict()`).
+        seeds: seeds of the matched random baseline.
+        views: (clips, crops) per video; default the dataset's.
+        batch_size: views per forward pass.
+        workers: decoding processes.
+        truth: the folder of a synthetic set (`make_synthetic`), for the foreground recall; only
+            measured when one view covers the whole clip (views 1x1 of a set of the model's size).
+        speed: measure each plan's speed-up over the unreduced model (`ts.benchmark`, rank 0).
+        speed_batch: batch size of the speed measurement; default `batch_size`.
+        progress: see `Progress`.
+        model_name: the model's name or path, for the header.
+        header: extra "what: value" lines for the top of the report (the CLI passes its command).
+        examples: makes one example image per method into `out` (method -> relative path).
+
+    Raises:
+        InputError: bad methods or budgets, a dataset that does not fit the model, an `out` holding
+            another sweep's records (naming what differs) or in use by a live sweep.
+    """
+    began = time.perf_counter()
+    budgets = [float(b) for b in budgets]
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise InputError(f"budgets must be token ratios in (0, 1), got {', '.join(map(str, budgets)) or 'none'}")
+    if seeds < 1 or batch_size < 1 or workers < 0:
+        raise InputError(f"need seeds >= 1, batch_size >= 1, workers >= 0; got {seeds}, {batch_size}, {workers}")
+    if views is not None:
+        dataset = dataset.with_views(views)
+    check_fits(model, dataset)
+    out = Path(out)
+    own = {r.name: r.state_dict() for r in getattr(model, "plan", []) if any(True for _ in r.parameters())}
+    selectors = {**own, **(selectors or {})}
+    methods = list(methods) if methods is not None else sorted(REGISTRY)
+    kept = _installed(model)
+    apply(model, None)
+    try:
+        settings = plan_settings(model, methods, sorted(set(budgets)), selectors=selectors, seeds=seeds)
+        return _sweep(model, dataset, settings, out=out, selectors=selectors, batch_size=batch_size,
+                      workers=workers, truth=Path(truth) if truth is not None else None, speed=speed,
+                      speed_batch=speed_batch or batch_size, progress=progress, model_name=model_name,
+                      header=dict(header or {}), examples=examples, began=began)  # fmt: skip
+    finally:
+        _install(model, kept)
+
+
+def _checksum(model: nn.Module, selectors: Mapping[str, Mapping[str, Tensor]]) -> str:
+    """The model's checksum, with the trained selectors' weights folded in."""
+    text = model_checksum(model)
+    if not selectors:
+        return text
+    digest = hashlib.sha256(text.encode())
+    for method in sorted(selectors):
+        for name, tensor in selectors[method].items():
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{method}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+def _truth_fits(model: nn.Module, dataset: VideoDataset, truth: Path | None) -> bool:
+    cfg = model.config
+    if truth is None:
+        return False
+    if dataset.views != (1, 1):
+        log.info("foreground recall needs one view per video covering the clip; not measured with %s views",
+                 "x".join(map(str, dataset.views)))  # fmt: skip
+        return False
+    sample = load_truth(truth, dataset.records[0].id)
+    fits = tuple(sample["mask"].shape) == tuple(cfg.grid) and sample["patch"] == cfg.patch
+    if not fits or sample["tubelet"] != cfg.tubelet:
+        log.info("the synthetic set's truth masks (grid %s) do not match the model's token grid %s; "
+                 "foreground recall not measured", tuple(sample["mask"].shape), tuple(cfg.grid))  # fmt: skip
+        return False
+    return True
+
+
+def _sweep(
+    model: nn.Module, dataset: VideoDataset, settings: list[Planned], *, out: Path,
+    selectors: Mapping[str, Mapping[str, Tensor]], batch_size: int, workers: int, truth: Path | None,
+    speed: bool, speed_batch: int, progress: Progress | None, model_name: str | None,
+    header: dict[str, str], examples: Callable[[Sequence[Planned], Path], dict[str, str]] | None,
+    began: float,
+) -> SweepReport:  # fmt: skip
+    cfg = model.config
+    device = next(model.parameters()).device
+    world = setup(device)
+    runs = sorted({canonical(s) for item in settings if item.spec for s in [item.spec, *item.seeds]})
+    provenance = Provenance(
+        model=model_name, checksum=_checksum(model, selectors), plan=SWEEP_PLAN, views=dataset.views,
+        frames=dataset.frames, size=dataset.size, resize=dataset.resize, sampling=dataset.sampling,
+        stride=dataset.stride if dataset.sampling == "dense" else None,
+        short=dataset.short if dataset.sampling == "dense" else None, dtype="float32",
+    )  # fmt: skip
+    if len(set(gather(world, provenance.checksum))) > 1:
+        raise InputError("the torchrun processes hold different weights (load the same model in every process)")
+    results = out / "results.jsonl"
+    lock = on_main(world, lambda: start_run(results, provenance))
+    try:
+        recall = _truth_fits(model, dataset, truth)
+        decode = _run(model, dataset, runs, results=results, provenance=provenance, selectors=selectors,
+                      batch_size=batch_size, workers=workers, truth=truth if recall else None, world=world,
+                      progress=progress)  # fmt: skip
+        barrier(world)
+        ids = [r.id for r in dataset.records]
+        keys = [record_key(i, s) for s in runs for i in ids]
+        merged = on_main(world, lambda: merge(results, keys, provenance))
+        records = merged if merged is not None else list(read_done(results).values())
+        speeds = _speeds(model, settings, speed_batch) if speed and world.is_main else {}
+        table = _settings_table(settings, records, ids, speeds)
+        picture = examples(settings, out) if world.is_main and examples is not None else {}
+        waited, total = (sum(values) for values in zip(*gather(world, decode), strict=True))
+        lines = _header_lines(model_name, provenance, dataset, world, time.perf_counter() - began, waited, total)
+        report = SweepReport(settings=table, header={**header, **lines}, examples=picture)
+        if world.is_main:
+            from .report import write_report
+
+            write_report(report, out)
+        return report
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(
+    model: nn.Module, dataset: VideoDataset, runs: Sequence[str], *, results: Path, provenance: Provenance,
+    selectors: Mapping[str, Mapping[str, Tensor]], batch_size: int, workers: int, truth: Path | None,
+    world: World, progress: Progress | None,
+) -> tuple[float, float]:  # fmt: skip
+    """Run every plan of `runs` on every video not yet recorded for it; returns (seconds waiting for
+    decoded videos, seconds in all) of this process."""
+    began = time.perf_counter()
+    done = read_done(results)
+    todo = {i: [s for s in runs if record_key(r.id, s) not in done] for i, r in enumerate(dataset.records)}
+    videos = [i for i in range(len(dataset)) if todo[i]]
+    mine = videos[world.rank :: world.size]
+    barrier(world)  # every process has read the same records before any writes
+    finished_before = len(dataset) * len(runs) - sum(len(t) for t in todo.values())
+    if finished_before and world.is_main:
+        log.info("%s: resuming: %d of %d (video, setting) results already recorded", results,
+                 finished_before, len(dataset) * len(runs))  # fmt: skip
+    total = sum(len(todo[i]) for i in mine)
+    if not mine:
+        if progress is not None:
+            progress(0, 0)
+        return 0.0, time.perf_counter() - began
+    states = _install_all(model, runs, selectors)
+    kept = _installed(model)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(_Todo(dataset, mine), batch_size=None, num_workers=workers,
+                        prefetch_factor=2 if workers else None)  # fmt: skip
+    writer = RecordWriter(results, world.rank, provenance)
+    waited, finished, batch, rows = 0.0, 0, [], 0
+
+    def flush() -> None:
+        nonlocal finished, batch, rows
+        finished += _run_batch(model, batch, states, writer)
+        batch, rows = [], 0
+        if progress is not None:
+            progress(finished, total)
+
+    try:
+        if progress is not None:
+            progress(0, total)
+        samples = iter(loader)
+        while True:
+            start = time.perf_counter()
+            sample = next(samples, None)
+            waited += time.perf_counter() - start
+            if sample is None:
+                break
+            video = _Video(sample.index, sample.record.id, list(sample.record.labels), sample.views, sample.error,
+                           todo[sample.index])  # fmt: skip
+            if video.views is None:
+                for spec in video.todo:
+                    writer.write({"id": video.id, "setting": spec, "labels": video.labels, "status": "failed",
+                                  "error": video.error})  # fmt: skip
+                finished += len(video.todo)
+                continue
+            if truth is not None:
+                video.truth = load_truth(truth, video.id)["mask"]
+            batch.append(video)
+            rows += len(video.views)
+            if rows >= batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        writer.close()
+        _install(model, kept)
+        model.train(was_training)
+    return waited, time.perf_counter() - began
+
+
+def _run_batch(model: nn.Module, batch: list[_Video], states: Mapping[str, PlanState], writer: RecordWriter) -> int:
+    """Every plan still to do for the videos of `batch` on their views; returns records written."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    views = torch.cat([v.views for v in batch])  # (V, T, C, S, S) uint8
+    x = normalize(views.to(device).float().div_(255), cfg.mean, cfg.std)
+    owner = torch.cat([torch.full((len(v.views),), i) for i, v in enumerate(batch)])  # (V,)
+    truth = torch.stack([v.truth for v in batch]) if all(v.truth is not None for v in batch) else None
+    written = 0
+    for spec in dict.fromkeys(s for v in batch for s in v.todo):
+        rows = [i for i, v in enumerate(batch) if spec in v.todo]
+        take = torch.isin(owner, torch.tensor(rows))
+        _install(model, states[spec])
+        with torch.inference_mode():
+            state = model.forward_features(x[take])
+            probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
+            recall = _recall(state, truth[owner[take]].to(device)).cpu() if truth is not None else None
+        who = owner[take]
+        for i in rows:
+            video, mine = batch[i], who == i
+            p = probs[mine].mean(0)
+            values, classes = p.topk(min(5, p.numel()))
+            record: dict[str, Any] = {
+                "id": video.id, "setting": spec, "labels": video.labels, "status": "ok",
+                "top5": [[int(c), round(float(v), 6)] for c, v in zip(classes, values, strict=True)],
+            }  # fmt: skip
+            if recall is not None:
+                r = float(recall[mine].nanmean())
+                record["recall"] = None if math.isnan(r) else round(r, 6)
+            writer.write(record)
+            written += 1
+    return written
+
+
+# ---------------------------------------------------------------------------------------- summary
+def _speeds(model: nn.Module, settings: Sequence[Planned], batch: int) -> dict[str, float]:
+    """Speed-up over the unreduced model of every plan run (one seed of each random baseline), measured
+    in interleaved rounds in this process (`ts.benchmark`)."""
+    from ..bench import benchmark, busy_warning
+
+    plans = list(dict.fromkeys(s for item in settings if item.spec for s in (item.spec, *item.seeds[:1])))
+    results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5)
+    busy = busy_warning(results)
+    if busy:
+        log.warning("%s", busy)
+    return {canonical(r.plan): r.speedup for r in results}
+
+
+def _correct(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, float]]:
+    """(video id, canonical spec) -> (top-1 hit, top-5 hit) of every successful record."""
+    hits = {}
+    for r in records:
+        if r.get("status") != "ok" or not r["labels"]:
+            continue
+        label, top5 = r["labels"][0], [c for c, _ in r["top5"]]
+        hits[(r["id"], r["setting"])] = (float(top5[0] == label), float(label in top5))
+    return hits
+
+
+def _settings_table(
+    settings: Sequence[Planned], records: Sequence[dict[str, Any]], ids: Sequence[str], speeds: Mapping[str, float]
+) -> list[Setting]:
+    """Metrics of every setting over the videos every one of its runs (itself, its random seeds) has."""
+    hits = _correct(records)
+    recalls = {(r["id"], r["setting"]): r.get("recall") for r in records if r.get("status") == "ok"}
+    table = []
+    for item in settings:
+        if item.spec is None:
+            table.append(Setting(item.method, item.budget, None, refused=item.refused))
+            continue
+        own, seeds = canonical(item.spec), [canonical(s) for s in item.seeds]
+        videos = [i for i in ids if all((i, s) in hits for s in (own, *seeds))]
+        if not videos:
+            table.append(Setting(item.method, item.budget, item.spec, refused="no video could be evaluated"))
+            continue
+        top1 = torch.tensor([hits[(i, own)][0] for i in videos])
+        top5 = torch.tensor([hits[(i, own)][1] for i in videos])
+        kept = [recalls.get((i, own)) for i in videos]
+        recall = [r for r in kept if r is not None]
+        row: dict[str, Any] = dict(
+            gflops=item.gflops, speedup=speeds.get(own), top1=float(top1.mean()), top1_ci=bootstrap_ci(top1),
+            top5=float(top5.mean()), recall=sum(recall) / len(recall) if recall else None,
+        )  # fmt: skip
+        if seeds:
+            rand = torch.tensor([[hits[(i, s)][0] for s in seeds] for i in videos]).mean(1)  # (n,) mean of seeds
+            row.update(random_spec=item.random, random_gflops=item.random_gflops, random_top1=float(rand.mean()))
+            if item.method != "random":
+                ci = paired_bootstrap_ci(top1, rand)
+                row.update(delta=float((top1 - rand).mean()), delta_ci=ci, verdict=verdict(ci))
+        table.append(Setting(item.method, item.budget, item.spec, **row))
+    return table
+
+
+def _cpu() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _header_lines(
+    model_name: str | None, provenance: Provenance, dataset: VideoDataset, world: World, seconds: float,
+    waited: float, busy: float,
+) -> dict[str, str]:  # fmt: skip
+    import datetime
+    import os
+    import platform
+
+    from .. import __version__
+
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{_cpu()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        + (f", {world.size} processes" if world.size > 1 else ""),
+        "versions": f"tokensieve {__version__}, torch {torch.__version__}, python {platform.python_version()}",
+        "model": f"{model_name or 'a model'} ({provenance.checksum[:19]})",
+        "data": f"{len(dataset)} videos, {dataset.views[0]}x{dataset.views[1]} views of {dataset.frames}x{dataset.size}",
+        "wall time": f"{seconds:.0f} s; decoding (waiting for videos): {waited:.1f} s of {busy:.1f} s running "
+        f"({100 * waited / max(busy, 1e-9):.0f}%)",
+    }

@@ -1,0 +1,200 @@
+"""`ts.sweep`: budgets to settings by hand, the random baseline at matched GFLOPs, one decoding pass,
+records per (video, setting) against a plain evaluation, a killed sweep resuming to the same report,
+refused settings, and the report it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve.data import VideoDataset, make_synthetic, read_list
+from tokensieve.engine import sweep as sweep_module
+from tokensieve.engine.results import read_done, read_results
+from tokensieve.engine.sweep import (
+    MATCH_TOLERANCE,
+    canonical,
+    matched_random,
+    plan_settings,
+    spec_at_budget,
+    sweep,
+    token_ratio,
+)
+from tokensieve.errors import InputError
+
+
+def _model(**changes: object) -> ts.VideoBackbone:
+    torch.manual_seed(0)
+    return ts.build("videomae-tiny", num_classes=4, **changes).eval()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, videos=6, classes=4, frames=4, size=32, patch=8, tubelet=2, partial=True)
+    return root
+
+
+def _dataset(root: Path) -> VideoDataset:
+    return VideoDataset(read_list(root / "list.txt"), frames=4, size=32, stride=1, num_classes=4)
+
+
+# ---------------------------------------------------------------------------------------- budgets
+def test_token_ratio_by_hand() -> None:
+    model = _model(depth=4)  # 2 x 4 x 4 = 32 tokens, 4 blocks
+    assert token_ratio(model, None) == 1.0
+    assert token_ratio(model, "random:keep=0.5") == 0.5  # 16 tokens in every block
+    assert token_ratio(model, "random:keep=0.5,at=2") == (32 + 32 + 16 + 16) / (4 * 32)
+    # EViT-style, inside block 1: its attention sees 32 tokens, its MLP 8 (that block counts 20)
+    assert token_ratio(model, "attention:keep=0.25,at=1") == (32 + 20 + 8 + 8) / (4 * 32)
+    # ToMe merges r inside every block: 32 -> 28 in block 0 (30 on average), ...
+    assert token_ratio(model, "tome:r=4") == (30 + 26 + 22 + 18) / (4 * 32)
+    assert token_ratio(model, "uniform:keep=0.5") == 0.5  # 1 of 2 slices
+
+
+def test_spec_at_budget_picks_the_nearest_setting() -> None:
+    model = _model(depth=4)
+    assert spec_at_budget(model, "random", 0.5) == ("random:keep=0.5", 0.5)
+    spec, ratio = spec_at_budget(model, "tome", 0.6)  # r=6: (29+23+17+11)/128 = 0.625; r=7: 0.5625
+    assert (spec, ratio) == ("tome:r=6", 0.625)
+    spec, ratio = spec_at_budget(model, "attention:per_frame=true", 0.69)  # fixed parameters stay
+    assert (spec, ratio) == ("attention:per_frame=true,keep=0.5", (32 + 24 + 16 + 16) / 128)
+    with pytest.raises(InputError, match="cannot come near a token ratio of 0.1"):
+        spec_at_budget(model, "uniform", 0.1)  # one of two slices is the least: 0.5
+    with pytest.raises(InputError, match="leave keep out"):
+        spec_at_budget(model, "random:keep=0.3", 0.5)
+    with pytest.raises(InputError, match="no budget parameter"):
+        spec_at_budget(model, "none", 0.5)
+
+
+def test_matched_random_is_within_half_a_percent() -> None:
+    """The random baseline of every setting costs the setting's GFLOPs within 0.5%."""
+    model = _model(frames=8, size=64, depth=4)  # 4 x 8 x 8 = 256 tokens
+    settings = plan_settings(model, ["attention", "tome", "sta", "uniform", "random_frames"], [0.35, 0.6])
+    ran = [s for s in settings if s.spec and s.method != "none"]
+    assert len(ran) >= 6
+    for s in ran:
+        assert s.random_gflops is not None and s.gflops is not None
+        assert abs(s.random_gflops - s.gflops) <= MATCH_TOLERANCE * s.gflops, s
+        apply_flops = ts.flops(ts.apply(model, f"{s.random},seed=1"))  # the seeds cost the same, counted live
+        assert apply_flops == pytest.approx(s.random_gflops, rel=1e-9)
+        assert s.seeds == [f"{s.random},seed={i}" for i in range(3)]
+    ts.apply(model, None)
+
+
+def test_matched_random_counts_by_frame_on_divided_attention() -> None:
+    torch.manual_seed(0)
+    model = ts.build("timesformer-tiny", num_classes=4).eval()
+    target = ts.flops(ts.apply(model, "uniform:keep=0.5"))
+    ts.apply(model, None)
+    spec = matched_random(model, target, lambda s: ts.flops(ts.apply(model, s)))
+    assert "per_frame=true" in spec
+    ts.apply(model, None)
+
+
+def test_learned_methods_need_trained_weights() -> None:
+    model = _model()
+    settings = plan_settings(model, ["stts"], [0.5])
+    assert "no trained stts weights" in settings[1].refused
+    ts.apply(model, "stts:T0=0.5")
+    trained = {"stts": model.plan[0].state_dict()}
+    ts.apply(model, None)
+    settings = plan_settings(model, ["stts"], [0.5], selectors=trained)
+    assert settings[1].spec == "stts:T0=0.5" and settings[1].refused is None
+
+
+def test_canonical_fills_defaults() -> None:
+    assert canonical("random:keep=0.5") == canonical("random:seed=0,at=0,keep=0.5,per_frame=false")
+    assert canonical("none") == "none"
+
+
+# ---------------------------------------------------------------------------------------- running
+def test_records_equal_a_plain_evaluation(synthetic: Path, tmp_path: Path) -> None:
+    """Each (video, setting) record is what `ts.evaluate` gives for that plan alone."""
+    model = _model()
+    report = sweep(model, _dataset(synthetic), out=tmp_path, methods=["attention", "random"], budgets=[0.6],
+                   workers=0, batch_size=4, speed=False, seeds=2)  # fmt: skip
+    _, records = read_results(tmp_path / "results.jsonl")
+    for setting in report.settings:
+        model_copy = ts.apply(_model(), None if setting.spec == "none" else setting.spec)
+        alone = ts.evaluate(model_copy, _dataset(synthetic), workers=0, batch_size=3)
+        mine = [r for r in records if r["setting"] == canonical(setting.spec)]
+        assert len(mine) == 6
+        assert setting.top1 == pytest.approx(alone.top1)
+    assert model.spec is None  # the plan it had is back
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "pareto.png").is_file()
+
+
+def test_killed_sweep_resumes_to_the_same_report(synthetic: Path, tmp_path: Path) -> None:
+    kwargs = dict(methods=["attention", "tome"], budgets=[0.6], workers=0, batch_size=2, speed=False, seeds=2)
+    whole = sweep(_model(), _dataset(synthetic), out=tmp_path / "whole", **kwargs)
+
+    calls = []
+
+    def die(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(_model(), _dataset(synthetic), out=tmp_path / "killed", progress=die, **kwargs)
+    recorded = len(read_done(tmp_path / "killed" / "results.jsonl"))
+    assert recorded > 0
+    seen = []
+    resumed = sweep(_model(), _dataset(synthetic), out=tmp_path / "killed",
+                    progress=lambda d, t: seen.append(t), **kwargs)  # fmt: skip
+    assert resumed.settings == whole.settings
+    _, a = read_results(tmp_path / "whole" / "results.jsonl")
+    assert seen[0] == len(a) - recorded  # the rerun did only what was missing
+    _, b = read_results(tmp_path / "killed" / "results.jsonl")
+    key = lambda r: (r["setting"], r["id"])  # noqa: E731
+    assert sorted(a, key=key) == sorted(b, key=key)  # nothing lost, nothing twice
+    assert len({key(r) for r in b}) == len(b)
+
+
+def test_another_model_is_refused(synthetic: Path, tmp_path: Path) -> None:
+    kwargs = dict(methods=["random"], budgets=[0.5], workers=0, speed=False, seeds=1)
+    sweep(_model(), _dataset(synthetic), out=tmp_path, **kwargs)
+    other = _model()
+    with torch.no_grad():
+        other.head.weight.add_(1)
+    with pytest.raises(InputError, match="model weights"):
+        sweep(other, _dataset(synthetic), out=tmp_path, **kwargs)
+
+
+def test_bad_budgets_are_refused(synthetic: Path, tmp_path: Path) -> None:
+    for budgets in ([0.0], [1.0], [1.5], []):
+        with pytest.raises(InputError, match="budgets must be token ratios"):
+            sweep(_model(), _dataset(synthetic), out=tmp_path, budgets=budgets)
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        sweep(_model(), _dataset(synthetic), out=tmp_path, methods=["nope"], budgets=[0.5])
+
+
+def test_recall_counts_what_was_kept(synthetic: Path, tmp_path: Path) -> None:
+    """With all tokens the foreground recall is 1; with random tokens it is below."""
+    report = sweep(_model(), _dataset(synthetic), out=tmp_path, methods=["random"], budgets=[0.25],
+                   workers=0, speed=False, seeds=1, truth=synthetic)  # fmt: skip
+    none, random = report.settings
+    assert none.recall == 1.0
+    assert random.recall is not None and random.recall < 1.0
+    summary = json.loads(json.dumps([s.recall for s in report.settings]))
+    assert summary[0] == 1.0
+
+
+def test_decode_once(synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every view is decoded once, whatever the number of settings."""
+    loads = []
+    original = VideoDataset.__getitem__
+
+    def counting(self, index):  # type: ignore[no-untyped-def]
+        loads.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(VideoDataset, "__getitem__", counting)
+    sweep(_model(), _dataset(synthetic), out=tmp_path, methods=["random", "attention", "tome"],
+          budgets=[0.5, 0.7], workers=0, speed=False, seeds=2)  # fmt: skip
+    assert sorted(loads) == list(range(6))
+    assert sweep_module.SEEDS == 3
