@@ -1,10 +1,11 @@
-"""The `tokensieve` command line: `bench`, `flops`, `info`, `eval`, `make-synthetic` and `train`.
+"""The `tokensieve` command line: `bench`, `flops`, `info`, `eval`, `make-synthetic`, `train` and `show`.
 
     tokensieve bench  --model videomae-s --plan none --plan random:keep=0.5 --batch-size 1 --batch-size 8
     tokensieve train  --model videomae-s --data train.txt --val val.txt --plan random:keep=0.5 --epochs 3
     tokensieve eval   --model videomae-s --data val.txt --plan random:keep=0.5 --views 5x3 --out runs/val
     tokensieve make-synthetic synth --videos 100 --partial
     tokensieve flops  --model videomae-b --plan sta:r=64
+    tokensieve show   --model videomae-s --plan tome:r=100 --video clip.mp4 --out kept.png
     tokensieve info
 
 `--model` is a preset name (random weights, no download), a saved model (`ts.save`), a training run
@@ -15,7 +16,7 @@ naming the valid choices and exit with code 2.
 
 from __future__ import annotations
 
-from . import data, measure, train  # noqa: F401  (importing a command module registers its commands)
+from . import data, measure, show, train  # noqa: F401  (importing a command module registers its commands)
 from .common import app
 
 __all__ = ["app", "main"]
