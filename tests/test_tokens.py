@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensieve.tokens import CLS_ATTN, KEYS, TokenState
+from tokensieve.errors import InputError
+from tokensieve.tokens import CLS_ATTN, KEYS, SOURCE_MAP, TokenState, covered, owners, track_sources
 
 
 def make_state(
@@ -135,3 +136,123 @@ def test_gather_inverse_permutation_roundtrips(B, N, rnd) -> None:  # type: igno
     torch.testing.assert_close(back.x, state.x, rtol=0, atol=0)
     torch.testing.assert_close(back.size, state.size, rtol=0, atol=0)
     assert torch.equal(back.pos, state.pos)
+
+
+# ------------------------------------------------------------------------------------------ merging
+def _six(size: list[float] | None = None) -> TokenState:
+    """Six tokens on a (1, 2, 3) grid: token i is (i + 1, i + 1), at cell i."""
+    x = torch.arange(1.0, 7.0).repeat_interleave(2).view(1, 6, 2)
+    state = TokenState.from_grid(x, (1, 2, 3)).with_aux(**{KEYS: torch.arange(6.0).view(1, 6, 1)})
+    return state if size is None else state.replace(size=torch.tensor([size]))
+
+
+def test_merge_by_hand() -> None:
+    """Keep t0; t1 and t3 take merges: t2 and t5 into t1, t4 into t3."""
+    state = _six([1, 2, 1, 3, 1, 2])
+    out = state.merge(
+        torch.tensor([[0]]), torch.tensor([[1, 3]]), torch.tensor([[2, 4, 5]]), torch.tensor([[0, 1, 0]])
+    )
+    x = torch.arange(1.0, 7.0)
+    expected = [x[0], (2 * x[1] + 1 * x[2] + 2 * x[5]) / 5, (3 * x[3] + 1 * x[4]) / 4]  # size-weighted
+    torch.testing.assert_close(out.x[0, :, 0], torch.stack(expected))
+    torch.testing.assert_close(out.x[0, :, 1], torch.stack(expected))
+    assert out.size.tolist() == [[1, 5, 4]]
+    assert out.pos.tolist() == [[0, 1, 3]]  # a destination keeps its place
+    assert out.aux[KEYS].flatten().tolist() == [0, 1, 3]  # and its per-token entries
+    assert out.frames is None and out.grid == state.grid
+    out.check()
+
+
+def test_merge_without_sizes_counts_one_patch_per_token() -> None:
+    out = _six().merge(
+        torch.tensor([[0, 2]]), torch.tensor([[5]]), torch.tensor([[1, 4]]), torch.tensor([[0, 0]])
+    )
+    assert out.pos.tolist() == [[0, 2, 5]]  # t3 is in no index set: dropped
+    assert out.size.tolist() == [[1, 1, 3]]
+    torch.testing.assert_close(out.x[0, :, 0], torch.tensor([1.0, 3.0, (2 + 5 + 6) / 3]))
+
+
+def test_merge_with_nothing_to_merge_is_a_gather() -> None:
+    state = _six([1, 2, 1, 3, 1, 2])
+    none = torch.zeros(1, 0, dtype=torch.long)
+    out = state.merge(torch.tensor([[4, 0]]), torch.tensor([[2]]), none, none)
+    ref = state.gather(torch.tensor([[4, 0, 2]]))
+    torch.testing.assert_close(out.x, ref.x, rtol=0, atol=0)
+    assert torch.equal(out.pos, ref.pos) and torch.equal(out.size, ref.size)
+
+
+def test_source_map_follows_gather_by_hand() -> None:
+    state = track_sources(_six())
+    assert state.aux[SOURCE_MAP].tolist() == [[0, 1, 2, 3, 4, 5]]
+    once = state.gather(torch.tensor([[4, 1, 2]]))
+    assert once.aux[SOURCE_MAP].tolist() == [[-1, 1, 2, -1, 0, -1]]  # dropped -> -1, kept renumbered
+    twice = once.gather(torch.tensor([[2, 0]]))
+    assert twice.aux[SOURCE_MAP].tolist() == [[-1, -1, 0, -1, 1, -1]]
+    assert covered(twice).tolist() == [[False, False, True, False, True, False]]
+    once.check()
+    twice.check()
+
+
+def test_source_map_follows_merge_by_hand() -> None:
+    state = track_sources(_six())
+    out = state.merge(
+        torch.tensor([[0]]), torch.tensor([[1, 3]]), torch.tensor([[2, 4, 5]]), torch.tensor([[0, 1, 0]])
+    )
+    # t0 -> 0; t1 (with t2, t5) -> 1; t3 (with t4) -> 2
+    assert out.aux[SOURCE_MAP].tolist() == [[0, 1, 1, 2, 2, 1]]
+    assert owners(out).tolist() == [[0, 1, 1, 2, 2, 1]]
+    out.check()
+    # A second merge moves a whole group: token 2 (cells 3, 4) into token 0; token 1 is dropped.
+    again = out.merge(
+        torch.zeros(1, 0, dtype=torch.long), torch.tensor([[0]]), torch.tensor([[2]]), torch.tensor([[0]])
+    )
+    assert again.aux[SOURCE_MAP].tolist() == [[0, -1, -1, 0, 0, -1]]
+    assert again.size.tolist() == [[3]]
+    # and a gather after it
+    assert out.gather(torch.tensor([[2]])).aux[SOURCE_MAP].tolist() == [[-1, -1, -1, 0, 0, -1]]
+
+
+def test_owners_and_covered_without_a_source_map_come_from_pos() -> None:
+    state = _six().gather(torch.tensor([[5, 1, 3]]))
+    assert owners(state).tolist() == [[-1, 1, -1, 2, -1, 0]]
+    pos = state.pos.clone()
+    pos[0, 1] = -1  # a learned token stands for no cell
+    mask = torch.tensor([[True, True, False]])  # padding stands for none either
+    assert owners(state.replace(pos=pos, mask=mask)).tolist() == [[-1, -1, -1, -1, -1, 0]]
+    assert covered(state).tolist() == [[False, True, False, True, False, True]]
+    # With a source map, padding tokens own nothing either.
+    traced = track_sources(_six()).gather(torch.tensor([[5, 1, 3]])).replace(mask=mask)
+    assert owners(traced).tolist() == [[-1, 1, -1, -1, -1, 0]]
+
+
+def test_covered_refuses_merged_tokens_without_a_source_map() -> None:
+    merged = _six().merge(torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[2]]), torch.tensor([[0]]))
+    with pytest.raises(InputError, match="trace=True"):
+        covered(merged)
+
+
+def test_tracking_is_off_by_default() -> None:
+    state = _six()
+    assert SOURCE_MAP not in state.gather(torch.tensor([[0, 1]])).aux
+    assert (
+        SOURCE_MAP
+        not in state.merge(
+            torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[2]]), torch.tensor([[0]])
+        ).aux
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.float(), "long"),
+        (lambda m: m[:, :5], "long"),
+        (lambda m: m.masked_fill(m == 2, 7), "not there"),
+        (lambda m: m.masked_fill(m == 2, 0), "its own cell"),
+    ],
+)
+def test_check_catches_a_broken_source_map(change, message) -> None:  # type: ignore[no-untyped-def]
+    state = track_sources(_six())
+    state.check()
+    with pytest.raises(AssertionError, match=message):
+        state.with_aux(**{SOURCE_MAP: change(state.aux[SOURCE_MAP])}).check()

@@ -5,13 +5,14 @@ model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id, saved mod
 ts.flops(model, frames=16, size=224)              # GFLOPs per clip (multiply-add = 1 FLOP)
 ts.benchmark(model)                               # clips/s, median of repeats
 ts.save(model, "my-model")                        # backbone config + plan spec + weights
+ts.viz.save(ts.viz.kept_tokens(model, clip), "kept.png")  # what a plan keeps, drops and merges
 """
 
 from __future__ import annotations
 
 import logging
 
-from . import data, metrics, ops, rng
+from . import data, metrics, ops, rng, viz
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
@@ -49,6 +50,7 @@ __all__ = [
     "rng",
     "save",
     "train",
+    "viz",
 ]
 __version__ = "0.1.0"
 

@@ -2,8 +2,15 @@
 reducer, to the head.
 
 Every reducer takes a `TokenState` and returns one; nothing else is threaded through a forward pass.
-Index-driven operations go through `TokenState.gather`, so every per-token field (`x`, `pos`,
-`size`, `mask` and the per-token entries of `aux`) moves together.
+Index-driven operations go through `TokenState.gather` and merging through `TokenState.merge`, so
+every per-token field (`x`, `pos`, `size`, `mask` and the per-token entries of `aux`) moves together.
+
+Source map (opt-in, `track_sources`; `forward_features(video, trace=True)`): which original patches
+each token stands for, kept as an owner map `aux[SOURCE_MAP]` (B, T*H*W): for each cell of the
+original grid, the index of the token that now stands for it, -1 when none does. `gather` renumbers
+it (cells of dropped tokens become -1) and `merge` hands a merged token's cells to its destination:
+O(T*H*W) per operation, where a token -> patches matrix would be O(N * T*H*W). Without it nothing
+is computed. `owners` and `covered` read it (or, without it, each real token's own `pos` cell).
 
 Token order convention: `pos` indexes the *original* token grid `(T, H, W)` in time-major raster
 order, `pos = t * H * W + h * W + w`, whatever order the source model used internally (TimeSformer
@@ -20,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = [
     "ATTN_RECEIVED",
     "CLIP_KEY",
@@ -27,10 +36,14 @@ __all__ = [
     "KEYS",
     "LOSSES",
     "PROP_ATTN",
+    "SOURCE_MAP",
     "STA_ORDER",
     "TOKEN_AUX",
     "TokenState",
+    "covered",
+    "owners",
     "take",
+    "track_sources",
 ]
 
 # `aux` keys a block records when a reducer asks for them (`Reducer.needs`).
@@ -58,6 +71,11 @@ STA_ORDER = "sta_order"
 """STA's running state: (B, N) long, each token's place in the sequence the released STA code would
 store after the last STA stage (tokens themselves stay in their current order). The next stage
 processes each group in this order, which decides its first group's even/odd split."""
+
+SOURCE_MAP = "source_map"
+"""(B, T*H*W) long, only while tracking sources (`track_sources`): for each cell of the original grid
+(time-major, as `pos`), the index of the token that stands for it now, -1 when no token does. Not per
+token: `gather` and `merge` renumber it. A token's patches are the cells holding its index."""
 
 TOKEN_AUX = frozenset({KEYS, CLS_ATTN, ATTN_RECEIVED, STA_ORDER})
 """`aux` entries laid out per token (token axis 1); `gather` moves them with the tokens. A method
@@ -176,6 +194,8 @@ class TokenState:
         aux = {
             k: (take(v, idx) if k in TOKEN_AUX and isinstance(v, Tensor) else v) for k, v in self.aux.items()
         }
+        if SOURCE_MAP in aux:  # tracking: cells of the tokens left out now belong to none
+            aux[SOURCE_MAP] = _follow(aux[SOURCE_MAP], _renumbering(idx, self.x.shape[1]))
         return dataclasses.replace(
             self,
             x=take(self.x, idx),  # (B, K, C)
@@ -185,6 +205,62 @@ class TokenState:
             frames=frames,
             aux=aux,
         )
+
+    def merge(
+        self,
+        keep_idx: Tensor,
+        into_idx: Tensor,
+        src_idx: Tensor,
+        dst_idx: Tensor,
+        *,
+        frames: int | None = None,
+    ) -> TokenState:
+        """Merge tokens size-weighted; every per-token field follows, as in `gather`.
+
+        The result holds the tokens of `keep_idx` as they are, then those of `into_idx`, each the
+        size-weighted mean of itself and the tokens of `src_idx` merged into it:
+
+            x_d <- (s_d x_d + sum_{src -> d} s_src x_src) / (s_d + sum_{src -> d} s_src)
+            s_d <- s_d + sum_{src -> d} s_src
+
+        with sizes from `size` (1 per token when None). A destination keeps its own `pos`, `mask` and
+        per-token `aux` entries (they move as in `gather`); with a source map, a merged token's
+        patches now belong to its destination. A token in none of the three index sets is dropped.
+        Bipartite matching (ToMe) gives the sets directly: keep = the unmerged A tokens, into = all
+        of B, src = the merged A tokens, dst = their partners in B.
+
+        Args:
+            keep_idx: (B, U) indices of tokens kept unchanged.
+            into_idx: (B, D) indices of the tokens merges go into (kept after `keep_idx`'s).
+            src_idx: (B, r) indices of the tokens merged away.
+            dst_idx: (B, r) for each of `src_idx`, the position in `into_idx` (0 <= . < D) of the
+                token it merges into; several may share one.
+            frames: the frame layout of the result, as in `gather`.
+
+        Returns:
+            A state of U + D tokens.
+        """
+        B, N, C = self.x.shape
+        U, D = keep_idx.shape[1], into_idx.shape[1]
+        kept = torch.cat([keep_idx, into_idx], 1)  # (B, U + D)
+        out = self.gather(kept, frames=frames)  # (B, U + D, ...)
+        size = self.size if self.size is not None else self.x.new_ones(B, N)
+        src_s = size.gather(1, src_idx)  # (B, r)
+        dst_s = size.gather(1, into_idx)  # (B, D)
+        merged_s = dst_s.scatter_add(1, dst_idx, src_s)  # (B, D)
+        # In place on the destinations' rows of `out.x` (a new tensor `gather` made). Every destination
+        # goes through the multiply and divide, whether it receives a merge or not: one op each.
+        x = out.x  # (B, U + D, C)
+        into_x = x[:, U:]  # (B, D, C) view
+        into_x.mul_(dst_s.unsqueeze(-1))
+        rows = U + dst_idx + torch.arange(0, B * (U + D), U + D, device=x.device).unsqueeze(1)  # (B, r)
+        x.view(-1, C).index_add_(0, rows.view(-1), (take(self.x, src_idx) * src_s.unsqueeze(-1)).view(-1, C))
+        into_x.div_(merged_s.unsqueeze(-1))
+        aux = out.aux
+        if SOURCE_MAP in self.aux:  # tracking: a merged token's patches go to its destination
+            index = _renumbering(kept, N).scatter(1, src_idx, U + dst_idx)  # (B, N): new index of each
+            aux = {**aux, SOURCE_MAP: _follow(self.aux[SOURCE_MAP], index)}
+        return out.replace(size=torch.cat([size.gather(1, keep_idx), merged_s], 1), aux=aux)  # (B, U + D)
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
@@ -228,6 +304,17 @@ class TokenState:
                 assert v.shape[:2] == (B, N), (
                     f"aux[{k!r}] must be per token (B, N, ...), got {tuple(v.shape)}"
                 )
+        sources = self.aux.get(SOURCE_MAP)
+        if sources is not None:
+            assert sources.shape == (B, T * H * W) and sources.dtype == torch.long, (
+                f"aux[{SOURCE_MAP!r}] must be (B, T*H*W)=({B}, {T * H * W}) long, got {tuple(sources.shape)}"
+            )
+            assert bool(((sources >= -1) & (sources < N)).all()), (
+                "the source map names a token that is not there"
+            )
+            own = sources.gather(1, self.pos.clamp_min(0))  # (B, N): the token holding each one's own cell
+            mine = own == torch.arange(N, device=own.device)
+            assert bool((mine | ~(real & (self.pos >= 0))).all()), "a token does not stand for its own cell"
 
 
 def take(t: Tensor, idx: Tensor) -> Tensor:
@@ -241,3 +328,57 @@ def take(t: Tensor, idx: Tensor) -> Tensor:
         return t[0].index_select(0, idx[0]).unsqueeze(0)
     flat = (idx + torch.arange(0, B * N, N, device=idx.device).unsqueeze(1)).view(-1)  # (B*K,)
     return t.flatten(0, 1).index_select(0, flat).view(*idx.shape, *t.shape[2:])
+
+
+def track_sources(state: TokenState) -> TokenState:
+    """`state` with a source map (`SOURCE_MAP`) started from its positions: from here on `gather` and
+    `merge` keep track of which original patches each token stands for. Each real token starts with
+    its own `pos` cell (so start at the patch embedding, before any merge)."""
+    return state.with_aux(**{SOURCE_MAP: owners(state)})
+
+
+def owners(state: TokenState) -> Tensor:
+    """(B, T*H*W) long: for each cell of the original grid, the index of the real token standing for
+    it, -1 for none. The source map when tracking sources (`track_sources`), else each real grid
+    token's own `pos` cell only (exact for methods that only drop tokens)."""
+    T, H, W = state.grid
+    B, N = state.pos.shape
+    real = state.pos >= 0
+    if state.mask is not None:
+        real = real & state.mask
+    sources = state.aux.get(SOURCE_MAP)
+    if sources is not None:
+        if state.mask is None:
+            return sources
+        held = real.gather(1, sources.clamp_min(0))  # (B, T*H*W): the owner is a real token
+        return torch.where((sources >= 0) & held, sources, -1)
+    slot = torch.where(real, state.pos, T * H * W)  # (B, N), T*H*W = discard slot
+    index = torch.arange(N, device=state.pos.device).expand(B, N)  # (B, N)
+    return state.pos.new_full((B, T * H * W + 1), -1).scatter(1, slot, index)[:, :-1]  # (B, T*H*W)
+
+
+def covered(state: TokenState) -> Tensor:
+    """(B, T*H*W) bool: which cells of the original grid some real token stands for (a merged token
+    covers every patch merged into it).
+
+    Raises:
+        InputError: for merged tokens (`size` set) without a source map: their `pos` names one of their
+            patches only. Run the forward pass with `trace=True` (or `track_sources`).
+    """
+    if state.size is not None and SOURCE_MAP not in state.aux:
+        raise InputError(
+            "covered: this state holds merged tokens but no source map, so which patches they stand for "
+            "is unknown; run the forward pass with trace=True (forward_features(video, trace=True))"
+        )
+    return owners(state) >= 0
+
+
+def _renumbering(idx: Tensor, num: int) -> Tensor:
+    """(B, num) long: the new index of each of `num` tokens after keeping `idx` (B, K), -1 if left out."""
+    B, K = idx.shape
+    return idx.new_full((B, num), -1).scatter(1, idx, torch.arange(K, device=idx.device).expand(B, K))
+
+
+def _follow(sources: Tensor, index: Tensor) -> Tensor:
+    """A source map (B, T*H*W) after tokens moved: old token i is now token index[b, i] (-1: gone)."""
+    return torch.where(sources >= 0, index.gather(1, sources.clamp_min(0)), -1)  # (B, T*H*W)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..rng import clip_keys
-from ..tokens import CLIP_KEY, TokenState
+from ..tokens import CLIP_KEY, TokenState, track_sources
 from .config import BackboneConfig
 
 __all__ = ["VideoBackbone", "init_weights"]
@@ -79,9 +79,18 @@ class VideoBackbone(nn.Module):
         return grid
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, video: Tensor) -> TokenState:
-        """Tokens after the last block (before the final norm)."""
+    def forward_features(self, video: Tensor, *, trace: bool = False) -> TokenState:
+        """Tokens after the last block (before the final norm).
+
+        Args:
+            video: (B, T, C, H, W) float clips, normalised with `config.mean` / `config.std`.
+            trace: also track which original patches each token stands for (`tokens.SOURCE_MAP`,
+                read with `tokens.owners` / `tokens.covered`); the tokens are the same either way.
+                Off, it costs nothing.
+        """
         state = self.embed(video, self.check_input(video))
+        if trace:
+            state = track_sources(state)
         if any(r.keyed_random for r in self.plan):  # the plan will draw random numbers keyed by clip
             state = state.with_aux(**{CLIP_KEY: clip_keys(video)})
         for block, reduce in zip(self.blocks, self.reducers, strict=True):

@@ -1,4 +1,5 @@
-"""The `tokensieve` command line: `sweep`, `bench`, `flops`, `info`, `eval`, `make-synthetic` and `train`.
+"""The `tokensieve` command line: `sweep`, `bench`, `flops`, `info`, `eval`, `make-synthetic`, `train`
+and `show`.
 
     tokensieve sweep                      (the built-in model: every method x budget vs random; report.md)
     tokensieve sweep  --model runs/x --data val.txt --methods sta,tome --budgets 0.3,0.5 --out sweep/
@@ -7,6 +8,7 @@
     tokensieve eval   --model videomae-s --data val.txt --plan random:keep=0.5 --views 5x3 --out runs/val
     tokensieve make-synthetic synth --videos 100 --partial
     tokensieve flops  --model videomae-b --plan sta:r=64
+    tokensieve show   --model videomae-s --plan tome:r=100 --video clip.mp4 --out kept.png
     tokensieve info
 
 `--model` is a preset name (random weights, no download), a saved model (`ts.save`), a training run
@@ -17,7 +19,7 @@ naming the valid choices and exit with code 2.
 
 from __future__ import annotations
 
-from . import data, measure, sweep, train  # noqa: F401  (importing a command module registers its commands)
+from . import data, measure, show, sweep, train  # noqa: F401  (importing a command module registers them)
 from .common import app
 
 __all__ = ["app", "main"]

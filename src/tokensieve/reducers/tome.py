@@ -123,13 +123,13 @@ def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> T
 
     The output holds the unmerged A tokens, then all B tokens (see `bipartite_matching` for which
     patch tokens are A and B and the order of the unmerged ones); the class token stays in
-    `state.cls`, untouched. `r=0` returns `state` as it is. Written with few, large tensor ops: the
-    reducer's own time is part of what the benchmark holds against its FLOP savings.
+    `state.cls`, untouched. Merging goes through `TokenState.merge` (size-weighted, the source map
+    follows when tracked), dropping through `TokenState.gather`. `r=0` returns `state` as it is.
 
     Raises:
         InputError: if `r` is negative or more than half of the patch tokens.
     """
-    B, N, C = state.x.shape
+    B, N, _ = state.x.shape
     if not 0 <= r <= N // 2:
         raise InputError(f"tome: r={r} must be between 0 and half of the {N} tokens ({N // 2})")
     if r == 0:
@@ -138,39 +138,14 @@ def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> T
     has_cls = state.cls is not None
     unm_idx, src_idx, dst_idx = bipartite_matching(metric, r, has_cls=has_cls)
     first = int(has_cls)  # A token i is patch token 2i + first, B token j is patch token 2j + 1 - first
-    num_unm = unm_idx.shape[1]
-    b_idx = torch.arange(1 - first, N, 2, device=unm_idx.device)  # (nB,)
-    keep_idx = torch.cat([unm_idx * 2 + first, b_idx.expand(B, -1)], 1)  # (B, N - r)
-    x = take(state.x, keep_idx)  # (B, N - r, C), a new contiguous tensor
-    size = state.size
-    if not drop:
-        if size is None:
-            size = torch.ones(B, N, dtype=x.dtype, device=x.device)
-        src_tok = src_idx * 2 + first  # (B, r) patch-token indices of the merged A tokens
-        src_s = size.gather(1, src_tok)  # (B, r)
-        b_s = size[:, 1 - first :: 2]  # (B, nB)
-        merged_s = b_s.scatter_add(1, dst_idx, src_s)  # (B, nB)
-        # Size-weighted mean into B, in place on the B rows of `x`:
-        # x_b <- (s_b x_b + sum of s_a x_a merged into b) / (s_b + sum of s_a).
-        rows = num_unm + dst_idx + torch.arange(0, B * (N - r), N - r, device=x.device).unsqueeze(1)  # (B, r)
-        b_x = x[:, num_unm:]  # (B, nB, C) view
-        b_x.mul_(b_s.unsqueeze(-1))
-        x.view(-1, C).index_add_(0, rows.view(-1), (take(state.x, src_tok) * src_s.unsqueeze(-1)).view(-1, C))
-        b_x.div_(merged_s.unsqueeze(-1))
-        size = torch.cat([size.gather(1, unm_idx * 2 + first), merged_s], 1)  # (B, N - r)
-    elif size is not None:
-        size = size.gather(1, keep_idx)
-    aux = {k: v for k, v in state.aux.items() if k not in TOKEN_AUX}  # per-token records are stale now
-    if not drop and prop_attn:
-        aux[PROP_ATTN] = True
-    return state.replace(
-        x=x,
-        pos=state.pos.gather(1, keep_idx),
-        size=size,
-        mask=None if state.mask is None else state.mask.gather(1, keep_idx),
-        frames=None,
-        aux=aux,
-    )
+    b_idx = torch.arange(1 - first, N, 2, device=unm_idx.device).expand(B, -1)  # (B, nB)
+    # Per-token records describe the tokens before this step (the next block records afresh); not
+    # carrying them also saves a gather each.
+    state = state.replace(aux={k: v for k, v in state.aux.items() if k not in TOKEN_AUX})
+    if drop:
+        return state.gather(torch.cat([unm_idx * 2 + first, b_idx], 1))  # (B, N - r)
+    merged = state.merge(unm_idx * 2 + first, b_idx, src_idx * 2 + first, dst_idx)  # (B, N - r)
+    return merged.with_aux(**{PROP_ATTN: True}) if prop_attn else merged
 
 
 @register("tome")
