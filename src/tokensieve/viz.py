@@ -18,7 +18,7 @@ One token column covers `tubelet` frames (2 on VideoMAE): the still image shows 
 temporal slice, drawn on the slice's first frame; the animation shows every frame of the clip with
 the tokens of its slice.
 
-Drawing needs Pillow (`pip install 'tokensieve[viz]'`), imported only when drawing.
+Drawing uses Pillow (it comes with matplotlib, a dependency), imported only when drawing.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def _pillow():  # type: ignore[no-untyped-def]
     try:
         from PIL import Image, ImageDraw
     except ImportError:
-        raise ImportError("ts.viz draws with Pillow: pip install 'tokensieve[viz]' (or pillow)") from None
+        raise ImportError("ts.viz draws with Pillow: pip install pillow") from None
     return Image, ImageDraw
 
 
