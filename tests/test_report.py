@@ -173,7 +173,7 @@ def test_write_report_markdown(tmp_path: Path) -> None:
     write_report(_sweep(), tmp_path / "sweep")
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert md.startswith("# ")
-    assert "- **command**: tokensieve sweep --model videomae\\_tiny" in md  # header, Markdown-escaped
+    assert "- **command**: `tokensieve sweep --model videomae_tiny`" in md  # the command as code
     assert "![" in md and "](pareto.png)" in md
     assert "**Unreduced reference** (`none`): top-1 80.0 [76.0, 84.0] %" in md and "0.0271 GFLOPs" in md
     tables = _tables(md)

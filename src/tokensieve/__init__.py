@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 
-from . import data, metrics, ops, rng, viz
+from . import assets, data, metrics, ops, rng, viz
 from .backbones import PRESETS, BackboneConfig, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
 from .backbones.saved import save
 from .bench import benchmark
 from .engine.evaluate import evaluate
+from .engine.sweep import sweep
 from .engine.train import train
 from .errors import InputError
 from .flops import flops
@@ -36,6 +37,7 @@ __all__ = [
     "VideoBackbone",
     "VideoViT",
     "apply",
+    "assets",
     "benchmark",
     "build",
     "data",
@@ -49,6 +51,7 @@ __all__ = [
     "plan",
     "rng",
     "save",
+    "sweep",
     "train",
     "viz",
 ]

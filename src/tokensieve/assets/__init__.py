@@ -91,7 +91,10 @@ def cache_dir() -> Path:
 
 
 def heldout(
-    name: str = DEFAULT, *, cache: str | Path | None = None, progress: Callable[[int, int], None] | None = None
+    name: str = DEFAULT,
+    *,
+    cache: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """The list.txt of `name`'s held-out set, rendered into the cache on first use (a few seconds).
 
@@ -107,4 +110,6 @@ def heldout(
     listed = out / "list.txt"
     if listed.is_file():
         return listed
-    return make_synthetic(out, **{**arguments, "object_size": tuple(arguments["object_size"])}, progress=progress)
+    return make_synthetic(
+        out, **{**arguments, "object_size": tuple(arguments["object_size"])}, progress=progress
+    )

@@ -45,7 +45,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _methods(text: str | None) -> list[str] | None:
-    """"sta,tome" -> ["sta", "tome"]; a method's fixed parameters follow it after ':' and are joined
+    """ "sta,tome" -> ["sta", "tome"]; a method's fixed parameters follow it after ':' and are joined
     with ';' ("attention:at=2;per_frame=true,tome")."""
     if text is None:
         return None
@@ -68,40 +68,57 @@ def _recorded(out: Path) -> str:
 def sweep_command(
     model: Annotated[
         str,
-        typer.Option("--model", "-m", help="A model as for every command (see --help of eval); default the "
-                     "built-in reference model trained on the synthetic benchmark."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="A model as for every command (see --help of eval); default the "
+            "built-in reference model trained on the synthetic benchmark.",
+        ),
     ] = DEFAULT,  # fmt: skip
     data: Annotated[
         Path | None,
-        typer.Option("--data", "-d", help="Video list (as eval takes); default the built-in model's held-out "
-                     "set, rendered into the cache on first use."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Video list (as eval takes); default the built-in model's held-out "
+            "set, rendered into the cache on first use.",
+        ),
     ] = None,  # fmt: skip
     methods: Annotated[
         str | None,
-        typer.Option(help="Comma-separated methods (default every registered one); fixed parameters after "
-                     "':' joined with ';', e.g. attention:at=2;per_frame=true."),
+        typer.Option(
+            help="Comma-separated methods (default every registered one); fixed parameters after "
+            "':' joined with ';', e.g. attention:at=2;per_frame=true."
+        ),
     ] = None,  # fmt: skip
     budgets: Annotated[
         str | None, typer.Option(help="Comma-separated target token ratios in (0, 1), e.g. 0.3,0.5,0.7.")
     ] = None,
     seeds: Annotated[int, typer.Option(help="Seeds of the random baseline at matched GFLOPs.", min=1)] = 3,
     views: Annotated[str, typer.Option(help="Temporal clips x spatial crops per video, e.g. 2x3.")] = "1x1",
-    out: Annotated[Path, typer.Option(help="Folder for results.jsonl, report.md, pareto.png; rerun to resume.")] = Path(
-        "sweep"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Folder for results.jsonl, report.md, pareto.png; rerun to resume.")
+    ] = Path("sweep"),
     sampling: Annotated[str, typer.Option(help="dense (frames x stride) or segments.")] = "dense",
     stride: Annotated[
-        int | None, typer.Option(help="Frame stride of dense clips; default 4 (1 for the built-in set).", min=1)
+        int | None,
+        typer.Option(help="Frame stride of dense clips; default 4 (1 for the built-in set).", min=1),
     ] = None,
     root: Annotated[Path | None, typer.Option(help="Folder the list's paths are relative to.")] = None,
     truth: Annotated[
         Path | None,
-        typer.Option(help="A synthetic set's folder, for the foreground recall; default the list's folder when "
-                     "it holds a synthetic set."),
+        typer.Option(
+            help="A synthetic set's folder, for the foreground recall; default the list's folder when "
+            "it holds a synthetic set."
+        ),
     ] = None,  # fmt: skip
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Views per forward pass.", min=1)] = 32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Views per forward pass.", min=1)
+    ] = 32,
     workers: Annotated[int, typer.Option(help="Decoding processes.", min=0)] = 2,
-    speed: Annotated[bool, typer.Option(help="Measure each plan's speed-up over the unreduced model.")] = True,
+    speed: Annotated[
+        bool, typer.Option(help="Measure each plan's speed-up over the unreduced model.")
+    ] = True,
     examples: Annotated[bool, typer.Option(help="Draw one example of each method's kept tokens.")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -117,7 +134,7 @@ def sweep_command(
     from ..data.datasets import VideoDataset, load_records
     from ..data.synthetic import MANIFEST
     from ..engine.distributed import on_main, setup
-    from ..engine.report import terminal_table
+    from ..engine.report import refused_lines, terminal_table
     from ..engine.sweep import BUDGETS, sweep
 
     console = Console(stderr=True)
@@ -154,7 +171,13 @@ def sweep_command(
                 bar.start_task(task)
             bar.update(task, completed=done, total=total, status="(video, setting) results")
 
-        show = log_to("tokensieve", logging.INFO, console_lines(bar.console))
+        lines = console_lines(bar.console)
+
+        def steps_and_warnings(record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING or record.name.startswith("tokensieve.engine"):
+                lines(record)
+
+        show = log_to("tokensieve", logging.INFO, steps_and_warnings)
         try:
             with show if world.is_main else contextlib.nullcontext():
                 try:
@@ -162,7 +185,7 @@ def sweep_command(
                         net, dataset, out=out, methods=method_list, budgets=wanted, selectors=selectors,
                         seeds=seeds, batch_size=batch_size, workers=workers, truth=truth, speed=speed,
                         progress=progress, model_name=model, header={"command": command},
-                        examples=None if not examples else _examples(dataset),
+                        examples=examples,
                     )  # fmt: skip
                 finally:
                     if bar.live.is_started:
@@ -180,11 +203,12 @@ def sweep_command(
     if as_json:
         echo_json(doc)
         return
-    Console().print(terminal_table(report, title=f"{model} on {data}"))
+    screen = Console()
+    wide = screen.width >= 120
+    screen.print(terminal_table(report, title=f"{model} on {data}", wide=wide))
+    if not wide:
+        console.print("verdict: the 95% interval of Δ is above 0 (beats random), holds 0 (n.s.: not significant) "
+                      "or is below 0 (worse)", highlight=False, soft_wrap=True)  # fmt: skip
+    for line in refused_lines(report.settings):
+        console.print(f"[dim]refused: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'report.md'}\nplot:   {out / 'pareto.png'}", highlight=False)
-
-
-def _examples(dataset):  # type: ignore[no-untyped-def]
-    from ..engine.sweep import draw_examples
-
-    return lambda settings, out: draw_examples(settings, dataset, out)

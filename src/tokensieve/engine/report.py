@@ -217,7 +217,7 @@ class Setting:
         top5: top-5 accuracy.
         recall: mean foreground recall of the kept tokens (synthetic set), else None.
         random_spec: the matched random baseline, seed-free (e.g. "random:keep=0.4219,at=0").
-        random_gflops: its GFLOPs per view.
+        random_gflops: its GFLOPs per view; random_speedup: its measured speed-up (one seed timed).
         random_top1: its top-1, the mean over its `RANDOM_SEEDS` seeds.
         delta, delta_ci: top1 - random_top1 and its paired interval (`paired_bootstrap_ci`).
         verdict: `verdict(delta_ci)`; None for `random` itself and for `none`.
@@ -235,6 +235,7 @@ class Setting:
     recall: float | None = None
     random_spec: str | None = None
     random_gflops: float | None = None
+    random_speedup: float | None = None
     random_top1: float | None = None
     delta: float | None = None
     delta_ci: tuple[float, float] | None = None
@@ -382,7 +383,10 @@ def _summary(settings: Sequence[Setting]) -> list[str]:
 
 def _markdown(report: SweepReport) -> str:
     lines = ["# tokensieve sweep", ""]
-    lines += [f"- **{_md(k)}**: {_md(v)}" for k, v in report.header.items()]
+    lines += [
+        f"- **{_md(k)}**: " + (f"`{v}`" if k == "command" and "`" not in v else _md(v))
+        for k, v in report.header.items()
+    ]
     lines += [
         "",
         _GUIDE.format(seeds=RANDOM_SEEDS, level=LEVEL, beats=BEATS, worse=WORSE, same=INDISTINGUISHABLE),
@@ -449,10 +453,11 @@ def method_style(method: str) -> tuple[str, str]:
     return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], _SPARE_MARKERS[h % len(_SPARE_MARKERS)]
 
 
-def _random_curve(settings: Sequence[Setting]) -> list[tuple[float, float]]:
-    """(GFLOPs, top-1) of the random baseline: its own settings and every matched point, sorted."""
-    own = [(s.gflops, s.top1) for s in settings if s.method == BASELINE]
-    matched = [(s.random_gflops, s.random_top1) for s in settings]
+def _random_curve(settings: Sequence[Setting], *, x_of: str = "gflops") -> list[tuple[float, float]]:
+    """(GFLOPs or speed-up, top-1) of the random baseline: its own settings and every matched point,
+    sorted."""
+    own = [(getattr(s, x_of), s.top1) for s in settings if s.method == BASELINE]
+    matched = [(getattr(s, f"random_{x_of}"), s.random_top1) for s in settings]
     return sorted({(x, y) for x, y in own + matched if x is not None and y is not None})
 
 
@@ -496,11 +501,7 @@ def _panel(ax: Axes, settings: Sequence[Setting], *, x_of: str) -> None:
         ax.errorbar(xs, ys, yerr=_yerr(rows), color=colour, marker=marker, ms=6, lw=1.6, elinewidth=0.7, capsize=2,
                     label=method, zorder=3)  # fmt: skip
         points += zip(xs, ys, strict=True)
-    if speed:  # matched random points were not timed: only the random method's own settings have a speed-up
-        curve = sorted((s.speedup, s.top1) for s in settings if s.method == BASELINE and s.speedup is not None
-                       and s.top1 is not None)  # fmt: skip
-    else:
-        curve = _random_curve(settings)
+    curve = _random_curve(settings, x_of=x_of)
     if curve:
         ax.plot([x for x, _ in curve], [100 * y for _, y in curve], "k--", marker=".", lw=1.2, zorder=2,
                 label="random")  # fmt: skip
@@ -557,37 +558,52 @@ def _plot(settings: Sequence[Setting]) -> bytes:
 _VERDICT_STYLES = {BEATS: "green", INDISTINGUISHABLE: "yellow", WORSE: "red"}
 
 
-def terminal_table(report: SweepReport, *, title: str | None = None) -> Table:
+def refused_lines(settings: Sequence[Setting]) -> list[str]:
+    """One line per method and reason of the refused settings: "tome at 0.25, 0.4: why"."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for s in settings:
+        if s.refused is not None:
+            grouped.setdefault((s.method, s.refused), []).append(_budget(s.budget) if s.budget else "-")
+    return [f"{method} at {', '.join(budgets)}: {why}" for (method, why), budgets in grouped.items()]
+
+
+SHORT_VERDICTS = {BEATS: "beats", INDISTINGUISHABLE: "n.s.", WORSE: "worse"}
+"""Verdicts in the narrow terminal table: "n.s." = not significant (indistinguishable from random)."""
+
+
+def terminal_table(report: SweepReport, *, title: str | None = None, wide: bool = True) -> Table:
     """One compact `rich` table of every setting: the reference first, then one section per budget
-    (descending), rows by top-1 descending, refused settings dimmed with their reason; verdicts
-    green (beats random), yellow (indistinguishable) or red (worse). Plans are in report.md."""
+    (descending), rows by top-1 descending, refused settings dimmed (`refused_lines` says why); verdicts
+    green (beats random), yellow (indistinguishable) or red (worse). Plans are in report.md.
+    Not `wide` (for 80 columns): top-1 without its interval, no random top-1 column, and the verdicts
+    of `SHORT_VERDICTS`."""
     from rich.text import Text
 
     recall = any(s.recall is not None for s in report.settings)
     table = compact_table(title=title)
     table.add_column("budget", justify="right", no_wrap=True)
     table.add_column("method", no_wrap=True)
-    table.add_column(f"top-1 % [{LEVEL:.0%} CI]", justify="right", no_wrap=True)
-    table.add_column("GFLOPs", justify="right")
-    table.add_column("speed-\nup", justify="right")
+    table.add_column(f"top-1 % [{LEVEL:.0%} CI]" if wide else "top-1\n%", justify="right", no_wrap=True)
+    table.add_column("GFLOPs", justify="right", no_wrap=True)
+    table.add_column("speed-\nup", justify="right", no_wrap=True)
     if recall:
-        table.add_column("fg\nrecall", justify="right")
-    table.add_column("random\ntop-1", justify="right")
-    table.add_column("Δ vs random\n(points)", justify="right", no_wrap=True)
-    table.add_column("verdict")
+        table.add_column("fg\nrecall", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("random\ntop-1", justify="right", no_wrap=True)
+    table.add_column(f"Δ vs random, points\n[{LEVEL:.0%} CI]", justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    numbers = 3 + recall + wide  # the numeric columns before Δ
 
     def add(s: Setting, budget: str, *, end: bool) -> None:
         if s.refused is not None:
-            empty = ["-"] * (5 if recall else 4)
-            table.add_row(
-                budget, s.method, *empty, "-", Text(f"refused: {s.refused}"), style="dim", end_section=end
-            )
+            table.add_row(budget, s.method, *["-"] * numbers, "-", "refused", style="dim", end_section=end)
             return
         shown = s.verdict or ("baseline" if s.method == BASELINE else "-")
+        label = shown if wide else SHORT_VERDICTS.get(shown, shown)
         table.add_row(
-            budget, s.method, _pct_ci(s.top1, s.top1_ci), _gflops(s.gflops), _speedup(s.speedup),
-            *([_pct(s.recall)] if recall else []), _pct(s.random_top1), _points_ci(s.delta, s.delta_ci),
-            Text(shown, style=_VERDICT_STYLES.get(shown, "")), end_section=end,
+            budget, s.method, _pct_ci(s.top1, s.top1_ci) if wide else _pct(s.top1), _gflops(s.gflops),
+            _speedup(s.speedup), *([_pct(s.recall)] if recall else []), *([_pct(s.random_top1)] if wide else []),
+            _points_ci(s.delta, s.delta_ci), Text(label, style=_VERDICT_STYLES.get(shown, "")), end_section=end,
         )  # fmt: skip
 
     ref = _reference(report.settings)

@@ -44,14 +44,14 @@ from torch.utils.data import DataLoader
 
 from ..bench import PlanState, _install, _installed
 from ..data.datasets import VideoDataset
-from ..data.synthetic import foreground_recall, load_truth
+from ..data.synthetic import load_truth
 from ..data.transforms import normalize
 from ..errors import InputError
 from ..flops import flops
 from ..reducers import REGISTRY, apply, parse
 from ..reducers.plan import plan as make_plan
 from ..reducers.plan import schedule, spec_parameters
-from ..tokens import TokenState
+from ..tokens import TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
 from .evaluate import _Todo, check_fits, model_checksum
 from .report import Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
@@ -160,7 +160,9 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
             raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, 1.0))}")
         candidates = [k / 100 for k in range(1, 101)]
     # The nearest ratio; among the values that give it, the roundest (keep=0.5 rather than 0.53).
-    found = [(abs(r - budget), len(f"{v:g}"), abs(r - v), v) for v in candidates if (r := ratio(v)) is not None]
+    found = [
+        (abs(r - budget), len(f"{v:g}"), abs(r - v), v) for v in candidates if (r := ratio(v)) is not None
+    ]
     if not found:
         raise InputError(f"{base} cannot run on this model near budget {budget:g}")
     miss, _, _, value = min(found)
@@ -356,8 +358,12 @@ def _install_all(
 
 
 def _recall(state: TokenState, truth: Tensor) -> Tensor:
-    """(B,) foreground recall of what the state kept (a merged token counts for what it covers)."""
-    return foreground_recall(state.pos, truth)  # TODO covered
+    """(B,) foreground recall: the share of the object (its coverage of each token, summed over the
+    clip) that lies in the kept tokens; a merged token counts for every patch it stands for. NaN for a
+    clip without the object."""
+    kept = covered(state).to(truth.dtype)  # (B, THW) from the source map
+    cover = truth.flatten(1)  # (B, THW) fraction of each token the object covers
+    return (kept * cover).sum(1) / cover.sum(1)
 
 
 def sweep(
@@ -378,7 +384,7 @@ def sweep(
     progress: Progress | None = None,
     model_name: str | None = None,
     header: Mapping[str, str] | None = None,
-    examples: Callable[[Sequence[Planned], Path], dict[str, str]] | None = None,
+    examples: bool = False,
 ) -> SweepReport:
     """Run the sweep (module docstring) and write `out/results.jsonl`, `report.md`, `pareto.png`.
 
@@ -402,7 +408,8 @@ def sweep(
         progress: see `Progress`.
         model_name: the model's name or path, for the header.
         header: extra "what: value" lines for the top of the report (the CLI passes its command).
-        examples: makes one example image per method into `out` (method -> relative path).
+        examples: draw each method's kept tokens at its middle budget on the first video
+            (`ts.viz.kept_tokens`) into `out/examples/`, shown in the report.
 
     Raises:
         InputError: bad methods or budgets, a dataset that does not fit the model, an `out` holding
@@ -411,19 +418,37 @@ def sweep(
     began = time.perf_counter()
     budgets = [float(b) for b in budgets]
     if not budgets or any(not 0 < b < 1 for b in budgets):
-        raise InputError(f"budgets must be token ratios in (0, 1), got {', '.join(map(str, budgets)) or 'none'}")
+        raise InputError(
+            f"budgets must be token ratios in (0, 1), got {', '.join(map(str, budgets)) or 'none'}"
+        )
     if seeds < 1 or batch_size < 1 or workers < 0:
-        raise InputError(f"need seeds >= 1, batch_size >= 1, workers >= 0; got {seeds}, {batch_size}, {workers}")
+        raise InputError(
+            f"need seeds >= 1, batch_size >= 1, workers >= 0; got {seeds}, {batch_size}, {workers}"
+        )
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)
+    if dataset.multilabel:
+        raise InputError(
+            "the sweep compares top-1 of single-label data; multi-label lists (mAP) are not supported yet: "
+            "evaluate each plan with tokensieve eval"
+        )
     out = Path(out)
     own = {r.name: r.state_dict() for r in getattr(model, "plan", []) if any(True for _ in r.parameters())}
     selectors = {**own, **(selectors or {})}
     methods = list(methods) if methods is not None else sorted(REGISTRY)
+    for base in methods:  # bad names and parameters before anything runs
+        ((method, given),) = parse(base)
+        key = REGISTRY[method].budget
+        if len(base.split("+")) > 1 or (key is not None and key in given):
+            raise InputError(
+                f"{base}: give one method and leave {key or 'its budget'} out; the sweep sets it"
+            )
     kept = _installed(model)
     apply(model, None)
     try:
+        log.info("choosing the settings of %d methods at %d budgets and their random baselines",
+                 len(methods), len(set(budgets)))  # fmt: skip
         settings = plan_settings(model, methods, sorted(set(budgets)), selectors=selectors, seeds=seeds)
         return _sweep(model, dataset, settings, out=out, selectors=selectors, batch_size=batch_size,
                       workers=workers, truth=Path(truth) if truth is not None else None, speed=speed,
@@ -468,8 +493,7 @@ def _sweep(
     model: nn.Module, dataset: VideoDataset, settings: list[Planned], *, out: Path,
     selectors: Mapping[str, Mapping[str, Tensor]], batch_size: int, workers: int, truth: Path | None,
     speed: bool, speed_batch: int, progress: Progress | None, model_name: str | None,
-    header: dict[str, str], examples: Callable[[Sequence[Planned], Path], dict[str, str]] | None,
-    began: float,
+    header: dict[str, str], examples: bool, began: float,
 ) -> SweepReport:  # fmt: skip
     cfg = model.config
     device = next(model.parameters()).device
@@ -482,7 +506,9 @@ def _sweep(
         short=dataset.short if dataset.sampling == "dense" else None, dtype="float32",
     )  # fmt: skip
     if len(set(gather(world, provenance.checksum))) > 1:
-        raise InputError("the torchrun processes hold different weights (load the same model in every process)")
+        raise InputError(
+            "the torchrun processes hold different weights (load the same model in every process)"
+        )
     results = out / "results.jsonl"
     lock = on_main(world, lambda: start_run(results, provenance))
     try:
@@ -497,9 +523,11 @@ def _sweep(
         records = merged if merged is not None else list(read_done(results).values())
         speeds = _speeds(model, settings, speed_batch) if speed and world.is_main else {}
         table = _settings_table(settings, records, ids, speeds)
-        picture = examples(settings, out) if world.is_main and examples is not None else {}
+        picture = _examples(model, settings, dataset, selectors, out) if world.is_main and examples else {}
         waited, total = (sum(values) for values in zip(*gather(world, decode), strict=True))
-        lines = _header_lines(model_name, provenance, dataset, world, time.perf_counter() - began, waited, total)
+        lines = _header_lines(
+            model_name, provenance, dataset, world, time.perf_counter() - began, waited, total
+        )
         report = SweepReport(settings=table, header={**header, **lines}, examples=picture)
         if world.is_main:
             from .report import write_report
@@ -533,10 +561,10 @@ def _run(
         if progress is not None:
             progress(0, 0)
         return 0.0, time.perf_counter() - began
-    states = _install_all(model, runs, selectors)
     kept = _installed(model)
     was_training = model.training
-    model.eval()
+    model.eval()  # first: the reducers `_install_all` creates take the model's mode
+    states = _install_all(model, runs, selectors)
     loader = DataLoader(_Todo(dataset, mine), batch_size=None, num_workers=workers,
                         prefetch_factor=2 if workers else None)  # fmt: skip
     writer = RecordWriter(results, world.rank, provenance)
@@ -582,7 +610,9 @@ def _run(
     return waited, time.perf_counter() - began
 
 
-def _run_batch(model: nn.Module, batch: list[_Video], states: Mapping[str, PlanState], writer: RecordWriter) -> int:
+def _run_batch(
+    model: nn.Module, batch: list[_Video], states: Mapping[str, PlanState], writer: RecordWriter
+) -> int:
     """Every plan still to do for the videos of `batch` on their views; returns records written."""
     cfg = model.config
     device = next(model.parameters()).device
@@ -596,7 +626,7 @@ def _run_batch(model: nn.Module, batch: list[_Video], states: Mapping[str, PlanS
         take = torch.isin(owner, torch.tensor(rows))
         _install(model, states[spec])
         with torch.inference_mode():
-            state = model.forward_features(x[take])
+            state = model.forward_features(x[take], trace=truth is not None)
             probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
             recall = _recall(state, truth[owner[take]].to(device)).cpu() if truth is not None else None
         who = owner[take]
@@ -616,17 +646,47 @@ def _run_batch(model: nn.Module, batch: list[_Video], states: Mapping[str, PlanS
     return written
 
 
+def _examples(
+    model: nn.Module, settings: Sequence[Planned], dataset: VideoDataset,
+    selectors: Mapping[str, Mapping[str, Tensor]], out: Path,
+) -> dict[str, str]:  # fmt: skip
+    """Each method's kept tokens at its middle budget on the first readable video, as
+    `out/examples/<method>.png`; method -> path relative to `out`."""
+    from .. import viz
+
+    log.info("drawing an example of each method's kept tokens")
+    clip = next(
+        (s.views[0] for s in map(dataset.__getitem__, range(len(dataset))) if s.views is not None), None
+    )
+    if clip is None:
+        return {}
+    chosen: dict[str, Planned] = {}
+    for method in dict.fromkeys(item.method for item in settings if item.method != "none"):
+        ran = sorted((s for s in settings if s.method == method and s.spec), key=lambda s: s.budget or 0.0)
+        if ran:
+            chosen[method] = ran[len(ran) // 2]
+    kept, paths = _installed(model), {}
+    try:
+        for method, item in chosen.items():
+            assert item.spec is not None
+            _install(model, _install_all(model, [item.spec], selectors)[item.spec])
+            path = f"examples/{method}.png"
+            viz.save(viz.kept_tokens(model, clip), out / path)
+            paths[method] = path
+    finally:
+        _install(model, kept)
+    return paths
+
+
 # ---------------------------------------------------------------------------------------- summary
 def _speeds(model: nn.Module, settings: Sequence[Planned], batch: int) -> dict[str, float]:
     """Speed-up over the unreduced model of every plan run (one seed of each random baseline), measured
     in interleaved rounds in this process (`ts.benchmark`)."""
-    from ..bench import benchmark, busy_warning
+    from ..bench import benchmark
 
     plans = list(dict.fromkeys(s for item in settings if item.spec for s in (item.spec, *item.seeds[:1])))
-    results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5)
-    busy = busy_warning(results)
-    if busy:
-        log.warning("%s", busy)
+    log.info("measuring the speed of %d plans (batch %d)", len(plans), batch)
+    results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5)  # warns when busy
     return {canonical(r.plan): r.speedup for r in results}
 
 
@@ -642,7 +702,10 @@ def _correct(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], tuple[f
 
 
 def _settings_table(
-    settings: Sequence[Planned], records: Sequence[dict[str, Any]], ids: Sequence[str], speeds: Mapping[str, float]
+    settings: Sequence[Planned],
+    records: Sequence[dict[str, Any]],
+    ids: Sequence[str],
+    speeds: Mapping[str, float],
 ) -> list[Setting]:
     """Metrics of every setting over the videos every one of its runs (itself, its random seeds) has."""
     hits = _correct(records)
@@ -666,8 +729,11 @@ def _settings_table(
             top5=float(top5.mean()), recall=sum(recall) / len(recall) if recall else None,
         )  # fmt: skip
         if seeds:
-            rand = torch.tensor([[hits[(i, s)][0] for s in seeds] for i in videos]).mean(1)  # (n,) mean of seeds
-            row.update(random_spec=item.random, random_gflops=item.random_gflops, random_top1=float(rand.mean()))
+            rand = torch.tensor([[hits[(i, s)][0] for s in seeds] for i in videos]).mean(
+                1
+            )  # (n,) mean of seeds
+            row.update(random_spec=item.random, random_gflops=item.random_gflops, random_top1=float(rand.mean()),
+                       random_speedup=speeds.get(seeds[0]))  # fmt: skip
             if item.method != "random":
                 ci = paired_bootstrap_ci(top1, rand)
                 row.update(delta=float((top1 - rand).mean()), delta_ci=ci, verdict=verdict(ci))

@@ -1,0 +1,67 @@
+"""The built-in reference model: it loads, its held-out set renders on demand, and its accuracy, its
+GFLOPs and its trained selector's accuracy are what its model card says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve import assets
+from tokensieve.data import VideoDataset, read_list
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory: pytest.TempPathFactory) -> VideoDataset:
+    card = assets.card()
+    listed = assets.heldout(cache=tmp_path_factory.mktemp("cache"))
+    return VideoDataset(read_list(listed), frames=card["set"]["frames"], size=card["set"]["size"], stride=1,
+                        num_classes=card["set"]["classes"])  # fmt: skip
+
+
+def test_heldout_accuracy_is_the_cards(heldout: VideoDataset) -> None:
+    card = assets.card()
+    model = ts.load("builtin:synthetic")
+    assert model.spec is None and not model.training
+    assert len(heldout) == card["heldout"]["videos"]
+    summary = ts.evaluate(model, heldout, batch_size=64, workers=0)
+    assert summary.top1 == pytest.approx(card["heldout_top1"]["none"], abs=1.5 / len(heldout))
+    assert summary.top1 >= 0.9  # what the sweep needs: clearly above chance (25%)
+    assert float(ts.flops(model)) == pytest.approx(card["gflops"], rel=1e-5)
+    assert model.num_params == card["parameters"]
+
+
+def test_trained_selector_reproduces_the_cards_accuracy(heldout: VideoDataset) -> None:
+    card = assets.card()
+    spec = card["selectors"]["stts"]["spec"]
+    model = ts.apply(ts.load("builtin:synthetic"), spec)
+    model.plan[0].load_state_dict(assets.selectors()["stts"])
+    summary = ts.evaluate(model, heldout, batch_size=64, workers=0)
+    assert summary.top1 == pytest.approx(card["heldout_top1"][spec], abs=1.5 / len(heldout))
+
+
+def test_heldout_renders_once(tmp_path: Path) -> None:
+    first = assets.heldout(cache=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert assets.heldout(cache=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert first.parent.parent == tmp_path
+
+
+def test_unknown_builtin_is_refused() -> None:
+    with pytest.raises(
+        ts.InputError, match="unknown built-in model 'builtin:nope'; built-in models: builtin:synthetic"
+    ):
+        ts.load("builtin:nope")
+    with pytest.raises(ts.InputError, match="hub ids only"):
+        ts.load("builtin:synthetic", revision="main")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path / "c"))
+    assert assets.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("TOKENSIEVE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert assets.cache_dir() == tmp_path / "x" / "tokensieve"
+    assert torch.is_tensor(next(iter(assets.selectors()["stts"].values())))
