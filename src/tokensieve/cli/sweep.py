@@ -74,7 +74,7 @@ def sweep_command(
             help="A model as for every command (see --help of eval); default the "
             "built-in reference model trained on the synthetic benchmark.",
         ),
-    ] = DEFAULT,  # fmt: skip
+    ] = DEFAULT,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -83,14 +83,14 @@ def sweep_command(
             help="Video list (as eval takes); default the built-in model's held-out "
             "set, rendered into the cache on first use.",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     methods: Annotated[
         str | None,
         typer.Option(
             help="Comma-separated methods (default every registered one); fixed parameters after "
             "':' joined with ';', e.g. attention:at=2;per_frame=true."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     budgets: Annotated[
         str | None, typer.Option(help="Comma-separated target token ratios in (0, 1), e.g. 0.3,0.5,0.7.")
     ] = None,
@@ -111,7 +111,7 @@ def sweep_command(
             help="A synthetic set's folder, for the foreground recall; default the list's folder when "
             "it holds a synthetic set."
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Views per forward pass.", min=1)
     ] = 32,

@@ -495,7 +495,6 @@ def _sweep(
     speed: bool, speed_batch: int, progress: Progress | None, model_name: str | None,
     header: dict[str, str], examples: bool, began: float,
 ) -> SweepReport:  # fmt: skip
-    cfg = model.config
     device = next(model.parameters()).device
     world = setup(device)
     runs = sorted({canonical(s) for item in settings if item.spec for s in [item.spec, *item.seeds]})
