@@ -15,13 +15,14 @@ What it does (every step seeded; the same files on the same machine and thread c
    the 8 temporal slices: which tokens a method keeps decides whether the model sees the object.
 2. Trains a VideoMAE-layout ViT (8x4x4 tokens of tubelet 2 and 8x8 patches, width 96, depth 4, 4
    heads; 0.3 M parameters) from scratch on the decoded clips (kept in memory after the first epoch;
-   no crops or flips: the direction is the label).
+   no crops or flips: the direction is the label), first on 1000 of them, then on all (`STAGES`,
+   whose comment says why).
 3. Trains STTS's scorer (`stts:T0=0.5`, perturbed top-K with sigma decayed to 0) on the selectors' set
    with the backbone frozen, and keeps its weights (the sweep applies them at every T0).
 4. Evaluates everything on the held-out set and writes `model/` (`ts.save`), `selectors.safetensors`,
    `card.json` and `MODEL_CARD.md` into `--out`.
 
-About 25 minutes on 2 CPU cores (threads fixed at 2).
+About 20 minutes on one CPU core (torch threads fixed at 1).
 """
 
 from __future__ import annotations
@@ -43,21 +44,28 @@ from tokensieve.data import VideoDataset, make_synthetic, read_list
 from tokensieve.data.clips import ClipDataset
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "tokensieve" / "assets" / "synthetic"
-THREADS = 2
+THREADS = 1  # the trajectory of a tiny ViT from scratch depends on the thread count: fix it
 
 SET = dict(
     classes=4, frames=16, size=32, fps=8, partial=True, distractors=3, object_size=[1 / 3.5, 1 / 3],
     texture=0.4, returning=False, visible="action", patch=8, tubelet=2,
 )  # fmt: skip
-TRAIN_SET = dict(videos=6000, seed=1)
+TRAIN_SET = dict(videos=4000, seed=1)
 SELECTOR_SET = dict(videos=1000, seed=2)
 HELDOUT_SET = dict(videos=400, seed=3)
 BACKBONE = dict(
     preset="videomae-tiny", frames=16, size=32, patch=8, tubelet=2, dim=96, depth=4, heads=4, mlp_dim=192,
     num_classes=4, seed=0,
 )  # fmt: skip
-RECIPE = dict(epochs=10, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_epochs=1.0, seed=0)
-STTS = dict(spec="stts:T0=0.5,sigma=0.1", epochs=6, batch_size=32, lr=1e-3, seed=0)
+RECIPE = dict(batch_size=16, lr=5e-4, weight_decay=0.05, warmup_epochs=0.6, seed=0)
+STAGES = ((1000, 16), (4000, 8))
+"""(first N videos of the training set, epochs), each stage with its own warm-up and cosine. A tiny ViT
+from scratch sits at the loss of chance (ln 4) until it finds the motion, and when it does is erratic:
+in single-stage runs after about 950 steps on 1000 clips (82.8% held-out after 2500 steps, overfitted),
+2400 on 4000 clips (65% after 4000), and not within 1500 steps at batch 32 and lr 1e-3. With these
+stages the first (1000 steps) ends still at chance (27.8% held-out) and the second leaves it after
+about 350 steps and ends at 96.2%; 40 epochs on the first 1000 clips alone end at 90.5%."""
+STTS = dict(spec="stts:T0=0.5,sigma=0.1", epochs=5, batch_size=16, lr=1e-3, seed=0)
 CARD_PLANS = ("random:keep=0.5", "random:keep=0.25", "random:keep=0.1")
 
 
@@ -128,7 +136,12 @@ def main() -> None:
         changes = {k: v for k, v in BACKBONE.items() if k not in ("preset", "seed")}
         torch.manual_seed(BACKBONE["seed"])
         model = ts.build(BACKBONE["preset"], **changes)
-        steps = ts.train(model, clips(train_records), workers=0, progress=report(100), **RECIPE).steps
+        steps = 0
+        for count, epochs in STAGES:
+            print(f"   {epochs} epochs on {count} videos", flush=True)
+            steps += ts.train(model, clips(train_records[:count]), workers=0, progress=report(100), epochs=epochs,
+                              **RECIPE).steps  # fmt: skip
+            print(f"   held-out top-1: {100 * top1(model, heldout, None):.1f}%", flush=True)
         backbone_seconds = time.perf_counter() - began
         accuracy = {"none": top1(model, heldout, None)}
         print(f"   held-out top-1 with all tokens: {100 * accuracy['none']:.1f}%", flush=True)
@@ -150,12 +163,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         ts.save(model, args.out / "model")
         save_file(selectors, str(args.out / "selectors.safetensors"))
+        (args.out / "selectors.safetensors").chmod(0o644)  # package data: readable by everyone
         seconds = time.perf_counter() - began
         card = {
             "name": "builtin:synthetic",
             "made": datetime.date.today().isoformat(),
             "made_with": f"benchmarks/train_builtin.py, torch {torch.__version__}, {THREADS} threads, "
-            f"python {platform.python_version()}",
+            f"python {platform.python_version()}, {_cpu()}",
             "seconds": round(seconds),
             "backbone": BACKBONE,
             "parameters": model.num_params,
@@ -164,7 +178,7 @@ def main() -> None:
             "train": TRAIN_SET,
             "selector_train": SELECTOR_SET,
             "heldout": {**SET, **HELDOUT_SET},
-            "recipe": {**RECIPE, "steps": steps, "seconds": round(backbone_seconds)},
+            "recipe": {**RECIPE, "stages": STAGES, "steps": steps, "seconds": round(backbone_seconds)},
             "selectors": {"stts": {**STTS}},
             "heldout_top1": accuracy,
         }
@@ -172,6 +186,12 @@ def main() -> None:
         (args.out / "MODEL_CARD.md").write_text(model_card(card))
         print(json.dumps(accuracy, indent=2))
         print(f"wrote {args.out} in {seconds / 60:.1f} min", flush=True)
+
+
+def _cpu() -> str:
+    from tokensieve.engine.sweep import _cpu as cpu
+
+    return cpu()
 
 
 def model_card(card: dict) -> str:
@@ -184,7 +204,7 @@ A VideoMAE-layout video ViT trained from scratch on tokensieve's synthetic bench
 `tokensieve sweep` answers "which method beats random tokens?" on a fresh CPU machine with no download.
 Load it with `ts.load("builtin:synthetic")`; its held-out set is rendered on demand
 (`tokensieve.assets.heldout`). Reproduce every file here with `python benchmarks/train_builtin.py`
-({card["seconds"] / 60:.0f} minutes on 2 CPU cores; {card["made_with"]}).
+({card["seconds"] / 60:.0f} minutes; {card["made_with"]}).
 
 ## Task
 {card["set"]["classes"]} classes (moving left, right, up, down) of a small saturated object that is in the scene only
@@ -198,9 +218,9 @@ width {b["dim"]}, depth {b["depth"]}, {b["heads"]} heads, MLP {b["mlp_dim"]}: {c
 {card["gflops"]} GFLOPs per clip. Initialised from seed {b["seed"]}.
 
 ## Training
-{card["train"]["videos"]} videos (seed {card["train"]["seed"]}), whole clips, no crop or flip; AdamW, {r["epochs"]} epochs
-({r["steps"]} steps) of batch {r["batch_size"]}, lr {r["lr"]} with {r["warmup_epochs"]} warm-up epoch and cosine decay, weight
-decay {r["weight_decay"]}. STTS's scorer (`{card["selectors"]["stts"]["spec"]}`): {card["selectors"]["stts"]["epochs"]} epochs on
+{card["train"]["videos"]} videos rendered with seed {card["train"]["seed"]}, whole clips, no crop or flip; AdamW in stages
+of (first videos, epochs) {r["stages"]} ({r["steps"]} steps in all) of batch {r["batch_size"]}, each with lr {r["lr"]},
+{r["warmup_epochs"]} warm-up epoch and cosine decay, weight decay {r["weight_decay"]}. STTS's scorer (`{card["selectors"]["stts"]["spec"]}`): {card["selectors"]["stts"]["epochs"]} epochs on
 {card["selector_train"]["videos"]} other videos (seed {card["selector_train"]["seed"]}), backbone frozen, lr {card["selectors"]["stts"]["lr"]}.
 
 ## Held-out accuracy

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 from typer.testing import CliRunner
 
-from tokensieve import PRESETS
+from tokensieve import PRESETS, assets
 from tokensieve.bench import BenchResult, busy_warning
 from tokensieve.cli import app, measure
 from tokensieve.data.synthetic import make_synthetic
@@ -82,6 +82,9 @@ def test_info_lists_presets_and_methods() -> None:
     assert videomae_b["params_m"] == pytest.approx(86.5, abs=0.5)
     assert videomae_b["gflops"] == pytest.approx(180.5, abs=1.0)
     assert doc["versions"]["torch"]
+    (builtin,) = doc["builtin_models"]
+    assert builtin["name"] == "builtin:synthetic" and "builtin:synthetic" in result.stdout
+    assert builtin["heldout_top1"] == assets.card()["heldout_top1"]["none"]
 
 
 def test_local_checkpoint_directory(tmp_path: Path) -> None:

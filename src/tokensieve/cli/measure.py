@@ -46,6 +46,7 @@ from .common import (
     echo_json,
     gflops_text,
     num_column,
+    percent_text,
     resolve_model,
     usage_errors,
 )
@@ -232,8 +233,21 @@ def _presets() -> list[dict[str, Any]]:
 
 
 @app.command()
+def _builtins() -> list[dict[str, object]]:
+    from .. import assets
+
+    rows = []
+    for name in assets.BUILTINS:
+        card = assets.card(name)
+        rows.append({
+            "name": name, "input": f"{card['set']['frames']}x{card['set']['size']}", "classes": card["set"]["classes"],
+            "heldout_top1": card["heldout_top1"]["none"], "what": "trained on the synthetic benchmark; tokensieve sweep's default",
+        })  # fmt: skip
+    return rows
+
+
 def info(as_json: JsonOption = False) -> None:
-    """Presets, methods with their parameters, and library versions."""
+    """Presets, built-in trained models, methods with their parameters, and library versions."""
     versions = {
         "tokensieve": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
         "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
@@ -243,8 +257,9 @@ def info(as_json: JsonOption = False) -> None:
         {"name": name, "summary": (inspect.getdoc(cls) or "").split("\n")[0], "params": _method_params(cls)}
         for name, cls in sorted(REGISTRY.items())
     ]
+    builtins = _builtins()
     if as_json:
-        echo_json({"versions": versions, "presets": presets, "methods": methods})
+        echo_json({"versions": versions, "presets": presets, "builtin_models": builtins, "methods": methods})
         return
     console = Console()
     libraries = [f"{k} {v or '(not installed)'}" for k, v in versions.items() if k != "torch_threads"]
@@ -261,6 +276,13 @@ def info(as_json: JsonOption = False) -> None:
             f"{p['params_m']:.1f}" if p["params_m"] >= 1 else f"{p['params_m']:.3f}",
             gflops_text(p["gflops"]),
         )  # fmt: skip
+    console.print(table)
+    table = compact_table(
+        Column("built-in model", no_wrap=True), num_column("input"), num_column("classes"),
+        num_column("held-out top-1"), "what", title="Built-in trained models (--model NAME; no download)",
+    )  # fmt: skip
+    for b in builtins:
+        table.add_row(b["name"], b["input"], str(b["classes"]), percent_text(b["heldout_top1"]), b["what"])
     console.print(table)
     table = compact_table(
         Column("method", no_wrap=True), "parameters (default)", "summary",

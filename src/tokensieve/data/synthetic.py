@@ -252,7 +252,7 @@ def _codec() -> str:
 
 def _encode(path: Path, video: np.ndarray, *, fps: int, codec: str) -> None:
     """Write (F, S, S, 3) uint8 RGB frames to `path` (an .mp4) through a temporary name and a rename."""
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two writers of one set never share it
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
             opts = (
@@ -275,7 +275,7 @@ def _encode(path: Path, video: np.ndarray, *, fps: int, codec: str) -> None:
 
 
 def _write_text(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two writers of one set never share it
     tmp.write_text("".join(f"{line}\n" for line in lines))
     os.replace(tmp, path)
 
@@ -438,7 +438,7 @@ def make_synthetic(
             "patch": patch,
             "tubelet": tubelet,
         }
-        tmp = out / "truth" / f".{vid}.pt.partial"
+        tmp = out / "truth" / f".{vid}.pt.{os.getpid()}.partial"
         torch.save(truth, tmp)
         os.replace(tmp, out / "truth" / f"{vid}.pt")
         _encode(out / "videos" / f"{vid}.mp4", video, fps=fps, codec=codec)

@@ -448,7 +448,7 @@ def sweep(
     apply(model, None)
     try:
         log.info("choosing the settings of %d methods at %d budgets and their random baselines",
-                 len(methods), len(set(budgets)))  # fmt: skip
+                 len([m for m in methods if not m.startswith("none")]), len(set(budgets)))  # fmt: skip
         settings = plan_settings(model, methods, sorted(set(budgets)), selectors=selectors, seeds=seeds)
         return _sweep(model, dataset, settings, out=out, selectors=selectors, batch_size=batch_size,
                       workers=workers, truth=Path(truth) if truth is not None else None, speed=speed,
