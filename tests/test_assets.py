@@ -65,3 +65,23 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert assets.cache_dir() == tmp_path / "x" / "tokensieve"
     assert torch.is_tensor(next(iter(assets.selectors()["stts"].values())))
+
+
+def test_the_cli_gives_a_built_in_model_its_trained_selector(heldout: VideoDataset, tmp_path: Path) -> None:
+    """`tokensieve eval --model builtin:synthetic --plan stts:...` runs the shipped scorer, not a fresh one."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokensieve.cli import app
+
+    card = assets.card()
+    spec = card["selectors"]["stts"]["spec"]
+    listed = assets.heldout(cache=tmp_path)
+    args = ["eval", "--model", "builtin:synthetic", "--data", str(listed), "--plan", spec, "--stride", "1",
+            "--workers", "0", "--batch-size", "64", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top1"] == pytest.approx(
+        card["heldout_top1"][spec], abs=1.5 / len(heldout)
+    )

@@ -104,6 +104,12 @@ def test_learned_methods_need_trained_weights() -> None:
     ts.apply(model, None)
     settings = plan_settings(model, ["stts"], [0.5], selectors=trained)
     assert settings[1].spec == "stts:T0=0.5" and settings[1].refused is None
+    # weights of another selection (two scorers) do not fit a one-selection plan: refused, not crashed
+    ts.apply(model, "stts:T0=0.5,S1=0.5")
+    two = {"stts": model.plan[0].state_dict()}
+    ts.apply(model, None)
+    (_, item) = plan_settings(model, ["stts"], [0.5], selectors=two)
+    assert item.spec is None and "weights do not fit stts:T0=0.5" in item.refused
 
 
 def test_canonical_fills_defaults() -> None:

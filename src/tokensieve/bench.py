@@ -155,7 +155,9 @@ class PlanState:
         return [m for slot in (*self.slots, *self.inner) for m in slot.modules() if isinstance(m, At)]
 
 
-def _installed(model: VideoBackbone) -> PlanState:
+def capture_plan(model: VideoBackbone) -> PlanState:
+    """What `apply` installed into `model`, to put back later with `restore_plan` (the sweep and the
+    benchmark swap plans this way)."""
     return PlanState(
         slots=tuple(model.reducers), inner=tuple(block.inner for block in model.blocks),
         records=tuple(block.record for block in model.blocks), plan=model.plan, spec=model.spec,
@@ -163,8 +165,8 @@ def _installed(model: VideoBackbone) -> PlanState:
     )  # fmt: skip
 
 
-def _install(model: VideoBackbone, state: PlanState) -> None:
-    """Put back a plan captured by `_installed` (the same reducer objects, so no re-initialisation)."""
+def restore_plan(model: VideoBackbone, state: PlanState) -> None:
+    """Put back a plan captured by `capture_plan` (the same reducer objects, so no re-initialisation)."""
     for p, reducer in enumerate(state.slots):
         model.reducers[p] = reducer
     for block, inner, record in zip(model.blocks, state.inner, state.records, strict=True):
@@ -351,7 +353,7 @@ def benchmark(
         torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext()
     )
 
-    original, was_training = _installed(model), model.training
+    original, was_training = capture_plan(model), model.training
     model.eval()
     results: list[BenchResult] = []
     try:
@@ -361,7 +363,7 @@ def benchmark(
             gflops: list[float] = []
             for spec in specs:
                 apply(model, spec)
-                installed.append(_installed(model))
+                installed.append(capture_plan(model))
                 log.info("counting GFLOPs of plan %r", spec)
                 gflops.append(float(flops(model, video=sample)))
 
@@ -373,7 +375,7 @@ def benchmark(
             for batch in batch_sizes:
                 video = _random_video(model, batch=batch, frames=frames, size=size, device=device)
                 times, in_reducers = _timed_rounds(
-                    len(specs), install=lambda i: _install(model, installed[i]), run=functools.partial(run, video),
+                    len(specs), install=lambda i: restore_plan(model, installed[i]), run=functools.partial(run, video),
                     warmup=warmup, repeats=repeats, device=device, label=f"batch {batch}, {len(specs)} plan(s)",
                     clock=clock,
                 )  # fmt: skip
@@ -397,7 +399,7 @@ def benchmark(
         if warning := busy_warning(results):
             log.warning("%s", warning)
     finally:
-        _install(model, original)
+        restore_plan(model, original)
         model.train(was_training)
     return results
 

@@ -30,7 +30,10 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["BUILTINS", "DEFAULT", "cache_dir", "card", "folder", "heldout", "is_builtin", "load", "selectors"]
+__all__ = [
+    "BUILTINS", "DEFAULT", "cache_dir", "card", "folder", "heldout", "install_selectors", "is_builtin", "load",
+    "selectors",
+]  # fmt: skip
 
 ROOT = Path(__file__).parent
 PREFIX = "builtin:"
@@ -79,6 +82,28 @@ def selectors(name: str = DEFAULT) -> dict[str, dict[str, Tensor]]:
         method, _, param = key.partition(".")
         found.setdefault(method, {})[param] = tensor
     return found
+
+
+def install_selectors(model: Any, name: str = DEFAULT) -> list[str]:
+    """Give the learned reducers of `model`'s installed plan the trained weights `name` ships for their
+    method, where they fit (a plan of another shape keeps its fresh weights, with a warning). Returns
+    the methods that got trained weights."""
+    import logging
+
+    trained, done = selectors(name), []
+    for reducer in getattr(model, "plan", []):
+        weights = trained.get(reducer.name)
+        if weights is None:
+            continue
+        try:
+            reducer.load_state_dict(weights)
+        except RuntimeError:
+            logging.getLogger(__name__).warning(
+                "%s's trained %s weights do not fit %s; it runs untrained", name, reducer.name, model.spec
+            )
+            continue
+        done.append(reducer.name)
+    return done
 
 
 def cache_dir() -> Path:

@@ -176,17 +176,23 @@ def resolve_model(
         raise UsageError(f"cannot load {name!r}: {type(err).__name__}: {err}") from err
 
 
-def install_plan(net: VideoBackbone, plan: str | None) -> VideoBackbone:
+def install_plan(net: VideoBackbone, plan: str | None, *, model: str | None = None) -> VideoBackbone:
     """Install `--plan` on a resolved model, keeping the model's own plan when it is the same.
 
     No `--plan` keeps whatever plan the model came with (a saved model's or a training run's, with
     its trained reducers; none for a preset). A spec equal to the model's own (parsed: "T0=0.5" and
     "T0=.5" are the same) keeps the installed reducers too; installing it afresh would replace
-    trained selectors with untrained ones. Any other spec replaces the plan.
+    trained selectors with untrained ones. Any other spec replaces the plan. On a built-in model
+    (`model` names it), learned methods get the trained weights it ships (`assets.install_selectors`).
     """
     if plan is None or parse(plan) == parse(net.spec or "none"):
         return net
-    return apply(net, plan)
+    apply(net, plan)
+    if model is not None and is_builtin(model):
+        from ..assets import install_selectors
+
+        install_selectors(net, model)
+    return net
 
 
 def check_dtype(dtype: str) -> None:

@@ -90,7 +90,7 @@ def eval_command(
         chosen = parse_views(views)
         records, names = load_records(data, root=root, multilabel=multilabel)
         net = resolve_model(model, frames=None, size=None)
-        install_plan(net, plan)
+        install_plan(net, plan, model=model)
         if not records:
             raise UsageError(f"{data} lists no videos: nothing to evaluate")
         dataset = VideoDataset(

@@ -232,7 +232,6 @@ def _presets() -> list[dict[str, Any]]:
     return rows
 
 
-@app.command()
 def _builtins() -> list[dict[str, object]]:
     from .. import assets
 
@@ -241,11 +240,12 @@ def _builtins() -> list[dict[str, object]]:
         card = assets.card(name)
         rows.append({
             "name": name, "input": f"{card['set']['frames']}x{card['set']['size']}", "classes": card["set"]["classes"],
-            "heldout_top1": card["heldout_top1"]["none"], "what": "trained on the synthetic benchmark; tokensieve sweep's default",
+            "heldout_top1": card["heldout_top1"]["none"], "what": "tokensieve sweep's default",
         })  # fmt: skip
     return rows
 
 
+@app.command()
 def info(as_json: JsonOption = False) -> None:
     """Presets, built-in trained models, methods with their parameters, and library versions."""
     versions = {

@@ -41,7 +41,7 @@ def show_command(
             raise UsageError(f"--out must end in .png or .gif, got {out}")
         if not video.is_file():
             raise UsageError(f"no such video: {video}")
-        net = install_plan(resolve_model(model, frames=None, size=None), plan).eval()
+        net = install_plan(resolve_model(model, frames=None, size=None), plan, model=model).eval()
         cfg = net.config
         # The evaluation's single view: `frames` segments, one frame each, short side resized, centre crop.
         clips = VideoDataset(

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..bench import PlanState, _install, _installed
+from ..bench import PlanState, capture_plan, restore_plan
 from ..data.datasets import VideoDataset
 from ..data.synthetic import load_truth
 from ..data.transforms import normalize
@@ -54,7 +54,7 @@ from ..reducers.plan import schedule, spec_parameters
 from ..tokens import TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
 from .evaluate import _Todo, check_fits, model_checksum
-from .report import Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
+from .report import RANDOM_SEEDS, Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
 from .results import Provenance, RecordWriter, merge, read_done, record_key, start_run
 
 __all__ = [
@@ -73,8 +73,8 @@ log = logging.getLogger(__name__)
 
 BUDGETS: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
 """Default target token ratios."""
-SEEDS = 3
-"""Seeds of the matched random baseline."""
+SEEDS = RANDOM_SEEDS
+"""Seeds of the matched random baseline (the report's reading guide says how many)."""
 MATCH_TOLERANCE = 0.005
 """The matched random baseline's GFLOPs are within this fraction of the setting's."""
 BUDGET_TOLERANCE = 0.1
@@ -273,6 +273,19 @@ def _learned(base: str, model: nn.Module) -> bool:
     return any(True for _ in reducer.parameters())
 
 
+def _check_trained(model: nn.Module, spec: str, trained: Mapping[str, Tensor]) -> None:
+    """Refuse trained weights whose names or shapes do not fit the reducer of `spec`."""
+    reducer = make_plan(spec)[0]
+    reducer.setup(model)
+    wanted = {k: tuple(v.shape) for k, v in reducer.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in trained.items()}
+    if wanted != given:
+        differ = sorted(k for k in wanted.keys() | given.keys() if wanted.get(k) != given.get(k))
+        raise InputError(
+            f"the trained {reducer.name} weights do not fit {spec} ({', '.join(differ[:3])} differ)"
+        )
+
+
 def plan_settings(
     model: nn.Module,
     methods: Sequence[str],
@@ -305,8 +318,11 @@ def plan_settings(
             try:
                 item.spec, item.ratio = spec_at_budget(model, base.strip(), budget)
                 item.gflops = count(item.spec)
+                if method in (selectors or {}):
+                    _check_trained(model, item.spec, (selectors or {})[method])
             except InputError as err:
                 item.refused = str(err)
+                item.spec = None
                 continue
             item.random = matched_random(model, item.gflops, count)
             item.random_gflops = count(item.random)
@@ -353,7 +369,7 @@ def _install_all(
                     reducer.load_state_dict(trained)
                 except RuntimeError as err:
                     raise InputError(f"the trained {reducer.name} weights do not fit {spec}: {err}") from None
-        states[spec] = _installed(model)
+        states[spec] = capture_plan(model)
     return states
 
 
@@ -438,13 +454,13 @@ def sweep(
     selectors = {**own, **(selectors or {})}
     methods = list(methods) if methods is not None else sorted(REGISTRY)
     for base in methods:  # bad names and parameters before anything runs
-        ((method, given),) = parse(base)
-        key = REGISTRY[method].budget
-        if len(base.split("+")) > 1 or (key is not None and key in given):
+        parsed = parse(base)
+        key = REGISTRY[parsed[0][0]].budget
+        if len(parsed) > 1 or (key is not None and key in parsed[0][1]):
             raise InputError(
                 f"{base}: give one method and leave {key or 'its budget'} out; the sweep sets it"
             )
-    kept = _installed(model)
+    kept = capture_plan(model)
     apply(model, None)
     try:
         log.info("choosing the settings of %d methods at %d budgets and their random baselines",
@@ -455,7 +471,7 @@ def sweep(
                       speed_batch=speed_batch or batch_size, progress=progress, model_name=model_name,
                       header=dict(header or {}), examples=examples, began=began)  # fmt: skip
     finally:
-        _install(model, kept)
+        restore_plan(model, kept)
 
 
 def _checksum(model: nn.Module, selectors: Mapping[str, Mapping[str, Tensor]]) -> str:
@@ -560,7 +576,7 @@ def _run(
         if progress is not None:
             progress(0, 0)
         return 0.0, time.perf_counter() - began
-    kept = _installed(model)
+    kept = capture_plan(model)
     was_training = model.training
     model.eval()  # first: the reducers `_install_all` creates take the model's mode
     states = _install_all(model, runs, selectors)
@@ -604,7 +620,7 @@ def _run(
             flush()
     finally:
         writer.close()
-        _install(model, kept)
+        restore_plan(model, kept)
         model.train(was_training)
     return waited, time.perf_counter() - began
 
@@ -623,7 +639,7 @@ def _run_batch(
     for spec in dict.fromkeys(s for v in batch for s in v.todo):
         rows = [i for i, v in enumerate(batch) if spec in v.todo]
         take = torch.isin(owner, torch.tensor(rows))
-        _install(model, states[spec])
+        restore_plan(model, states[spec])
         with torch.inference_mode():
             state = model.forward_features(x[take], trace=truth is not None)
             probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
@@ -664,16 +680,16 @@ def _examples(
         ran = sorted((s for s in settings if s.method == method and s.spec), key=lambda s: s.budget or 0.0)
         if ran:
             chosen[method] = ran[len(ran) // 2]
-    kept, paths = _installed(model), {}
+    kept, paths = capture_plan(model), {}
     try:
         for method, item in chosen.items():
             assert item.spec is not None
-            _install(model, _install_all(model, [item.spec], selectors)[item.spec])
+            restore_plan(model, _install_all(model, [item.spec], selectors)[item.spec])
             path = f"examples/{method}.png"
             viz.save(viz.kept_tokens(model, clip), out / path)
             paths[method] = path
     finally:
-        _install(model, kept)
+        restore_plan(model, kept)
     return paths
 
 
