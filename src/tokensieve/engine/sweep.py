@@ -125,7 +125,10 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
         InputError: the method has no budget parameter, cannot run on `model` at any setting, or its
             nearest setting misses `budget` by more than `BUDGET_TOLERANCE` (naming the nearest).
     """
-    (method, given), = parse(base)  # fmt: skip
+    parsed = parse(base)
+    if len(parsed) != 1:
+        raise InputError(f"{base}: give one method; the sweep sets its budget")
+    method, given = parsed[0]
     cls = REGISTRY[method]
     key = cls.budget
     if key is None:
