@@ -106,3 +106,34 @@ def test_data_is_needed_for_another_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sweep", "--model", "videomae-tiny", "--out", str(tmp_path)], env=WIDE)
     assert result.exit_code == 2
     assert "--data is needed for a model other than a built-in one" in result.stderr
+
+
+def test_torchrun_two_processes_match_one(synth: Path, tmp_path: Path) -> None:
+    """Under torchrun the videos split over the processes; the records and the summary equal one
+    process's (random draws are keyed by clip, so the split changes nothing)."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out: Path, procs: int) -> dict:
+        args = ["sweep", "--model", "videomae-tiny", "--data", str(synth), "--out", str(out), "--workers", "0",
+                "--stride", "1", "--methods", "random,tome", "--budgets", "0.7", "--seeds", "2", "--no-speed",
+                "--no-examples", "--batch-size", str(2 + procs), "--json"]  # fmt: skip
+        launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--standalone", "-m", "tokensieve"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+        done = subprocess.run([sys.executable, *launch, *args], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    for a, b in zip(one["settings"], two["settings"], strict=True):
+        assert (a["spec"], a["top1"], a["recall"], a["random_top1"], a["delta"]) == pytest.approx(
+            (b["spec"], b["top1"], b["recall"], b["random_top1"], b["delta"])
+        )
+    from tokensieve.engine.results import read_results
+
+    key = lambda r: (r["setting"], r["id"])  # noqa: E731
+    a = sorted(read_results(tmp_path / "one" / "results.jsonl")[1], key=key)
+    b = sorted(read_results(tmp_path / "two" / "results.jsonl")[1], key=key)
+    assert [key(r) for r in a] == [key(r) for r in b] and len({key(r) for r in b}) == len(b)
+    assert not (tmp_path / "two" / "results.jsonl.parts").exists()
