@@ -273,3 +273,17 @@ def test_terminal_table_renders_every_setting() -> None:
     styled = console.export_html(inline_styles=True)  # rich's standard green, yellow and red
     for colour, word in (("#008000", BEATS), ("#808000", INDISTINGUISHABLE), ("#800000", WORSE)):
         assert re.search(f"color: {colour}[^>]*>{word} *<", styled), word
+
+
+def test_a_random_baseline_off_by_more_than_half_a_percent_is_marked(tmp_path: Path) -> None:
+    def row(method: str, random_gflops: float) -> Setting:
+        return Setting(method, 0.25, f"{method}:keep=0.2", gflops=0.0152, top1=0.9, top1_ci=(0.85, 0.95),
+                       random_spec="random:keep=0.25,at=0", random_gflops=random_gflops, random_top1=0.6,
+                       delta=0.3, delta_ci=(0.25, 0.35), verdict="beats random")  # fmt: skip
+
+    ref = Setting("none", None, "none", gflops=0.0555, top1=0.96, top1_ci=(0.94, 0.98))
+    write_report(SweepReport([ref, row("stts", 0.0151), row("uniform", 0.01515)], {}, {}), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    marked = [line for line in md.splitlines() if "†" in line]
+    assert len(marked) == 2  # the stts row (0.66% off) and its note; uniform (0.33% off) is not marked
+    assert marked[0].startswith("| stts |") and "-0.66% from the method's" in marked[1]

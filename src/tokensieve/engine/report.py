@@ -335,6 +335,19 @@ _GUIDE = (
 )
 
 
+MATCHED = 0.005
+"""The matched random baseline's GFLOPs should be within this fraction of the setting's; the report
+marks a setting where the token granularity did not allow it."""
+
+
+def _mismatch(s: Setting) -> float | None:
+    """The relative GFLOPs difference of `s`'s random baseline when above `MATCHED`, else None."""
+    if s.random_gflops is None or not s.gflops:
+        return None
+    off = s.random_gflops / s.gflops - 1
+    return off if abs(off) > MATCHED else None
+
+
 def _budget_section(budget: float, rows: list[Setting]) -> list[str]:
     ran = [s for s in rows if s.refused is None]
     refused = [s for s in rows if s.refused is not None]
@@ -345,15 +358,25 @@ def _budget_section(budget: float, rows: list[Setting]) -> list[str]:
             f"| random top-1 % | Δ vs random, points [{LEVEL:.0%} CI] | verdict |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
+        notes = []
         for s in ran:
             plan = f"`{s.spec}`" if s.spec else "-"
+            rand = _pct(s.random_top1)
+            off = _mismatch(s)
+            if off is not None:
+                notes.append(
+                    f"- † {_md(s.method)}: the nearest random token count, `{s.random_spec}`, costs "
+                    f"{_gflops(s.random_gflops)} GFLOPs, {100 * off:+.2f}% from the method's (a token is a "
+                    "coarse step on a small model)"
+                )
+                rand += " †"
             cells = (
                 _md(s.method), plan, _pct_ci(s.top1, s.top1_ci), _pct(s.top5), _gflops(s.gflops),
-                _speedup(s.speedup), _pct(s.recall), _pct(s.random_top1), _points_ci(s.delta, s.delta_ci),
+                _speedup(s.speedup), _pct(s.recall), rand, _points_ci(s.delta, s.delta_ci),
                 s.verdict or ("baseline" if s.method == BASELINE else "-"),
             )  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *notes, *([""] if notes else [])]
     else:
         lines += ["No method ran at this budget.", ""]
     lines += [f"- {_md(s.method)}: refused — {_md(s.refused or '')}" for s in refused]

@@ -451,7 +451,7 @@ def start_run(out: Path, provenance: Provenance) -> RunLock:
                 continue
             differ = provenance.differences(Provenance.from_header(header, path))
             if differ:
-                count = len(read_done(out))
+                count = len({record["id"] for record in read_done(out).values()})  # a sweep's: many per video
                 state = ", unfinished" if parts_dir(out).exists() else ""
                 raise InputError(
                     f"{out} holds results of another run ({count} video{'s' * (count != 1)}{state}); "

@@ -54,7 +54,7 @@ from ..reducers.plan import schedule, spec_parameters
 from ..tokens import TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
 from .evaluate import _Todo, check_fits, model_checksum
-from .report import RANDOM_SEEDS, Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
+from .report import MATCHED, RANDOM_SEEDS, Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
 from .results import Provenance, RecordWriter, merge, read_done, record_key, start_run
 
 __all__ = [
@@ -75,8 +75,9 @@ BUDGETS: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
 """Default target token ratios."""
 SEEDS = RANDOM_SEEDS
 """Seeds of the matched random baseline (the report's reading guide says how many)."""
-MATCH_TOLERANCE = 0.005
-"""The matched random baseline's GFLOPs are within this fraction of the setting's."""
+MATCH_TOLERANCE = MATCHED
+"""The matched random baseline's GFLOPs are within this fraction of the setting's where a token count
+allows it (else the nearest, with a warning and a mark in the report)."""
 BUDGET_TOLERANCE = 0.1
 """A method whose nearest setting misses the budget's token ratio by more than this is refused."""
 SWEEP_PLAN = "sweep"
