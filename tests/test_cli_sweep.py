@@ -119,9 +119,19 @@ def test_torchrun_two_processes_match_one(synth: Path, tmp_path: Path) -> None:
         args = ["sweep", "--model", "videomae-tiny", "--data", str(synth), "--out", str(out), "--workers", "0",
                 "--stride", "1", "--methods", "random,tome", "--budgets", "0.7", "--seeds", "2", "--no-speed",
                 "--no-examples", "--batch-size", str(2 + procs), "--json"]  # fmt: skip
-        launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--standalone", "-m", "tokensieve"]
+        launch = [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(procs),
+            "--standalone",
+            "-m",
+            "tokensieve",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-        done = subprocess.run([sys.executable, *launch, *args], capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(
+            [sys.executable, *launch, *args], capture_output=True, text=True, env=env, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
 
