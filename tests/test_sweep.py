@@ -204,3 +204,22 @@ def test_decode_once(synthetic: Path, tmp_path: Path, monkeypatch: pytest.Monkey
           budgets=[0.5, 0.7], workers=0, speed=False, seeds=2)  # fmt: skip
     assert sorted(loads) == list(range(6))
     assert sweep_module.SEEDS == 3
+
+
+def test_a_models_own_trained_plan_is_swept_and_put_back(synthetic: Path, tmp_path: Path) -> None:
+    """A model that comes with a learned plan (a training run) sweeps that method with its weights at
+    every budget, and keeps its plan."""
+    model = ts.apply(_model(), "stts:T0=0.5")
+    with torch.no_grad():
+        for p in model.plan.parameters():
+            p.normal_()  # "trained": anything but the fresh initialisation
+    scorer = {k: v.clone() for k, v in model.plan[0].state_dict().items()}
+    report = sweep(model, _dataset(synthetic), out=tmp_path, methods=["stts"], budgets=[0.5], workers=0,
+                   speed=False, seeds=1)  # fmt: skip
+    (item,) = [s for s in report.settings if s.method == "stts"]
+    assert item.refused is None and item.spec == "stts:T0=0.5"
+    alone = ts.evaluate(model, _dataset(synthetic), workers=0)  # its own plan, its own weights
+    assert item.top1 == pytest.approx(alone.top1)
+    assert model.spec == "stts:T0=0.5"
+    for k, v in model.plan[0].state_dict().items():
+        torch.testing.assert_close(v, scorer[k], rtol=0, atol=0)
