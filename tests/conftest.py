@@ -19,3 +19,19 @@ def tiny_video(
 
     cfg = preset(name)
     return torch.randn(batch, cfg.frames, cfg.channels, cfg.size, cfg.size, dtype=dtype)
+
+
+def interrupt_after_records(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Make the results writer raise KeyboardInterrupt (Ctrl-C) when asked for record `count` + 1, after
+    writing the first `count` whole: a run killed in the middle (`monkeypatch.undo()` ends it)."""
+    from tokensieve.engine.results import RecordWriter
+
+    real, written = RecordWriter.write, []
+
+    def write(self, record: dict) -> None:  # type: ignore[no-untyped-def]
+        if len(written) == count:
+            raise KeyboardInterrupt
+        written.append(record)
+        real(self, record)
+
+    monkeypatch.setattr(RecordWriter, "write", write)

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 from typer.testing import CliRunner
 
+from conftest import interrupt_after_records
 from tokensieve import PRESETS, assets
 from tokensieve.bench import BenchResult, busy_warning
 from tokensieve.cli import app, measure
@@ -492,18 +493,8 @@ def test_eval_os_errors_are_one_line_and_leave_nothing(
 
 
 def test_eval_ctrl_c_says_how_to_resume(synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokensieve.engine.results import RecordWriter
-
-    out, written = tmp_path / "r.jsonl", []
-    real = RecordWriter.write
-
-    def write(self, record: dict) -> None:
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(record)
-        real(self, record)
-
-    monkeypatch.setattr(RecordWriter, "write", write)
+    out = tmp_path / "r.jsonl"
+    interrupt_after_records(monkeypatch, 2)
     result = _eval(synth, out, "--views", "2x3")
     assert result.exit_code == 130 and "Traceback" not in result.output
     # the last line (after the progress bar's last state, printed when not on a terminal)

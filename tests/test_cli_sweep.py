@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import interrupt_after_records
 from tokensieve.cli import app
 from tokensieve.data.synthetic import make_synthetic
 
@@ -59,18 +60,8 @@ def test_sweep_fits_80_columns(synth: Path, tmp_path: Path) -> None:
 def test_sweep_ctrl_c_says_how_to_resume(
     synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tokensieve.engine.results import RecordWriter
-
-    out, written = tmp_path / "sweep", []
-    real = RecordWriter.write
-
-    def write(self, record: dict) -> None:
-        if len(written) == 7:
-            raise KeyboardInterrupt
-        written.append(record)
-        real(self, record)
-
-    monkeypatch.setattr(RecordWriter, "write", write)
+    out = tmp_path / "sweep"
+    interrupt_after_records(monkeypatch, 7)
     result = _sweep(synth, out, "--no-speed", "--no-examples")
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert result.stderr.splitlines()[-1] == (

@@ -52,6 +52,7 @@ __all__ = [
     "percent_text",
     "progress_bar",
     "resolve_model",
+    "resumable_run",
     "usage_errors",
     "write_json",
 ]
@@ -211,6 +212,40 @@ def progress_bar(label: str, *, show: bool) -> Progress:
         TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"), console=Console(stderr=True), disable=not show,
     )  # fmt: skip
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+@contextlib.contextmanager
+def resumable_run(
+    label: str, *, show: bool, resume_hint: Callable[[], str]
+) -> Iterator[tuple[Progress, Callable[[int, int, str], None]]]:
+    """The progress display of a resumable run (`eval`, `sweep`): a bar shown from the first
+    `update(done, total, status)` (a run refused at its start prints its error alone) and stopped when
+    the run ends; Ctrl-C prints one line, "interrupted: <resume_hint()>" (where `show`), and exits with
+    `EXIT_INTERRUPTED`."""
+    bar = progress_bar(label, show=show)
+    task = bar.add_task(label, total=None, status="", start=False)
+
+    def update(done: int, total: int, status: str) -> None:
+        if not bar.live.is_started:
+            bar.start()
+            bar.start_task(task)
+        bar.update(task, completed=done, total=total, status=status)
+
+    try:
+        try:
+            yield bar, update
+        finally:
+            if bar.live.is_started:
+                bar.stop()
+    except KeyboardInterrupt:
+        if show:
+            Console(stderr=True).print(
+                f"[yellow]interrupted:[/yellow] {escape(resume_hint())}", highlight=False, soft_wrap=True
+            )
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
 
 
 @contextlib.contextmanager

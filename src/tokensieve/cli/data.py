@@ -33,8 +33,8 @@ from .common import (
     log_to,
     parse_views,
     percent_text,
-    progress_bar,
     resolve_model,
+    resumable_run,
     usage_errors,
     write_json,
 )
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from ..engine.evaluate import EvalSummary
 
 EXIT_FAILED = 1  # nothing evaluated, or --strict and a video failed; 2 is bad input (usage_errors)
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _engine_log_to(console: Console) -> contextlib.AbstractContextManager[None]:
@@ -98,33 +97,14 @@ def eval_command(
             stride=stride, num_classes=len(names) if names else None, class_names=names,
         )  # fmt: skip
         world = setup(next(net.parameters()).device)
-        bar = progress_bar("eval", show=world.is_main)
-        task = bar.add_task("eval", total=None, status="", start=False)
-
-        def progress(done: int, total: int, clips_per_s: float) -> None:
-            # Shown from the first call, once `out` is checked: a refused run prints its error alone.
-            if not bar.live.is_started:
-                bar.start()
-                bar.start_task(task)
-            bar.update(task, completed=done, total=total, status=f"{clips_per_s:.2f} clips/s")
-
-        try:
+        hint = lambda: _resume_hint(out, records)  # noqa: E731
+        with resumable_run("eval", show=world.is_main, resume_hint=hint) as (bar, update):
             with _engine_log_to(bar.console) if world.is_main else contextlib.nullcontext():
-                try:
-                    summary = evaluate(
-                        net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
-                        progress=progress, model_name=model,
-                    )  # fmt: skip
-                finally:
-                    if bar.live.is_started:
-                        bar.stop()
-        except KeyboardInterrupt:
-            if world.is_main:
-                Console(stderr=True).print(
-                    f"[yellow]interrupted:[/yellow] {escape(_resume_hint(out, records))}", highlight=False,
-                    soft_wrap=True,
+                summary = evaluate(
+                    net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
+                    progress=lambda done, total, rate: update(done, total, f"{rate:.2f} clips/s"),
+                    model_name=model,
                 )  # fmt: skip
-            raise typer.Exit(code=EXIT_INTERRUPTED) from None
         if not world.is_main:
             return
         doc = {"model": model, "data": str(data), **summary.to_dict()}

@@ -25,13 +25,11 @@ from .common import (
     echo_json,
     log_to,
     parse_views,
-    progress_bar,
     resolve_model,
+    resumable_run,
     usage_errors,
     write_json,
 )
-
-EXIT_INTERRUPTED = 130
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -162,39 +160,25 @@ def sweep_command(
             stride=stride or 4, num_classes=len(names) if names else None, class_names=names,
         )  # fmt: skip
         command = shlex.join(["tokensieve", *sys.argv[1:]])
-        bar = progress_bar("sweep", show=world.is_main)
-        task = bar.add_task("sweep", total=None, status="", start=False)
+        hint = lambda: f"{_recorded(out)}; rerun the same command to resume"  # noqa: E731
+        with resumable_run("sweep", show=world.is_main, resume_hint=hint) as (bar, update):
+            lines = console_lines(bar.console)
 
-        def progress(done: int, total: int) -> None:
-            if not bar.live.is_started:
-                bar.start()
-                bar.start_task(task)
-            bar.update(task, completed=done, total=total, status="(video, setting) results")
+            def steps_and_warnings(record: logging.LogRecord) -> None:
+                if record.levelno >= logging.WARNING or record.name.startswith("tokensieve.engine"):
+                    lines(record)
 
-        lines = console_lines(bar.console)
-
-        def steps_and_warnings(record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING or record.name.startswith("tokensieve.engine"):
-                lines(record)
-
-        show = log_to("tokensieve", logging.INFO, steps_and_warnings)
-        try:
-            with show if world.is_main else contextlib.nullcontext():
-                try:
-                    report = sweep(
-                        net, dataset, out=out, methods=method_list, budgets=wanted, selectors=selectors,
-                        seeds=seeds, batch_size=batch_size, workers=workers, truth=truth, speed=speed,
-                        progress=progress, model_name=model, header={"command": command},
-                        examples=examples,
-                    )  # fmt: skip
-                finally:
-                    if bar.live.is_started:
-                        bar.stop()
-        except KeyboardInterrupt:
-            if world.is_main:
-                console.print(f"[yellow]interrupted:[/yellow] {escape(_recorded(out))}; rerun the same command "
-                              "to resume", highlight=False, soft_wrap=True)  # fmt: skip
-            raise typer.Exit(code=EXIT_INTERRUPTED) from None
+            with (
+                log_to("tokensieve", logging.INFO, steps_and_warnings)
+                if world.is_main
+                else contextlib.nullcontext()
+            ):
+                report = sweep(
+                    net, dataset, out=out, methods=method_list, budgets=wanted, selectors=selectors, seeds=seeds,
+                    batch_size=batch_size, workers=workers, truth=truth, speed=speed,
+                    progress=lambda done, total: update(done, total, "(video, setting) results"), model_name=model,
+                    header={"command": command}, examples=examples,
+                )  # fmt: skip
         if not world.is_main:
             return
         doc = {"model": model, "data": str(data), "out": str(out),
