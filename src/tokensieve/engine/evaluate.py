@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -160,11 +160,16 @@ def model_checksum(model: torch.nn.Module) -> str:
     bytes, in state-dict order. The same on every process holding the same weights. sha256 hashes
     about 1 GB/s on one core (seconds for ViT-H's 2.5 GB): cheap next to an evaluation."""
     digest = hashlib.sha256(repr(getattr(model, "config", None)).encode())
-    for name, tensor in model.state_dict().items():
+    hash_tensors(digest, model.state_dict().items())
+    return "sha256:" + digest.hexdigest()
+
+
+def hash_tensors(digest: Any, named: Iterable[tuple[str, Tensor]]) -> None:
+    """Feed every (name, tensor) to `digest` (a hashlib object): name, dtype, shape, then the raw bytes."""
+    for name, tensor in named:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
-    return "sha256:" + digest.hexdigest()
 
 
 def _provenance(
@@ -189,14 +194,17 @@ class _Pending:
     done: int = 0
 
 
+def top5_entries(probs: Tensor) -> list[list[int | float]]:
+    """A record's "top5": [[class, probability rounded to 6 digits], ...] of (K,) `probs`, best first."""
+    values, classes = probs.topk(min(5, probs.numel()))
+    return [[int(c), round(float(v), 6)] for c, v in zip(classes, values, strict=True)]
+
+
 def _record(sample: Sample, probs: Tensor | None, *, multilabel: bool) -> dict[str, Any]:
     record: dict[str, Any] = {"id": sample.record.id, "labels": list(sample.record.labels)}
     if probs is None:
         return {**record, "status": "failed", "error": sample.error}
-    values, classes = probs.topk(min(5, probs.numel()))
-    record.update(
-        status="ok", top5=[[int(c), round(float(v), 6)] for c, v in zip(classes, values, strict=True)]
-    )
+    record.update(status="ok", top5=top5_entries(probs))
     if multilabel:
         record["scores"] = [round(float(v), 6) for v in probs]
     return record

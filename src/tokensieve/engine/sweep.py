@@ -53,7 +53,7 @@ from ..reducers.plan import plan as make_plan
 from ..reducers.plan import schedule, spec_parameters
 from ..tokens import TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
-from .evaluate import _Todo, check_fits, model_checksum
+from .evaluate import _Todo, check_fits, hash_tensors, model_checksum, top5_entries
 from .report import MATCHED, RANDOM_SEEDS, Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
 from .results import Provenance, RecordWriter, merge, read_done, record_key, start_run
 
@@ -484,11 +484,7 @@ def _checksum(model: nn.Module, selectors: Mapping[str, Mapping[str, Tensor]]) -
     if not selectors:
         return text
     digest = hashlib.sha256(text.encode())
-    for method in sorted(selectors):
-        for name, tensor in selectors[method].items():
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{method}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    hash_tensors(digest, ((f"{m}.{name}", t) for m in sorted(selectors) for name, t in selectors[m].items()))
     return "sha256:" + digest.hexdigest()
 
 
@@ -651,11 +647,9 @@ def _run_batch(
         who = owner[take]
         for i in rows:
             video, mine = batch[i], who == i
-            p = probs[mine].mean(0)
-            values, classes = p.topk(min(5, p.numel()))
             record: dict[str, Any] = {
                 "id": video.id, "setting": spec, "labels": video.labels, "status": "ok",
-                "top5": [[int(c), round(float(v), 6)] for c, v in zip(classes, values, strict=True)],
+                "top5": top5_entries(probs[mine].mean(0)),
             }  # fmt: skip
             if recall is not None:
                 r = float(recall[mine].nanmean())
