@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -194,7 +193,7 @@ class _Flops:
 
     def __init__(self, model: nn.Module) -> None:
         with torch.device("meta"):
-            self.twin = copy.deepcopy(model).to("meta") if _small(model) else _meta_twin(model)
+            self.twin = _meta_twin(model)
         apply(self.twin, None)
         self.cache: dict[str, float] = {}
 
@@ -206,11 +205,9 @@ class _Flops:
         return self.cache[key]
 
 
-def _small(model: nn.Module) -> bool:
-    return sum(p.numel() for p in model.parameters()) < 50_000_000
-
-
 def _meta_twin(model: nn.Module) -> nn.Module:
+    """The same backbone rebuilt from its config (on the current default device), with the modules the
+    model had removed removed too (a converted bare model has no `fc_norm`): its GFLOPs are the model's."""
     from ..backbones import build_from_config
     from ..backbones.saved import _remove, _removed_modules
 
