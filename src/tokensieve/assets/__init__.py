@@ -84,26 +84,17 @@ def selectors(name: str = DEFAULT) -> dict[str, dict[str, Tensor]]:
     return found
 
 
-def install_selectors(model: Any, name: str = DEFAULT) -> list[str]:
+def install_selectors(model: Any, name: str = DEFAULT) -> None:
     """Give the learned reducers of `model`'s installed plan the trained weights `name` ships for their
-    method, where they fit (a plan of another shape keeps its fresh weights, with a warning). Returns
-    the methods that got trained weights."""
+    method, where they fit; a plan of another shape keeps its fresh weights, with a warning."""
     import logging
 
-    trained, done = selectors(name), []
-    for reducer in getattr(model, "plan", []):
-        weights = trained.get(reducer.name)
-        if weights is None:
-            continue
-        try:
-            reducer.load_state_dict(weights)
-        except RuntimeError:
-            logging.getLogger(__name__).warning(
-                "%s's trained %s weights do not fit %s; it runs untrained", name, reducer.name, model.spec
-            )
-            continue
-        done.append(reducer.name)
-    return done
+    from ..reducers.plan import load_trained
+
+    for method in load_trained(model, selectors(name)):
+        logging.getLogger(__name__).warning(
+            "%s's trained %s weights do not fit %s; it runs untrained", name, method, model.spec
+        )
 
 
 def cache_dir() -> Path:

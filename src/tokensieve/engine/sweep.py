@@ -48,8 +48,8 @@ from ..data.transforms import normalize
 from ..errors import InputError
 from ..flops import flops
 from ..reducers import REGISTRY, apply, parse
+from ..reducers.plan import load_trained, schedule, spec_parameters
 from ..reducers.plan import plan as make_plan
-from ..reducers.plan import schedule, spec_parameters
 from ..tokens import TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
 from .evaluate import _Todo, check_fits, hash_tensors, model_checksum, top5_entries
@@ -363,13 +363,8 @@ def _install_all(
     states = {}
     for spec in specs:
         apply(model, None if spec == "none" else spec)
-        for reducer in model.plan:
-            trained = selectors.get(reducer.name)
-            if trained is not None:
-                try:
-                    reducer.load_state_dict(trained)
-                except RuntimeError as err:
-                    raise InputError(f"the trained {reducer.name} weights do not fit {spec}: {err}") from None
+        misfits = load_trained(model, selectors)
+        assert not misfits, f"{spec}: planning let through trained weights that do not fit ({misfits})"
         states[spec] = capture_plan(model)
     return states
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import inspect
 import re
 import typing
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
 from .base import REGISTRY, At, Reducer, Site
 
-__all__ = ["Step", "apply", "parse", "pattern_label", "plan", "schedule", "spec_parameters"]
+__all__ = ["Step", "apply", "load_trained", "parse", "pattern_label", "plan", "schedule", "spec_parameters"]
 
 
 def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, Any]]:
@@ -217,6 +218,22 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
     model.spec = None if spec is None else spec.strip()
     model.__dict__["readout_by"] = readers[0] if readers else None  # a reference, not a submodule
     return model
+
+
+def load_trained(model: VideoBackbone, trained: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
+    """Give each reducer of `model`'s installed plan the weights `trained` holds for its method (method
+    -> `state_dict()`), where their names and shapes fit. Returns the methods whose weights did not fit
+    (those reducers keep theirs)."""
+    misfits = []
+    for reducer in model.plan:
+        weights = trained.get(reducer.name)
+        if weights is None:
+            continue
+        try:
+            reducer.load_state_dict(weights)
+        except RuntimeError:
+            misfits.append(reducer.name)
+    return misfits
 
 
 def _slot(modules: list[nn.Module]) -> nn.Module:
