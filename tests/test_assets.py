@@ -36,7 +36,7 @@ def test_heldout_accuracy_is_the_cards(heldout: VideoDataset) -> None:
 def test_trained_selector_reproduces_the_cards_accuracy(heldout: VideoDataset) -> None:
     card = assets.card()
     spec = card["selectors"]["stts"]["spec"]
-    model = ts.apply(ts.load("builtin:synthetic"), spec)
+    model = ts.apply(ts.load("builtin:synthetic"), spec).model
     model.plan[0].load_state_dict(assets.selectors()["stts"])
     summary = ts.evaluate(model, heldout, batch_size=64, workers=0)
     assert summary.top1 == pytest.approx(card["heldout_top1"][spec], abs=1.5 / len(heldout))

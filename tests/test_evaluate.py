@@ -168,7 +168,7 @@ def test_short_videos_give_every_view_for_any_number_of_views(videos: Path) -> N
 
 # ---------------------------------------------------------------------------------------- provenance
 def test_the_header_says_what_produced_the_records(videos: Path, tmp_path: Path) -> None:
-    model = ts.apply(_model(), "random:keep=0.5")
+    model = ts.apply(_model(), "random:keep=0.5").model
     out = tmp_path / "r.jsonl"
     summary = ts.evaluate(model, _small(videos), workers=0, out=out, model_name="videomae-tiny")
     provenance, records = read_results(out)
@@ -206,7 +206,7 @@ def _seed_1() -> ts.VideoBackbone:
 
 
 CHANGES = {  # what a resuming run changes -> (model, dataset changes, evaluate arguments)
-    "plan": (lambda: ts.apply(_model(), "random:keep=0.5"), {}, {}),
+    "plan": (lambda: ts.apply(_model(), "random:keep=0.5").model, {}, {}),
     "views": (_model, {}, {"views": (1, 3)}),
     "model weights": (_seed_1, {}, {}),
     "dtype": (_model, {}, {"dtype": torch.bfloat16}),
@@ -241,7 +241,7 @@ def test_a_finished_file_refuses_another_run_and_the_model_name_is_informational
     out = tmp_path / "r.jsonl"
     ts.evaluate(_model(), _small(videos), workers=0, out=out, model_name="videomae-tiny")
     finished = out.read_bytes()
-    other = ts.apply(_seed_1(), "random:keep=0.5")
+    other = ts.apply(_seed_1(), "random:keep=0.5").model
     with pytest.raises(InputError) as err:
         ts.evaluate(other, _small(videos), views=(1, 1), workers=0, out=out, model_name="videomae-tiny")
     message = err.value.args[0]
@@ -253,7 +253,7 @@ def test_a_finished_file_refuses_another_run_and_the_model_name_is_informational
     assert out.read_bytes() == finished
     # same weights under another name (a moved checkpoint), a plan spelled out: the same run
     again = ts.evaluate(
-        ts.apply(_model(), "none"), _small(videos), workers=0, out=out, model_name="/elsewhere"
+        ts.apply(_model(), "none").model, _small(videos), workers=0, out=out, model_name="/elsewhere"
     )
     assert again.done_before == 2 and again.clips_per_s is None and len(_records(out)) == 2
     assert read_results(out)[0].model == "videomae-tiny"  # the header keeps the first name

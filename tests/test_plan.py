@@ -13,7 +13,7 @@ from conftest import tiny_video
 from tokensieve.errors import InputError
 from tokensieve.reducers import REGISTRY, Reducer, Site, parse, register
 from tokensieve.reducers.none import NoReduction
-from tokensieve.tokens import KEYS, TokenState
+from tokensieve.tokens import KEYS, Layout, TokenState
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def probe() -> Iterator[type[Reducer]]:
         def positions(self, depth: int) -> tuple[int, ...]:
             return (self.at,)
 
-        def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-            return num, frames
+        def count(self, layout: Layout, site: Site) -> Layout:
+            return layout
 
         def forward(self, state: TokenState, site: Site) -> TokenState:
             self.seen.append(state)
@@ -122,7 +122,7 @@ def test_two_reducers_at_one_position_compose(probe: type[Reducer]) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("probe:at=0", "cannot run at position 0"), ("probe:at=3", r"valid positions: 1..2")],
+    [("probe:at=0", "cannot run at position 0"), ("probe:at=4", r"valid positions: 1..3")],
 )
 def test_bad_positions(probe: type[Reducer], spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -145,8 +145,8 @@ def maxpool() -> Iterator[type[Reducer]]:
         def positions(self, depth: int) -> tuple[int, ...]:
             return ()
 
-        def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-            return num, frames
+        def count(self, layout: Layout, site: Site) -> Layout:
+            return layout
 
         def readout(self, state: TokenState, model: ts.VideoBackbone) -> torch.Tensor:
             return model.fc_norm(state.x.amax(1))

@@ -30,7 +30,7 @@ CONTRACT = {
     "random": ["random:keep=0.5", "random:keep=0.4,per_frame=true,at=1"],
     "uniform": ["uniform:keep=0.5"],
     "random_frames": ["random_frames:keep=0.5,at=1"],
-    "attention": ["attention:keep=0.5", "attention:keep=0.3,per_frame=true,at=0"],
+    "attention": ["attention:keep=0.5", "attention:keep=0.3,per_frame=true,at=0", "attention:mass=0.6,at=0"],
     "tome": ["tome:r=6", "tome:r=4,mode=drop", "tome:r=5,schedule=decreasing,prop_attn=false"],
     "sta": ["sta:r=4", "sta:r=6,balance=frame,order=BFB", "sta:r=3,first=grid", "sta:r=3,first=random"],
     "stts": ["stts:T0=0.5", "stts:T1=0.5,S2=0.6,pool=meanmax,anchor_pool=mean", "stts:S0=0.6,samples=50"],
@@ -50,32 +50,34 @@ BACKBONES = [name for name in ts.PRESETS if name.endswith("-tiny")]  # one per b
 CASES = [(spec, name) for specs in CONTRACT.values() for spec in specs for name in BACKBONES]
 
 
-def _refused_by_divided_attention(spec: str) -> bool:
-    """Plans divided attention must refuse: some reducer leaves unequal token counts per frame."""
-    return not all(reducer.keeps_frames for reducer in ts.plan(spec))
-
-
-REFUSED_ON_TIMESFORMER = sorted({spec for spec, _ in CASES if _refused_by_divided_attention(spec)})
-
-
 @functools.cache
-def _divided(name: str) -> bool:
-    return ts.build(name).divided
-
-
 def _runs_on(spec: str, name: str) -> bool:
-    return not (_divided(name) and _refused_by_divided_attention(spec))
+    """Whether `apply` accepts the plan on the backbone (divided attention refuses unequal frames)."""
+    try:
+        ts.apply(ts.build(name), spec)
+    except ts.InputError:
+        return False
+    return True
+
+
+def _leaves_unequal_frames(spec: str) -> bool:
+    """Whether some step of the plan leaves per-frame counts unequal (read from its layouts on a joint
+    backbone, where nothing refuses it)."""
+    return any(step.after.frames is None for step in ts.apply(ts.build("joint-tiny"), spec).steps)
 
 
 RUNNABLE = [(spec, name) for spec, name in CASES if _runs_on(spec, name)]
+SPECS = [spec for specs in CONTRACT.values() for spec in specs]
 
 
-@pytest.mark.parametrize("spec", REFUSED_ON_TIMESFORMER)
-def test_divided_attention_refuses_unbalanced_plans(spec: str) -> None:
-    with pytest.raises(
-        ValueError, match=r"divided space-time attention needs the same count|use balance=frame"
-    ):
-        ts.apply(ts.build("timesformer-tiny"), spec)
+@pytest.mark.parametrize("spec", SPECS)
+def test_divided_attention_refuses_exactly_the_plans_that_unbalance_frames(spec: str) -> None:
+    model = ts.build("timesformer-tiny")
+    if not _leaves_unequal_frames(spec):
+        ts.apply(model, spec)
+        return
+    with pytest.raises(ts.InputError, match=r"TimeSformer block \d \(divided space-time attention\) needs the same"):
+        ts.apply(model, spec)
 
 
 def _is_random(spec: str) -> bool:
@@ -89,7 +91,7 @@ def _is_random(spec: str) -> bool:
 def _model(name: str, spec: str | None = None) -> ts.VideoBackbone:
     torch.manual_seed(0)
     model = ts.build(name).eval()
-    return ts.apply(model, spec) if spec else model
+    return ts.apply(model, spec).model if spec else model
 
 
 def _trace(model: ts.VideoBackbone) -> list[tuple[TokenState, TokenState]]:
@@ -124,8 +126,12 @@ def test_states_are_valid_and_counts_as_declared(spec: str, name: str) -> None:
     assert len(seen) == len(steps)
     for (before, after), step in zip(seen, steps, strict=True):
         after.check()
-        assert before.x.shape[1] == step.tokens_in and after.x.shape[1] == step.tokens_out
-        assert after.frames == step.frames_out
+        assert before.x.shape[1] == step.tokens_in
+        if step.after.ragged:  # the most a clip can hold; a batch whose clips all keep as many is dense
+            assert after.x.shape[1] <= step.tokens_out and after.frames is None
+        else:
+            assert after.x.shape[1] == step.tokens_out and after.mask is None
+            assert after.frames == step.frames_out
         if before.cls is not None:  # the class token is never dropped nor changed by a reducer
             assert after.cls is before.cls
         assert after.grid == before.grid
@@ -210,7 +216,7 @@ FIRST = [(specs[0], name) for specs in CONTRACT.values() for name in BACKBONES i
 def test_runs_in_other_dtypes(spec: str, name: str, dtype: torch.dtype, convert_first: bool) -> None:
     torch.manual_seed(0)
     model = ts.build(name).eval()
-    model = ts.apply(model.to(dtype), spec) if convert_first else ts.apply(model, spec).to(dtype)
+    model = ts.apply(model.to(dtype), spec).model if convert_first else ts.apply(model, spec).model.to(dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}  # the plan's parameters follow the model
     seen = _trace(model)
     with torch.no_grad():
@@ -249,7 +255,7 @@ def test_compiles_with_fullgraph(spec: str, name: str) -> None:
 @pytest.mark.parametrize(("spec", "name"), FIRST)
 def test_flops_are_counted_on_the_meta_device(spec: str, name: str) -> None:
     with torch.device("meta"):
-        meta = ts.apply(ts.build(name), spec)
+        meta = ts.apply(ts.build(name), spec).model
     assert ts.flops(meta) == pytest.approx(ts.flops(_model(name, spec)), rel=1e-12)
 
 
@@ -258,7 +264,7 @@ def test_state_dict_round_trips_with_a_plan(spec: str) -> None:
     source = _model("joint-tiny", spec)
     buffer = io.BytesIO()
     torch.save(source.state_dict(), buffer)
-    target = ts.apply(ts.build("joint-tiny").eval(), spec)
+    target = ts.apply(ts.build("joint-tiny").eval(), spec).model
     target.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
     video = tiny_video("joint-tiny")
     with torch.no_grad():
@@ -392,16 +398,23 @@ def test_bad_parameters_fail_when_parsed(spec: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("name", "spec", "message"),
     [
-        ("timesformer-tiny", "random:keep=0.5", "divided space-time attention needs the same count"),
-        ("timesformer-tiny", "attention:keep=0.5", "divided space-time attention needs the same count"),
-        ("timesformer-tiny", "tome:r=2", "divided space-time attention needs the same count"),
-        ("timesformer-tiny", "sta:r=2", "use balance=frame"),
+        ("timesformer-tiny", "random:keep=0.5", r"TimeSformer block 0 \(divided space-time attention\) needs the same number of tokens in every frame of every clip, but random \(before block 0\) leaves 32 tokens per clip, unequal between frames"),
+        ("timesformer-tiny", "attention:keep=0.5", r"block 2 .* but attention \(inside block 1\) leaves"),
+        ("timesformer-tiny", "tome:r=2", r"block 1 .* but tome \(inside block 0\) leaves 62 tokens"),
+        ("timesformer-tiny", "sta:r=2", r"block 2 .* sta \(before block 2\) leaves .*balance=frame"),
+        ("timesformer-tiny", "attention:mass=0.9", r"block 2 .* leaves a different number of tokens in each clip"),
+        ("videomae-tiny", "attention:mass=0.9,at=0+uniform:keep=0.5,at=1", r"uniform \(before block 1\) cannot take a batch whose clips hold different numbers of tokens, which attention \(inside block 0\) leaves"),
+        ("videomae-tiny", "attention:mass=0.9,at=0+tome:r=2", r"tome \(inside block 0\) cannot take a batch .* which attention \(inside block 0\)"),
+        ("videomae-tiny", "attention:mass=0.9,at=0+sta:r=2", r"sta \(before block 1\) cannot take"),
+        ("videomae-tiny", "attention:mass=0.9,at=0+stts:T2=0.5", r"stts \(before block 2\) cannot take"),
+        ("videomae-tiny", "attention:mass=0.9,at=0+random_frames:at=2", r"random_frames \(before block 2\) cannot take"),
         ("videomae-tiny", "tome:r=17", r"r=17 in block 0 is more than half of the 32 tokens"),
         ("videomae-tiny", "tome:r=10", r"r=10 in block 2 is more than half of the 12 tokens"),
         ("videomae-tiny", "tome:r=1/1/1/1", "r lists 4 blocks but the model has 3"),
         ("videomae-tiny", "sta:r=16,first=random", "r=16 is not smaller than the 16 tokens of a frame"),
         ("videomae-tiny", "sta:r=9", "first=tome drops at most half"),
-        ("videomae-tiny", "random:keep=0.5,at=3", r"position 3 is outside this model; valid positions: 0..2"),
+        ("videomae-tiny", "random:keep=0.5,at=4", r"position 4 is outside this model; valid positions: 0..3"),
+        ("videomae-tiny", "attention:at=3", r"position 3 is outside this model; valid positions: 0..2"),
         ("videomae-tiny", "attention:at=5", r"position 5 is outside this model"),
         ("videomae-tiny", "random:keep=0.5,at=1+uniform:keep=0.5,at=2", "needs the same number of tokens in every frame"),
         ("videomae-tiny", "random:keep=0.5+sta:r=2", "needs all 2 temporal slices at its first stage"),

@@ -35,7 +35,7 @@ LEARNED = "stts:T0=0.5"
 def _trained(name: str, spec: str) -> ts.VideoBackbone:
     """A model whose every parameter, the plan's included, has moved away from its initialisation."""
     torch.manual_seed(0)
-    model = ts.apply(ts.build(name), spec)
+    model = ts.apply(ts.build(name), spec).model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):
         loss = model(tiny_video(name)).logsumexp(-1).mean()
@@ -51,7 +51,7 @@ def _trained(name: str, spec: str) -> ts.VideoBackbone:
 def test_save_and_load_give_bit_identical_logits(name: str, spec: str, tmp_path: Path) -> None:
     model = _trained(name, spec)
     if spec == LEARNED:  # the scorers trained: a fresh plan would not reproduce them
-        fresh = ts.apply(ts.build(name), spec)
+        fresh = ts.apply(ts.build(name), spec).model
         assert not torch.equal(model.plan[0].selections[0].scorer.norm.weight, fresh.plan[0].selections[0].scorer.norm.weight)  # fmt: skip
     video = tiny_video(name)
     loaded = ts.load(ts.save(model, tmp_path / "model"))
@@ -65,7 +65,7 @@ def test_save_and_load_give_bit_identical_logits(name: str, spec: str, tmp_path:
 
 
 def test_random_plans_restart_from_their_seed(tmp_path: Path) -> None:
-    model = ts.apply(ts.build("videomae-tiny"), "random:keep=0.5,seed=3").eval()
+    model = ts.apply(ts.build("videomae-tiny"), "random:keep=0.5,seed=3").model.eval()
     loaded = ts.load(ts.save(model, tmp_path / "model"))
     video = tiny_video()
     assert torch.equal(loaded(video), model(video))  # draws keyed by clip and seed: the same selection
@@ -80,7 +80,7 @@ def test_float64_weights_stay_float64(tmp_path: Path) -> None:
 
 
 def test_the_folder_holds_config_spec_weights_and_versions(tmp_path: Path) -> None:
-    model = ts.apply(ts.build("videomae-tiny", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1)), LEARNED)
+    model = ts.apply(ts.build("videomae-tiny", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1)), LEARNED).model
     folder = ts.save(model, tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == [WEIGHTS_FILE, CONFIG_FILE]
     doc = json.loads((folder / CONFIG_FILE).read_text())
@@ -139,7 +139,7 @@ def test_save_refuses_a_folder_holding_something_else(tmp_path: Path) -> None:
 
 def test_save_replaces_a_saved_model(tmp_path: Path) -> None:
     target = ts.save(ts.build("videomae-tiny"), tmp_path / "model")
-    ts.save(ts.apply(ts.build("joint-tiny"), LEARNED), target)
+    ts.save(ts.apply(ts.build("joint-tiny"), LEARNED).model, target)
     assert (ts.load(target).config.arch, ts.load(target).spec) == ("vit-cls", LEARNED)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -234,7 +234,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ts.VideoBackbon
         write_video(root / f"v{i}.mp4", frames=12, seed=i)
         records.append(VideoRecord(f"v{i}", root / f"v{i}.mp4", (i % 3,)))
     torch.manual_seed(0)
-    model = ts.apply(ts.build("videomae-tiny", num_classes=3), LEARNED)
+    model = ts.apply(ts.build("videomae-tiny", num_classes=3), LEARNED).model
     data = ClipDataset(records, frames=4, size=32, stride=2, num_classes=3)
     ts.train(
         model,
@@ -315,7 +315,7 @@ def test_a_damaged_or_foreign_checkpoint_is_one_input_error_naming_it(
             assert str(path) in str(err.value) and "\n" not in str(err.value)
     records = [VideoRecord(f"v{i}", run[0].parent / f"v{i}.mp4", (i % 3,)) for i in range(4)]
     data = ClipDataset(records, frames=4, size=32, stride=2, num_classes=3)
-    model = ts.apply(ts.build("videomae-tiny", num_classes=3), LEARNED)
+    model = ts.apply(ts.build("videomae-tiny", num_classes=3), LEARNED).model
     with pytest.raises(InputError) as err:
         ts.train(model, data, out=folder, resume=True, batch_size=2, workers=0)
     if damage != "bad config":  # that one is refused by comparing backbones: another message
@@ -341,6 +341,6 @@ def test_resuming_into_another_backbone_is_refused(run: tuple[Path, ts.VideoBack
     folder, _ = run
     records = [VideoRecord(f"v{i}", folder.parent / f"v{i}.mp4", (i % 3,)) for i in range(4)]
     data = ClipDataset(records, frames=4, size=32, stride=2, num_classes=3)
-    other = ts.apply(ts.build("videomae-tiny", num_classes=3, dim=64, mlp_dim=128), LEARNED)
+    other = ts.apply(ts.build("videomae-tiny", num_classes=3, dim=64, mlp_dim=128), LEARNED).model
     with pytest.raises(InputError, match=r"another backbone \(dim: 32 -> 64; mlp_dim: 64 -> 128\)"):
         ts.train(other, data, out=folder, resume=True, batch_size=2, workers=0, epochs=2)

@@ -17,7 +17,7 @@ from tokensieve.tokens import SOURCE_MAP, TokenState, covered, owners
 
 def _model(name: str, spec: str) -> ts.VideoBackbone:
     torch.manual_seed(0)
-    return ts.apply(ts.build(name).eval(), spec)
+    return ts.apply(ts.build(name).eval(), spec).model
 
 
 def _outputs(model: ts.VideoBackbone) -> list[TokenState]:

@@ -11,8 +11,8 @@ import torch
 
 import tokensieve as ts
 from tokensieve.reducers import Site, schedule
-from tokensieve.reducers.sta import accumulate, drop_first, semantic_score
-from tokensieve.tokens import KEYS, STA_ORDER, TokenState, take
+from tokensieve.reducers.sta import STA_ORDER, accumulate, drop_first, semantic_score
+from tokensieve.tokens import KEYS, TokenState, take
 
 # Three frames of three tokens, unit keys in 2-D (rows: frames, then tokens).
 TOY_KEYS = torch.tensor(
@@ -84,7 +84,7 @@ def test_random_drop_removes_the_tokens_with_the_largest_draws() -> None:
 
 @pytest.mark.parametrize("first", ["random", "grid"])
 def test_random_first_group_drops_are_keyed_by_clip(first: str) -> None:
-    model = ts.apply(ts.build("videomae-tiny").eval(), f"sta:r=3,first={first}")
+    model = ts.apply(ts.build("videomae-tiny").eval(), f"sta:r=3,first={first}").model
     video = torch.randn(3, 4, 3, 32, 32)
     with torch.no_grad():
         together = model.forward_features(video).pos
@@ -110,7 +110,7 @@ def test_stages_and_token_counts_of_the_released_code(balance: str) -> None:
 @pytest.mark.parametrize(("r", "gflops"), [(32, 136), (48, 116), (64, 96)])
 def test_gflops_of_the_paper(balance: str, r: int, gflops: float) -> None:
     with torch.device("meta"):
-        model = ts.apply(ts.build("videomae-b"), f"sta:r={r},balance={balance}")
+        model = ts.apply(ts.build("videomae-b"), f"sta:r={r},balance={balance}").model
     assert ts.flops(model) == pytest.approx(gflops, abs=1.0)
 
 
@@ -118,7 +118,9 @@ def test_group_balance_prunes_unevenly_between_frames_and_frame_balance_evenly()
     video = torch.randn(1, 16, 3, 32, 32)  # 8 slices of 4x4 tokens
     counts = {}
     for balance in ("group", "frame"):
-        model = ts.apply(ts.build("videomae-tiny", frames=16, depth=12).eval(), f"sta:r=4,balance={balance}")
+        model = ts.apply(
+            ts.build("videomae-tiny", frames=16, depth=12).eval(), f"sta:r=4,balance={balance}"
+        ).model
         with torch.no_grad():
             state = model.forward_features(video)
         counts[balance] = torch.bincount(state.pos[0] // 16, minlength=8)

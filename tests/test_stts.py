@@ -53,7 +53,7 @@ def _stts(model: ts.VideoBackbone) -> SpatioTemporalSelection:
     "spec", ["stts:T0=0.5,samples=64", "stts:S1=0.6,samples=64", "stts:T0=0.5,S1=0.6,pool=meanmax"]
 )
 def test_gradients_reach_the_scorers_in_training(spec: str) -> None:
-    model = ts.apply(ts.build("joint-tiny").train(), spec)
+    model = ts.apply(ts.build("joint-tiny").train(), spec).model
     model(tiny_video("joint-tiny")).logsumexp(-1).sum().backward()
     for selection in _stts(model).selections:
         grads = [p.grad for p in selection.scorer.parameters()]
@@ -61,7 +61,7 @@ def test_gradients_reach_the_scorers_in_training(spec: str) -> None:
 
 
 def test_no_gradient_to_the_scorer_in_eval_or_at_sigma_zero() -> None:
-    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5")
+    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5").model
     _stts(model).on_train_step(100, 100)  # sigma decayed to 0: hard selection
     model(tiny_video("joint-tiny")).sum().backward()
     assert all(p.grad is None for p in _stts(model).selections.parameters())
@@ -77,7 +77,7 @@ def test_sigma_decays_linearly_to_zero() -> None:
 
 
 def test_temporal_selection_keeps_the_top_frames_in_time_order() -> None:
-    model = ts.apply(ts.build("joint-tiny").eval(), "stts:T0=0.5")  # 4 frames of 4x4
+    model = ts.apply(ts.build("joint-tiny").eval(), "stts:T0=0.5").model  # 4 frames of 4x4
     _stts(model).selections[0].scorer = FixedScores(torch.tensor([[0.9, 0.1, 0.0, 1.0]]))
     state = model.forward_features(tiny_video("joint-tiny"))
     assert state.frames == 2 and torch.equal(
@@ -86,7 +86,7 @@ def test_temporal_selection_keeps_the_top_frames_in_time_order() -> None:
 
 
 def test_soft_temporal_selection_mixes_frames_with_the_perturbed_indicator() -> None:
-    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5,samples=200,sigma=0.5")
+    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5,samples=200,sigma=0.5").model
     reducer = _stts(model)
     scores = torch.tensor([[0.9, 0.1, 0.0, 1.0]])
     reducer.selections[0].scorer = FixedScores(scores)
@@ -104,7 +104,7 @@ def test_anchor_selection_keeps_the_best_window() -> None:
     assert anchor_grid(4, 4, 0.6, None) == (3, 1, 2, 2)  # P = floor(sqrt(9.6)) = 3, 4 anchors
     assert anchor_grid(14, 14, 0.7367, None) == (12, 1, 3, 3)  # the released config: 9 anchors
     assert anchor_grid(14, 14, 0.5, None) == (9, 2, 3, 3)  # stride max((14 - 9) // 2, 1)
-    model = ts.apply(ts.build("joint-tiny").eval(), "stts:S0=0.6")
+    model = ts.apply(ts.build("joint-tiny").eval(), "stts:S0=0.6").model
     scores = torch.zeros(1, 16)
     scores[0, 15] = 1.0  # the bottom-right token: only the bottom-right 3x3 anchor holds it
     _stts(model).selections[0].scorer = FixedScores(scores)
@@ -146,7 +146,7 @@ def test_soft_anchor_selection_pools_raw_scores_then_min_maxes(anchor_pool: str)
     # regime where normalising before pooling (then again after) and the released order differ.
     # float64: dividing by a range of ~1e-5 amplifies rounding (avg_pool2d vs unfold) in float32.
     spec = f"stts:S0=0.6,samples=200,sigma=0.5,anchor_pool={anchor_pool}"
-    model = ts.apply(ts.build("joint-tiny").train(), spec).double()
+    model = ts.apply(ts.build("joint-tiny").train(), spec).model.double()
     scorer = _stts(model).selections[0].scorer
     video = tiny_video("joint-tiny", dtype=torch.float64)
     state = _embedded(model, video)
@@ -185,7 +185,7 @@ def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> N
     for jacobian in ("diagonal", "full"):
         model = ts.apply(
             ts.build("joint-tiny").train(), f"stts:T0=0.5,samples=100,sigma=0.5,jacobian={jacobian}"
-        )
+        ).model
         scorer = _stts(model).selections[0].scorer
         state = _embedded(model, video)
         x = state.per_frame()  # (B, F, n, C)
@@ -203,7 +203,7 @@ def test_soft_temporal_selection_min_maxes_the_scorer_output_then_selects() -> N
 
 
 def test_training_noise_is_keyed_by_clip_and_step() -> None:
-    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5,S1=0.6,samples=64,sigma=0.5")
+    model = ts.apply(ts.build("joint-tiny").train(), "stts:T0=0.5,S1=0.6,samples=64,sigma=0.5").model
     video = tiny_video("joint-tiny", batch=3)
     together = model.forward_features(video).x
     apart = torch.cat([model.forward_features(video[i : i + 1]).x for i in (0, 1, 2)])
@@ -228,7 +228,9 @@ def test_jacobian_choice_changes_only_the_scorer_gradient() -> None:
     outputs, grads = {}, {}
     for jacobian in ("diagonal", "full"):
         torch.manual_seed(0)
-        model = ts.apply(ts.build("joint-tiny").train(), f"stts:T0=0.5,S1=0.6,samples=64,jacobian={jacobian}")
+        model = ts.apply(
+            ts.build("joint-tiny").train(), f"stts:T0=0.5,S1=0.6,samples=64,jacobian={jacobian}"
+        ).model
         torch.manual_seed(1)
         outputs[jacobian] = model(video)
         outputs[jacobian].logsumexp(-1).sum().backward()
@@ -239,8 +241,8 @@ def test_jacobian_choice_changes_only_the_scorer_gradient() -> None:
 
 def test_gflops_of_half_the_slices_plus_the_scorer() -> None:
     with torch.device("meta"):
-        stts = ts.apply(ts.build("videomae-b"), "stts:T0=0.5")
-        uniform = ts.apply(ts.build("videomae-b"), "uniform:keep=0.5")
+        stts = ts.apply(ts.build("videomae-b"), "stts:T0=0.5").model
+        uniform = ts.apply(ts.build("videomae-b"), "uniform:keep=0.5").model
         count = ts.flops(stts, detail=True)
     D, F = 768, 8
     scorer = F * (5 * D + D * D // 2 + D * D // 2 + D // 2 * D // 4 + D // 4) / 1e9  # LN + four Linears
@@ -284,5 +286,5 @@ def test_anchor_larger_than_the_grid() -> None:
 
 
 def test_new_reducers_follow_the_model_mode() -> None:
-    model = ts.apply(ts.build("videomae-tiny").eval(), "stts:T0=0.5")
+    model = ts.apply(ts.build("videomae-tiny").eval(), "stts:T0=0.5").model
     assert not any(m.training for m in model.plan.modules())

@@ -79,7 +79,9 @@ def test_matched_random_is_within_half_a_percent() -> None:
     for s in ran:
         assert s.random_gflops is not None and s.gflops is not None
         assert abs(s.random_gflops - s.gflops) <= MATCH_TOLERANCE * s.gflops, s
-        apply_flops = ts.flops(ts.apply(model, f"{s.random},seed=1"))  # the seeds cost the same, counted live
+        apply_flops = ts.flops(
+            ts.apply(model, f"{s.random},seed=1").model
+        )  # the seeds cost the same, counted live
         assert apply_flops == pytest.approx(s.random_gflops, rel=1e-9)
         assert s.seeds == [f"{s.random},seed={i}" for i in range(3)]
     ts.apply(model, None)
@@ -88,9 +90,9 @@ def test_matched_random_is_within_half_a_percent() -> None:
 def test_matched_random_counts_by_frame_on_divided_attention() -> None:
     torch.manual_seed(0)
     model = ts.build("timesformer-tiny", num_classes=4).eval()
-    target = ts.flops(ts.apply(model, "uniform:keep=0.5"))
+    target = ts.flops(ts.apply(model, "uniform:keep=0.5").model)
     ts.apply(model, None)
-    spec = matched_random(model, target, lambda s: ts.flops(ts.apply(model, s)))
+    spec = matched_random(model, target, lambda s: ts.flops(ts.apply(model, s).model))
     assert "per_frame=true" in spec
     ts.apply(model, None)
 
@@ -125,7 +127,7 @@ def test_records_equal_a_plain_evaluation(synthetic: Path, tmp_path: Path) -> No
                    workers=0, batch_size=4, speed=False, seeds=2)  # fmt: skip
     _, records = read_results(tmp_path / "results.jsonl")
     for setting in report.settings:
-        model_copy = ts.apply(_model(), None if setting.spec == "none" else setting.spec)
+        model_copy = ts.apply(_model(), None if setting.spec == "none" else setting.spec).model
         alone = ts.evaluate(model_copy, _dataset(synthetic), workers=0, batch_size=3)
         mine = [r for r in records if r["setting"] == canonical(setting.spec)]
         assert len(mine) == 6
@@ -209,7 +211,7 @@ def test_decode_once(synthetic: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_a_models_own_trained_plan_is_swept_and_put_back(synthetic: Path, tmp_path: Path) -> None:
     """A model that comes with a learned plan (a training run) sweeps that method with its weights at
     every budget, and keeps its plan."""
-    model = ts.apply(_model(), "stts:T0=0.5")
+    model = ts.apply(_model(), "stts:T0=0.5").model
     with torch.no_grad():
         for p in model.plan.parameters():
             p.normal_()  # "trained": anything but the fresh initialisation

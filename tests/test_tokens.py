@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokensieve.errors import InputError
-from tokensieve.tokens import CLS_ATTN, KEYS, SOURCE_MAP, TokenState, covered, owners, track_sources
+from tokensieve.tokens import (
+    CLS_ATTN,
+    KEYS,
+    SOURCE_MAP,
+    TokenState,
+    covered,
+    owners,
+    register_token_aux,
+    track_sources,
+)  # fmt: skip
 
 
 def make_state(
@@ -158,9 +167,39 @@ def test_merge_by_hand() -> None:
     torch.testing.assert_close(out.x[0, :, 1], torch.stack(expected))
     assert out.size.tolist() == [[1, 5, 4]]
     assert out.pos.tolist() == [[0, 1, 3]]  # a destination keeps its place
-    assert out.aux[KEYS].flatten().tolist() == [0, 1, 3]  # and its per-token entries
+    assert KEYS not in out.aux  # the attention's records describe the tokens before the merge
     assert out.frames is None and out.grid == state.grid
     out.check()
+
+
+KEPT, MEAN, SUMMED = (register_token_aux(f"test_{rule}", merge=rule) for rule in ("keep", "mean", "sum"))
+
+
+def test_registered_per_token_entries_follow_their_merge_rule() -> None:
+    """A method's own per-token state (registered with its rule) survives gathers and merges; values
+    of token i are 10 * (i + 1) so every sum and mean is checked by hand."""
+    value = torch.arange(10.0, 70.0, 10.0).view(1, 6)
+    state = _six([1, 2, 1, 3, 1, 2]).with_aux(**{KEPT: value, MEAN: value, SUMMED: value.unsqueeze(-1)})
+    out = state.merge(
+        torch.tensor([[0]]), torch.tensor([[1, 3]]), torch.tensor([[2, 4, 5]]), torch.tensor([[0, 1, 0]])
+    )
+    assert out.aux[KEPT].tolist() == [[10, 20, 40]]
+    torch.testing.assert_close(
+        out.aux[MEAN], torch.tensor([[10, (2 * 20 + 30 + 2 * 60) / 5, (3 * 40 + 50) / 4]])
+    )
+    assert out.aux[SUMMED].squeeze(-1).tolist() == [[10, 20 + 30 + 60, 40 + 50]]
+    gathered = state.gather(torch.tensor([[5, 0]]))
+    assert gathered.aux[KEPT].tolist() == [[60, 10]] and gathered.aux[SUMMED].shape == (1, 2, 1)
+    out.check()
+    gathered.check()
+
+
+def test_a_per_token_entry_cannot_change_its_rule() -> None:
+    assert register_token_aux(KEPT, merge="keep") == KEPT  # registering again with the same rule is fine
+    with pytest.raises(ValueError, match="already a per-token entry with merge rule 'keep'"):
+        register_token_aux(KEPT, merge="sum")
+    with pytest.raises(ValueError, match="merge rule"):
+        register_token_aux("test_bad", merge="max")  # type: ignore[arg-type]
 
 
 def test_merge_without_sizes_counts_one_patch_per_token() -> None:

@@ -191,7 +191,7 @@ class ReferenceMerge(nn.Module):
 def test_a_stack_of_blocks_equals_the_released_algorithm_restated(name: str, r: str, atol: float) -> None:
     """The same weights with the restated merge inside every block: same tokens in the same order,
     same sizes, features and logits within `atol` (1e-5 with a class token, 1e-6 without)."""
-    model = ts.apply(ts.build(name).eval(), f"tome:r={r}")
+    model = ts.apply(ts.build(name).eval(), f"tome:r={r}").model
     reference = copy.deepcopy(model)
     for block, r_l in zip(reference.blocks, merge_schedule(r, "constant", model.config.depth), strict=True):
         if r_l > 0:
@@ -225,7 +225,7 @@ def test_schedules() -> None:
 
 
 def test_sizes_are_tracked_across_blocks_and_weight_the_readout() -> None:
-    model = ts.apply(ts.build("videomae-tiny").eval(), "tome:r=6")
+    model = ts.apply(ts.build("videomae-tiny").eval(), "tome:r=6").model
     video = tiny_video()
     with torch.no_grad():
         state = model.forward_features(video)
@@ -267,14 +267,14 @@ def test_proportional_attention_gives_the_class_token_size_one() -> None:
 def test_proportional_attention_switch_changes_the_output() -> None:
     video = tiny_video()
     with torch.no_grad():
-        on = ts.apply(ts.build("videomae-tiny").eval(), "tome:r=6")(video)
-        off = ts.apply(ts.build("videomae-tiny").eval(), "tome:r=6,prop_attn=false")(video)
+        on = ts.apply(ts.build("videomae-tiny").eval(), "tome:r=6").model(video)
+        off = ts.apply(ts.build("videomae-tiny").eval(), "tome:r=6,prop_attn=false").model(video)
     assert not torch.allclose(on, off)
 
 
 @pytest.mark.parametrize("mode", ["merge", "drop"])
 def test_class_token_is_never_merged(mode: str) -> None:
-    model = ts.apply(ts.build("joint-tiny").eval(), f"tome:r=10,mode={mode}")
+    model = ts.apply(ts.build("joint-tiny").eval(), f"tome:r=10,mode={mode}").model
     with torch.no_grad():
         state = model.forward_features(tiny_video("joint-tiny"))
     assert state.cls is not None and state.x.shape[1] == 64 - 30

@@ -32,7 +32,7 @@ from tokensieve.engine.results import read_results
 from tokensieve.engine.train import StepInfo, TrainConfig, epoch_batches, lr_factor, param_groups
 from tokensieve.errors import InputError
 from tokensieve.reducers.base import REGISTRY, Reducer, Site
-from tokensieve.tokens import TokenState
+from tokensieve.tokens import Layout, TokenState
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(
 ) -> None:
     # Dropout, drop-path and a random reducer (its own generator): every RNG a run has.
     def model() -> ts.VideoBackbone:
-        return ts.apply(_model(drop=0.1, drop_path=0.2), "random:keep=0.5")
+        return ts.apply(_model(drop=0.1, drop_path=0.2), "random:keep=0.5").model
 
     settings = dict(
         epochs=3, batch_size=3, warmup_epochs=1, checkpoint_every=3, workers=0
@@ -286,7 +286,7 @@ from tokensieve.data.datasets import VideoDataset, VideoRecord
 root, out, spec = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 records = [VideoRecord(f"v{i}", root / f"v{i}.mp4", (i % 3,)) for i in range(8)]
 torch.manual_seed(0)
-model = ts.apply(ts.build("videomae-tiny", num_classes=3), spec)
+model = ts.apply(ts.build("videomae-tiny", num_classes=3), spec).model
 data = ClipDataset(records, frames=4, size=32, stride=2, num_classes=3)
 val = VideoDataset(records[:4], frames=4, size=32, stride=2, num_classes=3)
 losses = []
@@ -309,7 +309,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("spec", ["none", "stts:T0=0.5,samples=50+random:keep=0.5,at=1"])
 def test_torchrun_two_gloo_processes_match_one(videos: list[VideoRecord], tmp_path: Path, spec: str) -> None:
     losses: list[float] = []
-    model = ts.apply(_model(), spec)
+    model = ts.apply(_model(), spec).model
     val = VideoDataset(videos[:4], frames=4, size=32, stride=2, num_classes=3)
     one = ts.train(model, _data(videos), val=val, out=tmp_path / "one", epochs=2, batch_size=4, workers=0,
                    lr=1e-3, progress=lambda info: losses.append(info.loss))  # fmt: skip
@@ -353,8 +353,8 @@ def pull(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Reducer]]:
         def positions(self, depth: int) -> tuple[int, ...]:
             return (1,)
 
-        def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-            return num, frames
+        def count(self, layout: Layout, site: Site) -> Layout:
+            return layout
 
         def on_train_step(self, step: int, total_steps: int) -> None:
             self.calls.append((step, total_steps))
@@ -367,7 +367,7 @@ def pull(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Reducer]]:
 
 
 def test_parameter_groups_take_their_learning_rates(pull: type[Reducer]) -> None:
-    model = ts.apply(_model(), "pull")
+    model = ts.apply(_model(), "pull").model
     groups = {
         g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-3, reducer_lr=0.5, weight_decay=0.1))
     }
@@ -381,7 +381,7 @@ def test_parameter_groups_take_their_learning_rates(pull: type[Reducer]) -> None
 
 
 def test_frozen_backbone_hooks_and_extra_losses(pull: type[Reducer], videos: list[VideoRecord]) -> None:
-    model = ts.apply(_model(), "pull")
+    model = ts.apply(_model(), "pull").model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list[StepInfo] = []
     ts.train(model, _data(videos), epochs=2, batch_size=4, lr=1e-3, reducer_lr=0.1, freeze_backbone=True,
@@ -428,7 +428,7 @@ def test_bad_settings_name_the_parameter(change: dict, name: str) -> None:
 def test_bad_runs_fail_clearly(videos: list[VideoRecord], tmp_path: Path) -> None:
     data = _data(videos)
     with pytest.raises(ValueError, match="nothing to train"):
-        ts.train(ts.apply(_model(), "random:keep=0.5"), data, freeze_backbone=True, workers=0)
+        ts.train(ts.apply(_model(), "random:keep=0.5").model, data, freeze_backbone=True, workers=0)
     with pytest.raises(TypeError):
         ts.train(_model(), data, epoch=2)  # a typo is not swallowed
     with pytest.raises(InputError, match="no checkpoint"):
@@ -436,7 +436,7 @@ def test_bad_runs_fail_clearly(videos: list[VideoRecord], tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ts.train(_model(), data, batch_size=9, workers=0)
     out = tmp_path / "run"
-    ts.train(ts.apply(_model(), "random:keep=0.5"), data, out=out, batch_size=8, workers=0)
+    ts.train(ts.apply(_model(), "random:keep=0.5").model, data, out=out, batch_size=8, workers=0)
     with pytest.raises(ValueError, match=r"plan 'random:keep=0\.5'.*plan 'none'"):
         ts.train(_model(), data, out=out, resume=True, batch_size=8, workers=0)
     with pytest.raises(ValueError, match="already holds"):

@@ -21,7 +21,7 @@ from tokensieve.tokens import owners
 def _model(name: str, spec: str | None = None) -> ts.VideoBackbone:
     torch.manual_seed(0)
     model = ts.build(name).eval()
-    return ts.apply(model, spec) if spec else model
+    return ts.apply(model, spec).model if spec else model
 
 
 def _frames(name: str, values: list[int] | None = None) -> torch.Tensor:

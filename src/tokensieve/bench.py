@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .errors import InputError
 from .flops import flops
 from .reducers import REGISTRY, apply, parse
-from .reducers.base import At
+from .reducers.plan import InstalledPlan, current_plan
 
 if TYPE_CHECKING:
     from rich.table import Column, Table
@@ -139,42 +139,6 @@ class BenchResult:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-@dataclass(frozen=True)
-class PlanState:
-    """What `apply` changes on a model: reducer slots, in-block slots, records, the plan, its spec."""
-
-    slots: tuple[nn.Module, ...]
-    inner: tuple[nn.Module, ...]
-    records: tuple[frozenset[str], ...]
-    plan: nn.ModuleList
-    spec: str | None
-    readout_by: nn.Module | None
-
-    def reducer_slots(self) -> list[nn.Module]:
-        """The modules that run reducers (each `At`, however they are grouped)."""
-        return [m for slot in (*self.slots, *self.inner) for m in slot.modules() if isinstance(m, At)]
-
-
-def capture_plan(model: VideoBackbone) -> PlanState:
-    """What `apply` installed into `model`, to put back later with `restore_plan` (the sweep and the
-    benchmark swap plans this way)."""
-    return PlanState(
-        slots=tuple(model.reducers), inner=tuple(block.inner for block in model.blocks),
-        records=tuple(block.record for block in model.blocks), plan=model.plan, spec=model.spec,
-        readout_by=model.readout_by,
-    )  # fmt: skip
-
-
-def restore_plan(model: VideoBackbone, state: PlanState) -> None:
-    """Put back a plan captured by `capture_plan` (the same reducer objects, so no re-initialisation)."""
-    for p, reducer in enumerate(state.slots):
-        model.reducers[p] = reducer
-    for block, inner, record in zip(model.blocks, state.inner, state.records, strict=True):
-        block.inner, block.record = inner, record
-    model.plan, model.spec = state.plan, state.spec
-    model.__dict__["readout_by"] = state.readout_by
-
-
 class _ReducerClock:
     """Wall-clock seconds spent inside reducer slots, through removable forward hooks."""
 
@@ -353,17 +317,16 @@ def benchmark(
         torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext()
     )
 
-    original, was_training = capture_plan(model), model.training
+    original, was_training = current_plan(model), model.training
     model.eval()
     results: list[BenchResult] = []
     try:
         with _num_threads(threads) as num_threads:
             sample = _random_video(model, batch=1, frames=frames, size=size, device=device)
-            installed: list[PlanState] = []
+            installed: list[InstalledPlan] = []
             gflops: list[float] = []
             for spec in specs:
-                apply(model, spec)
-                installed.append(capture_plan(model))
+                installed.append(apply(model, spec))
                 log.info("counting GFLOPs of plan %r", spec)
                 gflops.append(float(flops(model, video=sample)))
 
@@ -371,11 +334,11 @@ def benchmark(
                 with torch.inference_mode(), autocast:
                     model(video)
 
-            clock = _ReducerClock([m for state in installed for m in state.reducer_slots()], device)
+            clock = _ReducerClock([m for plan in installed for m in plan.slots], device)
             for batch in batch_sizes:
                 video = _random_video(model, batch=batch, frames=frames, size=size, device=device)
                 times, in_reducers = _timed_rounds(
-                    len(specs), install=lambda i: restore_plan(model, installed[i]), run=functools.partial(run, video),
+                    len(specs), install=lambda i: installed[i].install(), run=functools.partial(run, video),
                     warmup=warmup, repeats=repeats, device=device, label=f"batch {batch}, {len(specs)} plan(s)",
                     clock=clock,
                 )  # fmt: skip
@@ -399,7 +362,7 @@ def benchmark(
         if warning := busy_warning(results):
             log.warning("%s", warning)
     finally:
-        restore_plan(model, original)
+        original.install()
         model.train(was_training)
     return results
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,15 +33,21 @@ __all__ = [
     "ATTN_RECEIVED",
     "CLIP_KEY",
     "CLS_ATTN",
+    "INPUTS",
     "KEYS",
     "LOSSES",
+    "NEEDS",
     "PROP_ATTN",
     "SOURCE_MAP",
-    "STA_ORDER",
     "TOKEN_AUX",
+    "Inputs",
+    "Layout",
+    "Need",
     "TokenState",
+    "compact",
     "covered",
     "owners",
+    "register_token_aux",
     "take",
     "track_sources",
 ]
@@ -67,19 +73,117 @@ LOSSES = "losses"
 """Extra training losses reducers add along the forward pass: a dict name -> scalar tensor (not per
 token). The training loop adds them to the task loss; `add_loss` is the way to put one in."""
 
-STA_ORDER = "sta_order"
-"""STA's running state: (B, N) long, each token's place in the sequence the released STA code would
-store after the last STA stage (tokens themselves stay in their current order). The next stage
-processes each group in this order, which decides its first group's even/odd split."""
-
 SOURCE_MAP = "source_map"
 """(B, T*H*W) long, only while tracking sources (`track_sources`): for each cell of the original grid
 (time-major, as `pos`), the index of the token that stands for it now, -1 when no token does. Not per
 token: `gather` and `merge` renumber it. A token's patches are the cells holding its index."""
 
-TOKEN_AUX = frozenset({KEYS, CLS_ATTN, ATTN_RECEIVED, STA_ORDER})
-"""`aux` entries laid out per token (token axis 1); `gather` moves them with the tokens. A method
-that keeps its own per-token running state adds its key here."""
+INPUTS = "inputs"
+"""What the model was given besides the clip's tokens (`Inputs`): the clip, and in training (or when a
+plan asks for them in evaluation) the labels and the teacher's results. Put there by
+`forward_features(video, inputs=...)`; reducers read it with `state.aux.get(INPUTS)`."""
+
+MergeRule = Literal["drop", "keep", "mean", "sum"]
+
+TOKEN_AUX: dict[str, MergeRule] = {}
+"""Per-token `aux` entries (token axis 1: (B, N, ...)) by key, each with what `merge` does with it.
+`gather` moves every one with the tokens; `merge` applies the rule: "drop" (a record of the tokens
+before the merge, such as the attention's side results: the next block records afresh), "keep" (a
+destination keeps its own value), "mean" (size-weighted mean of the merged tokens, as `x`) or "sum"
+(added, as sizes). Methods register their own running state with `register_token_aux`."""
+
+
+def register_token_aux(key: str, *, merge: MergeRule) -> str:
+    """Declare `aux[key]` a per-token entry that every `gather` and `merge` moves (see `TOKEN_AUX`).
+
+    Called once per key by the module that owns it, at import. Returns `key`.
+
+    Raises:
+        ValueError: an unknown rule, or the key registered before with another rule.
+    """
+    if merge not in ("drop", "keep", "mean", "sum"):
+        raise ValueError(f"merge rule of aux[{key!r}] must be 'drop', 'keep', 'mean' or 'sum', got {merge!r}")
+    if TOKEN_AUX.get(key, merge) != merge:
+        raise ValueError(f"aux[{key!r}] is already a per-token entry with merge rule {TOKEN_AUX[key]!r}")
+    TOKEN_AUX[key] = merge
+    return key
+
+
+for _record in (KEYS, CLS_ATTN, ATTN_RECEIVED):
+    register_token_aux(_record, merge="drop")
+
+
+class Inputs(NamedTuple):
+    """What a forward pass was given besides the tokens (`aux[INPUTS]`), for reducers that learn from
+    or select with it: the training hook (`Reducer.teach`, docs/design.md).
+
+    Attributes:
+        video: (B, T, C, H, W) the normalised clips.
+        labels: (B,) class indices or (B, K) multi-hot targets; None when not given (evaluation of a
+            plan that does not ask for them).
+        teacher: reducer name -> what its `teach` returned from the frozen teacher (training only).
+    """
+
+    video: Tensor
+    labels: Tensor | None = None
+    teacher: Mapping[str, Any] = {}
+
+
+Need = Literal["tokens", "frames", "grid"]
+"""What a block (or reducer) needs of the tokens it is given: any tokens, ragged batches included
+("tokens"); the same count in every frame of a dense batch ("frames": divided space-time attention);
+or every frame's full H x W grid in raster order ("grid": pooling and windowed attention)."""
+
+
+class Layout(NamedTuple):
+    """How the tokens are laid out at one place of a plan, known at `apply` time without data: what
+    `Reducer.count` returns and what `schedule` checks against each block's `Need`.
+
+    Attributes:
+        tokens: patch tokens per clip; for a ragged batch the most a clip can hold.
+        frames: the number of frames holding equal counts, frame-major (`TokenState.frames`); None when
+            per-frame counts differ (always for a ragged batch).
+        ragged: clips of a batch may hold different counts (a padding mask, `compact`).
+        whole: every one of the `frames` frames holds its full H x W grid, in raster order.
+    """
+
+    tokens: int
+    frames: int | None = None
+    ragged: bool = False
+    whole: bool = False
+
+    @classmethod
+    def of_grid(cls, grid: tuple[int, int, int]) -> Layout:
+        """The layout the patch embedding makes: every cell of `grid`, frame by frame."""
+        T, H, W = grid
+        return cls(T * H * W, frames=T, whole=True)
+
+    @property
+    def kind(self) -> str:
+        """ "ragged", "frames" (equal per frame) or "dense" (the same count per clip, unequal frames)."""
+        return "ragged" if self.ragged else "frames" if self.frames is not None else "dense"
+
+    def fits(self, need: Need) -> bool:
+        """Whether a block or reducer needing `need` can take tokens laid out like this."""
+        if need == "tokens":
+            return True
+        return not self.ragged and self.frames is not None and (need == "frames" or self.whole)
+
+    def describe(self) -> str:
+        if self.ragged:
+            return f"a different number of tokens in each clip (up to {self.tokens})"
+        if self.frames is None:
+            return f"{self.tokens} tokens per clip, unequal between frames"
+        whole = ", every frame whole" if self.whole else ""
+        return f"{self.tokens} tokens per clip in {self.frames} frames of {self.tokens // self.frames}{whole}"
+
+
+NEEDS: dict[str, str] = {
+    "tokens": "tokens",
+    "frames": "the same number of tokens in every frame of every clip",
+    "grid": "every frame's full grid of tokens",
+}
+"""What each `Need` asks for, as error messages say it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,8 +198,11 @@ class TokenState:
         cls: (B, 1, C) class token, or None for models without one. Reducers never drop it.
         size: (B, N) float, how many original patches a token stands for (merging), or None when
             every token is one patch.
-        mask: (B, N) bool, True for real tokens when samples of a batch hold different counts;
-            None means every token is real.
+        mask: (B, N) bool, True for real tokens when samples of a batch hold different counts (a
+            ragged batch); None means every token is real. `compact` makes it, real tokens first.
+        lengths: the real-token count of each sample as Python ints, when `mask` is set and `compact`
+            made it: blocks pack the real tokens with it without reading the mask back from the device.
+            None otherwise (a gather drops it).
         frames: number of frames the tokens are laid out in when every frame holds the same count,
             in order (frame-major: tokens `[j * n, (j + 1) * n)` belong to the j-th kept frame);
             None when per-frame counts differ. Divided space-time attention needs it.
@@ -111,6 +218,7 @@ class TokenState:
     mask: Tensor | None = None
     frames: int | None = None
     aux: Mapping[str, Any] = field(default_factory=dict)
+    lengths: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,6 +246,12 @@ class TokenState:
     def with_aux(self, **entries: Any) -> TokenState:
         """A copy whose `aux` also holds `entries` (the original dict is not modified)."""
         return dataclasses.replace(self, aux={**self.aux, **entries})
+
+    def without_records(self) -> TokenState:
+        """A copy without the per-token records of the tokens as they are now (`TOKEN_AUX` entries with
+        merge rule "drop", such as the attention's side results), for a step that changes the tokens
+        and so makes them stale: carrying them would only cost a gather."""
+        return self.replace(aux={k: v for k, v in self.aux.items() if TOKEN_AUX.get(k) != "drop"})
 
     def add_loss(self, name: str, value: Tensor) -> TokenState:
         """A copy carrying one more extra training loss under `aux[LOSSES][name]` (names are unique)."""
@@ -191,9 +305,7 @@ class TokenState:
         B = self.x.shape[0]
         if idx.dim() != 2 or idx.shape[0] != B:
             raise ValueError(f"gather expects indices of shape (B={B}, K), got {tuple(idx.shape)}")
-        aux = {
-            k: (take(v, idx) if k in TOKEN_AUX and isinstance(v, Tensor) else v) for k, v in self.aux.items()
-        }
+        aux = {k: (take(v, idx) if k in TOKEN_AUX and v is not None else v) for k, v in self.aux.items()}
         if SOURCE_MAP in aux:  # tracking: cells of the tokens left out now belong to none
             aux[SOURCE_MAP] = _follow(aux[SOURCE_MAP], _renumbering(idx, self.x.shape[1]))
         return dataclasses.replace(
@@ -204,6 +316,7 @@ class TokenState:
             mask=None if self.mask is None else self.mask.gather(1, idx),
             frames=frames,
             aux=aux,
+            lengths=None,
         )
 
     def merge(
@@ -223,9 +336,10 @@ class TokenState:
             x_d <- (s_d x_d + sum_{src -> d} s_src x_src) / (s_d + sum_{src -> d} s_src)
             s_d <- s_d + sum_{src -> d} s_src
 
-        with sizes from `size` (1 per token when None). A destination keeps its own `pos`, `mask` and
-        per-token `aux` entries (they move as in `gather`); with a source map, a merged token's
-        patches now belong to its destination. A token in none of the three index sets is dropped.
+        with sizes from `size` (1 per token when None). A destination keeps its own `pos` and `mask`;
+        per-token `aux` entries follow their registered rule (`TOKEN_AUX`: dropped, kept by the
+        destination, size-weighted mean or sum); with a source map, a merged token's patches now belong
+        to its destination. A token in none of the three index sets is dropped.
         Bipartite matching (ToMe) gives the sets directly: keep = the unmerged A tokens, into = all
         of B, src = the merged A tokens, dst = their partners in B.
 
@@ -240,27 +354,25 @@ class TokenState:
         Returns:
             A state of U + D tokens.
         """
-        B, N, C = self.x.shape
+        B, N, _ = self.x.shape
         U, D = keep_idx.shape[1], into_idx.shape[1]
         kept = torch.cat([keep_idx, into_idx], 1)  # (B, U + D)
-        out = self.gather(kept, frames=frames)  # (B, U + D, ...)
+        out = self.without_records().gather(kept, frames=frames)  # (B, U + D, ...): records not carried
         size = self.size if self.size is not None else self.x.new_ones(B, N)
         src_s = size.gather(1, src_idx)  # (B, r)
         dst_s = size.gather(1, into_idx)  # (B, D)
         merged_s = dst_s.scatter_add(1, dst_idx, src_s)  # (B, D)
-        # In place on the destinations' rows of `out.x` (a new tensor `gather` made). Every destination
-        # goes through the multiply and divide, whether it receives a merge or not: one op each.
-        x = out.x  # (B, U + D, C)
-        into_x = x[:, U:]  # (B, D, C) view
-        into_x.mul_(dst_s.unsqueeze(-1))
-        rows = U + dst_idx + torch.arange(0, B * (U + D), U + D, device=x.device).unsqueeze(1)  # (B, r)
-        x.view(-1, C).index_add_(0, rows.view(-1), (take(self.x, src_idx) * src_s.unsqueeze(-1)).view(-1, C))
-        into_x.div_(merged_s.unsqueeze(-1))
-        aux = out.aux
+        rows = (U + dst_idx + torch.arange(0, B * (U + D), U + D, device=kept.device).unsqueeze(1)).view(-1)
+        x = _merge_rows(out.x, self.x, U, rows, src_idx, dst_s, src_s, merged_s)  # (B, U + D, C)
+        aux = dict(out.aux)
+        for k, rule in TOKEN_AUX.items():
+            if rule in ("mean", "sum") and aux.get(k) is not None:
+                weights = (dst_s, src_s, merged_s) if rule == "mean" else (None, None, None)
+                aux[k] = _merge_rows(aux[k], self.aux[k], U, rows, src_idx, *weights)
         if SOURCE_MAP in self.aux:  # tracking: a merged token's patches go to its destination
             index = _renumbering(kept, N).scatter(1, src_idx, U + dst_idx)  # (B, N): new index of each
-            aux = {**aux, SOURCE_MAP: _follow(self.aux[SOURCE_MAP], index)}
-        return out.replace(size=torch.cat([size.gather(1, keep_idx), merged_s], 1), aux=aux)  # (B, U + D)
+            aux[SOURCE_MAP] = _follow(self.aux[SOURCE_MAP], index)
+        return out.replace(x=x, size=torch.cat([size.gather(1, keep_idx), merged_s], 1), aux=aux)
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
@@ -291,6 +403,14 @@ class TokenState:
             assert bool((self.size > 0).all()), "token sizes must be positive"
         if self.mask is not None:
             assert self.mask.shape == (B, N) and self.mask.dtype == torch.bool, "mask must be (B, N) bool"
+            assert bool(self.mask.any(1).all()), "a sample holds no real token"
+            assert self.frames is None, "a ragged state (mask set) has no equal-frame layout"
+        if self.lengths is not None:
+            assert self.mask is not None, "lengths are only kept for a ragged state (mask set)"
+            assert list(self.lengths) == self.mask.sum(1).tolist(), "lengths disagree with the mask"
+            assert bool(
+                (self.mask == (torch.arange(N, device=x.device) < self.mask.sum(1, keepdim=True))).all()
+            ), "with lengths, the real tokens come first in every row"
         if self.frames is not None:
             assert N % self.frames == 0, f"{N} tokens cannot fill {self.frames} equal frames"
             frame_of = (self.pos // (H * W)).view(B, self.frames, N // self.frames)  # (B, F, n)
@@ -300,7 +420,7 @@ class TokenState:
                 "a frame slot mixes tokens of several frames"
             )
         for k, v in self.aux.items():
-            if k in TOKEN_AUX and isinstance(v, Tensor):
+            if k in TOKEN_AUX and v is not None:
                 assert v.shape[:2] == (B, N), (
                     f"aux[{k!r}] must be per token (B, N, ...), got {tuple(v.shape)}"
                 )
@@ -328,6 +448,63 @@ def take(t: Tensor, idx: Tensor) -> Tensor:
         return t[0].index_select(0, idx[0]).unsqueeze(0)
     flat = (idx + torch.arange(0, B * N, N, device=idx.device).unsqueeze(1)).view(-1)  # (B*K,)
     return t.flatten(0, 1).index_select(0, flat).view(*idx.shape, *t.shape[2:])
+
+
+def compact(
+    state: TokenState,
+    chosen: Tensor,
+    *,
+    frames: int | None = None,
+    invalid: tuple[Tensor, str] | None = None,
+) -> TokenState:
+    """Keep the `chosen` tokens of each sample, however many each has: a ragged batch.
+
+    The chosen tokens come first in every row, in their current order, and the rows are trimmed to the
+    largest count; `mask` marks them and `lengths` holds the counts. When every sample keeps the same
+    count the result is dense (no mask), laid out in `frames` equal frames if the caller says so.
+    Padding tokens of the input (`mask` False) are never chosen.
+
+    This is the one place a forward pass reads data back to the host (the counts, once, to size the
+    output): the documented exception to the rule of no synchronisation in a forward pass.
+
+    Args:
+        chosen: (B, N) bool, the tokens to keep.
+        frames: the frame layout of the result when it is dense (see `TokenState.gather`).
+        invalid: (flags, message): (B,) bool flags of clips whose input was bad (a per-clip budget out
+            of range, say), read back in the same synchronisation; any set raises `message`.
+
+    Raises:
+        InputError: a sample with no token chosen (a model needs at least one real token per clip), or
+            a flag of `invalid` set.
+    """
+    if state.mask is not None:
+        chosen = chosen & state.mask
+    B, N = chosen.shape
+    counts = chosen.sum(1)  # (B,)
+    if invalid is None:
+        lengths = tuple(counts.tolist())  # the one host synchronisation
+    else:
+        read = torch.cat([counts, invalid[0].long()]).tolist()  # the one host synchronisation
+        lengths, flags = tuple(read[:B]), read[B:]
+        if any(flags):
+            raise InputError(f"{invalid[1]}; clip {flags.index(1)} of the batch is not")
+    if min(lengths) < 1:
+        raise InputError(
+            f"a reduction kept no token of clip {lengths.index(0)} of the batch (counts {list(lengths)}); "
+            "every clip needs at least one real token"
+        )
+    longest = max(lengths)
+    if min(lengths) == N:  # every token of every sample: nothing to move
+        return state if state.mask is None else state.replace(mask=None, lengths=None, frames=frames)
+    with torch.no_grad():
+        idx = (
+            (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :longest]
+        )  # (B, K): chosen first, in order
+    if min(lengths) == longest:
+        return state.gather(idx, frames=frames).replace(mask=None)
+    out = state.gather(idx)
+    mask = torch.arange(longest, device=chosen.device) < counts.unsqueeze(1)  # (B, K)
+    return out.replace(mask=mask, lengths=lengths)
 
 
 def track_sources(state: TokenState) -> TokenState:
@@ -371,6 +548,35 @@ def covered(state: TokenState) -> Tensor:
             "is unknown; run the forward pass with trace=True (forward_features(video, trace=True))"
         )
     return owners(state) >= 0
+
+
+def _merge_rows(
+    out: Tensor,
+    source: Tensor,
+    U: int,
+    rows: Tensor,
+    src_idx: Tensor,
+    dst_s: Tensor | None = None,
+    src_s: Tensor | None = None,
+    merged_s: Tensor | None = None,
+) -> Tensor:
+    """`out` (B, U + D, ...), tokens just gathered (a new tensor, changed in place), with the tokens
+    `src_idx` of `source` (B, N, ...) merged into the destination rows `rows` (B*r,) of the flattened
+    `out`: the size-weighted mean when sizes are given (`dst_s` (B, D), `src_s` (B, r), their sums
+    `merged_s`), else the sum. Every destination goes through the multiply and divide, whether it
+    receives a merge or not: one op each."""
+    B, M = out.shape[:2]
+    flat = out.view(B * M, -1)  # (B*(U + D), prod(...))
+    src = take(source, src_idx)  # (B, r, ...)
+    if dst_s is None:
+        flat.index_add_(0, rows, src.reshape(rows.shape[0], flat.shape[1]))
+        return out
+    ones = (1,) * (out.dim() - 2)
+    into = out[:, U:]  # (B, D, ...) view
+    into.mul_(dst_s.view(*dst_s.shape, *ones))
+    flat.index_add_(0, rows, (src * src_s.view(*src_s.shape, *ones)).reshape(rows.shape[0], flat.shape[1]))
+    into.div_(merged_s.view(*merged_s.shape, *ones))
+    return out
 
 
 def _renumbering(idx: Tensor, num: int) -> Tensor:

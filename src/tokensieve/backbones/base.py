@@ -2,22 +2,28 @@
 
     forward(video) = forward_head(forward_features(video))
 
-`reducers[p]` runs after `p` blocks (position 0 = right after patch embedding), `blocks[p].inner`
-between the attention and the MLP of block `p`. A bare model holds `nn.Identity()` in every slot;
-`tokensieve.apply` puts a plan's reducers there (and the reducers themselves in `plan`).
+`reducers[p]` runs after `p` blocks (position 0 = right after patch embedding, position `depth` after
+the last block, before the head), `blocks[p].inner` between the attention and the MLP of block `p`. A
+bare model holds `nn.Identity()` in every slot; `tokensieve.apply` puts a plan's reducers there (and
+the reducers themselves in `plan`).
+
+Each backbone declares what its blocks need of the tokens (`need`: any tokens, equal frames, the full
+grid), which `apply` checks every plan against. A ragged batch (clips holding different counts, a
+padding mask) runs packed by default (`ragged`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
 from ..rng import clip_keys
-from ..tokens import CLIP_KEY, TokenState, track_sources
+from ..tokens import CLIP_KEY, INPUTS, Inputs, Need, TokenState, track_sources
 from .config import BackboneConfig
+from .layers import RAGGED
 
 __all__ = ["VideoBackbone", "init_weights"]
 
@@ -27,8 +33,8 @@ class VideoBackbone(nn.Module):
 
     embed: nn.Module
     blocks: nn.ModuleList
-    divided: ClassVar[bool] = False
-    """Whether attention is divided space-time (needs the same token count in every frame)."""
+    block_need: ClassVar[tuple[Need, str]] = ("tokens", "joint attention")
+    """What every block needs of its tokens (`tokens.Need`) and why, as `need` reports it."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -40,11 +46,31 @@ class VideoBackbone(nn.Module):
         self.fc_norm = nn.LayerNorm(C, eps=config.fc_norm_eps) if mean_pool else nn.Identity()
         self.head_drop = nn.Dropout(config.drop) if config.drop > 0 else nn.Identity()
         self.head = nn.Linear(C, config.num_classes) if config.num_classes > 0 else nn.Identity()
-        self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth))
+        # One slot before each block and one after the last (position `depth`, before the head).
+        self.reducers = nn.ModuleList(nn.Identity() for _ in range(config.depth + 1))
         self.plan = nn.ModuleList()  # the installed plan's reducers (`tokensieve.apply`)
         self.spec: str | None = None  # the installed plan's spec
         # The plan's reducer that pools the features instead (a reference: it lives in `plan`).
         self.__dict__["readout_by"] = None
+        self.__dict__["installed"] = None  # the `InstalledPlan` `apply` returned (a reference)
+
+    # ------------------------------------------------------------------ contract
+    def need(self, position: int) -> tuple[Need, str]:
+        """What block `position` needs of the tokens it is given, and why (for error messages)."""
+        return self.block_need
+
+    @property
+    def ragged(self) -> Literal["packed", "padded"]:
+        """How blocks run a ragged batch: "packed" (real tokens only, attention per clip; the default)
+        or "padded" (every row, with a padding mask: the reference). Settable."""
+        return self.blocks[0].ragged
+
+    @ragged.setter
+    def ragged(self, how: Literal["packed", "padded"]) -> None:
+        if how not in RAGGED:
+            raise InputError(f"ragged must be one of {', '.join(RAGGED)}, got {how!r}")
+        for block in self.blocks:
+            block.ragged = how
 
     # ------------------------------------------------------------------ input
     def check_input(self, video: Tensor) -> tuple[int, int, int]:
@@ -79,23 +105,28 @@ class VideoBackbone(nn.Module):
         return grid
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, video: Tensor, *, trace: bool = False) -> TokenState:
-        """Tokens after the last block (before the final norm).
+    def forward_features(
+        self, video: Tensor, *, trace: bool = False, inputs: Inputs | None = None
+    ) -> TokenState:
+        """Tokens after the last block and the slot after it (before the final norm).
 
         Args:
             video: (B, T, C, H, W) float clips, normalised with `config.mean` / `config.std`.
             trace: also track which original patches each token stands for (`tokens.SOURCE_MAP`,
                 read with `tokens.owners` / `tokens.covered`); the tokens are the same either way.
                 Off, it costs nothing.
+            inputs: what reducers may read besides the tokens (`tokens.Inputs`: labels, the teacher's
+                results; the training loop passes them). Default: the clip alone.
         """
         state = self.embed(video, self.check_input(video))
+        state = state.with_aux(**{INPUTS: inputs if inputs is not None else Inputs(video)})
         if trace:
             state = track_sources(state)
         if any(r.keyed_random for r in self.plan):  # the plan will draw random numbers keyed by clip
             state = state.with_aux(**{CLIP_KEY: clip_keys(video)})
-        for block, reduce in zip(self.blocks, self.reducers, strict=True):
+        for block, reduce in zip(self.blocks, self.reducers, strict=False):  # one more slot than blocks
             state = block(reduce(state))
-        return state
+        return self.reducers[-1](state)
 
     def forward_head(self, state: TokenState) -> Tensor:
         """(B, num_classes) logits, or (B, C) pooled features when `num_classes=0`.

@@ -7,7 +7,7 @@ Submodule names follow the original (timm-style) checkpoints -- `attn.qkv`, `att
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -18,19 +18,34 @@ from ..errors import InputError
 from ..tokens import ATTN_RECEIVED, CLS_ATTN, KEYS, PROP_ATTN, TokenState
 
 __all__ = [
+    "RAGGED",
     "Attention",
     "Block",
     "DropPath",
     "Mlp",
+    "Packed",
     "QkvBias",
     "attention_mask",
+    "pack",
     "received_attention",
     "sinusoid_table",
     "split_cls",
+    "varlen_attention",
     "with_cls",
 ]
 
 QkvBias = Literal["qkv", "qv", "none"]
+
+RAGGED = ("packed", "padded")
+"""How blocks run a ragged batch (`VideoBackbone.ragged`): "packed" (the default) runs the projections
+and the MLP on the real tokens only and attention per clip over its own tokens, so a clip costs what
+it keeps; "padded" runs every row, padding included, with a padding mask (the reference: the two give
+equal outputs)."""
+
+VARLEN = ("groups", "nested")
+"""Kernels of `varlen_attention`: "groups" (SDPA once per set of clips of one length: a slice per clip,
+a batched call where lengths repeat; the fast one on CPU) or "nested" (one SDPA call on a jagged
+nested tensor: fused varlen kernels on CUDA; without a bias only)."""
 
 
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:
@@ -98,6 +113,150 @@ def received_attention(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     return total.mean(1) / real  # (B, N)
 
 
+class Packed(NamedTuple):
+    """The real rows of a ragged batch laid end to end, clip after clip (class token first in each).
+
+    Attributes:
+        rows: (M,) long, the index of each real row in the flattened padded (B * L) layout.
+        lengths: rows per clip (class token included), as Python ints: the host-side plan of the
+            per-clip attention.
+        sample: (M,) long, the clip each row belongs to.
+        shape: (B, L) of the padded layout.
+    """
+
+    rows: Tensor
+    lengths: tuple[int, ...]
+    sample: Tensor
+    shape: tuple[int, int]
+
+    def take(self, padded: Tensor) -> Tensor:
+        """(B, L, ...) padded rows -> (M, ...) real rows."""
+        return padded.flatten(0, 1).index_select(0, self.rows)
+
+    def put(self, rows: Tensor, into: Tensor | None = None) -> Tensor:
+        """(M, ...) real rows -> (B, L, ...): written over a copy of `into`, or over zeros."""
+        B, L = self.shape
+        out = rows.new_zeros(B * L, *rows.shape[1:]) if into is None else into.flatten(0, 1).clone()
+        return out.index_copy_(0, self.rows, rows).view(B, L, *rows.shape[1:])
+
+    def groups(self) -> list[tuple[int, int | Tensor]]:
+        """(length, rows) of each set of clips of one length: the slice start of a single clip (its rows
+        are contiguous) or (G*L,) row indices of several, clip by clip."""
+        starts, offset = [], 0
+        for n in self.lengths:
+            starts.append(offset)
+            offset += n
+        by_length: dict[int, list[int]] = {}
+        for start, n in zip(starts, self.lengths, strict=True):
+            by_length.setdefault(n, []).append(start)
+        device = self.rows.device
+        out: list[tuple[int, int | Tensor]] = []
+        for n, firsts in by_length.items():
+            if len(firsts) == 1:
+                out.append((n, firsts[0]))
+            else:
+                base = torch.tensor(firsts, device=device).unsqueeze(1)  # (G, 1)
+                out.append((n, (base + torch.arange(n, device=device)).view(-1)))  # (G*n,)
+        return out
+
+
+def pack(state: TokenState) -> Packed:
+    """Where the real rows of a ragged `state` are, class token included (a row of its own per clip)."""
+    mask = state.mask
+    if state.cls is not None:
+        mask = F.pad(mask, (1, 0), value=True)  # (B, L): the class token is always real
+    B, L = mask.shape
+    lengths = state.lengths
+    if lengths is None:  # not made by `compact`: read the counts back (a synchronisation)
+        lengths = tuple(state.mask.sum(1).tolist())
+    if min(lengths) < 1:
+        raise InputError(f"a clip of this batch holds no real token (counts {list(lengths)})")
+    first = int(state.cls is not None)
+    lengths = tuple(n + first for n in lengths)
+    rows = torch.nonzero_static(mask.flatten(), size=sum(lengths)).squeeze(1)  # (M,), no synchronisation
+    return Packed(rows, lengths, torch.div(rows, L, rounding_mode="floor"), (B, L))
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    packed: Packed,
+    *,
+    bias: Tensor | None = None,
+    dropout: float = 0.0,
+    kernel: str | None = None,
+) -> Tensor:
+    """Attention of each clip's rows over that clip's rows only, on packed rows.
+
+    Args:
+        q, k, v: (M, nh, hd) packed rows (`pack`).
+        bias: (M,) additive bias of each row as a key (ToMe's log-size), or None.
+        dropout: attention dropout probability (training).
+        kernel: "groups" or "nested" (`VARLEN`); default "nested" on CUDA without a bias, else "groups".
+
+    Returns:
+        (M, nh, hd).
+    """
+    if kernel is None:
+        kernel = "nested" if q.device.type == "cuda" and bias is None else "groups"
+    if kernel == "nested":
+        if bias is not None:
+            raise ValueError("the nested varlen kernel takes no attention bias; use kernel='groups'")
+        offsets = torch.tensor((0, *packed.lengths), device=q.device).cumsum(0)
+        jagged = [torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*jagged, dropout_p=dropout)  # (B, nh, j, hd) jagged
+        return out.transpose(1, 2).values()  # (M, nh, hd)
+    if kernel != "groups":
+        raise ValueError(f"kernel must be one of {', '.join(VARLEN)}, got {kernel!r}")
+    out = torch.empty_like(q)
+    nh, hd = q.shape[1:]
+    for n, where in packed.groups():  # a handful of distinct lengths per batch
+        if isinstance(where, int):
+            parts = [t[where : where + n].unsqueeze(0) for t in (q, k, v)]  # (1, n, nh, hd) views
+            mask = None if bias is None else bias[where : where + n].view(1, 1, 1, n)
+        else:
+            parts = [t.index_select(0, where).view(-1, n, nh, hd) for t in (q, k, v)]  # (G, n, nh, hd)
+            mask = None if bias is None else bias.index_select(0, where).view(-1, 1, 1, n)
+        qg, kg, vg = (t.transpose(1, 2) for t in parts)  # (G, nh, n, hd)
+        y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout).transpose(1, 2)
+        if isinstance(where, int):
+            out[where : where + n] = y[0]
+        else:
+            out.index_copy_(0, where, y.reshape(-1, nh, hd))
+    return out
+
+
+def _packed_records(
+    q: Tensor, k: Tensor, packed: Packed, bias: Tensor | None, record: frozenset[str], has_cls: bool
+) -> dict[str, Tensor]:
+    """The side results a padded-mask block records (`Attention.forward`), from packed rows: per clip
+    over its own rows, laid out padded (B, N, ...) with zeros at padding, class token left out."""
+    first = 1 if has_cls else 0
+    per_row: dict[str, Tensor] = {}
+    if KEYS in record:
+        per_row[KEYS] = k.mean(1)  # (M, hd)
+    if CLS_ATTN in record or ATTN_RECEIVED in record:
+        if CLS_ATTN in record and not has_cls:
+            raise ValueError("class-token attention was requested from a model without a class token")
+        nh, hd = q.shape[1:]
+        wanted = [key for key in (CLS_ATTN, ATTN_RECEIVED) if key in record]
+        values = {key: q.new_zeros(q.shape[0]) for key in wanted}  # (M,) each
+        for n, where in packed.groups():
+            rows = torch.arange(where, where + n, device=q.device) if isinstance(where, int) else where
+            qg, kg = (t.index_select(0, rows).view(-1, n, nh, hd).transpose(1, 2) for t in (q, k))
+            mask = None if bias is None else bias.index_select(0, rows).view(-1, 1, 1, n)
+            if CLS_ATTN in record:
+                logits = (qg[:, :, :1] @ kg.transpose(-2, -1)) * hd**-0.5  # (G, nh, 1, n)
+                if mask is not None:
+                    logits = logits + mask
+                values[CLS_ATTN].index_copy_(0, rows, logits.softmax(-1)[:, :, 0].mean(1).reshape(-1))
+            if ATTN_RECEIVED in record:
+                values[ATTN_RECEIVED].index_copy_(0, rows, received_attention(qg, kg, mask).reshape(-1))
+        per_row.update(values)
+    return {key: packed.put(value)[:, first:] for key, value in per_row.items()}
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch of a sample with probability `p` in
     training; identity in eval."""
@@ -106,11 +265,21 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, packed: Packed | None = None) -> Tensor:
+        """`x`: (B, ...) per clip, or (M, C) packed rows of a ragged batch (`packed` says whose): the same
+        draws either way, one per clip."""
         if not self.training or self.p == 0.0:
             return x
+        if packed is not None:
+            keep = x.new_empty(packed.shape[0]).bernoulli_(1.0 - self.p)  # (B,)
+            return x * keep.index_select(0, packed.sample).unsqueeze(1) / (1.0 - self.p)
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
+
+
+def _drop(module: nn.Module, x: Tensor, packed: Packed) -> Tensor:
+    """Stochastic depth on packed rows (`nn.Identity` when the rate is 0)."""
+    return module(x, packed) if isinstance(module, DropPath) else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -196,6 +365,32 @@ class Attention(nn.Module):
                 recorded[ATTN_RECEIVED] = received_attention(q, k, mask)[:, first:]  # (B, N')
         return out, recorded
 
+    def forward_packed(
+        self,
+        x: Tensor,
+        packed: Packed,
+        *,
+        bias: Tensor | None = None,
+        record: frozenset[str] = frozenset(),
+        has_cls: bool = False,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`forward` on the packed rows of a ragged batch: the projections on real rows only, attention
+        per clip over its own rows (`varlen_attention`).
+
+        Args:
+            x: (M, C) normalised packed rows (`pack`).
+            bias: (M,) additive bias of each row as a key, or None.
+
+        Returns:
+            (M, C) output rows, and the requested side results laid out padded (B, N, ...).
+        """
+        M, C = x.shape
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # (M, 3C)
+        q, k, v = qkv.view(M, 3, self.heads, self.head_dim).unbind(1)  # 3 x (M, nh, hd)
+        drop = self.attn_drop if self.training else 0.0
+        out = self.proj(varlen_attention(q, k, v, packed, bias=bias, dropout=drop).reshape(M, C))  # (M, C)
+        return out, (_packed_records(q, k, packed, bias, record, has_cls) if record else {})
+
 
 class Mlp(nn.Module):
     """Linear -> exact (erf) GELU -> Linear, with optional dropout."""
@@ -239,8 +434,13 @@ class Block(nn.Module):
         self.drop_path = drop_path(drop_path_rate)
         self.inner: nn.Module = nn.Identity()
         self.record: frozenset[str] = frozenset()
+        self.ragged = (
+            "packed"  # how a ragged batch runs (`RAGGED`); set for all blocks by `VideoBackbone.ragged`
+        )
 
     def forward(self, state: TokenState) -> TokenState:
+        if state.mask is not None and self.ragged == "packed":
+            return self._forward_packed(state)
         has_cls = state.cls is not None
         x = with_cls(state)  # (B, [1 +] N, C)
         y, recorded = self.attn(
@@ -251,9 +451,36 @@ class Block(nn.Module):
         return self.mlp_residual(state)
 
     def mlp_residual(self, state: TokenState) -> TokenState:
-        """The second half of the block: x + MLP(norm2(x)) on every token, class token included."""
+        """The second half of the block: x + MLP(norm2(x)) on every token, class token included (on the
+        real rows only for a ragged batch run packed)."""
         x = with_cls(state)  # (B, [1 +] N, C)
+        if state.mask is not None and self.ragged == "packed":
+            packed = pack(state)
+            rows = packed.take(x)  # (M, C)
+            return split_cls(state, packed.put(self._mlp_rows(rows, packed), into=x))
         return split_cls(state, x + self.drop_path(self.mlp(self.norm2(x))))
+
+    def _mlp_rows(self, rows: Tensor, packed: Packed) -> Tensor:
+        return rows + _drop(self.drop_path, self.mlp(self.norm2(rows)), packed)
+
+    def _forward_packed(self, state: TokenState) -> TokenState:
+        """The block on the real rows of a ragged batch: packed once, attention per clip, and (when no
+        reducer runs between attention and MLP) the MLP on the same packed rows."""
+        has_cls = state.cls is not None
+        x = with_cls(state)  # (B, L, C), L = [1 +] N
+        packed = pack(state)
+        rows = packed.take(x)  # (M, C)
+        bias = None
+        if state.size is not None and state.aux.get(PROP_ATTN, False):
+            bias = packed.take(attention_mask(state)[:, 0, 0, :].unsqueeze(-1)).squeeze(-1)  # (M,) log-sizes
+        y, recorded = self.attn.forward_packed(
+            self.norm1(rows), packed, bias=bias, record=self.record, has_cls=has_cls
+        )
+        rows = rows + _drop(self.drop_path, y, packed)
+        if isinstance(self.inner, nn.Identity):
+            return split_cls(state, packed.put(self._mlp_rows(rows, packed), into=x), recorded)
+        state = self.inner(split_cls(state, packed.put(rows, into=x), recorded))
+        return self.mlp_residual(state)
 
 
 def with_cls(state: TokenState) -> Tensor:

@@ -153,7 +153,7 @@ def _removed_modules(model: VideoBackbone) -> list[str]:
 def _check_rebuilds(model: VideoBackbone, spec: str | None, removed: list[str]) -> None:
     """Refuse to save what `load_local` could not rebuild: the keys and shapes must come back."""
     with torch.device("meta"):
-        rebuilt = _remove(apply(build_from_config(model.config), spec), removed)
+        rebuilt = _remove(apply(build_from_config(model.config), spec).model, removed)
     missing, unexpected, mismatched = fit_problems(rebuilt.state_dict(), model.state_dict())
     differ = sorted({*missing, *unexpected, *mismatched})
     if differ:
@@ -365,7 +365,7 @@ def _assemble(
 ) -> VideoBackbone:
     """Build `config`, install `spec`, remove `removed`, copy `weights` (strictly), eval mode."""
     try:
-        model = apply(build_from_config(config), spec)
+        model = apply(build_from_config(config), spec).model
     except InputError as err:  # a method this version lacks, a plan the changed config does not fit
         raise InputError(f"{source}: cannot install its plan {spec!r}: {err}") from err
     model = _remove(model, removed, source=source)

@@ -94,7 +94,7 @@ class DividedBlock(Block):
 class TimeSformer(VideoBackbone):
     """Divided space-time transformer with per-frame patches and a class token."""
 
-    divided = True
+    block_need = ("frames", "divided space-time attention")
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch != "timesformer":

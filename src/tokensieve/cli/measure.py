@@ -125,11 +125,11 @@ def _count(net: VideoBackbone, spec: str, *, real: Callable[[], VideoBackbone]) 
     if next(net.parameters()).device.type == "meta":
         try:
             with torch.device("meta"):  # the plan's own parameters, if any, go to meta too
-                return flops(apply(net, spec), detail=True)
+                return flops(apply(net, spec).model, detail=True)
         except (NotImplementedError, RuntimeError) as err:
             log.info("plan %r cannot be counted on the meta device (%s); counting on a real model", spec, err)
         net = real()
-    return flops(apply(net, spec), detail=True)
+    return flops(apply(net, spec).model, detail=True)
 
 
 @app.command("flops")

@@ -41,14 +41,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..bench import PlanState, capture_plan, restore_plan
 from ..data.datasets import VideoDataset
 from ..data.synthetic import load_truth
 from ..data.transforms import normalize
 from ..errors import InputError
 from ..flops import flops
 from ..reducers import REGISTRY, apply, parse
-from ..reducers.plan import load_trained, schedule, spec_parameters
+from ..reducers.plan import InstalledPlan, current_plan, load_trained, schedule, spec_parameters
 from ..reducers.plan import plan as make_plan
 from ..tokens import TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
@@ -218,10 +217,11 @@ def _meta_twin(model: nn.Module) -> nn.Module:
 def matched_random(model: nn.Module, target: float, count: Callable[[str | None], float]) -> str:
     """The `random` spec (without seed) whose GFLOPs per view (`count(spec)`) come closest to
     `target`: the fewest blocks before it (`at`) that come within `MATCH_TOLERANCE`, the nearest
-    token count there. On a divided space-time backbone it keeps the same count in every frame."""
+    token count there. On a backbone whose blocks need equal frames (divided space-time attention) it
+    keeps the same count in every frame."""
     T, H, W = model.config.grid
     full = T * H * W
-    per_frame = getattr(model, "divided", False)
+    per_frame = any(model.need(p)[0] != "tokens" for p in range(len(model.blocks)))
     unit = T if per_frame else 1  # tokens per step of the count
 
     def spec(at: int, n: int) -> str:
@@ -357,15 +357,14 @@ class _Video:
 
 def _install_all(
     model: nn.Module, specs: Sequence[str], selectors: Mapping[str, Mapping[str, Tensor]]
-) -> dict[str, PlanState]:
-    """Install each plan once (learned reducers get their trained weights); keep the installed state
-    so plans are swapped without re-initialising anything."""
+) -> dict[str, InstalledPlan]:
+    """Install each plan once (learned reducers get their trained weights); the installed plans are
+    swapped in with `install()`, without re-initialising anything."""
     states = {}
     for spec in specs:
-        apply(model, None if spec == "none" else spec)
+        states[spec] = apply(model, None if spec == "none" else spec)
         misfits = load_trained(model, selectors)
         assert not misfits, f"{spec}: planning let through trained weights that do not fit ({misfits})"
-        states[spec] = capture_plan(model)
     return states
 
 
@@ -456,7 +455,7 @@ def sweep(
             raise InputError(
                 f"{base}: give one method and leave {key or 'its budget'} out; the sweep sets it"
             )
-    kept = capture_plan(model)
+    kept = current_plan(model)
     apply(model, None)
     try:
         log.info("choosing the settings of %d methods at %d budgets and their random baselines",
@@ -467,7 +466,7 @@ def sweep(
                       speed_batch=speed_batch or batch_size, progress=progress, model_name=model_name,
                       header=dict(header or {}), examples=examples, began=began)  # fmt: skip
     finally:
-        restore_plan(model, kept)
+        kept.install()
 
 
 def _checksum(model: nn.Module, selectors: Mapping[str, Mapping[str, Tensor]]) -> str:
@@ -568,7 +567,7 @@ def _run(
         if progress is not None:
             progress(0, 0)
         return 0.0, time.perf_counter() - began
-    kept = capture_plan(model)
+    kept = current_plan(model)
     was_training = model.training
     model.eval()  # first: the reducers `_install_all` creates take the model's mode
     states = _install_all(model, runs, selectors)
@@ -612,13 +611,13 @@ def _run(
             flush()
     finally:
         writer.close()
-        restore_plan(model, kept)
+        kept.install()
         model.train(was_training)
     return waited, time.perf_counter() - began
 
 
 def _run_batch(
-    model: nn.Module, batch: list[_Video], states: Mapping[str, PlanState], writer: RecordWriter
+    model: nn.Module, batch: list[_Video], states: Mapping[str, InstalledPlan], writer: RecordWriter
 ) -> int:
     """Every plan still to do for the videos of `batch` on their views; returns records written."""
     cfg = model.config
@@ -631,7 +630,7 @@ def _run_batch(
     for spec in dict.fromkeys(s for v in batch for s in v.todo):
         rows = [i for i, v in enumerate(batch) if spec in v.todo]
         take = torch.isin(owner, torch.tensor(rows))
-        restore_plan(model, states[spec])
+        states[spec].install()
         with torch.inference_mode():
             state = model.forward_features(x[take], trace=truth is not None)
             probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
@@ -670,16 +669,16 @@ def _examples(
         ran = sorted((s for s in settings if s.method == method and s.spec), key=lambda s: s.budget or 0.0)
         if ran:
             chosen[method] = ran[len(ran) // 2]
-    kept, paths = capture_plan(model), {}
+    kept, paths = current_plan(model), {}
     try:
         for method, item in chosen.items():
             assert item.spec is not None
-            restore_plan(model, _install_all(model, [item.spec], selectors)[item.spec])
+            _install_all(model, [item.spec], selectors)
             path = f"examples/{method}.png"
             viz.save(viz.kept_tokens(model, clip), out / path)
             paths[method] = path
     finally:
-        restore_plan(model, kept)
+        kept.install()
     return paths
 
 

@@ -7,8 +7,10 @@ A reducer is an `nn.Module` taking a `TokenState` and returning one. It declares
   patch embedding). A reducer with `inside = True` runs *within* block `p` instead, between its
   attention and its MLP, and reads what that block's attention recorded (ToMe, EViT-style
   attention pruning); position 0 is then valid even for a reducer that needs keys;
-- `count(num, frames, site)`: the token count (and frame layout) it leaves, so a plan's token
-  budget is known before anything runs and bad parameters fail at `apply` time.
+- `count(layout, site)`: the `Layout` it leaves from the one it is given (tokens, equal frames or
+  not, ragged or not), so a plan's token budget is known before anything runs and bad parameters fail
+  at `apply` time; `takes_ragged` says whether it can be given a ragged batch (clips holding
+  different counts). `schedule` checks every step and every block's `Need` against these layouts.
 
 One reducer object may run at several positions (STA's three stages, ToMe in every block). `apply`
 binds each place to a `Site` (stage index, position, model depth) and the reducer's forward receives
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..errors import InputError
-from ..tokens import CLIP_KEY, TokenState
+from ..tokens import CLIP_KEY, Layout, TokenState, compact
 
 if TYPE_CHECKING:
     from ..backbones.base import VideoBackbone
@@ -43,6 +45,7 @@ __all__ = [
     "keep_frames",
     "keep_top",
     "per_frame_count",
+    "ragged_count",
     "register",
     "require",
     "require_frames",
@@ -67,6 +70,9 @@ class Reducer(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     inside: ClassVar[bool] = False
     """True: runs inside block `p`, between attention and MLP, instead of before block `p`."""
+    takes_ragged: ClassVar[bool] = False
+    """True: it can be given a ragged batch (a padding mask, clips holding different counts) and honours
+    the mask. `apply` refuses a plan that gives a ragged batch to a reducer without it."""
     pattern_parameters: ClassVar[dict[str, type]] = {}
     """Spec parameters named by a pattern rather than the signature (STTS's `T0=0.6`, `S4=0.9`:
     regex -> type); the constructor receives them as keyword arguments and validates them."""
@@ -102,23 +108,10 @@ class Reducer(nn.Module):
         """What the preceding attention must record for this reducer on `model` (default `needs`)."""
         return self.needs
 
-    def check(self, model: VideoBackbone) -> None:
-        """Raise `ValueError` if this reducer cannot run on `model` (called by `apply`)."""
-        if model.divided and not self.keeps_frames:
-            raise InputError(
-                f"{self.name} leaves different token counts in different frames, but "
-                f"{type(model).__name__}'s divided space-time attention needs the same count in every "
-                "frame; use a method (or mode) that keeps per-frame counts equal"
-            )
-
-    @property
-    def keeps_frames(self) -> bool:
-        """Whether the output keeps the same token count in every frame (divided attention needs it)."""
-        return False
-
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        """Token count and frame layout this reducer leaves from `num` tokens in `frames` equal
-        frames (None: unequal). Raises `ValueError` when its parameters do not fit the input."""
+    def count(self, layout: Layout, site: Site) -> Layout:
+        """The layout this reducer leaves from `layout` at `site`: tokens per clip (the most a clip can
+        hold when the result is ragged), equal frames or not, ragged or not. Raises `InputError` when
+        its parameters do not fit the input. `schedule` gives it a ragged layout only if `takes_ragged`."""
         raise NotImplementedError
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
@@ -215,18 +208,18 @@ def require(state: TokenState, key: str, method: str) -> Tensor:
     return value
 
 
-def _unequal_frames(method: str) -> ValueError:
-    return ValueError(
+def _unequal_frames(method: str) -> InputError:
+    return InputError(
         f"{method} works frame by frame and needs the same number of tokens in every frame, but the "
         "reduction before it leaves unequal counts; place it before that reduction or use a per-frame mode"
     )
 
 
-def per_frame_count(num: int, frames: int | None, method: str) -> int:
+def per_frame_count(layout: Layout, method: str) -> int:
     """Tokens per frame of a layout with equal frames, or a clear error when counts differ."""
-    if frames is None:
+    if layout.frames is None:
         raise _unequal_frames(method)
-    return num // frames
+    return layout.tokens // layout.frames
 
 
 def require_frames(state: TokenState, method: str) -> int:
@@ -236,25 +229,67 @@ def require_frames(state: TokenState, method: str) -> int:
     return state.frames
 
 
-def top_count(
-    keep: float, num: int, frames: int | None, *, per_frame: bool, method: str
-) -> tuple[int, int | None]:
-    """The `count` of a `keep_top` selection: tokens and frame layout it leaves from `num` tokens."""
+def top_count(keep: float, layout: Layout, *, per_frame: bool, method: str) -> Layout:
+    """The `count` of a `keep_top` selection with a fixed ratio `keep` (of every clip's real tokens, or
+    of every frame's with `per_frame`): a ragged input stays ragged, each clip keeping its share."""
     if per_frame:
-        k = keep_count(keep, per_frame_count(num, frames, f"{method} (per_frame)"))
-        return k * frames, frames
-    k = keep_count(keep, num)
-    return k, frames if k == num else None
+        k = keep_count(keep, per_frame_count(layout, f"{method} (per_frame)"))
+        return layout if k * layout.frames == layout.tokens else Layout(k * layout.frames, layout.frames)
+    k = keep_count(keep, layout.tokens)
+    if k == layout.tokens:
+        return layout
+    return Layout(k, ragged=layout.ragged)
 
 
-def keep_top(state: TokenState, scores: Tensor, keep: float, *, per_frame: bool) -> TokenState:
-    """Keep the `keep_count(keep, .)` highest-scoring tokens of each sample (of each frame with
-    `per_frame`), in their current order.
+def ragged_count(layout: Layout, *, per_frame: bool, method: str) -> Layout:
+    """The `count` of a `keep_top` selection with a per-clip budget: up to every token, ragged."""
+    if per_frame:
+        per_frame_count(layout, f"{method} (per_frame)")  # needs equal frames to select in
+    return Layout(layout.tokens, ragged=True)
+
+
+def keep_top(
+    state: TokenState, scores: Tensor, keep: float | Tensor, *, per_frame: bool = False
+) -> TokenState:
+    """Keep the highest-scoring tokens of each clip (of each frame with `per_frame`), in their order.
+
+    With a fixed ratio on a dense batch every clip keeps `keep_count(keep, N)` tokens (per frame:
+    of n): no synchronisation, the result is dense. With per-clip budgets, or on a ragged batch,
+    clip b keeps `keep_count(keep_b, n_b)` of its n_b real tokens (per frame: of each frame's) and
+    `compact` lays the result out ragged. Padding tokens are never kept.
 
     Args:
         scores: (B, N) one score per token.
-        keep: ratio of the tokens kept per sample, or per frame with `per_frame`.
+        keep: the ratio kept, in (0, 1]: one float, or (B,) one per clip (a per-video budget).
+        per_frame: select within every frame (the state must hold equal frames).
+
+    Raises:
+        InputError: a per-clip ratio outside (0, 1] (read back with the counts, in the same
+            synchronisation).
     """
+    B, N = scores.shape
+    if not isinstance(keep, Tensor) and state.mask is None:
+        return _keep_top_fixed(state, scores, keep, per_frame=per_frame)
+    if isinstance(keep, Tensor) and keep.shape != (B,):
+        raise ValueError(f"per-clip keep ratios must be (B={B},), got {tuple(keep.shape)}")
+    F = require_frames(state, "keep_top (per_frame)") if per_frame else 1
+    n = N // F
+    with torch.no_grad():
+        real = state.num_tokens.double() / F  # (B,) real tokens per clip (per frame)
+        ratio = keep.double() if isinstance(keep, Tensor) else torch.full_like(real, keep)
+        k = (ratio * real).round().clamp_min(1).long()  # (B,): keep_count per clip
+        if state.mask is not None:  # padding ranks last
+            low = float("-inf") if scores.is_floating_point() else torch.iinfo(scores.dtype).min
+            scores = scores.masked_fill(~state.mask, low)
+        rank = scores.view(B, F, n).argsort(dim=2, descending=True, stable=True).argsort(2)  # (B, F, n)
+        chosen = (rank < k.view(B, 1, 1)).view(B, N)
+    invalid = None
+    if isinstance(keep, Tensor):  # read back with the counts: one synchronisation for both
+        invalid = (~((keep > 0) & (keep <= 1)), "per-clip keep ratios must be in (0, 1]")
+    return compact(state, chosen, frames=F if per_frame else None, invalid=invalid)
+
+
+def _keep_top_fixed(state: TokenState, scores: Tensor, keep: float, *, per_frame: bool) -> TokenState:
     B, N = scores.shape
     if not per_frame:
         k = keep_count(keep, N)
@@ -274,11 +309,11 @@ def keep_top(state: TokenState, scores: Tensor, keep: float, *, per_frame: bool)
     return state.gather(idx, frames=F)
 
 
-def frame_count(keep: float, num: int, frames: int | None, method: str) -> tuple[int, int]:
+def frame_count(keep: float, layout: Layout, method: str) -> Layout:
     """The `count` of a whole-frame selection keeping `keep_count(keep, frames)` frames."""
-    n = per_frame_count(num, frames, method)
-    k = keep_count(keep, frames)
-    return k * n, k
+    n = per_frame_count(layout, method)
+    k = keep_count(keep, layout.frames)
+    return Layout(k * n, frames=k, whole=layout.whole)
 
 
 def keep_frames(state: TokenState, frame_idx: Tensor) -> TokenState:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..tokens import TokenState
+from ..tokens import Layout, TokenState
 from .base import Reducer, Site, register
 
 __all__ = ["NoReduction"]
@@ -12,15 +12,11 @@ __all__ = ["NoReduction"]
 class NoReduction(Reducer):
     """Keeps every token; installs nothing, so the model runs exactly as the bare backbone."""
 
-    @property
-    def keeps_frames(self) -> bool:
-        return True
-
     def positions(self, depth: int) -> tuple[int, ...]:
         return ()
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        return num, frames
+    def count(self, layout: Layout, site: Site) -> Layout:
+        return layout
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         return state

@@ -17,9 +17,21 @@ from torch import Tensor, nn
 
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
+from ..tokens import NEEDS, Layout
 from .base import REGISTRY, At, Reducer, Site
 
-__all__ = ["Step", "apply", "load_trained", "parse", "pattern_label", "plan", "schedule", "spec_parameters"]
+__all__ = [
+    "InstalledPlan",
+    "Step",
+    "apply",
+    "current_plan",
+    "load_trained",
+    "parse",
+    "pattern_label",
+    "plan",
+    "schedule",
+    "spec_parameters",
+]
 
 
 def spec_parameters(cls: type[Reducer]) -> dict[str, tuple[inspect.Parameter, Any]]:
@@ -58,6 +70,11 @@ def _pattern(cls: type[Reducer], key: str) -> type | None:
 
 
 def _convert(value: str, annotation: Any, method: str, key: str) -> Any:
+    options = typing.get_args(annotation)
+    if type(None) in options:  # an optional parameter (`mass: float | None`): "none" leaves it unset
+        if value.lower() == "none":
+            return None
+        annotation = next(a for a in options if a is not type(None))
     hints = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
     if hints is not None:
         if value not in [str(h) for h in hints]:
@@ -122,73 +139,230 @@ def plan(spec: str) -> list[Reducer]:
 
 
 class Step(NamedTuple):
-    """One place of an installed plan, in execution order."""
+    """One place of an installed plan, in execution order, with the layouts before and after it."""
 
     reducer: Reducer
     site: Site
     inside: bool
-    tokens_in: int
-    tokens_out: int
-    frames_out: int | None
+    before: Layout
+    after: Layout
+
+    @property
+    def tokens_in(self) -> int:
+        return self.before.tokens
+
+    @property
+    def tokens_out(self) -> int:
+        """Tokens per clip it leaves (for a ragged result, the most a clip can hold)."""
+        return self.after.tokens
+
+    @property
+    def frames_out(self) -> int | None:
+        return self.after.frames
+
+    @property
+    def where(self) -> str:
+        p, depth = self.site.position, self.site.depth
+        if self.inside:
+            return f"inside block {p}"
+        return "after the last block" if p == depth else f"before block {p}"
+
+
+def _place(reducer: Reducer, model: VideoBackbone, stage: int, p: int) -> tuple[int, Site]:
+    """The sort key (execution order) and site of one place of `reducer`, or an error naming the
+    valid positions."""
+    depth = len(model.blocks)
+    needs = reducer.needs_for(model)
+    last = depth - 1 if reducer.inside else depth  # `depth`: after the last block, before the head
+    first = 1 if needs and not reducer.inside else 0
+    valid = f"{first}..{last}"
+    if not 0 <= p <= last:
+        raise InputError(f"{reducer.name}: position {p} is outside this model; valid positions: {valid}")
+    if needs and p == 0 and not reducer.inside:
+        raise InputError(
+            f"{reducer.name} needs {', '.join(sorted(needs))} recorded by the block before it, so it cannot "
+            f"run at position 0; valid positions: {valid}"
+        )
+    # Execution order: before block p, then inside block p (between its attention and MLP).
+    return 2 * p + reducer.inside, Site(stage, p, depth, model.config.grid)
 
 
 def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
-    """Where each reducer runs on `model`, in execution order, with the token counts it leaves.
+    """Where each reducer runs on `model`, in execution order, with the layouts it is given and leaves.
 
     Every check that does not need data happens here: positions inside the model, side results
-    available, backbone compatibility, and parameters that fit the token counts they will see.
+    available, parameters that fit the token counts they will see, a ragged batch reaching only
+    reducers that take one (`Reducer.takes_ragged`), and every block (and reducer) given tokens laid out
+    as it needs (`VideoBackbone.need`: equal frames for divided attention, say).
 
     Raises:
-        ValueError: naming the reducer and what was expected.
+        InputError: naming the reducer (or block) that cannot run and the one whose output it cannot take.
     """
     depth = len(model.blocks)
-    grid = model.config.grid
-    placed: list[tuple[int, int, Reducer, Site]] = []
-    for order, reducer in enumerate(reducers):
-        reducer.check(model)
-        positions = reducer.positions(depth)
-        for stage, p in enumerate(positions):
-            valid = f"0..{depth - 1}" if reducer.inside or not reducer.needs_for(model) else f"1..{depth - 1}"
-            if not 0 <= p < depth:
-                raise InputError(
-                    f"{reducer.name}: position {p} is outside this model; valid positions: {valid}"
-                )
-            if reducer.needs_for(model) and p == 0 and not reducer.inside:
-                raise InputError(
-                    f"{reducer.name} needs {', '.join(sorted(reducer.needs_for(model)))} recorded by the block "
-                    f"before it, so it cannot run at position 0; valid positions: {valid}"
-                )
-            # Execution order: before block p, then inside block p; plan order breaks ties.
-            placed.append((2 * p + reducer.inside, order, reducer, Site(stage, p, depth, grid)))
-    T, H, W = grid
-    num, frames = T * H * W, T
-    steps = []
-    for _, _, reducer, site in sorted(placed, key=lambda item: item[:2]):
-        out, frames_out = reducer.count(num, frames, site)
-        steps.append(Step(reducer, site, reducer.inside, num, out, frames_out))
-        num, frames = out, frames_out
+    placed = sorted(
+        (key, order, reducer, site)
+        for order, reducer in enumerate(reducers)
+        for key, site in (
+            _place(reducer, model, stage, p) for stage, p in enumerate(reducer.positions(depth))
+        )
+    )
+    layout = Layout.of_grid(model.config.grid)
+    made_by = "the patch embedding"  # who left the current layout's kind, for the messages
+    steps: list[Step] = []
+    queue = iter(placed)
+    upcoming = next(queue, None)
+    for p in range(depth + 1):
+        for inside in (False, True):
+            if inside and p < depth:
+                need, what = model.need(p)
+                if not layout.fits(need):
+                    raise InputError(
+                        f"{type(model).__name__} block {p} ({what}) needs {NEEDS[need]}, but {made_by} leaves "
+                        f"{layout.describe()}; use a method or mode that keeps them (per_frame=true, "
+                        "balance=frame), or place it after that block"
+                    )
+            while upcoming is not None and upcoming[0] == 2 * p + inside:
+                _, _, reducer, site = upcoming
+                step_where = Step(reducer, site, inside, layout, layout).where
+                if layout.ragged and not reducer.takes_ragged:
+                    raise InputError(
+                        f"{reducer.name} ({step_where}) cannot take a batch whose clips hold different numbers "
+                        f"of tokens, which {made_by} leaves; place {reducer.name} before it"
+                    )
+                try:
+                    after = reducer.count(layout, site)
+                except InputError as error:
+                    if made_by == "the patch embedding":
+                        raise
+                    raise InputError(f"{error} ({made_by} leaves {layout.describe()})") from None
+                if after.kind != layout.kind:
+                    made_by = f"{reducer.name} ({step_where})"
+                steps.append(Step(reducer, site, inside, layout, after))
+                layout = after
+                upcoming = next(queue, None)
     return steps
 
 
-def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
+class InstalledPlan:
+    """A plan `apply` installed into a model: its reducers, where they run, and how to swap it.
+
+    `remove()` puts the model back to its bare state and `install()` puts this plan back, the same
+    reducer objects (trained weights and all), without re-initialising anything: the benchmark and the
+    sweep swap plans this way. As a context manager it puts back, on exit, whatever plan the model
+    had before `apply`:
+
+        with ts.apply(model, "random:keep=0.5") as installed:
+            logits = model(video)         # reduced; model's earlier plan is back after the block
+
+    Attributes:
+        model: the model it is installed into.
+        spec: the plan's spec (None for the bare model).
+        reducers: the reducers (`model.plan` while installed).
+        steps: `schedule`'s steps: where each reducer runs, with the layouts before and after.
+    """
+
+    def __init__(
+        self,
+        model: VideoBackbone,
+        spec: str | None,
+        reducers: nn.ModuleList,
+        steps: list[Step],
+        slots: tuple[nn.Module, ...],
+        inner: tuple[nn.Module, ...],
+        records: tuple[frozenset[str], ...],
+        readout_by: Reducer | None,
+    ) -> None:
+        self.model, self.spec, self.reducers, self.steps = model, spec, reducers, steps
+        self._slots, self._inner, self._records, self._readout_by = slots, inner, records, readout_by
+        self._previous: InstalledPlan | None = None  # what `__exit__` puts back
+        self._entered = False
+
+    @property
+    def installed(self) -> bool:
+        return getattr(self.model, "installed", None) is self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the plan's cost depends on the clip: somewhere clips of a batch hold different counts,
+        so GFLOPs are a mean over clips (`ts.flops(model, video=batch)`)."""
+        return any(step.after.ragged for step in self.steps)
+
+    @property
+    def slots(self) -> list[At]:
+        """Every place a reducer runs (`At` modules, however they are grouped), in block order."""
+        return [m for slot in (*self._slots, *self._inner) for m in slot.modules() if isinstance(m, At)]
+
+    def install(self) -> InstalledPlan:
+        """Put this plan (back) into its model, replacing whatever is installed. Returns itself."""
+        model = self.model
+        for p, slot in enumerate(self._slots):
+            model.reducers[p] = slot
+        for block, inner, record in zip(model.blocks, self._inner, self._records, strict=True):
+            block.inner, block.record = inner, record
+        model.plan, model.spec = self.reducers, self.spec
+        model.__dict__["readout_by"] = self._readout_by  # a reference, not a submodule
+        model.__dict__["installed"] = self
+        return self
+
+    def remove(self) -> None:
+        """Take the plan out: the model runs bare (the reducers keep their state for `install`)."""
+        if self.installed:
+            _bare(self.model).install()
+
+    def __enter__(self) -> InstalledPlan:
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._entered = False
+        (self._previous or _bare(self.model)).install()
+
+    def __repr__(self) -> str:
+        state = "installed" if self.installed else "not installed"
+        return f"InstalledPlan({self.spec!r}, {len(self.steps)} step(s), {state})"
+
+
+def _bare(model: VideoBackbone) -> InstalledPlan:
+    depth = len(model.blocks)
+    return InstalledPlan(
+        model, None, nn.ModuleList(), [], tuple(nn.Identity() for _ in range(depth + 1)),
+        tuple(nn.Identity() for _ in range(depth)), (frozenset(),) * depth, None,
+    )  # fmt: skip
+
+
+def current_plan(model: VideoBackbone) -> InstalledPlan:
+    """The plan installed in `model` now (the bare plan if none was), to put back later with `install`."""
+    installed = model.__dict__.get("installed")
+    if installed is not None:
+        return installed
+    return InstalledPlan(
+        model, model.spec, model.plan, [], tuple(model.reducers), tuple(b.inner for b in model.blocks),
+        tuple(b.record for b in model.blocks), model.readout_by,
+    )  # fmt: skip
+
+
+def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
     """Install a reduction plan into `model` (in place), replacing any plan installed before.
 
     The reducers become `model.plan` (so learned ones train, save and load with the model); each
-    place they run at gets a slot: `model.reducers[p]` before block `p`, `model.blocks[p].inner`
-    between its attention and MLP. Each block is told what its attention must record.
+    place they run at gets a slot: `model.reducers[p]` before block `p` (`p = depth`: after the last
+    block, before the head), `model.blocks[p].inner` between its attention and MLP. Each block is told
+    what its attention must record.
 
     Args:
         model: a tokensieve backbone.
         spec: a plan spec, or None / "none" to remove reduction.
 
     Returns:
-        `model`, for chaining.
+        The `InstalledPlan` (its `model` is `model`): `remove()` / `install()` swap it out and back,
+        and `with` puts back the plan the model had before.
 
     Raises:
-        ValueError: bad spec, a position outside the model, a reducer that needs a side result at
-            position 0 (there is no block before it to record it), a method the backbone cannot
-            run, or parameters that do not fit the token counts.
+        InputError: bad spec, a position outside the model, a reducer that needs a side result at
+            position 0 (there is no block before it to record it), a layout a block or reducer cannot
+            take (each named), or parameters that do not fit the token counts.
     """
+    previous = current_plan(model)
     reducers = plan(spec) if spec is not None else []
     for reducer in reducers:
         reducer.setup(model)  # learned reducers size their parameters to the model
@@ -200,7 +374,7 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
             f"only one method of a plan can replace the readout; {', '.join(r.name for r in readers)} all do"
         )
     depth = len(model.blocks)
-    before: list[list[nn.Module]] = [[] for _ in range(depth)]
+    before: list[list[nn.Module]] = [[] for _ in range(depth + 1)]
     inner: list[list[nn.Module]] = [[] for _ in range(depth)]
     record: list[set[str]] = [set() for _ in range(depth)]
     for step in steps:
@@ -210,14 +384,15 @@ def apply(model: VideoBackbone, spec: str | None) -> VideoBackbone:
         recorder = p if step.inside else p - 1
         if recorder >= 0:
             record[recorder] |= step.reducer.needs_for(model)
-    for p, block in enumerate(model.blocks):
-        model.reducers[p] = _slot(before[p])
-        block.inner = _slot(inner[p])
-        block.record = frozenset(record[p])
-    model.plan = nn.ModuleList(reducers).train(model.training)
-    model.spec = None if spec is None else spec.strip()
-    model.__dict__["readout_by"] = readers[0] if readers else None  # a reference, not a submodule
-    return model
+    installed = InstalledPlan(
+        model, None if spec is None else spec.strip(), nn.ModuleList(reducers).train(model.training), steps,
+        tuple(map(_slot, before)), tuple(map(_slot, inner)), tuple(map(frozenset, record)),
+        readers[0] if readers else None,
+    )  # fmt: skip
+    if not previous._entered:  # only a plan inside a `with` block will put back its own predecessor
+        previous._previous = None
+    installed._previous = previous
+    return installed.install()
 
 
 def load_trained(model: VideoBackbone, trained: Mapping[str, Mapping[str, Tensor]]) -> list[str]:

@@ -15,7 +15,7 @@ global RNG is never touched.
 from __future__ import annotations
 
 from .. import rng
-from ..tokens import TokenState
+from ..tokens import Layout, TokenState
 from .base import Reducer, Site, check_keep, keep_top, register, top_count
 
 __all__ = ["RandomSelection"]
@@ -28,21 +28,18 @@ class RandomSelection(Reducer):
     main_settings = ("random:keep=0.5",)
     budget = "keep"
     keyed_random = True
+    takes_ragged = True
 
     def __init__(self, *, keep: float = 0.5, at: int = 0, per_frame: bool = False, seed: int = 0) -> None:
         super().__init__()
         check_keep(keep, self.name)
         self.keep, self.at, self.per_frame, self.seed = keep, at, per_frame, seed
 
-    @property
-    def keeps_frames(self) -> bool:
-        return self.per_frame
-
     def positions(self, depth: int) -> tuple[int, ...]:
         return (self.at,)
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        return top_count(self.keep, num, frames, per_frame=self.per_frame, method=self.name)
+    def count(self, layout: Layout, site: Site) -> Layout:
+        return top_count(self.keep, layout, per_frame=self.per_frame, method=self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         keys, stream = self.draw_stream(state, site, self.seed)

@@ -8,7 +8,7 @@ Draws are keyed by clip, as in `random` (`tokensieve.rng`).
 from __future__ import annotations
 
 from .. import rng
-from ..tokens import TokenState
+from ..tokens import Layout, TokenState
 from .base import Reducer, Site, check_keep, frame_count, keep_count, keep_frames, register, require_frames
 
 __all__ = ["RandomFrames"]
@@ -27,15 +27,11 @@ class RandomFrames(Reducer):
         check_keep(keep, self.name)
         self.keep, self.at, self.seed = keep, at, seed
 
-    @property
-    def keeps_frames(self) -> bool:
-        return True
-
     def positions(self, depth: int) -> tuple[int, ...]:
         return (self.at,)
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        return frame_count(self.keep, num, frames, self.name)
+    def count(self, layout: Layout, site: Site) -> Layout:
+        return frame_count(self.keep, layout, self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         F = require_frames(state, self.name)

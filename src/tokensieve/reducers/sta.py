@@ -51,12 +51,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import rng
-from ..backbones.base import VideoBackbone
 from ..errors import InputError
-from ..tokens import KEYS, STA_ORDER, TokenState
+from ..tokens import KEYS, Layout, TokenState, register_token_aux
 from .base import Reducer, Site, register, require
 
-__all__ = ["SemanticTemporalAccumulation", "accumulate", "drop_first", "semantic_score"]
+__all__ = ["STA_ORDER", "SemanticTemporalAccumulation", "accumulate", "drop_first", "semantic_score"]
+
+STA_ORDER = register_token_aux("sta_order", merge="keep")
+"""STA's running state: (B, N) long, each token's place in the sequence the released STA code would
+store after the last STA stage (tokens themselves stay in their current order). The next stage
+processes each group in this order, which decides its first group's even/odd split."""
 
 
 def semantic_score(x: Tensor) -> Tensor:
@@ -172,17 +176,6 @@ class SemanticTemporalAccumulation(Reducer):
         """Random first-group drops draw keyed by clip (`tokensieve.rng`); `tome` draws nothing."""
         return self.first != "tome"
 
-    @property
-    def keeps_frames(self) -> bool:
-        return self.balance == "frame"
-
-    def check(self, model: VideoBackbone) -> None:
-        if model.divided and self.balance == "group":
-            raise InputError(
-                "sta with balance=group drops r per group of 2 and 4 frames, unevenly between its frames; "
-                f"{type(model).__name__}'s divided attention needs equal per-frame counts: use balance=frame"
-            )
-
     def positions(self, depth: int) -> tuple[int, ...]:
         places = (1, 1 + depth // 3, 1 + 2 * depth // 3)
         return tuple(dict.fromkeys(p for p in places if p < depth))  # short models run fewer stages
@@ -207,9 +200,9 @@ class SemanticTemporalAccumulation(Reducer):
             raise InputError(f"sta: {T} temporal slices cannot form {groups} equal groups; use balance=frame")
         return groups, self.r
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        groups, r = self._groups(frames, site.grid[0], site.stage)
-        m = num // groups
+    def count(self, layout: Layout, site: Site) -> Layout:
+        groups, r = self._groups(layout.frames, site.grid[0], site.stage)
+        m = layout.tokens // groups
         if r >= m:
             raise InputError(
                 f"sta: r={r} is not smaller than the {m} tokens of a frame (group) at stage {site.stage + 1}"
@@ -219,8 +212,10 @@ class SemanticTemporalAccumulation(Reducer):
                 f"sta: first=tome drops at most half of a frame's (group's) {m} tokens; r={r} at stage "
                 f"{site.stage + 1} is more"
             )
+        if r == 0:
+            return layout
         keeps_layout = self.balance == "frame" or groups == site.grid[0]
-        return groups * (m - r), frames if keeps_layout else None
+        return Layout(groups * (m - r), layout.frames if keeps_layout else None)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         groups, r = self._groups(state.frames, state.grid[0], site.stage)

@@ -53,7 +53,7 @@ from .. import rng
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
 from ..ops import JACOBIANS, perturbed_topk
-from ..tokens import TokenState
+from ..tokens import Layout, TokenState
 from .base import Reducer, Site, keep_frames, register
 
 __all__ = ["Scorer", "SpatioTemporalSelection", "anchor_grid", "min_max"]
@@ -182,10 +182,6 @@ class SpatioTemporalSelection(Reducer):
         param = next(model.parameters())  # the scorers take the model's device and dtype
         self.selections.to(device=param.device, dtype=param.dtype)
 
-    @property
-    def keeps_frames(self) -> bool:
-        return True
-
     def positions(self, depth: int) -> tuple[int, ...]:
         return tuple(p for _, p, _ in self.specs)
 
@@ -193,23 +189,24 @@ class SpatioTemporalSelection(Reducer):
         super().on_train_step(step, total_steps)
         self.current_sigma = self.sigma * max(0.0, 1.0 - step / max(total_steps, 1))
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+    def count(self, layout: Layout, site: Site) -> Layout:
         kind, _, ratio = self.specs[site.stage]
+        frames = layout.frames
         if frames is None:
             raise InputError(f"stts: {kind}{site.position} needs the same number of tokens in every frame")
-        n = num // frames
+        n = layout.tokens // frames
         if kind == "T":
             k = round(ratio * frames)
             if k < 1:
                 raise InputError(f"stts: T{site.position}={ratio} of {frames} frames keeps no frame")
-            return k * n, k
+            return Layout(k * n, frames=k, whole=layout.whole)
         _, H, W = site.grid
         if n != H * W:
             raise InputError(
                 f"stts: S{site.position} needs whole frames of {H}x{W} tokens, but frames hold {n} tokens here"
             )
         P, *_ = anchor_grid(H, W, ratio, self.stride)
-        return frames * P * P, frames
+        return Layout(frames * P * P, frames=frames, whole=P == H == W)
 
     # ------------------------------------------------------------------ forward
     @property

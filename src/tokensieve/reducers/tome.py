@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from ..tokens import KEYS, PROP_ATTN, TOKEN_AUX, TokenState, take
+from ..tokens import KEYS, PROP_ATTN, Layout, TokenState, take
 from .base import Reducer, Site, register, require
 
 __all__ = ["TokenMerging", "bipartite_matching", "merge_schedule", "merge_tokens", "parse_r"]
@@ -139,11 +139,8 @@ def merge_tokens(state: TokenState, r: int, *, drop: bool, prop_attn: bool) -> T
     unm_idx, src_idx, dst_idx = bipartite_matching(metric, r, has_cls=has_cls)
     first = int(has_cls)  # A token i is patch token 2i + first, B token j is patch token 2j + 1 - first
     b_idx = torch.arange(1 - first, N, 2, device=unm_idx.device).expand(B, -1)  # (B, nB)
-    # Per-token records describe the tokens before this step (the next block records afresh); not
-    # carrying them also saves a gather each.
-    state = state.replace(aux={k: v for k, v in state.aux.items() if k not in TOKEN_AUX})
-    if drop:
-        return state.gather(torch.cat([unm_idx * 2 + first, b_idx], 1))  # (B, N - r)
+    if drop:  # the attention's records describe the tokens before this step: the next block records afresh
+        return state.without_records().gather(torch.cat([unm_idx * 2 + first, b_idx], 1))  # (B, N - r)
     merged = state.merge(unm_idx * 2 + first, b_idx, src_idx * 2 + first, dst_idx)  # (B, N - r)
     return merged.with_aux(**{PROP_ATTN: True}) if prop_attn else merged
 
@@ -178,14 +175,15 @@ class TokenMerging(Reducer):
     def positions(self, depth: int) -> tuple[int, ...]:
         return tuple(p for p, r in enumerate(merge_schedule(self.r, self.schedule, depth)) if r > 0)
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
+    def count(self, layout: Layout, site: Site) -> Layout:
         r = merge_schedule(self.r, self.schedule, site.depth)[site.position]
+        num = layout.tokens
         if r > num // 2:
             raise InputError(
                 f"tome: r={r} in block {site.position} is more than half of the {num} tokens there "
                 f"(at most {num // 2} can merge); lower r or use schedule=decreasing"
             )
-        return num - r, None
+        return Layout(num - r) if r else layout
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         r = merge_schedule(self.r, self.schedule, site.depth)[site.position]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..tokens import TokenState
+from ..tokens import Layout, TokenState
 from .base import Reducer, Site, check_keep, frame_count, keep_count, keep_frames, register, require_frames
 
 __all__ = ["UniformFrames", "uniform_frames"]
@@ -36,15 +36,11 @@ class UniformFrames(Reducer):
         check_keep(keep, self.name)
         self.keep, self.at = keep, at
 
-    @property
-    def keeps_frames(self) -> bool:
-        return True
-
     def positions(self, depth: int) -> tuple[int, ...]:
         return (self.at,)
 
-    def count(self, num: int, frames: int | None, site: Site) -> tuple[int, int | None]:
-        return frame_count(self.keep, num, frames, self.name)
+    def count(self, layout: Layout, site: Site) -> Layout:
+        return frame_count(self.keep, layout, self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         B, F = state.x.shape[0], require_frames(state, self.name)
