@@ -497,3 +497,22 @@ def test_torchrun_processes_share_one_lock_and_refuse_together(videos: Path, tmp
     frames = [line for line in other.stderr.splitlines() if line.strip().startswith('File "')]
     assert not any("tokensieve" in line for line in frames)  # only torchrun's own report of the exit codes
     assert out.read_bytes() == finished and other.stdout == ""
+
+
+def test_an_adaptive_plan_reports_the_mean_gflops_of_the_views_run(videos: Path) -> None:
+    """`attention:mass` costs each view what it keeps: the summary's GFLOPs are the mean over the views
+    that went through the model (counted as they ran), and say how many."""
+    model = _model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper attention: the views keep different counts
+    ts.apply(model, "attention:mass=0.6,at=0")
+    dataset = _small(videos)
+    summary = ts.evaluate(model, dataset, workers=0, batch_size=4)
+    views = torch.cat([dataset[i].views for i in range(len(dataset))])  # (12, T, C, S, S) uint8
+    x = normalize(views.float().div(255), model.config.mean, model.config.std)
+    per_view = ts.flops(model, video=x, detail=True).per_clip
+    assert len(set(per_view)) > 1 and summary.gflops_views == len(per_view) == 12
+    assert summary.gflops_per_view == pytest.approx(sum(per_view) / 12, rel=1e-9)
+    fixed = ts.evaluate(ts.apply(_model(), "random:keep=0.5").model, dataset, workers=0)
+    assert fixed.gflops_views == 0  # a fixed budget: counted once

@@ -118,3 +118,48 @@ def test_reducer_side_work_is_counted() -> None:
     received = ts.flops(ts.apply(model, "attention:keep=1").model)  # records, selects nothing
     N, C = 1568, 384
     assert received - base == pytest.approx(N * N * C / 1e9, rel=1e-3)  # one more q.k^T at block 1
+
+
+# ---------------------------------------------------------------------------------------- per clip
+def _sharp(name: str) -> ts.VideoBackbone:
+    """A tiny model with sharpened attention, so an adaptive budget keeps different counts per clip."""
+    torch.manual_seed(1)
+    model = ts.build(name).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    return model
+
+
+@pytest.mark.parametrize("name", ["videomae-tiny", "joint-tiny"])
+def test_per_clip_gflops_are_each_clips_own_cost(name: str) -> None:
+    """An adaptive plan (`attention:mass`) costs each clip what it keeps: its per-clip GFLOPs equal those
+    of the fixed plan keeping the same count, and the batch run packed costs their sum."""
+    model = _sharp(name)
+    video = torch.randn(4, 4, 3, 32, 32)
+    installed = ts.apply(model, "attention:mass=0.6,at=0")
+    with torch.no_grad():
+        kept = model.forward_features(video)
+    counts = kept.num_tokens.tolist()
+    assert installed.adaptive and len(set(counts)) > 1  # really ragged
+    fc = ts.flops(model, video=video, detail=True)
+    assert len(fc.per_clip) == 4 and fc.clips == 4
+    assert fc.gflops == pytest.approx(sum(fc.per_clip) / 4, rel=1e-12)
+    assert ts.flops(model, video=video) == pytest.approx(fc.gflops, rel=1e-12)
+    T, H, W = model.config.grid
+    for clip, n in zip(fc.per_clip, counts, strict=True):
+        fixed = ts.apply(ts.build(name).eval(), f"attention:keep={n / (T * H * W)},at=0").model
+        assert clip == pytest.approx(ts.flops(fixed), rel=1e-12)  # the same ops on the same counts
+    with torch.no_grad(), count_flops(model, clips=4) as batch:
+        model(video)
+    assert batch.gflops == pytest.approx(fc.gflops, rel=1e-12)  # packed: padding costs nothing
+    model.ragged = "padded"
+    with torch.no_grad(), count_flops(model, clips=4) as padded:
+        model(video)
+    assert padded.gflops > fc.gflops  # the reference path computes the padding too
+
+
+def test_a_fixed_plan_has_equal_per_clip_gflops() -> None:
+    model = ts.apply(ts.build("videomae-tiny").eval(), "random:keep=0.5").model
+    fc = ts.flops(model, video=torch.randn(3, 4, 3, 32, 32), detail=True)
+    assert len(set(fc.per_clip)) == 1 and fc.gflops == pytest.approx(ts.flops(model), rel=1e-12)

@@ -76,7 +76,9 @@ def test_divided_attention_refuses_exactly_the_plans_that_unbalance_frames(spec:
     if not _leaves_unequal_frames(spec):
         ts.apply(model, spec)
         return
-    with pytest.raises(ts.InputError, match=r"TimeSformer block \d \(divided space-time attention\) needs the same"):
+    with pytest.raises(
+        ts.InputError, match=r"TimeSformer block \d \(divided space-time attention\) needs the same"
+    ):
         ts.apply(model, spec)
 
 

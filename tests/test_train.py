@@ -32,7 +32,7 @@ from tokensieve.engine.results import read_results
 from tokensieve.engine.train import StepInfo, TrainConfig, epoch_batches, lr_factor, param_groups
 from tokensieve.errors import InputError
 from tokensieve.reducers.base import REGISTRY, Reducer, Site
-from tokensieve.tokens import Layout, TokenState
+from tokensieve.tokens import INPUTS, Inputs, Layout, TokenState
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +397,77 @@ def test_frozen_backbone_hooks_and_extra_losses(pull: type[Reducer], videos: lis
     assert set(first.losses) == {"task", "pull"} and first.losses["pull"] == pytest.approx(1.0)
     assert first.loss == pytest.approx(first.losses["task"] + first.losses["pull"])
     assert first.lr == {"reducer.no_decay": 0.1}  # only the reducer is in the optimizer
+
+
+@pytest.fixture
+def distil(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Reducer]]:
+    """A throwaway reducer using the training hook: it asks for a teacher pass (the teacher's logits on
+    the step's clips), reads the labels, and adds a loss pulling the student's features to the
+    teacher's through one parameter. It records what it saw."""
+
+    class Distil(Reducer):
+        name = "distil"
+        wants_teacher = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(()))
+            self.taught: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+            self.seen: list[Any] = []
+
+        def positions(self, depth: int) -> tuple[int, ...]:
+            return (depth,)  # the slot after the last block
+
+        def count(self, layout: Layout, site: Site) -> Layout:
+            return layout
+
+        def teach(self, teacher: ts.VideoBackbone, inputs: Inputs) -> torch.Tensor:
+            self.taught.append((teacher, inputs.video, inputs.labels))
+            with torch.no_grad():
+                return teacher(inputs.video)
+
+        def forward(self, state: TokenState, site: Site) -> TokenState:
+            given = state.aux[INPUTS]
+            self.seen.append(given)
+            if not self.training:
+                return state
+            target = given.teacher[self.name]  # (B, K) the teacher's logits
+            return state.add_loss("distil", ((self.gain - 1.5) ** 2) * target.shape[0] / given.labels.numel())
+
+    monkeypatch.setitem(REGISTRY, "distil", Distil)
+    yield Distil
+
+
+def test_the_training_hook_gives_reducers_labels_clips_and_a_frozen_teacher(
+    distil: type[Reducer], videos: list[VideoRecord]
+) -> None:
+    model = ts.apply(_model(), "distil").model
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("plan.")}
+    seen: list[StepInfo] = []
+    ts.train(model, _data(videos), epochs=1, batch_size=4, lr=1e-2, reducer_lr=0.1, workers=0,
+             progress=seen.append)  # fmt: skip
+    reducer = model.plan[0]
+    assert len(reducer.taught) == len(seen) == 2  # one teacher pass before every step (8 clips, batch 4)
+    teacher = reducer.taught[0][0]
+    assert all(t is teacher for t, _, _ in reducer.taught)  # one teacher for the run
+    assert teacher is not model and len(teacher.plan) == 0 and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():  # the weights the run began with, not the trained ones
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the model did train
+    for (_, video, labels), given in zip(reducer.taught, reducer.seen, strict=True):
+        assert given.video is video and given.labels is labels  # the step's own clips and labels
+        assert labels.shape == (4,) and labels.dtype == torch.long
+        assert given.teacher["distil"].shape == (4, 3)
+    assert seen[0].losses["distil"] == pytest.approx(0.25)  # (1 - 1.5)^2: the hook's loss was added
+
+
+def test_an_explicit_teacher_is_used_and_frozen(distil: type[Reducer], videos: list[VideoRecord]) -> None:
+    model = ts.apply(_model(), "distil").model
+    teacher = _model(depth=2)
+    ts.train(model, _data(videos), epochs=1, batch_size=4, workers=0, teacher=teacher)
+    assert all(t is teacher for t, _, _ in model.plan[0].taught)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_warmup_and_cosine_learning_rates(videos: list[VideoRecord]) -> None:

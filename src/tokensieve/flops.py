@@ -102,17 +102,29 @@ class FlopCount:
         by_module: multiply-adds per part of the model (`embed`, `blocks`, `reducers.3`, `head`, ...).
         by_op: multiply-adds per kind of operator ("matmul", "conv", "attention", "norm").
         clips: clips in the batch that was run.
+        per_clip: GFLOPs of each clip when counted clip by clip (`flops(model, video=batch)`): they
+            differ when the plan's cost depends on the clip (an adaptive budget); empty otherwise.
     """
 
     macs: int = 0
     by_module: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     clips: int = 1
+    per_clip: tuple[float, ...] = ()
 
     @property
     def gflops(self) -> float:
-        """GFLOPs per clip in the papers' convention (multiply-add = 1 FLOP)."""
+        """GFLOPs per clip in the papers' convention (multiply-add = 1 FLOP): the mean over the clips."""
         return self.macs / self.clips / 1e9
+
+    def add(self, other: FlopCount) -> FlopCount:
+        """This count with `other`'s (another run) added in: multiply-adds, parts and clips."""
+        for mine, theirs in ((self.by_module, other.by_module), (self.by_op, other.by_op)):
+            for key, value in theirs.items():
+                mine[key] += value
+        self.macs += other.macs
+        self.clips += other.clips
+        return self
 
     def share(self, prefix: str) -> float:
         """Fraction of the multiply-adds spent in parts whose name starts with `prefix`."""
@@ -194,10 +206,14 @@ def flops(
         frames, size: clip length and frame side of a random batch-1 input; default the model's
             configured input. Ignored when `video` is given.
         video: a real (B, T, C, H, W) batch to count on, for methods whose cost depends on content.
-        detail: return the `FlopCount` (per-part breakdown) instead of the number.
+            Each clip is counted on its own, from the tokens it really keeps (padding of a ragged
+            batch never counts): `FlopCount.per_clip` holds each clip's GFLOPs, the number returned
+            is their mean.
+        detail: return the `FlopCount` (per-part breakdown, per-clip GFLOPs) instead of the number.
 
     Returns:
-        GFLOPs per clip (multiply-add = 1 FLOP, attention included), or the `FlopCount`.
+        GFLOPs per clip (multiply-add = 1 FLOP, attention included; the mean over the clips of
+        `video`), or the `FlopCount`.
 
     A model built on the meta device (`with torch.device("meta"): ts.build(...)`) is counted
     without computing anything.
@@ -214,8 +230,14 @@ def flops(
     was_training = model.training
     model.eval()  # inference cost: learned selectors take their hard (eval) path
     try:
-        with torch.no_grad(), count_flops(model, clips=video.shape[0]) as result:
-            model(video)
+        result = FlopCount(clips=0)
+        per_clip = []
+        for clip in video.split(1):  # one by one: each clip's own cost, whatever the others keep
+            with torch.no_grad(), count_flops(model) as one:
+                model(clip)
+            result.add(one)
+            per_clip.append(one.gflops)
+        result.per_clip = tuple(per_clip)
     finally:
         model.train(was_training)
     return result if detail else result.gflops

@@ -128,7 +128,10 @@ def eval_command(
         ("top-5", percent_text(summary.top5)),
         ("mean class accuracy", percent_text(summary.mean_class_accuracy)),
         ("mAP", percent_text(summary.map)),
-        ("GFLOPs per view", gflops_text(summary.gflops_per_view)),
+        (
+            "GFLOPs per view" + (f" (mean of {summary.gflops_views} views)" if summary.gflops_views else ""),
+            gflops_text(summary.gflops_per_view),
+        ),
         ("clips/s (model)", "-" if summary.clips_per_s is None else f"{summary.clips_per_s:.2f}"),
     ]
     for name, value in rows:

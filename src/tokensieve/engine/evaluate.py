@@ -20,6 +20,7 @@ merged records, so it is the same for any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -36,7 +37,9 @@ from ..data.clips import ClipDataset
 from ..data.datasets import Sample, VideoDataset
 from ..data.transforms import normalize
 from ..errors import InputError
-from ..flops import flops
+from ..flops import FlopCount, count_flops, flops
+from ..reducers.plan import is_adaptive
+from ..tokens import Inputs
 from .distributed import World, barrier, gather, on_main, setup
 from .results import Provenance, RecordWriter, merge, read_done, start_run
 
@@ -58,7 +61,10 @@ class EvalSummary:
         evaluated: videos with a prediction; `failed`: videos that could not be read (in `errors`).
         top1, top5, mean_class_accuracy: in [0, 1] over the evaluated labelled videos (single-label).
         map: mean average precision over classes with positives (multi-label data), else None.
-        views: (clips, crops) per video; `gflops_per_view`: GFLOPs of one view with the plan.
+        views: (clips, crops) per video; `gflops_per_view`: GFLOPs of one view with the plan: for a plan
+            whose cost depends on the clip (an adaptive budget, `InstalledPlan.adaptive`) the mean over
+            the `gflops_views` views this run put through the model, counted as they ran; otherwise
+            counted on one clip (`gflops_views` = 0).
         clips_per_s: views per second through the model (forward only) in this run, all processes
             together; None when every video was already done.
         plan: the installed plan's spec.
@@ -79,6 +85,7 @@ class EvalSummary:
     plan: str | None
     errors: tuple[str, ...] = ()
     done_before: int = 0
+    gflops_views: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,6 +201,17 @@ class _Pending:
     done: int = 0
 
 
+def label_tensor(labels: Sequence[Sequence[int]], num_classes: int, *, multilabel: bool) -> Tensor:
+    """Labels of a batch for reducers that read them (`Reducer.wants_labels`): (b,) the first label of
+    each clip, -1 for an unlabelled one; multi-label: (b, K) multi-hot floats."""
+    if multilabel:
+        hot = torch.zeros(len(labels), num_classes)
+        for row, classes in enumerate(labels):
+            hot[row, list(classes)] = 1.0
+        return hot
+    return torch.tensor([classes[0] if classes else -1 for classes in labels], dtype=torch.long)
+
+
 def top5_entries(probs: Tensor) -> list[list[int | float]]:
     """A record's "top5": [[class, probability rounded to 6 digits], ...] of (K,) `probs`, best first."""
     values, classes = probs.topk(min(5, probs.numel()))
@@ -293,15 +311,16 @@ def _evaluate(
     was_training = model.training
     model.eval()
     memory: list[dict[str, Any]] = []
+    adaptive = is_adaptive(model)
     try:
-        seconds, clips = _run(model, dataset, mine, batch_size=batch_size, workers=workers, dtype=dtype,
-                              out=out, provenance=provenance, rank=world.rank, memory=memory,
-                              progress=progress)  # fmt: skip
+        seconds, clips, macs = _run(model, dataset, mine, batch_size=batch_size, workers=workers, dtype=dtype,
+                                    out=out, provenance=provenance, rank=world.rank, memory=memory,
+                                    progress=progress, count=adaptive)  # fmt: skip
     finally:
         model.train(was_training)
     barrier(world)
-    stats = gather(world, (clips, seconds))
-    clips, seconds = sum(c for c, _ in stats), max(s for _, s in stats)
+    stats = gather(world, (clips, seconds, macs))
+    clips, seconds, macs = sum(c for c, _, _ in stats), max(s for _, s, _ in stats), sum(m for *_, m in stats)
     if out is not None:
         merged = on_main(world, lambda: merge(out, [r.id for r in dataset.records], provenance))
         records = merged if merged is not None else list(read_done(out).values())
@@ -310,24 +329,31 @@ def _evaluate(
     ids = {r.id for r in dataset.records}
     records = [r for r in records if r["id"] in ids]  # an `out` reused with another list keeps its rows
     summary = summarize(records, num_classes=cfg.num_classes, multilabel=dataset.multilabel)
-    gflops = float(flops(model))
+    if adaptive and clips:
+        gflops, gflops_views = macs / clips / 1e9, clips
+        log.info("GFLOPs per view: %.3f, the mean over the %d views run (the plan's cost depends on the clip)",
+                 gflops, clips)  # fmt: skip
+    else:
+        gflops, gflops_views = float(flops(model)), 0
     errors = tuple(f"{r['id']}: {r['error']}" for r in records if r["status"] == "failed")[:20]
     return EvalSummary(
         videos=len(dataset), evaluated=summary["evaluated"], failed=summary["failed"], top1=summary["top1"],
         top5=summary["top5"], mean_class_accuracy=summary["mean_class_accuracy"], map=summary["map"],
         views=dataset.views, gflops_per_view=gflops, clips_per_s=clips / seconds if seconds > 0 else None,
-        plan=getattr(model, "spec", None), errors=errors, done_before=done_before,
+        plan=getattr(model, "spec", None), errors=errors, done_before=done_before, gflops_views=gflops_views,
     )  # fmt: skip
 
 
 def _run(
     model: torch.nn.Module, dataset: VideoDataset, indices: list[int], *, batch_size: int, workers: int,
     dtype: torch.dtype, out: Path | None, provenance: Provenance | None, rank: int, memory: list[dict[str, Any]],
-    progress: Progress | None,
-) -> tuple[float, int]:  # fmt: skip
-    """Run the model over `indices`; returns (seconds in the model, views through it)."""
+    progress: Progress | None, count: bool,
+) -> tuple[float, int, int]:  # fmt: skip
+    """Run the model over `indices`; returns (seconds in the model, views through it, their
+    multiply-adds when `count`, else 0)."""
     cfg, device = model.config, next(model.parameters()).device
     multilabel = dataset.multilabel
+    wants_labels = any(r.wants_labels for r in model.plan)
     loader = DataLoader(
         _Todo(dataset, indices), batch_size=None, num_workers=workers,
         prefetch_factor=2 if workers else None, persistent_workers=False,
@@ -338,6 +364,7 @@ def _run(
     queue: list[tuple[_Pending, Tensor]] = []  # (video, some of its views) not yet through the model
     queued = 0
     seconds, clips, finished = 0.0, 0, 0
+    counted = FlopCount(clips=0)
 
     def emit(record: dict[str, Any]) -> None:
         nonlocal finished
@@ -364,8 +391,17 @@ def _run(
         queued -= len(rows)
         x = normalize(torch.stack(rows).to(device).float().div_(255), cfg.mean, cfg.std)  # (b, T, C, S, S)
         start = time.perf_counter()
-        with torch.inference_mode(), autocast:
-            logits = model(x).float()  # (b, K)
+        # Counting runs under no_grad: inference mode hands the counter composite ops (linear) undecomposed.
+        counting = count_flops(model) if count else contextlib.nullcontext()
+        with torch.no_grad() if count else torch.inference_mode(), autocast, counting as one:
+            if wants_labels:  # an oracle: the labels reach the plan (`aux[INPUTS]`)
+                given = Inputs(x, label_tensor([o.sample.record.labels for o in owners], cfg.num_classes,
+                                               multilabel=multilabel).to(device))  # fmt: skip
+                logits = model.forward_head(model.forward_features(x, inputs=given)).float()  # (b, K)
+            else:
+                logits = model(x).float()  # (b, K)
+        if count:
+            counted.add(one)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
@@ -396,4 +432,4 @@ def _run(
     finally:
         if writer is not None:
             writer.close()
-    return seconds, clips
+    return seconds, clips, counted.macs

@@ -49,9 +49,9 @@ from ..flops import flops
 from ..reducers import REGISTRY, apply, parse
 from ..reducers.plan import InstalledPlan, current_plan, load_trained, schedule, spec_parameters
 from ..reducers.plan import plan as make_plan
-from ..tokens import TokenState, covered
+from ..tokens import Inputs, TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
-from .evaluate import _Todo, check_fits, hash_tensors, model_checksum, top5_entries
+from .evaluate import _Todo, check_fits, hash_tensors, label_tensor, model_checksum, top5_entries
 from .report import MATCHED, RANDOM_SEEDS, Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
 from .results import Provenance, RecordWriter, merge, read_done, record_key, start_run
 
@@ -631,8 +631,12 @@ def _run_batch(
         rows = [i for i, v in enumerate(batch) if spec in v.todo]
         take = torch.isin(owner, torch.tensor(rows))
         states[spec].install()
+        given = None
+        if any(r.wants_labels for r in model.plan):  # an oracle: the labels reach the plan
+            given = Inputs(x[take], label_tensor([batch[i].labels for i in owner[take].tolist()],
+                                                 cfg.num_classes, multilabel=False).to(device))  # fmt: skip
         with torch.inference_mode():
-            state = model.forward_features(x[take], trace=truth is not None)
+            state = model.forward_features(x[take], trace=truth is not None, inputs=given)
             probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
             recall = _recall(state, truth[owner[take]].to(device)).cpu() if truth is not None else None
         who = owner[take]

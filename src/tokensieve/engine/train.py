@@ -7,9 +7,16 @@
 One step, for every method alike (no method is special-cased here):
 
     for reducer in model.plan: reducer.on_train_step(step, total_steps)
-    state  = model.forward_features(normalize(clips))
-    logits = model.forward_head(state)
-    loss   = cross_entropy(logits, labels) + sum(state.aux[LOSSES].values())
+    video   = normalize(clips)
+    teacher = {r.name: r.teach(frozen_teacher, Inputs(video, labels)) for r in model.plan if r.wants_teacher}
+    state   = model.forward_features(video, inputs=Inputs(video, labels, teacher))
+    logits  = model.forward_head(state)
+    loss    = cross_entropy(logits, labels) + sum(state.aux[LOSSES].values())
+
+That is the training hook: a reducer reads the clip and the labels (`state.aux[INPUTS]`), asks for a
+teacher pass (`wants_teacher`, `teach`), and adds its losses (`state.add_loss`). The teacher is
+`train(teacher=...)` or, by default, a frozen copy of the model as given (its weights before this
+run's training or resume), without its plan.
 
 `model.train()` / `model.eval()` switch what reducers do (perturbed top-K in training, say); the loop
 does nothing else for them. Extra losses are logged by name.
@@ -52,6 +59,7 @@ gradient in every step, or DDP stops with its own error naming the parameter.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -72,7 +80,8 @@ from ..data.clips import ClipBatch, ClipDataset, collate_clips
 from ..data.datasets import VideoDataset
 from ..data.transforms import normalize
 from ..errors import InputError
-from ..tokens import LOSSES
+from ..reducers.plan import apply
+from ..tokens import LOSSES, Inputs
 from .checkpoint import (
     CHECKPOINT,
     check_resumable,
@@ -270,9 +279,16 @@ class _Forward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, video: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        state = self.model.forward_features(video)
+    def forward(self, video: Tensor, inputs: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
+        state = self.model.forward_features(video, inputs=inputs)
         return self.model.forward_head(state), dict(state.aux.get(LOSSES, {}))
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` without its plan, in eval mode: the default teacher."""
+    teacher = copy.deepcopy(model)
+    apply(teacher, None)
+    return teacher.eval().requires_grad_(False)
 
 
 def _task_loss(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
@@ -320,6 +336,7 @@ def train(
     out: str | Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    teacher: nn.Module | None = None,
     **changes: Any,
 ) -> TrainResult:
     """Train `model` (with its installed plan) on `dataset`.
@@ -333,6 +350,8 @@ def train(
         resume: continue the run whose checkpoint is `<out>/last.pt`.
         progress: called after every step with a `StepInfo`, on every process (raising in it stops
             the run; checkpoints already written stay valid).
+        teacher: the frozen model whose pass reducers with `wants_teacher` receive (`Reducer.teach`);
+            default a frozen copy of `model` as given, without its plan (made only if one asks).
         **changes: `TrainConfig` fields; an unknown name raises TypeError.
 
     Returns:
@@ -379,6 +398,11 @@ def train(
             unused, len(dataset), config.batch_size * world.size, world.size, config.batch_size,
         )  # fmt: skip
 
+    if teacher is None and any(r.wants_teacher for r in model.plan):
+        teacher = _frozen_copy(model)  # before a resume loads the checkpoint: the weights the run began with
+    elif teacher is not None:
+        teacher.eval().requires_grad_(False)
+
     plan_ids = {id(p) for p in model.plan.parameters()}
     frozen = [p for p in model.parameters() if id(p) not in plan_ids] if config.freeze_backbone else []
     with _training_mode(model, frozen):
@@ -408,7 +432,7 @@ def train(
         barrier(world)
         run = _Run(model=model, dataset=dataset, config=config, world=world, device=device, out=out,
                    optimizer=optimizer, scheduler=scheduler, total=total, steps_per_epoch=steps_per_epoch,
-                   history=history, step=step, sums=sums, progress=progress)  # fmt: skip
+                   history=history, step=step, sums=sums, progress=progress, teacher=teacher)  # fmt: skip
         start = step
         try:
             run.loop(val)
@@ -440,6 +464,7 @@ class _Run:
     step: int
     sums: dict[str, float]
     progress: Progress | None
+    teacher: nn.Module | None = None  # the frozen model reducers' `teach` runs on
 
     def __post_init__(self) -> None:
         config, world, device = self.config, self.world, self.device
@@ -473,8 +498,10 @@ class _Run:
         clips = batch.videos.to(self.device, non_blocking=True)  # (B, T, C, S, S) in [0, 1]
         video = normalize(clips, cfg.mean, cfg.std)
         labels = batch.labels.to(self.device, non_blocking=True)
+        given = Inputs(video, labels)
+        taught = {r.name: r.teach(self.teacher, given) for r in self.model.plan if r.wants_teacher}
         with self.autocast:
-            logits, extra = self.net(video)
+            logits, extra = self.net(video, given._replace(teacher=taught))
         task = _task_loss(logits.float(), labels, self.config.label_smoothing)
         loss = task + sum((v.float() for v in extra.values()), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)

@@ -22,14 +22,14 @@ the spec parser reads them from the signature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import rng
 from ..errors import InputError
-from ..tokens import CLIP_KEY, Layout, TokenState, compact
+from ..tokens import CLIP_KEY, Inputs, Layout, TokenState, compact
 
 if TYPE_CHECKING:
     from ..backbones.base import VideoBackbone
@@ -81,6 +81,12 @@ class Reducer(nn.Module):
     (`tokensieve.rng`, `draw_stream`); the backbone then hashes every input clip into
     `aux[CLIP_KEY]`. A class attribute, or a property when it depends on the mode (STTS draws
     only in training)."""
+    wants_labels: ClassVar[bool] = False
+    """True: it reads the labels (`aux[INPUTS].labels`) in evaluation too (an oracle); `ts.evaluate` and
+    the sweep then pass them. In training they are always there."""
+    wants_teacher: ClassVar[bool] = False
+    """True: in training, `teach` runs on a frozen teacher model before every step and its result
+    reaches the forward pass as `aux[INPUTS].teacher[name]`."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     budget: ClassVar[str | None] = None
@@ -116,6 +122,15 @@ class Reducer(nn.Module):
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
         raise NotImplementedError
+
+    def teach(self, teacher: VideoBackbone, inputs: Inputs) -> Any:
+        """The training hook's teacher pass (only if `wants_teacher`): whatever this reducer needs from a
+        frozen teacher on this step's clips and labels (`inputs.video`, `inputs.labels`): Grad-CAM
+        targets, teacher logits, ... The training loop calls it before the forward pass (with
+        autograd on, so it may differentiate the teacher; its parameters do not train) and hands the
+        result to `forward` as `state.aux[INPUTS].teacher[self.name]`; the reducer adds its losses with
+        `state.add_loss`. No method needs code in the training loop."""
+        return None
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         """Called by the training loop before every optimisation step (0-based, of `total_steps`):

@@ -25,6 +25,7 @@ __all__ = [
     "Step",
     "apply",
     "current_plan",
+    "is_adaptive",
     "load_trained",
     "parse",
     "pattern_label",
@@ -339,6 +340,12 @@ def current_plan(model: VideoBackbone) -> InstalledPlan:
         model, model.spec, model.plan, [], tuple(model.reducers), tuple(b.inner for b in model.blocks),
         tuple(b.record for b in model.blocks), model.readout_by,
     )  # fmt: skip
+
+
+def is_adaptive(model: VideoBackbone) -> bool:
+    """Whether the plan installed in `model` costs what each clip keeps (`InstalledPlan.adaptive`)."""
+    installed = model.__dict__.get("installed")
+    return installed is not None and installed.adaptive
 
 
 def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
