@@ -413,7 +413,7 @@ def distil(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Reducer]]:
             super().__init__()
             self.gain = nn.Parameter(torch.ones(()))
             self.taught: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-            self.seen: list[Any] = []
+            self.seen: list[Inputs] = []
 
         def positions(self, depth: int) -> tuple[int, ...]:
             return (depth,)  # the slot after the last block
