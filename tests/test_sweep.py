@@ -225,3 +225,35 @@ def test_a_models_own_trained_plan_is_swept_and_put_back(synthetic: Path, tmp_pa
     assert model.spec == "stts:T0=0.5"
     for k, v in model.plan[0].state_dict().items():
         torch.testing.assert_close(v, scorer[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------- adaptive
+def test_an_adaptive_method_is_measured_and_matched_to_random(synthetic: Path, tmp_path: Path) -> None:
+    """`attention:mass` has no budget to set: it runs as one setting whose budget (token ratio) and
+    GFLOPs are means measured per video as it ran, and random is matched to that mean in a second
+    pass; the records hold each video's measurement, so a resumed sweep gives the same report."""
+    model = _model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper attention: the clips keep different counts
+    kwargs = dict(methods=["attention:mass=0.6,at=0"], budgets=[0.6], workers=0, batch_size=4, speed=False,
+                  seeds=2)  # fmt: skip
+    report = sweep(model, _dataset(synthetic), out=tmp_path, **kwargs)
+    (adaptive,) = [s for s in report.settings if s.method == "attention:mass=0.6,at=0"]
+    _, records = read_results(tmp_path / "results.jsonl")
+    mine = [r for r in records if r["setting"] == canonical("attention:mass=0.6,at=0")]
+    assert len(mine) == 6 and len({r["gflops"] for r in mine}) > 1  # each video its own cost
+    views = torch.cat([_dataset(synthetic)[i].views for i in range(6)])
+    x = ts.data.transforms.normalize(views.float().div(255), model.config.mean, model.config.std)
+    installed = ts.apply(model, "attention:mass=0.6,at=0")
+    per_clip = ts.flops(model, video=x, detail=True).per_clip
+    installed.remove()
+    assert adaptive.gflops == pytest.approx(sum(per_clip) / 6, rel=1e-9) and adaptive.views == 6
+    assert adaptive.budget == pytest.approx(sum(r["ratio"] for r in mine) / 6, abs=0.005)
+    assert 0 < adaptive.budget < 1
+    assert abs(adaptive.random_gflops / adaptive.gflops - 1) <= MATCH_TOLERANCE + 0.05  # a token is a coarse step
+    seeds = [r for r in records if r["setting"].startswith("random:") and "seed=1" in r["setting"]]
+    assert len(seeds) == 6 and adaptive.verdict is not None
+    assert "‡" in (tmp_path / "report.md").read_text()  # the report says the budget was measured
+    again = sweep(model, _dataset(synthetic), out=tmp_path, **kwargs)  # everything recorded: nothing to run
+    assert again.settings == report.settings

@@ -221,6 +221,8 @@ class Setting:
         random_top1: its top-1, the mean over its `RANDOM_SEEDS` seeds.
         delta, delta_ci: top1 - random_top1 and its paired interval (`paired_bootstrap_ci`).
         verdict: `verdict(delta_ci)`; None for `random` itself and for `none`.
+        views: for an adaptive method (each clip keeps its own count: `attention:mass=0.9`), the number
+            of views its budget (the measured mean token ratio) and GFLOPs are means over; else None.
     """
 
     method: str
@@ -240,6 +242,7 @@ class Setting:
     delta: float | None = None
     delta_ci: tuple[float, float] | None = None
     verdict: str | None = None
+    views: int | None = None
 
 
 @dataclass(frozen=True)
@@ -370,8 +373,16 @@ def _budget_section(budget: float, rows: list[Setting]) -> list[str]:
                     "coarse step on a small model)"
                 )
                 rand += " †"
+            gflops = _gflops(s.gflops)
+            if s.views is not None:
+                notes.append(
+                    f"- ‡ {_md(s.method)}: an adaptive budget (each clip keeps its own number of tokens): "
+                    f"the share of tokens kept and the GFLOPs are the means over its {s.views} views, "
+                    "measured as they ran; random is matched to that mean"
+                )
+                gflops += " ‡"
             cells = (
-                _md(s.method), plan, _pct_ci(s.top1, s.top1_ci), _pct(s.top5), _gflops(s.gflops),
+                _md(s.method), plan, _pct_ci(s.top1, s.top1_ci), _pct(s.top5), gflops,
                 _speedup(s.speedup), _pct(s.recall), rand, _points_ci(s.delta, s.delta_ci),
                 s.verdict or ("baseline" if s.method == BASELINE else "-"),
             )  # fmt: skip

@@ -19,6 +19,11 @@
    (`engine/results.py`): a killed sweep rerun with the same arguments redoes nothing that was
    recorded, and a sweep of another model, data or views is refused. Under `torchrun` videos are split
    across processes and merged by rank 0, as in evaluation.
+Adaptive methods (each clip keeps its own count: `attention:mass=0.9`, given with their parameters)
+run as one setting: its budget (the mean token ratio) and GFLOPs are measured per video as it runs
+(each video's views counted on their own, so the means survive a resume and a torchrun split), then
+random is matched to the mean GFLOPs and run in a second pass over the videos.
+
 5. The report. Per setting: top-1 with a 95% bootstrap interval over videos, top-5, GFLOPs per view,
    measured speed-up over the unreduced model (`ts.benchmark`, same process), the foreground recall of
    what was kept (synthetic sets with ground truth), and the accuracy difference to the matched random
@@ -28,11 +33,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +52,7 @@ from ..data.datasets import VideoDataset
 from ..data.synthetic import load_truth
 from ..data.transforms import normalize
 from ..errors import InputError
-from ..flops import flops
+from ..flops import count_flops, flops
 from ..reducers import REGISTRY, apply, parse
 from ..reducers.plan import InstalledPlan, current_plan, load_trained, schedule, spec_parameters
 from ..reducers.plan import plan as make_plan
@@ -263,12 +270,23 @@ class Planned:
     random: str | None = None  # matched random spec, without seed
     random_gflops: float | None = None
     seeds: list[str] = field(default_factory=list)  # the matched random specs run, one per seed
+    adaptive: bool = False  # each clip keeps its own count: ratio and gflops are measured as it runs
+    views: int | None = None  # views the measured ratio and GFLOPs are means over (adaptive only)
 
 
-def _learned(base: str, model: nn.Module) -> bool:
-    """Whether method `base` has parameters to train (tried at its largest budget)."""
+def _adaptive(model: nn.Module, spec: str) -> bool:
+    """Whether `spec` as given makes clips keep different counts (so it has no budget to set)."""
+    try:
+        return any(step.after.ragged for step in schedule(model, make_plan(spec)))
+    except InputError:
+        return False
+
+
+def _learned(base: str, model: nn.Module, *, as_given: bool = False) -> bool:
+    """Whether method `base` has parameters to train (tried at its largest budget, or `as_given`)."""
     cls = REGISTRY[parse(base)[0][0]]
-    spec = base if cls.budget is None else _with(base, cls.budget, 0 if cls.budget_removes else 1.0)
+    keep_all = 0 if cls.budget_removes else 1.0
+    spec = base if cls.budget is None or as_given else _with(base, cls.budget, keep_all)
     reducer = make_plan(spec)[0]
     reducer.setup(model)
     return any(True for _ in reducer.parameters())
@@ -306,7 +324,14 @@ def plan_settings(
             continue
         if method not in REGISTRY:
             raise InputError(f"unknown method {method!r}; valid methods: {', '.join(sorted(REGISTRY))}")
-        untrained = _learned(base, model) and method not in (selectors or {})
+        adaptive = _adaptive(model, base.strip())
+        untrained = _learned(base, model, as_given=adaptive) and method not in (selectors or {})
+        if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
+            item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
+            if untrained:
+                item.spec, item.refused = None, f"{method} is learned and this model has no trained {method} weights"
+            settings.append(item)
+            continue
         for budget in budgets:
             item = Planned(method, budget)
             settings.append(item)
@@ -464,7 +489,7 @@ def sweep(
         return _sweep(model, dataset, settings, out=out, selectors=selectors, batch_size=batch_size,
                       workers=workers, truth=Path(truth) if truth is not None else None, speed=speed,
                       speed_batch=speed_batch or batch_size, progress=progress, model_name=model_name,
-                      header=dict(header or {}), examples=examples, began=began)  # fmt: skip
+                      header=dict(header or {}), examples=examples, began=began, seeds=seeds)  # fmt: skip
     finally:
         kept.install()
 
@@ -500,7 +525,7 @@ def _sweep(
     model: nn.Module, dataset: VideoDataset, settings: list[Planned], *, out: Path,
     selectors: Mapping[str, Mapping[str, Tensor]], batch_size: int, workers: int, truth: Path | None,
     speed: bool, speed_batch: int, progress: Progress | None, model_name: str | None,
-    header: dict[str, str], examples: bool, began: float,
+    header: dict[str, str], examples: bool, began: float, seeds: int,
 ) -> SweepReport:  # fmt: skip
     device = next(model.parameters()).device
     world = setup(device)
@@ -527,6 +552,17 @@ def _sweep(
         keys = [record_key(i, s) for s in runs for i in ids]
         merged = on_main(world, lambda: merge(results, keys, provenance))
         records = merged if merged is not None else list(read_done(results).values())
+        if _match_adaptive(model, settings, records, seeds, math.prod(dataset.views)):  # a second pass: their random baselines
+            more = sorted({canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs))
+            again = _run(model, dataset, more, results=results, provenance=provenance, selectors=selectors,
+                         batch_size=batch_size, workers=workers, truth=truth if recall else None, world=world,
+                         progress=progress)  # fmt: skip
+            decode = (decode[0] + again[0], decode[1] + again[1])
+            barrier(world)
+            runs = [*runs, *more]
+            keys = [record_key(i, s) for s in runs for i in ids]
+            merged = on_main(world, lambda: merge(results, keys, provenance))
+            records = merged if merged is not None else list(read_done(results).values())
         speeds = _speeds(model, settings, speed_batch) if speed and world.is_main else {}
         table = _settings_table(settings, records, ids, speeds)
         picture = _examples(model, settings, dataset, selectors, out) if world.is_main and examples else {}
@@ -543,6 +579,33 @@ def _sweep(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _match_adaptive(
+    model: nn.Module, settings: Sequence[Planned], records: Sequence[dict[str, Any]], seeds: int, per_video: int
+) -> bool:
+    """Fill each adaptive setting's measured budget and GFLOPs (means over the views of its records)
+    and its random baseline matched to them. Returns whether any was filled."""
+    count: _Flops | None = None
+    filled = False
+    for item in settings:
+        if not item.adaptive or item.spec is None:
+            continue
+        own = canonical(item.spec)
+        mine = [r for r in records if r.get("setting") == own and r.get("status") == "ok" and "gflops" in r]
+        if not mine:
+            item.refused, item.spec = "no video could be evaluated", None
+            continue
+        item.views = len(mine) * per_video  # every video has as many views: the mean of records is theirs
+        item.gflops = sum(r["gflops"] for r in mine) / len(mine)
+        item.ratio = sum(r["ratio"] for r in mine) / len(mine)
+        item.budget = round(item.ratio, 2)
+        count = count or _Flops(model)
+        item.random = matched_random(model, item.gflops, count)
+        item.random_gflops = count(item.random)
+        item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
+        filled = True
+    return filled
 
 
 def _run(
@@ -629,29 +692,60 @@ def _run_batch(
     written = 0
     for spec in dict.fromkeys(s for v in batch for s in v.todo):
         rows = [i for i, v in enumerate(batch) if spec in v.todo]
-        take = torch.isin(owner, torch.tensor(rows))
         states[spec].install()
-        given = None
-        if any(r.wants_labels for r in model.plan):  # an oracle: the labels reach the plan
-            given = Inputs(x[take], label_tensor([batch[i].labels for i in owner[take].tolist()],
-                                                 cfg.num_classes, multilabel=False).to(device))  # fmt: skip
-        with torch.inference_mode():
-            state = model.forward_features(x[take], trace=truth is not None, inputs=given)
-            probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
-            recall = _recall(state, truth[owner[take]].to(device)).cpu() if truth is not None else None
-        who = owner[take]
-        for i in rows:
-            video, mine = batch[i], who == i
-            record: dict[str, Any] = {
-                "id": video.id, "setting": spec, "labels": video.labels, "status": "ok",
-                "top5": top5_entries(probs[mine].mean(0)),
-            }  # fmt: skip
-            if recall is not None:
-                r = float(recall[mine].nanmean())
-                record["recall"] = None if math.isnan(r) else round(r, 6)
-            writer.write(record)
-            written += 1
+        adaptive = states[spec].adaptive
+        # An adaptive plan runs each video's views on their own: its GFLOPs and tokens are its own.
+        for group in [[i] for i in rows] if adaptive else [rows]:
+            take = torch.isin(owner, torch.tensor(group))
+            who = owner[take]
+            given = None
+            if any(r.wants_labels for r in model.plan):  # an oracle: the labels reach the plan
+                given = Inputs(x[take], label_tensor([batch[i].labels for i in who.tolist()], cfg.num_classes,
+                                                     multilabel=False).to(device))  # fmt: skip
+            measured: dict[str, float] = {}
+            with torch.no_grad() if adaptive else torch.inference_mode():
+                with _measuring(model, measured) if adaptive else contextlib.nullcontext():
+                    state = model.forward_features(x[take], trace=truth is not None, inputs=given)
+                    probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
+                recall = _recall(state, truth[who].to(device)).cpu() if truth is not None else None
+            for i in group:
+                video, mine = batch[i], who == i
+                record: dict[str, Any] = {
+                    "id": video.id, "setting": spec, "labels": video.labels, "status": "ok",
+                    "top5": top5_entries(probs[mine].mean(0)), **measured,
+                }  # fmt: skip
+                if recall is not None:
+                    r = float(recall[mine].nanmean())
+                    record["recall"] = None if math.isnan(r) else round(r, 6)
+                writer.write(record)
+                written += 1
     return written
+
+
+@contextlib.contextmanager
+def _measuring(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
+    """Measure one video's forward (all its views): `into` gets "gflops" (per view, the mean over its
+    views) and "ratio" (the token ratio `token_ratio` computes from a schedule, here from the tokens
+    each block really took: a block whose MLP sees fewer tokens than its attention counts the mean)."""
+    attention: list[Tensor] = []  # (v,) tokens at each block's attention
+    mlp: dict[int, Tensor] = {}  # block -> (v,) tokens at its MLP, when a reducer runs in between
+    hooks = [block.register_forward_pre_hook(lambda _m, args: attention.append(args[0].num_tokens))
+             for block in model.blocks]  # fmt: skip
+    for p, block in enumerate(model.blocks):
+        if not isinstance(block.inner, nn.Identity):
+            hooks.append(block.inner.register_forward_hook(
+                lambda _m, _a, out, p=p: mlp.__setitem__(p, out.num_tokens)))  # fmt: skip
+    try:
+        with count_flops(model) as counted:
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_block = torch.stack([(n + mlp.get(p, n)).double() / 2 for p, n in enumerate(attention)])  # (L, v)
+    T, H, W = model.config.grid
+    views = attention[0].shape[0]
+    into["gflops"] = counted.macs / views / 1e9
+    into["ratio"] = float(per_block.mean() / (T * H * W))
 
 
 def _examples(
@@ -678,7 +772,7 @@ def _examples(
         for method, item in chosen.items():
             assert item.spec is not None
             _install_all(model, [item.spec], selectors)
-            path = f"examples/{method}.png"
+            path = f"examples/{re.sub(r'[^A-Za-z0-9_.=-]+', '_', method)}.png"  # "attention:mass=0.9" too
             viz.save(viz.kept_tokens(model, clip), out / path)
             paths[method] = path
     finally:
@@ -745,7 +839,7 @@ def _settings_table(
             if item.method != "random":
                 ci = paired_bootstrap_ci(top1, rand)
                 row.update(delta=float((top1 - rand).mean()), delta_ci=ci, verdict=verdict(ci))
-        table.append(Setting(item.method, item.budget, item.spec, **row))
+        table.append(Setting(item.method, item.budget, item.spec, views=item.views, **row))
     return table
 
 
