@@ -98,7 +98,9 @@ def received_attention(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
         mask: the block's SDPA mask (bool or additive), broadcastable to (B, 1, 1, N), or None.
     """
     B, nh, N, hd = q.shape
-    rows = None if mask is None or mask.dtype != torch.bool else mask[:, 0, 0, :].to(q.dtype)  # (B, N)
+    rows = None  # (B, N) 1 for the real queries: padding keys are False (bool) or -inf (additive)
+    if mask is not None:
+        rows = (mask[:, 0, 0, :] if mask.dtype == torch.bool else mask[:, 0, 0, :].isfinite()).to(q.dtype)
     total = q.new_zeros(B, nh, N)
     chunk = max(1, 2**22 // (B * nh * N))
     for start in range(0, N, chunk):  # bounds memory; not a loop over tokens one by one
@@ -276,13 +278,13 @@ class DropPath(nn.Module):
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
 
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
 
 def _drop(module: nn.Module, x: Tensor, packed: Packed) -> Tensor:
     """Stochastic depth on packed rows (`nn.Identity` when the rate is 0)."""
     return module(x, packed) if isinstance(module, DropPath) else x
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def drop_path(p: float) -> nn.Module:
