@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import tokensieve as ts
 from conftest import tiny_video
-from tokensieve.backbones import layers
+from tokensieve.backbones import base, layers
 from tokensieve.backbones.layers import RAGGED, DropPath, pack, varlen_attention
 from tokensieve.reducers.attention import mass_chosen
 from tokensieve.reducers.base import At, keep_top
@@ -103,11 +103,20 @@ def _kept_pos(state: TokenState) -> list[list[int]]:
 
 
 # --------------------------------------------------------------- packed = padded = one clip at a time
+@pytest.fixture(params=[None, 7], ids=["one-tile", "tiles-of-7-rows"])
+def tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
+    """The packed blocks' tile size: the default (every tiny batch fits one tile) or 7 rows, so runs of
+    clips and single clips each go through the block on their own (`layers.TILE_ROWS`)."""
+    if request.param is not None:
+        monkeypatch.setattr(layers, "TILE_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("spec", RAGGED_PLANS)
 @pytest.mark.parametrize("name", JOINT)
 def test_packed_equals_padded_equals_one_clip_at_a_time(
-    name: str, spec: str, dtype: torch.dtype, varlen_calls: list[int]
+    name: str, spec: str, dtype: torch.dtype, varlen_calls: list[int], tiles: int | None
 ) -> None:
     model = _sharp(name, spec).to(dtype)
     video = tiny_video(name, BATCH).to(dtype)  # the same clips in both precisions
@@ -129,7 +138,9 @@ def test_packed_equals_padded_equals_one_clip_at_a_time(
 
 
 @pytest.mark.parametrize("name", JOINT)
-def test_training_with_stochastic_depth_draws_the_same_per_clip_packed_or_padded(name: str) -> None:
+def test_training_with_stochastic_depth_draws_the_same_per_clip_packed_or_padded(
+    name: str, tiles: int | None
+) -> None:
     model = _sharp(name, "attention:mass=0.6,at=0+attention:keep=0.5,at=2", drop_path=0.5).train()
     assert isinstance(model.blocks[-1].drop_path, DropPath)
     video = tiny_video(name, BATCH)
@@ -196,8 +207,8 @@ def test_varlen_kernels_equal_attention_clip_by_clip() -> None:
     assert single == {5: False, 3: True, 1: True}  # clips 0 and 2 run as one batched group
     q, k, v = (torch.randn(sum(LENGTHS), 2, 4) for _ in range(3))
     reference = _per_clip(q, k, v, LENGTHS)
-    groups = varlen_attention(q, k, v, packed, kernel="groups")
-    nested = varlen_attention(q, k, v, packed, kernel="nested")
+    groups = varlen_attention(q, k, v, packed.lengths, kernel="groups")
+    nested = varlen_attention(q, k, v, packed.lengths, kernel="nested")
     torch.testing.assert_close(groups, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nested, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(groups, nested, rtol=1e-5, atol=1e-5)
@@ -210,13 +221,13 @@ def test_varlen_bias_goes_to_the_groups_kernel_only() -> None:
     packed = _packed_rows(LENGTHS)
     q, k, v = (torch.randn(sum(LENGTHS), 2, 4) for _ in range(3))
     bias = torch.rand(sum(LENGTHS)) * 3  # log-sizes
-    out = varlen_attention(q, k, v, packed, bias=bias, kernel="groups")
+    out = varlen_attention(q, k, v, packed.lengths, bias=bias, kernel="groups")
     torch.testing.assert_close(out, _per_clip(q, k, v, LENGTHS, bias), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, _per_clip(q, k, v, LENGTHS), atol=1e-3)  # the bias counts
     with pytest.raises(ValueError, match="nested varlen kernel takes no attention bias"):
-        varlen_attention(q, k, v, packed, bias=bias, kernel="nested")
+        varlen_attention(q, k, v, packed.lengths, bias=bias, kernel="nested")
     with pytest.raises(ValueError, match="kernel must be one of groups, nested"):
-        varlen_attention(q, k, v, packed, kernel="flash")
+        varlen_attention(q, k, v, packed.lengths, kernel="flash")
 
 
 # -------------------------------------------------------------------------- records of a packed block
@@ -508,3 +519,37 @@ def test_a_clip_without_real_tokens_is_refused_by_a_packed_block() -> None:
     state = _state(torch.randn(2, 4, 32), (1, 2, 2), cls=torch.randn(2, 1, 32), mask=mask, frames=None)
     with pytest.raises(ts.InputError, match=r"holds no real token \(counts \[2, 0\]\)"):
         block(state)
+
+
+def test_tiles_hold_whole_clips_up_to_the_limit() -> None:
+    packed = layers.Packed(torch.zeros(0, dtype=torch.long), (3, 5, 2, 9, 1, 1), torch.zeros(0), (6, 9))
+    assert packed.tiles(7) == [(0, 3, (3,)), (3, 10, (5, 2)), (10, 19, (9,)), (19, 21, (1, 1))]
+    assert packed.tiles(None) == [(0, 21, (3, 5, 2, 9, 1, 1))]
+
+
+@pytest.mark.parametrize("name", JOINT)
+def test_blocks_with_nothing_between_them_run_as_one_packed_run(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `attention:mass` inside block 0, blocks 1 and 2 go through packed together (one call of
+    `run_packed`, the blocks themselves not called); a block watched by a hook runs on its own, so the
+    hook sees it; the logits are the same either way."""
+    model = _sharp(name, "attention:mass=0.6,at=0")
+    video = tiny_video(name, BATCH)
+    runs: list[int] = []
+    real = base.run_packed
+
+    def counting(blocks: list[torch.nn.Module], state: TokenState) -> TokenState:
+        runs.append(len(blocks))
+        return real(blocks, state)
+
+    monkeypatch.setattr(base, "run_packed", counting)
+    with torch.no_grad():
+        together = model(video)
+        assert runs == [2]
+        seen: list[int] = []
+        hook = model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].x.shape[1]))
+        apart = model(video)
+        hook.remove()
+    assert runs == [2] and len(seen) == 1  # block 1 ran on its own (its hook saw it), block 2 alone too
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)

@@ -251,7 +251,9 @@ def test_an_adaptive_method_is_measured_and_matched_to_random(synthetic: Path, t
     assert adaptive.gflops == pytest.approx(sum(per_clip) / 6, rel=1e-9) and adaptive.views == 6
     assert adaptive.budget == pytest.approx(sum(r["ratio"] for r in mine) / 6, abs=0.005)
     assert 0 < adaptive.budget < 1
-    assert abs(adaptive.random_gflops / adaptive.gflops - 1) <= MATCH_TOLERANCE + 0.05  # a token is a coarse step
+    assert (
+        abs(adaptive.random_gflops / adaptive.gflops - 1) <= MATCH_TOLERANCE + 0.05
+    )  # a token is a coarse step
     seeds = [r for r in records if r["setting"].startswith("random:") and "seed=1" in r["setting"]]
     assert len(seeds) == 6 and adaptive.verdict is not None
     assert "‡" in (tmp_path / "report.md").read_text()  # the report says the budget was measured

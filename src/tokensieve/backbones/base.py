@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..rng import clip_keys
 from ..tokens import CLIP_KEY, INPUTS, Inputs, Need, TokenState, track_sources
 from .config import BackboneConfig
-from .layers import RAGGED
+from .layers import RAGGED, Block, run_packed
 
 __all__ = ["VideoBackbone", "init_weights"]
 
@@ -124,9 +124,34 @@ class VideoBackbone(nn.Module):
             state = track_sources(state)
         if any(r.keyed_random for r in self.plan):  # the plan will draw random numbers keyed by clip
             state = state.with_aux(**{CLIP_KEY: clip_keys(video)})
-        for block, reduce in zip(self.blocks, self.reducers, strict=False):  # one more slot than blocks
-            state = block(reduce(state))
-        return self.reducers[-1](state)
+        depth, p = len(self.blocks), 0
+        while (
+            p < depth
+        ):  # a reducer slot, then its block (or a run of blocks a ragged batch goes through packed)
+            state = self.reducers[p](state)
+            end = self._packed_run(p, state)
+            state = run_packed(self.blocks[p:end], state) if end > p + 1 else self.blocks[p](state)
+            p = end
+        return self.reducers[depth](state)
+
+    def _packed_run(self, p: int, state: TokenState) -> int:
+        """The end (exclusive) of the blocks from `p` a ragged batch goes through as one packed run
+        (`layers.run_packed`: packed once, tile by tile through all of them): joint blocks with no reducer
+        slot, no reducer inside and no observer hooks in between; one that records ends the run (the
+        reducer after it reads the records). Otherwise `p + 1`: block `p` alone."""
+        if state.mask is None or self.blocks[p].ragged != "packed":
+            return p + 1
+        end = p
+        while end < len(self.blocks):
+            block = self.blocks[end]
+            if type(block) is not Block or not isinstance(block.inner, nn.Identity) or _observed(block):
+                break
+            if end > p and not isinstance(self.reducers[end], nn.Identity):
+                break
+            end += 1
+            if block.record:
+                break
+        return max(end, p + 1)
 
     def forward_head(self, state: TokenState) -> Tensor:
         """(B, num_classes) logits, or (B, C) pooled features when `num_classes=0`.
@@ -158,6 +183,11 @@ class VideoBackbone(nn.Module):
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _observed(module: nn.Module) -> bool:
+    """Whether forward hooks watch `module` (a packed run would skip its call, so it runs on its own)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _mean_tokens(state: TokenState) -> Tensor:

@@ -329,7 +329,10 @@ def plan_settings(
         if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
             item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
             if untrained:
-                item.spec, item.refused = None, f"{method} is learned and this model has no trained {method} weights"
+                item.spec, item.refused = (
+                    None,
+                    f"{method} is learned and this model has no trained {method} weights",
+                )
             settings.append(item)
             continue
         for budget in budgets:
@@ -552,8 +555,12 @@ def _sweep(
         keys = [record_key(i, s) for s in runs for i in ids]
         merged = on_main(world, lambda: merge(results, keys, provenance))
         records = merged if merged is not None else list(read_done(results).values())
-        if _match_adaptive(model, settings, records, seeds, math.prod(dataset.views)):  # a second pass: their random baselines
-            more = sorted({canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs))
+        if _match_adaptive(
+            model, settings, records, seeds, math.prod(dataset.views)
+        ):  # a second pass: their random baselines
+            more = sorted(
+                {canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs)
+            )
             again = _run(model, dataset, more, results=results, provenance=provenance, selectors=selectors,
                          batch_size=batch_size, workers=workers, truth=truth if recall else None, world=world,
                          progress=progress)  # fmt: skip
@@ -582,7 +589,11 @@ def _sweep(
 
 
 def _match_adaptive(
-    model: nn.Module, settings: Sequence[Planned], records: Sequence[dict[str, Any]], seeds: int, per_video: int
+    model: nn.Module,
+    settings: Sequence[Planned],
+    records: Sequence[dict[str, Any]],
+    seeds: int,
+    per_video: int,
 ) -> bool:
     """Fill each adaptive setting's measured budget and GFLOPs (means over the views of its records)
     and its random baseline matched to them. Returns whether any was filled."""
