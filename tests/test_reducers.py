@@ -408,6 +408,7 @@ def test_bad_parameters_fail_when_parsed(spec: str, message: str) -> None:
         ("videomae-tiny", "attention:mass=0.9,at=0+uniform:keep=0.5,at=1", r"uniform \(before block 1\) cannot take a batch whose clips hold different numbers of tokens, which attention \(inside block 0\) leaves"),
         ("videomae-tiny", "attention:mass=0.9,at=0+tome:r=2", r"tome \(inside block 0\) cannot take a batch .* which attention \(inside block 0\)"),
         ("videomae-tiny", "attention:mass=0.9,at=0+sta:r=2", r"sta \(before block 1\) cannot take"),
+        ("joint-tiny", "tome:r=3/3+attention:keep=0.5,at=1", r"attention \(inside block 1\) needs cls_attn recorded by the attention before it, but tome, which runs there first"),
         ("videomae-tiny", "attention:mass=0.9,at=0+stts:T2=0.5", r"stts \(before block 2\) cannot take"),
         ("videomae-tiny", "attention:mass=0.9,at=0+random_frames:at=2", r"random_frames \(before block 2\) cannot take"),
         ("videomae-tiny", "tome:r=17", r"r=17 in block 0 is more than half of the 32 tokens"),

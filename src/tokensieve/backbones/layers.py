@@ -143,10 +143,10 @@ class Packed(NamedTuple):
         """(B, L, ...) padded rows -> (M, ...) real rows."""
         return padded.flatten(0, 1).index_select(0, self.rows)
 
-    def put(self, rows: Tensor, into: Tensor | None = None) -> Tensor:
-        """(M, ...) real rows -> (B, L, ...): written over a copy of `into`, or over zeros."""
+    def put(self, rows: Tensor) -> Tensor:
+        """(M, ...) real rows -> (B, L, ...), zeros at padding."""
         B, L = self.shape
-        out = rows.new_zeros(B * L, *rows.shape[1:]) if into is None else into.flatten(0, 1).clone()
+        out = rows.new_zeros(B * L, *rows.shape[1:])
         return out.index_copy_(0, self.rows, rows).view(B, L, *rows.shape[1:])
 
     def groups(self) -> list[tuple[int, int | Tensor]]:
@@ -304,7 +304,7 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
     def draw(self, batch: int, like: Tensor) -> Tensor | None:
-        """The keep flags (B,) of one call, for packed rows (`apply_rows`): the same draws as `forward`
+        """The keep flags (B,) of one call, for packed rows (`_dropped`): the same draws as `forward`
         on a (B, ...) batch. None when nothing is dropped (eval, or p = 0)."""
         if not self.training or self.p == 0.0:
             return None

@@ -70,6 +70,10 @@ class Reducer(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     inside: ClassVar[bool] = False
     """True: runs inside block `p`, between attention and MLP, instead of before block `p`."""
+    keeps_records: ClassVar[bool] = True
+    """False: its output no longer carries the side results the attention before it recorded (ToMe's
+    merge makes them stale), so `apply` refuses a reducer that needs them right after it, in the same
+    place."""
     takes_ragged: ClassVar[bool] = False
     """True: it can be given a ragged batch (a padding mask, clips holding different counts) and honours
     the mask. `apply` refuses a plan that gives a ragged batch to a reducer without it."""

@@ -222,9 +222,18 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
                         f"{layout.describe()}; use a method or mode that keeps them (per_frame=true, "
                         "balance=frame), or place it after that block"
                     )
+            stale_by = None  # a reducer at this place whose output lacks the attention's records
             while upcoming is not None and upcoming[0] == 2 * p + inside:
                 _, _, reducer, site = upcoming
                 step_where = Step(reducer, site, inside, layout, layout).where
+                if stale_by is not None and reducer.needs_for(model):
+                    raise InputError(
+                        f"{reducer.name} ({step_where}) needs {', '.join(sorted(reducer.needs_for(model)))} "
+                        f"recorded by the attention before it, but {stale_by}, which runs there first, "
+                        f"leaves tokens those records no longer describe; place {reducer.name} first"
+                    )
+                if not reducer.keeps_records:
+                    stale_by = reducer.name
                 if layout.ragged and not reducer.takes_ragged:
                     raise InputError(
                         f"{reducer.name} ({step_where}) cannot take a batch whose clips hold different numbers "

@@ -155,6 +155,7 @@ class TokenMerging(Reducer):
 
     needs = frozenset({KEYS})
     inside = True
+    keeps_records = False  # the records describe the tokens before the merge
 
     def __init__(
         self,
