@@ -70,6 +70,17 @@ def test_flops_table_and_input_override() -> None:
     assert "blocks" in result.stdout
 
 
+def test_flops_says_when_a_plan_costs_what_each_clip_keeps() -> None:
+    doc = _json(["flops", "--model", "videomae-tiny", "--plan", "attention:mass=0.9", "--json"])
+    assert [(r["plan"], r["adaptive"]) for r in doc["results"]] == [
+        ("none", False),
+        ("attention:mass=0.9", True),
+    ]
+    result = runner.invoke(app, ["flops", "-m", "videomae-tiny", "--plan", "attention:mass=0.9"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "keeps a different number of tokens in each clip: counted on one random clip" in result.stderr
+
+
 def test_info_lists_presets_and_methods() -> None:
     result = runner.invoke(app, ["info"], env=WIDE)
     assert result.exit_code == 0, result.output

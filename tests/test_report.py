@@ -287,3 +287,21 @@ def test_a_random_baseline_off_by_more_than_half_a_percent_is_marked(tmp_path: P
     marked = [line for line in md.splitlines() if "†" in line]
     assert len(marked) == 2  # the stts row (0.66% off) and its note; uniform (0.33% off) is not marked
     assert marked[0].startswith("| stts |") and "-0.66% from the method's" in marked[1]
+
+
+def test_an_adaptive_setting_is_marked_with_its_measured_means(tmp_path: Path) -> None:
+    """A method with an adaptive budget (`views` set) sits in the table of its measured budget; report.md
+    and the terminal table mark it ‡ and the note says over how many views its numbers are means."""
+    ref = Setting("none", None, "none", gflops=0.0555, top1=0.96, top1_ci=(0.94, 0.98))
+    adaptive = Setting("attention:mass=0.9", 0.37, "attention:mass=0.9", gflops=0.03, top1=0.9,
+                       top1_ci=(0.85, 0.95), random_spec="random:keep=0.3,at=0", random_gflops=0.03,
+                       random_top1=0.7, delta=0.2, delta_ci=(0.1, 0.3), verdict=BEATS, views=400)  # fmt: skip
+    write_report(SweepReport([ref, adaptive], {}, {}), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Budget 0.37 (37% of tokens kept)" in md
+    (row,) = _tables(md)["Budget 0.37 (37% of tokens kept)"]
+    assert row[4] == "0.0300 ‡"
+    assert "means over its 400 views, measured as they ran; random is matched to that mean" in md
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(terminal_table(SweepReport([ref, adaptive], {}, {})))
+    assert "attention:mass=0.9 ‡" in console.export_text()

@@ -33,7 +33,7 @@ from ..bench import (
 )
 from ..flops import FlopCount, flops
 from ..reducers import REGISTRY, Reducer, apply
-from ..reducers.plan import pattern_label, spec_parameters
+from ..reducers.plan import is_adaptive, pattern_label, spec_parameters
 from .common import (
     FramesOption,
     JsonOption,
@@ -149,9 +149,12 @@ def flops_command(
             if not plan and net.spec:  # a saved model or run: its own plan, next to the baseline
                 specs = with_baseline([net.spec])
             real = functools.cache(lambda: resolve_model(model, frames=frames, size=size))
+            adaptive = []
             for spec in specs:
                 status.update(f"{escape(model)}: counting {escape(spec)}")
                 counts[spec] = _count(net, spec, real=real)
+                if is_adaptive(net):
+                    adaptive.append(spec)
     cfg = net.config
     base = counts[BASELINE].gflops
     rows = [
@@ -161,6 +164,7 @@ def flops_command(
             "gflops_ratio": base / c.gflops if c.gflops else float("inf"),
             "by_module": {k: v / c.clips / 1e9 for k, v in c.by_module.items()},
             "by_op": {k: v / c.clips / 1e9 for k, v in c.by_op.items()},
+            "adaptive": spec in adaptive,
         }
         for spec, c in counts.items()
     ]
@@ -182,6 +186,12 @@ def flops_command(
     for part in parts:
         by_part.add_row(part, *(gflops_text(row["by_module"].get(part, 0.0)) for row in rows))
     console.print(by_part)
+    for spec in adaptive:
+        Console(stderr=True).print(
+            f"[yellow]note:[/yellow] {escape(spec)} keeps a different number of tokens in each clip: counted "
+            "on one random clip; `tokensieve eval` reports the mean over your videos",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- info

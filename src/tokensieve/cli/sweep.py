@@ -193,6 +193,10 @@ def sweep_command(
     if not wide:
         console.print("verdict: the 95% interval of Δ is above 0 (beats random), holds 0 (n.s.: not significant) "
                       "or is below 0 (worse)", highlight=False, soft_wrap=True)  # fmt: skip
+    if any(s.views is not None for s in report.settings):
+        console.print("‡ adaptive: each clip keeps its own number of tokens; the budget and GFLOPs are the "
+                      "means measured over the views it ran, and random is matched to them", highlight=False,
+                      soft_wrap=True)  # fmt: skip
     for line in refused_lines(report.settings):
         console.print(f"[dim]refused: {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'report.md'}\nplot:   {out / 'pareto.png'}", highlight=False)

@@ -635,7 +635,8 @@ def terminal_table(report: SweepReport, *, title: str | None = None, wide: bool 
         shown = s.verdict or ("baseline" if s.method == BASELINE else "-")
         label = shown if wide else SHORT_VERDICTS.get(shown, shown)
         table.add_row(
-            budget, s.method, _pct_ci(s.top1, s.top1_ci) if wide else _pct(s.top1), _gflops(s.gflops),
+            budget, s.method + (" ‡" if s.views is not None else ""),
+            _pct_ci(s.top1, s.top1_ci) if wide else _pct(s.top1), _gflops(s.gflops),
             _speedup(s.speedup), *([_pct(s.recall)] if recall else []), *([_pct(s.random_top1)] if wide else []),
             _points_ci(s.delta, s.delta_ci), Text(label, style=_VERDICT_STYLES.get(shown, "")), end_section=end,
         )  # fmt: skip
