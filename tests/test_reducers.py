@@ -22,7 +22,7 @@ from tokensieve.reducers import REGISTRY, schedule
 from tokensieve.reducers.base import At
 from tokensieve.reducers.plan import spec_parameters
 from tokensieve.reducers.uniform import uniform_frames
-from tokensieve.tokens import ATTN_RECEIVED, CLS_ATTN, TokenState
+from tokensieve.tokens import ATTN_RECEIVED, CLIP_KEY, CLS_ATTN, KEYS, TOKEN_AUX, Layout, TokenState, compact
 
 # Settings that fit the tiny presets (32 or 64 tokens, 16 per frame, 3 blocks).
 CONTRACT = {
@@ -436,3 +436,67 @@ def test_a_state_without_equal_frames_is_refused_with_a_message() -> None:
     state = TokenState(x=torch.randn(1, 5, 4), pos=torch.arange(5)[None], grid=(2, 2, 2))
     with pytest.raises(ValueError, match="needs the same number of tokens in every frame"):
         reducer(state, ts.reducers.Site(0, 0, 3, (2, 2, 2)))
+
+
+# ------------------------------------------------------------------------------ ragged inputs
+def _takes_ragged(spec: str) -> bool:
+    """Whether every reducer of the plan accepts a ragged batch (per-frame modes need equal frames)."""
+    try:
+        return all(
+            r.takes_ragged and r.count(Layout(64, ragged=True), ts.reducers.Site(0, 1, 3, (4, 4, 4)))
+            for r in ts.plan(spec)
+        )
+    except ts.InputError:
+        return False
+
+
+TAKES_RAGGED = [spec for spec in SPECS if _takes_ragged(spec)]
+
+
+def test_the_methods_that_take_ragged_batches_are_covered() -> None:
+    assert (
+        {spec.partition(":")[0] for spec in TAKES_RAGGED}
+        == {name for name, cls in REGISTRY.items() if cls.takes_ragged}
+        == {"random", "attention"}
+    )
+
+
+def _ragged_input(B: int = 4, frames: int = 4, per_frame: int = 16, C: int = 8) -> TokenState:
+    """A ragged batch as a reduction would leave it: clips keeping 16..64 of 64 tokens (real tokens
+    first), with every side result a reducer may read and clip keys."""
+    torch.manual_seed(3)
+    N = frames * per_frame
+    state = TokenState.from_grid(torch.randn(B, N, C), (frames, 4, 4))
+    chosen = torch.rand(B, N).argsort(1).argsort(1) < torch.tensor([16, 40, 64, 27]).unsqueeze(1)
+    state = state.with_aux(**{
+        ATTN_RECEIVED: torch.rand(B, N), CLS_ATTN: torch.rand(B, N), KEYS: torch.randn(B, N, 4),
+        CLIP_KEY: torch.tensor([11, 22, 33, 44]),
+    })  # fmt: skip
+    ragged = compact(state, chosen)
+    assert ragged.lengths == (16, 40, 64, 27)
+    return ragged
+
+
+def _alone(state: TokenState, b: int) -> TokenState:
+    """Clip `b` of a ragged batch on its own: its real tokens, dense."""
+    n = state.lengths[b]
+    aux = {k: (v[b : b + 1, :n] if k in TOKEN_AUX else v[b : b + 1]) for k, v in state.aux.items()}
+    return TokenState(x=state.x[b : b + 1, :n], pos=state.pos[b : b + 1, :n], grid=state.grid, aux=aux)
+
+
+@pytest.mark.parametrize("spec", TAKES_RAGGED)
+def test_a_ragged_batch_gives_each_clip_what_it_gets_alone(spec: str) -> None:
+    """Every method that takes a ragged batch selects within each clip's real tokens only: the kept
+    positions of each clip are those it keeps when run alone, padding is never kept, and the state
+    is valid."""
+    state = _ragged_input()
+    for reducer in ts.plan(spec):
+        reducer.eval()
+        site = ts.reducers.Site(0, 1, 3, state.grid)
+        out = reducer(state, site)
+        out.check()
+        for b in range(state.x.shape[0]):
+            real = out.pos[b] if out.mask is None else out.pos[b][out.mask[b]]
+            alone = reducer(_alone(state, b), site).pos[0]
+            assert real.tolist() == alone.tolist(), f"clip {b}"
+            assert set(real.tolist()) <= set(state.pos[b, : state.lengths[b]].tolist())  # no padding kept
