@@ -132,12 +132,14 @@ class Packed(NamedTuple):
             per-clip attention.
         sample: (M,) long, the clip each row belongs to.
         shape: (B, L) of the padded layout.
+        padding: (B * L - M,) long, the index of each padding row (None when not needed).
     """
 
     rows: Tensor
     lengths: tuple[int, ...]
     sample: Tensor
     shape: tuple[int, int]
+    padding: Tensor | None = None
 
     def take(self, padded: Tensor) -> Tensor:
         """(B, L, ...) padded rows -> (M, ...) real rows."""
@@ -148,6 +150,13 @@ class Packed(NamedTuple):
         B, L = self.shape
         out = rows.new_zeros(B * L, *rows.shape[1:])
         return out.index_copy_(0, self.rows, rows).view(B, L, *rows.shape[1:])
+
+    def laid_out(self, like: Tensor) -> Tensor:
+        """An uninitialised (B * L, ...) buffer shaped like the rows `like`, its padding rows zeroed: real
+        rows are written into it (`index_copy_` at `rows`), tile by tile, with no copy in between."""
+        B, L = self.shape
+        out = like.new_empty(B * L, *like.shape[1:])
+        return out.index_fill_(0, self.padding, 0) if self.padding is not None else out.zero_()
 
     def groups(self) -> list[tuple[int, int | Tensor]]:
         """`length_groups` of these rows."""
@@ -206,7 +215,8 @@ def pack(state: TokenState) -> Packed:
     first = int(state.cls is not None)
     lengths = tuple(n + first for n in lengths)
     rows = torch.nonzero_static(mask.flatten(), size=sum(lengths)).squeeze(1)  # (M,), no synchronisation
-    return Packed(rows, lengths, torch.div(rows, L, rounding_mode="floor"), (B, L))
+    padding = torch.nonzero_static(~mask.flatten(), size=B * L - sum(lengths)).squeeze(1)  # (B*L - M,)
+    return Packed(rows, lengths, torch.div(rows, L, rounding_mode="floor"), (B, L), padding)
 
 
 def varlen_attention(
@@ -499,13 +509,14 @@ class Block(nn.Module):
         packed = pack(state)
         rows = packed.take(x)  # (M, C)
         keep = _draw(self.drop_path, packed.shape[0], rows)
-        out = torch.empty_like(rows)
+        out = packed.laid_out(rows)  # (B*L, C)
         for start, end, _ in packed.tiles(TILE_ROWS if rows.device.type == "cpu" else None):
             tile = rows[start:end]
-            out[start:end] = tile + _dropped(
+            tile = tile + _dropped(
                 self.mlp(self.norm2(tile)), keep, packed.sample[start:end], _drop_rate(self)
             )
-        return split_cls(state, packed.put(out))
+            out.index_copy_(0, packed.rows[start:end], tile)
+        return split_cls(state, out.view(*packed.shape, -1))
 
     def _forward_packed(self, state: TokenState) -> TokenState:
         """The block on the real rows of a ragged batch (`run_packed`); with a reducer between attention
@@ -541,7 +552,7 @@ def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bo
         (_draw(b.drop_path, B, rows), None if attention_only else _draw(b.drop_path, B, rows)) for b in blocks
     ]
     last = blocks[-1]
-    out = torch.empty_like(rows)
+    out = packed.laid_out(rows)  # (B*L, C)
     records: dict[str, list[Tensor]] = {}
     tile_rows = TILE_ROWS if rows.device.type == "cpu" else None
     for start, end, lengths in packed.tiles(tile_rows):
@@ -557,10 +568,10 @@ def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bo
                 tile = tile + _dropped(block.mlp(block.norm2(tile)), keep_mlp, sample, _drop_rate(block))
             for key, value in recorded.items():
                 records.setdefault(key, []).append(value)
-        out[start:end] = tile
+        out.index_copy_(0, packed.rows[start:end], tile)
     first = int(has_cls)
     laid_out = {key: packed.put(torch.cat(parts))[:, first:] for key, parts in records.items()}
-    return split_cls(state, packed.put(out), laid_out)
+    return split_cls(state, out.view(*packed.shape, -1), laid_out)
 
 
 def with_cls(state: TokenState) -> Tensor:
