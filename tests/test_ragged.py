@@ -553,3 +553,20 @@ def test_blocks_with_nothing_between_them_run_as_one_packed_run(
         hook.remove()
     assert runs == [2] and len(seen) == 1  # block 1 ran on its own (its hook saw it), block 2 alone too
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+def test_timesformer_runs_a_ragged_batch_after_its_last_divided_attention() -> None:
+    """Divided attention never takes a ragged batch (`apply` refuses it), but the last block's MLP and
+    the head do: `attention:mass` inside the last block leaves one, and packed = padded = one by one."""
+    model = _sharp("timesformer-tiny", "attention:mass=0.6,at=2")
+    video = tiny_video("timesformer-tiny", BATCH)
+    with torch.no_grad():
+        assert _is_ragged(model.forward_features(video))
+        packed = model(video)
+        model.ragged = "padded"
+        padded = model(video)
+        alone = torch.cat([model(video[b : b + 1]) for b in range(BATCH)])
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ts.InputError, match=r"TimeSformer block 2 \(divided space-time attention\)"):
+        ts.apply(model, "attention:mass=0.6,at=1")
