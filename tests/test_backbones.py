@@ -278,3 +278,25 @@ def test_meta_build_matches_real_structure() -> None:
     assert {k: v.shape for k, v in meta.state_dict().items()} == {
         k: v.shape for k, v in real.state_dict().items()
     }
+
+
+def test_the_tubelet_embedding_of_a_batch_equals_its_clips_embedded_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CPU the patch embedding runs a few clips at a time (`TILE_ROWS` tokens); the tokens are those
+    of the whole batch at once, bit for bit, under autocast too."""
+    from tokensieve.backbones import videovit
+
+    model = ts.build("videomae-tiny").eval()
+    video = tiny_video("videomae-tiny", batch=5)
+    with torch.no_grad():
+        whole = model.embed(video, model.config.grid).x
+        monkeypatch.setattr(videovit, "TILE_ROWS", 40)  # 32 tokens per clip: one clip at a time
+        chunked = model.embed(video, model.config.grid).x
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            monkeypatch.setattr(videovit, "TILE_ROWS", 64)  # two clips at a time, the last alone
+            low = model.embed(video, model.config.grid).x
+            monkeypatch.setattr(videovit, "TILE_ROWS", 10**6)
+            low_whole = model.embed(video, model.config.grid).x
+    assert torch.equal(chunked, whole) and chunked.is_contiguous()
+    assert low.dtype == torch.bfloat16 and torch.equal(low, low_whole)

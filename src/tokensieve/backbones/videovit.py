@@ -12,6 +12,8 @@ Two layouts, chosen by `BackboneConfig.arch`:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -19,7 +21,7 @@ from ..errors import InputError
 from ..tokens import TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
-from .layers import Block, sinusoid_table
+from .layers import TILE_ROWS, Block, sinusoid_table
 
 __all__ = ["FrameEmbed", "TubeletEmbed", "VideoViT", "make_blocks"]
 
@@ -39,11 +41,24 @@ class TubeletEmbed(nn.Module):
         self.register_buffer("pos_table", sinusoid_table(T * H * W, dim), persistent=False)
 
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
-        x = self.proj(video.transpose(1, 2))  # (B, C, T', H', W')
-        # Contiguous: every residual add keeps the layout of its first operand, so a transposed
-        # view here would make all later norms and adds run on strided memory (~4% slower).
-        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), time-major raster order
-        return TokenState.from_grid(x + self.pos_table.to(device=x.device, dtype=x.dtype), grid)
+        B = video.shape[0]
+        # On CPU, a few clips at a time (`TILE_ROWS` tokens): the convolution's output, its transpose
+        # and the position add of a whole batch fall out of cache (videomae-s, 32 clips: 0.77 s against
+        # 0.49 s clip by clip); each clip's tokens are the same either way.
+        step = B if video.device.type != "cpu" else max(1, TILE_ROWS // math.prod(grid))
+        if step >= B:
+            x = self.proj(video.transpose(1, 2))  # (B, C, T', H', W')
+            # Contiguous: every residual add keeps the layout of its first operand, so a transposed
+            # view here would make all later norms and adds run on strided memory (~4% slower).
+            x = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), time-major raster order
+            return TokenState.from_grid(x + self.pos_table.to(device=x.device, dtype=x.dtype), grid)
+        out: Tensor | None = None
+        for start in range(0, B, step):
+            x = self.proj(video[start : start + step].transpose(1, 2)).flatten(2).transpose(1, 2)  # (b, N, C)
+            if out is None:
+                out = x.new_empty(B, *x.shape[1:])  # (B, N, C), contiguous
+            torch.add(x, self.pos_table.to(device=x.device, dtype=x.dtype), out=out[start : start + step])
+        return TokenState.from_grid(out, grid)
 
 
 class FrameEmbed(nn.Module):
