@@ -200,13 +200,14 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
         InputError: naming the reducer (or block) that cannot run and the one whose output it cannot take.
     """
     depth = len(model.blocks)
-    placed = sorted(
+    placed = [
         (key, order, reducer, site)
         for order, reducer in enumerate(reducers)
         for key, site in (
             _place(reducer, model, stage, p) for stage, p in enumerate(reducer.positions(depth))
         )
-    )
+    ]
+    placed.sort(key=lambda item: item[:2])  # execution order, then plan order (stable: stages in order)
     layout = Layout.of_grid(model.config.grid)
     made_by = "the patch embedding"  # who left the current layout's kind, for the messages
     steps: list[Step] = []
