@@ -21,6 +21,18 @@ def tiny_video(
     return torch.randn(batch, cfg.frames, cfg.channels, cfg.size, cfg.size, dtype=dtype)
 
 
+def reducer_outputs(model: torch.nn.Module) -> list:
+    """The output state of every reducer call of `model` from now on (forward hooks on the plan's `At`
+    slots), in call order."""
+    from tokensieve.reducers.base import At
+
+    seen: list = []
+    for module in model.modules():
+        if isinstance(module, At):
+            module.register_forward_hook(lambda m, args, out: seen.append(out))
+    return seen
+
+
 def interrupt_after_records(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     """Make the results writer raise KeyboardInterrupt (Ctrl-C) when asked for record `count` + 1, after
     writing the first `count` whole: a run killed in the middle (`monkeypatch.undo()` ends it)."""

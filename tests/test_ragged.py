@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 import tokensieve as ts
-from conftest import tiny_video
+from conftest import reducer_outputs, tiny_video
 from tokensieve.backbones import base, layers
 from tokensieve.backbones.layers import RAGGED, DropPath, pack, varlen_attention
 from tokensieve.reducers.attention import mass_chosen
-from tokensieve.reducers.base import At, keep_top
+from tokensieve.reducers.base import keep_top
 from tokensieve.tokens import ATTN_RECEIVED, CLS_ATTN, KEYS, PROP_ATTN, TOKEN_AUX, TokenState, compact
 
 BATCH = 4
@@ -51,15 +51,6 @@ def _sharp(name: str, spec: str | None = None, **config: object) -> ts.VideoBack
         for p in model.parameters():
             p.mul_(4)
     return ts.apply(model, spec).model if spec else model
-
-
-def _trace(model: ts.VideoBackbone) -> list[TokenState]:
-    """The output of every reducer call, recorded by forward hooks on the reducer slots."""
-    seen: list[TokenState] = []
-    for module in model.modules():
-        if isinstance(module, At):
-            module.register_forward_hook(lambda m, args, out: seen.append(out))
-    return seen
 
 
 def _is_ragged(state: TokenState) -> bool:
@@ -120,7 +111,7 @@ def test_packed_equals_padded_equals_one_clip_at_a_time(
 ) -> None:
     model = _sharp(name, spec).to(dtype)
     video = tiny_video(name, BATCH).to(dtype)  # the same clips in both precisions
-    outputs = _trace(model)
+    outputs = reducer_outputs(model)
     with torch.no_grad():
         assert model.ragged == "packed"  # the default
         packed = model(video)
@@ -144,7 +135,7 @@ def test_training_with_stochastic_depth_draws_the_same_per_clip_packed_or_padded
     model = _sharp(name, "attention:mass=0.6,at=0+attention:keep=0.5,at=2", drop_path=0.5).train()
     assert isinstance(model.blocks[-1].drop_path, DropPath)
     video = tiny_video(name, BATCH)
-    outputs = _trace(model)
+    outputs = reducer_outputs(model)
     logits, grads = {}, {}
     for how in RAGGED:
         model.ragged = how
@@ -203,7 +194,7 @@ LENGTHS = (5, 3, 5, 1)  # two clips of one length (a batched group) and single-c
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_varlen_kernels_equal_attention_clip_by_clip() -> None:
     packed = _packed_rows(LENGTHS)
-    single = {n: isinstance(where, int) for n, where in packed.groups()}
+    single = {n: isinstance(where, int) for n, where in layers.length_groups(packed.lengths)}
     assert single == {5: False, 3: True, 1: True}  # clips 0 and 2 run as one batched group
     q, k, v = (torch.randn(sum(LENGTHS), 2, 4) for _ in range(3))
     reference = _per_clip(q, k, v, LENGTHS)

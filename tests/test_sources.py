@@ -9,24 +9,14 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import tiny_video
+from conftest import reducer_outputs, tiny_video
 from test_reducers import RUNNABLE
-from tokensieve.reducers.base import At
 from tokensieve.tokens import SOURCE_MAP, TokenState, covered, owners
 
 
 def _model(name: str, spec: str) -> ts.VideoBackbone:
     torch.manual_seed(0)
     return ts.apply(ts.build(name).eval(), spec).model
-
-
-def _outputs(model: ts.VideoBackbone) -> list[TokenState]:
-    """Every reducer call's output, recorded by forward hooks on the plan's slots."""
-    seen: list[TokenState] = []
-    for module in model.modules():
-        if isinstance(module, At):
-            module.register_forward_hook(lambda m, args, out: seen.append(out))
-    return seen
 
 
 def check_sources(state: TokenState) -> None:
@@ -49,7 +39,7 @@ def test_traced_forward_equals_untraced_and_tracks_every_patch(spec: str, name: 
     video = tiny_video(name)
     with torch.inference_mode():
         plain = model.forward_features(video)
-        outputs = _outputs(model)
+        outputs = reducer_outputs(model)
         traced = model.forward_features(video, trace=True)
         assert torch.equal(model.forward_head(plain), model.forward_head(traced))
     assert SOURCE_MAP not in plain.aux  # off by default

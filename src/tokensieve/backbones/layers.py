@@ -158,10 +158,6 @@ class Packed(NamedTuple):
         out = like.new_empty(B * L, *like.shape[1:])
         return out.index_fill_(0, self.padding, 0) if self.padding is not None else out.zero_()
 
-    def groups(self) -> list[tuple[int, int | Tensor]]:
-        """`length_groups` of these rows."""
-        return length_groups(self.lengths, self.rows.device)
-
     def tiles(self, rows: int | None) -> list[tuple[int, int, tuple[int, ...]]]:
         """(first row, end row, lengths) of runs of consecutive whole clips holding at most `rows` rows
         together (a longer clip alone); one run of everything when `rows` is None."""
@@ -329,9 +325,10 @@ def _draw(module: nn.Module, batch: int, like: Tensor) -> Tensor | None:
     return module.draw(batch, like) if isinstance(module, DropPath) else None
 
 
-def _dropped(y: Tensor, keep: Tensor | None, sample: Tensor, p: float) -> Tensor:
-    """Stochastic depth on packed rows `y` (M', C) of the clips `sample` (M',), with flags from `_draw`."""
-    return y if keep is None else y * keep.index_select(0, sample).unsqueeze(1) / (1.0 - p)
+def _dropped(module: nn.Module, y: Tensor, keep: Tensor | None, sample: Tensor) -> Tensor:
+    """Stochastic depth on packed rows `y` (M', C) of the clips `sample` (M',), with the flags `_draw`
+    drew from `module` (None: nothing dropped)."""
+    return y if keep is None else y * keep.index_select(0, sample).unsqueeze(1) / (1.0 - module.p)
 
 
 def drop_path(p: float) -> nn.Module:
@@ -512,9 +509,7 @@ class Block(nn.Module):
         out = packed.laid_out(rows)  # (B*L, C)
         for start, end, _ in packed.tiles(TILE_ROWS if rows.device.type == "cpu" else None):
             tile = rows[start:end]
-            tile = tile + _dropped(
-                self.mlp(self.norm2(tile)), keep, packed.sample[start:end], _drop_rate(self)
-            )
+            tile = tile + _dropped(self.drop_path, self.mlp(self.norm2(tile)), keep, packed.sample[start:end])
             out.index_copy_(0, packed.rows[start:end], tile)
         return split_cls(state, out.view(*packed.shape, -1))
 
@@ -524,10 +519,6 @@ class Block(nn.Module):
         if isinstance(self.inner, nn.Identity):
             return run_packed([self], state)
         return self.mlp_residual(self.inner(run_packed([self], state, attention_only=True)))
-
-
-def _drop_rate(block: Block) -> float:
-    return block.drop_path.p if isinstance(block.drop_path, DropPath) else 0.0
 
 
 def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bool = False) -> TokenState:
@@ -563,9 +554,9 @@ def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bo
             y, recorded = block.attn.forward_packed(
                 block.norm1(tile), lengths, bias=tile_bias, record=record, has_cls=has_cls
             )
-            tile = tile + _dropped(y, keep, sample, _drop_rate(block))
+            tile = tile + _dropped(block.drop_path, y, keep, sample)
             if not attention_only:
-                tile = tile + _dropped(block.mlp(block.norm2(tile)), keep_mlp, sample, _drop_rate(block))
+                tile = tile + _dropped(block.drop_path, block.mlp(block.norm2(tile)), keep_mlp, sample)
             for key, value in recorded.items():
                 records.setdefault(key, []).append(value)
         out.index_copy_(0, packed.rows[start:end], tile)

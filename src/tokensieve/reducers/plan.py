@@ -163,10 +163,14 @@ class Step(NamedTuple):
 
     @property
     def where(self) -> str:
-        p, depth = self.site.position, self.site.depth
-        if self.inside:
-            return f"inside block {p}"
-        return "after the last block" if p == depth else f"before block {p}"
+        return _where(self.site, self.inside)
+
+
+def _where(site: Site, inside: bool) -> str:
+    """Where a place is, as messages say it: "before block 2", "inside block 1", "after the last block"."""
+    if inside:
+        return f"inside block {site.position}"
+    return "after the last block" if site.position == site.depth else f"before block {site.position}"
 
 
 def _place(reducer: Reducer, model: VideoBackbone, stage: int, p: int) -> tuple[int, Site]:
@@ -226,7 +230,7 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
             stale_by = None  # a reducer at this place whose output lacks the attention's records
             while upcoming is not None and upcoming[0] == 2 * p + inside:
                 _, _, reducer, site = upcoming
-                step_where = Step(reducer, site, inside, layout, layout).where
+                step_where = _where(site, inside)
                 if stale_by is not None and reducer.needs_for(model):
                     raise InputError(
                         f"{reducer.name} ({step_where}) needs {', '.join(sorted(reducer.needs_for(model)))} "
