@@ -547,29 +547,29 @@ def _sweep(
     lock = on_main(world, lambda: start_run(results, provenance))
     try:
         recall = _truth_fits(model, dataset, truth)
-        decode = _run(model, dataset, runs, results=results, provenance=provenance, selectors=selectors,
-                      batch_size=batch_size, workers=workers, truth=truth if recall else None, world=world,
-                      progress=progress)  # fmt: skip
-        barrier(world)
         ids = [r.id for r in dataset.records]
-        keys = [record_key(i, s) for s in runs for i in ids]
-        merged = on_main(world, lambda: merge(results, keys, provenance))
-        records = merged if merged is not None else list(read_done(results).values())
-        if _match_adaptive(
-            model, settings, records, seeds, math.prod(dataset.views)
-        ):  # a second pass: their random baselines
+
+        def run(
+            plans: Sequence[str], every: Sequence[str]
+        ) -> tuple[tuple[float, float], list[dict[str, Any]]]:
+            """Run `plans` on the videos still without them; then the records of `every` plan, merged."""
+            seconds = _run(model, dataset, plans, results=results, provenance=provenance, selectors=selectors,
+                           batch_size=batch_size, workers=workers, truth=truth if recall else None, world=world,
+                           progress=progress)  # fmt: skip
+            barrier(world)
+            keys = [record_key(i, s) for s in every for i in ids]
+            merged = on_main(world, lambda: merge(results, keys, provenance))
+            return seconds, merged if merged is not None else list(read_done(results).values())
+
+        decode, records = run(runs, runs)
+        if _match_adaptive(model, settings, records, seeds, math.prod(dataset.views)):
+            # A second pass: the random baselines matched to what the adaptive settings measured.
             more = sorted(
                 {canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs)
             )
-            again = _run(model, dataset, more, results=results, provenance=provenance, selectors=selectors,
-                         batch_size=batch_size, workers=workers, truth=truth if recall else None, world=world,
-                         progress=progress)  # fmt: skip
-            decode = (decode[0] + again[0], decode[1] + again[1])
-            barrier(world)
             runs = [*runs, *more]
-            keys = [record_key(i, s) for s in runs for i in ids]
-            merged = on_main(world, lambda: merge(results, keys, provenance))
-            records = merged if merged is not None else list(read_done(results).values())
+            again, records = run(more, runs)
+            decode = (decode[0] + again[0], decode[1] + again[1])
         speeds = _speeds(model, settings, speed_batch) if speed and world.is_main else {}
         table = _settings_table(settings, records, ids, speeds)
         picture = _examples(model, settings, dataset, selectors, out) if world.is_main and examples else {}
