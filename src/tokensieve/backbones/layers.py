@@ -500,28 +500,22 @@ class Block(nn.Module):
     def mlp_residual(self, state: TokenState) -> TokenState:
         """The second half of the block: x + MLP(norm2(x)) on every token, class token included (on the
         real rows only for a ragged batch run packed)."""
+        if state.mask is not None and self.ragged == "packed":
+            return run_packed([self], state, part="mlp")
         x = with_cls(state)  # (B, [1 +] N, C)
-        if state.mask is None or self.ragged != "packed":
-            return split_cls(state, x + self.drop_path(self.mlp(self.norm2(x))))
-        packed = pack(state)
-        rows = packed.take(x)  # (M, C)
-        keep = _draw(self.drop_path, packed.shape[0], rows)
-        out = packed.laid_out(rows)  # (B*L, C)
-        for start, end, _ in packed.tiles(TILE_ROWS if rows.device.type == "cpu" else None):
-            tile = rows[start:end]
-            tile = tile + _dropped(self.drop_path, self.mlp(self.norm2(tile)), keep, packed.sample[start:end])
-            out.index_copy_(0, packed.rows[start:end], tile)
-        return split_cls(state, out.view(*packed.shape, -1))
+        return split_cls(state, x + self.drop_path(self.mlp(self.norm2(x))))
 
     def _forward_packed(self, state: TokenState) -> TokenState:
         """The block on the real rows of a ragged batch (`run_packed`); with a reducer between attention
         and MLP, the attention half packed, the reducer on the padded state, then the MLP half packed."""
         if isinstance(self.inner, nn.Identity):
             return run_packed([self], state)
-        return self.mlp_residual(self.inner(run_packed([self], state, attention_only=True)))
+        return self.mlp_residual(self.inner(run_packed([self], state, part="attention")))
 
 
-def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bool = False) -> TokenState:
+def run_packed(
+    blocks: Sequence[Block], state: TokenState, *, part: Literal["both", "attention", "mlp"] = "both"
+) -> TokenState:
     """Consecutive blocks with nothing between them (no reducer slot, no records but the last block's)
     on the real rows of a ragged batch: packed once, each tile of whole clips (`TILE_ROWS`) through
     every block in turn, laid out padded once (padding rows are zeros). Equal to running the blocks one
@@ -529,18 +523,23 @@ def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bo
 
     Args:
         blocks: joint blocks; only the last may record side results.
-        attention_only: stop the (single) block after its attention residual (a reducer runs next).
+        part: "both" halves of every block, or of a single block only its "attention" residual (a
+            reducer runs next) or only its "mlp" residual (one ran between them).
     """
     has_cls = state.cls is not None
     x = with_cls(state)  # (B, L, C), L = [1 +] N
     packed = pack(state)
     rows = packed.take(x)  # (M, C)
     bias = None
-    if state.size is not None and state.aux.get(PROP_ATTN, False):
+    if part != "mlp" and state.size is not None and state.aux.get(PROP_ATTN, False):
         bias = packed.take(attention_mask(state)[:, 0, 0, :].unsqueeze(-1)).squeeze(-1)  # (M,) log-sizes
     B = packed.shape[0]
-    draws = [
-        (_draw(b.drop_path, B, rows), None if attention_only else _draw(b.drop_path, B, rows)) for b in blocks
+    draws = [  # per block, attention then MLP: the padded path's order
+        (
+            _draw(b.drop_path, B, rows) if part != "mlp" else None,
+            _draw(b.drop_path, B, rows) if part != "attention" else None,
+        )
+        for b in blocks
     ]
     last = blocks[-1]
     out = packed.laid_out(rows)  # (B*L, C)
@@ -550,15 +549,16 @@ def run_packed(blocks: Sequence[Block], state: TokenState, *, attention_only: bo
         tile, sample = rows[start:end], packed.sample[start:end]
         tile_bias = None if bias is None else bias[start:end]
         for block, (keep, keep_mlp) in zip(blocks, draws, strict=True):
-            record = block.record if block is last else frozenset()
-            y, recorded = block.attn.forward_packed(
-                block.norm1(tile), lengths, bias=tile_bias, record=record, has_cls=has_cls
-            )
-            tile = tile + _dropped(block.drop_path, y, keep, sample)
-            if not attention_only:
+            if part != "mlp":
+                record = block.record if block is last else frozenset()
+                y, recorded = block.attn.forward_packed(
+                    block.norm1(tile), lengths, bias=tile_bias, record=record, has_cls=has_cls
+                )
+                tile = tile + _dropped(block.drop_path, y, keep, sample)
+                for key, value in recorded.items():
+                    records.setdefault(key, []).append(value)
+            if part != "attention":
                 tile = tile + _dropped(block.drop_path, block.mlp(block.norm2(tile)), keep_mlp, sample)
-            for key, value in recorded.items():
-                records.setdefault(key, []).append(value)
         out.index_copy_(0, packed.rows[start:end], tile)
     first = int(has_cls)
     laid_out = {key: packed.put(torch.cat(parts))[:, first:] for key, parts in records.items()}
