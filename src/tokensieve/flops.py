@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InputError
+from .tokens import Inputs
 
-__all__ = ["FlopCount", "count_flops", "flops", "register_cpu_sdpa_formula"]
+__all__ = ["FlopCount", "count_flops", "flops", "register_cpu_sdpa_formula", "uncounted"]
 
 aten = torch.ops.aten
 
@@ -132,6 +133,22 @@ class FlopCount:
         return part / self.macs if self.macs else 0.0
 
 
+_PAUSED: list[bool] = []
+"""Non-empty while an `uncounted` block runs."""
+
+
+@contextmanager
+def uncounted() -> Iterator[None]:
+    """Nothing run inside the block is counted by an enclosing `count_flops`: work that is not part of
+    a method's inference cost, such as the oracle's privileged gradient pass (`tokensieve.oracle`),
+    which uses the true label and so could never run at inference."""
+    _PAUSED.append(True)
+    try:
+        yield
+    finally:
+        _PAUSED.pop()
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self, result: FlopCount, scope: list[str]) -> None:
         super().__init__()
@@ -141,7 +158,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         kind, macs = _macs(func, args, out)
-        if macs:
+        if macs and not _PAUSED:
             self.result.macs += macs
             self.result.by_op[kind] += macs
             self.result.by_module[self.scope[-1] if self.scope else "other"] += macs
@@ -216,7 +233,9 @@ def flops(
         `video`), or the `FlopCount`.
 
     A model built on the meta device (`with torch.device("meta"): ts.build(...)`) is counted
-    without computing anything.
+    without computing anything. A plan that reads the labels (`Reducer.wants_labels`, an oracle) is
+    given placeholder labels (class 0): its fixed budget does not depend on them, and its privileged
+    pass is not counted (`uncounted`).
     """
     if video is None:
         cfg = getattr(model, "config", None)
@@ -232,9 +251,14 @@ def flops(
     try:
         result = FlopCount(clips=0)
         per_clip = []
+        labelled = any(getattr(r, "wants_labels", False) for r in getattr(model, "plan", ()))
         for clip in video.split(1):  # one by one: each clip's own cost, whatever the others keep
             with torch.no_grad(), count_flops(model) as one:
-                model(clip)
+                if labelled:
+                    labels = torch.zeros(1, dtype=torch.long, device=clip.device)
+                    model.forward_head(model.forward_features(clip, inputs=Inputs(clip, labels)))
+                else:
+                    model(clip)
             result.add(one)
             per_clip.append(one.gflops)
         result.per_clip = tuple(per_clip)

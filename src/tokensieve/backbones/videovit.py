@@ -60,6 +60,10 @@ class TubeletEmbed(nn.Module):
             torch.add(x, self.pos_table.to(device=x.device, dtype=x.dtype), out=out[start : start + step])
         return TokenState.from_grid(out, grid)
 
+    def positions(self) -> Tensor:
+        """(N, C) what the embedding adds to each token's projection, in time-major raster order."""
+        return self.pos_table
+
 
 class FrameEmbed(nn.Module):
     """Per-frame Conv2d patches, class token, spatial positions shared by frames (slot 0 for the
@@ -87,6 +91,11 @@ class FrameEmbed(nn.Module):
         x = x.view(B, T, -1, x.shape[-1]) + self.time_embed[:, :, None]  # (B, T, HW, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
         return TokenState.from_grid(x.flatten(1, 2), grid, cls_token=cls)
+
+    def positions(self) -> Tensor:
+        """(N, C) what the embedding adds to each patch token's projection (spatial position plus time
+        embedding), in time-major raster order."""
+        return (self.pos_embed[0, 1:] + self.time_embed[0, :, None]).flatten(0, 1)  # (T*H*W, C)
 
 
 def make_blocks(config: BackboneConfig, block: type[nn.Module] = Block) -> nn.ModuleList:

@@ -54,6 +54,7 @@ from ..data.transforms import normalize
 from ..errors import InputError
 from ..flops import count_flops, flops
 from ..reducers import REGISTRY, apply, parse
+from ..reducers.base import frames_needed
 from ..reducers.plan import InstalledPlan, current_plan, load_trained, schedule, spec_parameters
 from ..reducers.plan import plan as make_plan
 from ..tokens import Inputs, TokenState, covered
@@ -228,7 +229,7 @@ def matched_random(model: nn.Module, target: float, count: Callable[[str | None]
     keeps the same count in every frame."""
     T, H, W = model.config.grid
     full = T * H * W
-    per_frame = any(model.need(p)[0] != "tokens" for p in range(len(model.blocks)))
+    per_frame = frames_needed(model)
     unit = T if per_frame else 1  # tokens per step of the count
 
     def spec(at: int, n: int) -> str:

@@ -130,7 +130,8 @@ class TrainConfig:
         clip_grad: maximum global gradient norm; None = no clipping.
         label_smoothing: cross-entropy label smoothing (multi-label: targets smoothed towards
             `label_smoothing / num_classes`, as timm's binary cross-entropy).
-        freeze_backbone: train only the plan's parameters.
+        freeze_backbone: train only the plan's parameters (always so for a method that trains alone,
+            `Reducer.freezes_backbone`: LITE).
         dtype: "float32", or "bfloat16" to run forward passes under autocast.
         seed: data order and the dropout/drop-path RNG (augmentation draws from `ClipDataset.seed`).
         workers: decoding processes of the DataLoader (0 decodes in the training process).
@@ -404,7 +405,11 @@ def train(
         teacher.eval().requires_grad_(False)
 
     plan_ids = {id(p) for p in model.plan.parameters()}
-    frozen = [p for p in model.parameters() if id(p) not in plan_ids] if config.freeze_backbone else []
+    alone = [r.name for r in model.plan if r.freezes_backbone]
+    if alone and not config.freeze_backbone:
+        log.info("the backbone is frozen: %s trains alone", ", ".join(alone))
+    freeze = config.freeze_backbone or bool(alone)
+    frozen = [p for p in model.parameters() if id(p) not in plan_ids] if freeze else []
     with _training_mode(model, frozen):
         groups = param_groups(model, config)  # raises when nothing is trainable
         optimizer = torch.optim.AdamW(

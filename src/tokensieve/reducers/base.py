@@ -41,6 +41,7 @@ __all__ = [
     "Site",
     "check_keep",
     "frame_count",
+    "frames_needed",
     "keep_count",
     "keep_frames",
     "keep_top",
@@ -91,6 +92,9 @@ class Reducer(nn.Module):
     wants_teacher: ClassVar[bool] = False
     """True: in training, `teach` runs on a frozen teacher model before every step and its result
     reaches the forward pass as `aux[INPUTS].teacher[name]`."""
+    freezes_backbone: ClassVar[bool] = False
+    """True: the method trains alone, on the frozen backbone (LITE's selector): `ts.train` freezes the
+    backbone whatever `freeze_backbone` says."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     budget: ClassVar[str | None] = None
@@ -204,6 +208,12 @@ def register(name: str):  # type: ignore[no-untyped-def]
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def frames_needed(model: VideoBackbone) -> bool:
+    """Whether some block of `model` needs the same number of tokens in every frame (divided space-time
+    attention): then a selection before it keeps a share of every frame (`per_frame`)."""
+    return any(model.need(p)[0] != "tokens" for p in range(len(model.blocks)))
 
 
 def keep_count(keep: float, num: int) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ __all__ = [
     "plan",
     "schedule",
     "spec_parameters",
+    "without_plan",
 ]
 
 
@@ -354,6 +356,18 @@ def current_plan(model: VideoBackbone) -> InstalledPlan:
         model, model.spec, model.plan, [], tuple(model.reducers), tuple(b.inner for b in model.blocks),
         tuple(b.record for b in model.blocks), model.readout_by,
     )  # fmt: skip
+
+
+@contextmanager
+def without_plan(model: VideoBackbone) -> Iterator[VideoBackbone]:
+    """Run `model` bare inside the block (no reducer anywhere); the installed plan is back afterwards,
+    also when the block is entered from a reducer's own forward pass (an oracle's full pass)."""
+    current = current_plan(model)
+    _bare(model).install()
+    try:
+        yield model
+    finally:
+        current.install()
 
 
 def is_adaptive(model: VideoBackbone) -> bool:
