@@ -3,6 +3,7 @@
 import tokensieve as ts
 model = ts.build("videomae-b", num_classes=400)   # or ts.load(hub_id, saved model or run), ts.from_hf(model)
 ts.flops(model, frames=16, size=224)              # GFLOPs per clip (multiply-add = 1 FLOP)
+ts.oracle(model, video, labels)                   # (B, N) Grad-CAM value of every token (LITE's oracle)
 ts.benchmark(model)                               # clips/s, median of repeats
 ts.save(model, "my-model")                        # backbone config + plan spec + weights
 ts.viz.save(ts.viz.kept_tokens(model, clip), "kept.png")  # what a plan keeps, drops and merges
@@ -23,6 +24,7 @@ from .engine.sweep import sweep
 from .engine.train import train
 from .errors import InputError
 from .flops import flops
+from .oracle import oracle
 from .reducers import REGISTRY as METHODS
 from .reducers import apply, plan
 from .tokens import TokenState
@@ -43,6 +45,7 @@ __all__ = [
     "data",
     "evaluate",
     "flops",
+    "oracle",
     "from_hf",
     "load",
     "load_image_weights",
