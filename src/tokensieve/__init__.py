@@ -19,6 +19,7 @@ from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
 from .backbones.saved import save
 from .bench import benchmark
+from .engine.calibrate import calibrate
 from .engine.evaluate import evaluate
 from .engine.sweep import sweep
 from .engine.train import train
@@ -42,15 +43,16 @@ __all__ = [
     "assets",
     "benchmark",
     "build",
+    "calibrate",
     "data",
     "evaluate",
     "flops",
-    "oracle",
     "from_hf",
     "load",
     "load_image_weights",
     "metrics",
     "ops",
+    "oracle",
     "plan",
     "rng",
     "save",

@@ -144,7 +144,8 @@ def oracle(
 
     was_training = model.training
     with without_plan(model), torch.inference_mode(False), torch.no_grad(), uncounted():
-        clip = video.clone()  # a normal tensor, even when `video` was made in inference mode
+        clip = video.clone()  # normal tensors, even when made in inference mode
+        labels = None if labels is None else labels.clone()
         handle = target.register_forward_hook(watch)
         model.eval()
         try:

@@ -145,12 +145,15 @@ class Layout(NamedTuple):
             per-frame counts differ (always for a ragged batch).
         ragged: clips of a batch may hold different counts (a padding mask, `compact`).
         whole: every one of the `frames` frames holds its full H x W grid, in raster order.
+        budgets: per-clip budgets are set (an `adaptive` reducer ran): the keep-based selection next
+            keeps a different share of each clip, and leaves the batch ragged.
     """
 
     tokens: int
     frames: int | None = None
     ragged: bool = False
     whole: bool = False
+    budgets: bool = False
 
     @classmethod
     def of_grid(cls, grid: tuple[int, int, int]) -> Layout:

@@ -40,7 +40,7 @@ from .data.transforms import normalize
 from .engine.results import write_atomic
 from .errors import InputError
 from .reducers.base import At
-from .tokens import TokenState, owners
+from .tokens import Inputs, TokenState, owners
 
 if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
@@ -121,7 +121,7 @@ def _grid_owners(state: TokenState) -> np.ndarray:
     return owners(state)[0].view(state.grid).cpu().numpy()
 
 
-def reduction_stages(model: VideoBackbone, video: Tensor) -> list[Stage]:
+def reduction_stages(model: VideoBackbone, video: Tensor, *, label: int | None = None) -> list[Stage]:
     """Run `model` on one clip and record which tokens stand for which patches after each step.
 
     The model runs as it is (call `model.eval()` first for inference behaviour), under
@@ -131,6 +131,7 @@ def reduction_stages(model: VideoBackbone, video: Tensor) -> list[Stage]:
         model: a tokensieve backbone with its plan installed (`ts.apply`).
         video: (T, C, H, W) or (1, T, C, H, W): float normalised with `model.config.mean` / `std`
             (what the model takes), or uint8 frames in [0, 255] (normalised here).
+        label: the clip's class, for a plan that reads the labels (an oracle).
 
     Returns:
         The input stage, then one stage per reducer call that changed the token count, in execution
@@ -148,7 +149,8 @@ def reduction_stages(model: VideoBackbone, video: Tensor) -> list[Stage]:
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, At)]
     try:
         with torch.inference_mode():
-            model.forward_features(clip, trace=True)
+            labels = None if label is None else torch.tensor([label], device=clip.device)
+            model.forward_features(clip, trace=True, inputs=Inputs(clip, labels))
     finally:
         for hook in hooks:
             hook.remove()
@@ -323,7 +325,12 @@ def draw(
 
 
 def kept_tokens(
-    model: VideoBackbone, video: Tensor, *, stages: bool = True, animate: bool = False
+    model: VideoBackbone,
+    video: Tensor,
+    *,
+    stages: bool = True,
+    animate: bool = False,
+    label: int | None = None,
 ) -> np.ndarray:
     """Which tokens `model`'s plan keeps, drops and merges on one clip, drawn on its frames.
 
@@ -334,11 +341,12 @@ def kept_tokens(
         stages: draw every stage (the input, then each reducer call that changed the token count);
             False draws the final tokens only.
         animate: see `draw`: False for one image, True for one image per frame of the clip.
+        label: the clip's class, for a plan that reads the labels (an oracle).
 
     Returns:
         (H, W, 3) uint8 image, or (frames, H, W, 3) with `animate` (write either with `save`).
     """
-    found = reduction_stages(model, video)
+    found = reduction_stages(model, video, label=label)
     return draw(found if stages else found[-1:], video, model.config, animate=animate)
 
 

@@ -66,6 +66,7 @@ from .results import Provenance, RecordWriter, merge, read_done, record_key, sta
 __all__ = [
     "BUDGETS",
     "MATCH_TOLERANCE",
+    "METHODS",
     "SEEDS",
     "Planned",
     "matched_random",
@@ -79,6 +80,9 @@ log = logging.getLogger(__name__)
 
 BUDGETS: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
 """Default target token ratios."""
+METHODS: tuple[str, ...] = (*sorted(n for n, cls in REGISTRY.items() if cls.standalone), "lite++")
+"""The methods a sweep runs by default: every registered one that is a method on its own, and LITE++
+(LITE with adaptive budgets, at every budget)."""
 SEEDS = RANDOM_SEEDS
 """Seeds of the matched random baseline (the report's reading guide says how many)."""
 MATCH_TOLERANCE = MATCHED
@@ -132,10 +136,7 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
         InputError: the method has no budget parameter, cannot run on `model` at any setting, or its
             nearest setting misses `budget` by more than `BUDGET_TOLERANCE` (naming the nearest).
     """
-    parsed = parse(base)
-    if len(parsed) != 1:
-        raise InputError(f"{base}: give one method; the sweep sets its budget")
-    method, given = parsed[0]
+    method, given = _one_method(base)
     cls = REGISTRY[method]
     key = cls.budget
     if key is None:
@@ -184,6 +185,32 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
             f"{key}={value} keeps {achieved:.3g}"
         )
     return _with(base, key, value), achieved
+
+
+def _one_method(base: str) -> tuple[str, dict[str, Any]]:
+    """(method, given parameters) of a one-method spec; `X++` (X with adaptive budgets) counts as X.
+
+    Raises:
+        InputError: a spec of several methods.
+    """
+    parsed = parse(base)
+    if len(parsed) == 2 and base.partition(":")[0].strip().endswith("++"):
+        return parsed[1]
+    if len(parsed) != 1:
+        raise InputError(
+            f"{base}: give one method (or X++ for X with adaptive budgets); the sweep sets its budget"
+        )
+    return parsed[0]
+
+
+def _split_plus(base: str) -> tuple[str, list[str]]:
+    """`X++:args` -> ("X:<X's own args>", [the adaptive budget's "key=value" args])."""
+    name, _, args = base.strip().partition(":")
+    method = name[:-2]
+    own = spec_parameters(REGISTRY[method])
+    pairs = [a.strip() for a in args.split(",") if a.strip()]
+    mine = [a for a in pairs if a.partition("=")[0].strip() in own]
+    return f"{method}:{','.join(mine)}" if mine else method, [a for a in pairs if a not in mine]
 
 
 def _why(model: nn.Module, spec: str) -> str:
@@ -285,17 +312,18 @@ def _adaptive(model: nn.Module, spec: str) -> bool:
 
 def _learned(base: str, model: nn.Module, *, as_given: bool = False) -> bool:
     """Whether method `base` has parameters to train (tried at its largest budget, or `as_given`)."""
-    cls = REGISTRY[parse(base)[0][0]]
+    cls = REGISTRY[_one_method(base)[0]]
     keep_all = 0 if cls.budget_removes else 1.0
     spec = base if cls.budget is None or as_given else _with(base, cls.budget, keep_all)
-    reducer = make_plan(spec)[0]
+    reducer = next(r for r in make_plan(spec) if r.name == cls.name)
     reducer.setup(model)
     return any(True for _ in reducer.parameters())
 
 
 def _check_trained(model: nn.Module, spec: str, trained: Mapping[str, Tensor]) -> None:
     """Refuse trained weights whose names or shapes do not fit the reducer of `spec`."""
-    reducer = make_plan(spec)[0]
+    method = _one_method(spec)[0]
+    reducer = next(r for r in make_plan(spec) if r.name == method)
     reducer.setup(model)
     wanted = {k: tuple(v.shape) for k, v in reducer.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in trained.items()}
@@ -320,13 +348,30 @@ def plan_settings(
     count = count or _Flops(model)
     settings = [Planned("none", None, spec="none", ratio=1.0, gflops=count(None))]
     for base in methods:
-        method = base.partition(":")[0].strip()
-        if method == "none":
+        if base.partition(":")[0].strip() == "none":
             continue
-        if method not in REGISTRY:
-            raise InputError(f"unknown method {method!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+        method, given = _one_method(base)  # raises for an unknown method
         adaptive = _adaptive(model, base.strip())
         untrained = _learned(base, model, as_given=adaptive) and method not in (selectors or {})
+        key = REGISTRY[method].budget
+        plus = base.partition(":")[0].strip().endswith("++")
+        if plus and key is not None and key not in given:  # X++: at every budget, each measured
+            for budget in budgets:
+                item = Planned(base.strip(), budget, adaptive=True)
+                settings.append(item)
+                try:
+                    if untrained:
+                        raise InputError(
+                            f"{method} is learned and this model has no trained {method} weights"
+                        )
+                    plain, extra = _split_plus(base)  # the budget is set on the method's own schedule
+                    spec, _ = spec_at_budget(model, plain, budget)
+                    item.spec = spec.replace(method, f"{method}++", 1) + "".join(f",{a}" for a in extra)
+                    if method in (selectors or {}):
+                        _check_trained(model, item.spec, (selectors or {})[method])
+                except InputError as err:
+                    item.spec, item.refused = None, str(err)
+            continue
         if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
             item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
             if untrained:
@@ -434,7 +479,7 @@ def sweep(
         dataset: the videos (`VideoDataset`).
         out: the sweep's folder.
         methods: method specs without their budget parameter ("sta", "attention:per_frame=true");
-            default every registered method.
+            default `METHODS` (every method, and lite++).
         budgets: target token ratios in (0, 1).
         selectors: trained weights per learned method (`reducer.state_dict()`).
         seeds: seeds of the matched random baseline.
@@ -476,14 +521,12 @@ def sweep(
     out = Path(out)
     own = {r.name: r.state_dict() for r in getattr(model, "plan", []) if any(True for _ in r.parameters())}
     selectors = {**own, **(selectors or {})}
-    methods = list(methods) if methods is not None else sorted(REGISTRY)
+    methods = list(methods) if methods is not None else list(METHODS)
     for base in methods:  # bad names and parameters before anything runs
-        parsed = parse(base)
-        key = REGISTRY[parsed[0][0]].budget
-        if len(parsed) > 1 or (key is not None and key in parsed[0][1]):
-            raise InputError(
-                f"{base}: give one method and leave {key or 'its budget'} out; the sweep sets it"
-            )
+        method, given = _one_method(base)
+        key = REGISTRY[method].budget
+        if key is not None and key in given and not _adaptive(model, base):
+            raise InputError(f"{base}: leave {key} out; the sweep sets it")
     kept = current_plan(model)
     apply(model, None)
     try:
@@ -769,11 +812,10 @@ def _examples(
     from .. import viz
 
     log.info("drawing an example of each method's kept tokens")
-    clip = next(
-        (s.views[0] for s in map(dataset.__getitem__, range(len(dataset))) if s.views is not None), None
-    )
-    if clip is None:
+    first = next((s for s in map(dataset.__getitem__, range(len(dataset))) if s.views is not None), None)
+    if first is None:
         return {}
+    clip, labels = first.views[0], first.record.labels
     chosen: dict[str, Planned] = {}
     for method in dict.fromkeys(item.method for item in settings if item.method != "none"):
         ran = sorted((s for s in settings if s.method == method and s.spec), key=lambda s: s.budget or 0.0)
@@ -785,7 +827,7 @@ def _examples(
             assert item.spec is not None
             _install_all(model, [item.spec], selectors)
             path = f"examples/{re.sub(r'[^A-Za-z0-9_.=-]+', '_', method)}.png"  # "attention:mass=0.9" too
-            viz.save(viz.kept_tokens(model, clip), out / path)
+            viz.save(viz.kept_tokens(model, clip, label=labels[0] if labels else None), out / path)
             paths[method] = path
     finally:
         kept.install()
@@ -795,10 +837,12 @@ def _examples(
 # ---------------------------------------------------------------------------------------- summary
 def _speeds(model: nn.Module, settings: Sequence[Planned], batch: int) -> dict[str, float]:
     """Speed-up over the unreduced model of every plan run (one seed of each random baseline), measured
-    in interleaved rounds in this process (`ts.benchmark`)."""
+    in interleaved rounds in this process (`ts.benchmark`). Not of a plan that reads the labels (an
+    oracle): it cannot run at inference, and its privileged pass would be timed with it."""
     from ..bench import benchmark
 
     plans = list(dict.fromkeys(s for item in settings if item.spec for s in (item.spec, *item.seeds[:1])))
+    plans = [p for p in plans if not any(r.wants_labels for r in make_plan(p))]
     log.info("measuring the speed of %d plans (batch %d)", len(plans), batch)
     results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5)  # warns when busy
     return {canonical(r.plan): r.speedup for r in results}

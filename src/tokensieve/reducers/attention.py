@@ -61,6 +61,7 @@ class AttentionSelection(Reducer):
 
     main_settings = ("attention:keep=0.5",)
     budget = "keep"
+    takes_budgets = True  # with a fixed share; `mass` has its own adaptive rule (set per instance)
 
     inside = True
     takes_ragged = True
@@ -82,6 +83,7 @@ class AttentionSelection(Reducer):
                     "attention: mass selects within each clip; per_frame is not available with it"
                 )
         self.keep, self.at, self.per_frame, self.mass = keep, at, per_frame, mass
+        self.takes_budgets = mass is None
 
     def needs_for(self, model: VideoBackbone) -> frozenset[str]:
         return frozenset({CLS_ATTN if model.config.has_cls else ATTN_RECEIVED})

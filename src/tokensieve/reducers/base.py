@@ -35,8 +35,10 @@ if TYPE_CHECKING:
     from ..backbones.base import VideoBackbone
 
 __all__ = [
+    "BUDGETS",
     "REGISTRY",
     "At",
+    "Budgets",
     "Reducer",
     "Site",
     "check_keep",
@@ -50,8 +52,33 @@ __all__ = [
     "register",
     "require",
     "require_frames",
+    "small_keep",
     "top_count",
 ]
+
+BUDGETS = "budgets"
+"""`aux` key of the per-clip budgets an `adaptive` reducer sets (`Budgets`, not per token); the next
+`keep_top` reads them and takes them out."""
+
+
+class Budgets(NamedTuple):
+    """Per-clip budgets for the next keep-based selection (LITE++, `reducers.adaptive`).
+
+    Attributes:
+        small: (B,) bool, True where the clip gets the small budget.
+        share: the small budget for a method keeping 0.4 or more (`small_keep`).
+        confidence: (B,) the confidence estimate the budgets were chosen from (`ts.calibrate` reads it).
+    """
+
+    small: Tensor
+    share: float
+    confidence: Tensor | None = None
+
+
+def small_keep(keep: float, share: float) -> float:
+    """The small budget of a method keeping `keep`: max(min(share, keep - 0.1), keep / 2). With share 0.3
+    it is LITE++'s: 0.3 for keep in {0.5, 0.7, 0.9}, 0.2 for keep 0.3."""
+    return max(min(share, keep - 0.1), keep / 2)
 
 
 class Site(NamedTuple):
@@ -75,6 +102,12 @@ class Reducer(nn.Module):
     """False: its output no longer carries the side results the attention before it recorded (ToMe's
     merge makes them stale), so `apply` refuses a reducer that needs them right after it, in the same
     place."""
+    standalone: ClassVar[bool] = True
+    """False: not a method on its own, only a change to how the method after it runs (`adaptive`); the
+    sweep does not list it."""
+    takes_budgets: bool = False
+    """True: it keeps a share of each clip through `keep_top`, so it can take the per-clip budgets an
+    `adaptive` reducer before it sets (LITE++); `apply` refuses any other method right after one."""
     takes_ragged: ClassVar[bool] = False
     """True: it can be given a ragged batch (a padding mask, clips holding different counts) and honours
     the mask. `apply` refuses a plan that gives a ragged batch to a reducer without it."""
@@ -260,7 +293,10 @@ def require_frames(state: TokenState, method: str) -> int:
 
 def top_count(keep: float, layout: Layout, *, per_frame: bool, method: str) -> Layout:
     """The `count` of a `keep_top` selection with a fixed ratio `keep` (of every clip's real tokens, or
-    of every frame's with `per_frame`): a ragged input stays ragged, each clip keeping its share."""
+    of every frame's with `per_frame`): a ragged input stays ragged, each clip keeping its share. After
+    per-clip budgets (`layout.budgets`) the result is ragged."""
+    if layout.budgets:
+        return ragged_count(layout, per_frame=per_frame, method=method)
     if per_frame:
         k = keep_count(keep, per_frame_count(layout, f"{method} (per_frame)"))
         return layout if k * layout.frames == layout.tokens else Layout(k * layout.frames, layout.frames)
@@ -285,7 +321,9 @@ def keep_top(
     With a fixed ratio on a dense batch every clip keeps `keep_count(keep, N)` tokens (per frame:
     of n): no synchronisation, the result is dense. With per-clip budgets, or on a ragged batch,
     clip b keeps `keep_count(keep_b, n_b)` of its n_b real tokens (per frame: of each frame's) and
-    `compact` lays the result out ragged. Padding tokens are never kept.
+    `compact` lays the result out ragged. Padding tokens are never kept. Per-clip budgets an `adaptive`
+    reducer set (`aux[BUDGETS]`) turn a fixed ratio into one per clip (`small_keep(keep)` where the clip's
+    budget is small); they are used once (the result no longer carries them).
 
     Args:
         scores: (B, N) one score per token.
@@ -297,6 +335,13 @@ def keep_top(
             synchronisation).
     """
     B, N = scores.shape
+    budgets = state.aux.get(BUDGETS)
+    if budgets is not None:
+        if isinstance(keep, Tensor):
+            raise ValueError("keep_top: per-clip ratios and per-clip budgets cannot both be given")
+        small = torch.tensor(small_keep(keep, budgets.share), device=scores.device)
+        keep = torch.where(budgets.small.to(scores.device), small, torch.tensor(keep, device=scores.device))
+        state = state.with_aux(**{BUDGETS: None})
     if not isinstance(keep, Tensor) and state.mask is None:
         return _keep_top_fixed(state, scores, keep, per_frame=per_frame)
     if isinstance(keep, Tensor) and keep.shape != (B,):

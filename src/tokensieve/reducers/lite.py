@@ -68,6 +68,7 @@ class LITE(Reducer):
 
     main_settings = ("lite:keep=0.5",)
     budget = "keep"
+    takes_budgets = True
     wants_teacher = True
     freezes_backbone = True
 

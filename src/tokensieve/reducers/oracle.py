@@ -28,6 +28,7 @@ class OracleSelection(Reducer):
     """Keeps the top `keep` of the tokens by their Grad-CAM value before block 0."""
 
     budget = "keep"
+    takes_budgets = True
     wants_labels = True
 
     def __init__(

@@ -112,28 +112,61 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             f"a plan spec is a non-empty string such as 'none' or 'random:keep=0.5', got {spec!r}"
         )
     items = []
-    for term in spec.split("+"):
+    for term in re.split(r"\+(?=\s*\w)", spec):  # a "+" before a name joins methods; "lite++" is a name
         method, _, args = term.strip().partition(":")
-        if method not in REGISTRY:
+        given = _pairs(method, args, spec)
+        base = method[:-2] if method.endswith("++") else method
+        if base not in REGISTRY or (base != method and not REGISTRY[base].takes_budgets):
+            shorthands = sorted(f"{name}++" for name, cls in REGISTRY.items() if cls.takes_budgets)
             raise InputError(
-                f"unknown method {method!r} in {spec!r}; valid methods: {', '.join(sorted(REGISTRY))}"
+                f"unknown method {method!r} in {spec!r}; valid methods: {', '.join(sorted(REGISTRY))}; with "
+                f"adaptive budgets: {', '.join(shorthands)}"
             )
-        cls = REGISTRY[method]
-        params = spec_parameters(cls)
-        values: dict[str, Any] = {}
-        for pair in filter(None, (a.strip() for a in args.split(","))):
-            key, eq, value = pair.partition("=")
-            key = key.strip()
-            if not eq:
-                raise InputError(f"{method}: expected key=value, got {pair!r}")
-            kind = params[key][1] if key in params else _pattern(cls, key)
-            if kind is None:
-                raise InputError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
-            if key in values:  # the last value winning silently would hide a typo
-                raise InputError(f"{method}: {key} is given twice in {spec!r}; give each parameter once")
-            values[key] = _convert(value.strip(), kind, method, key)
-        items.append((method, values))
+        if base == method:
+            items.append((method, _values(method, given)))
+            continue
+        # The LITE++ shorthand: adaptive + the method; each parameter goes to the method if it takes it.
+        mine = {
+            k: v
+            for k, v in given.items()
+            if k in spec_parameters(REGISTRY[base]) or _pattern(REGISTRY[base], k)
+        }
+        rest = {k: v for k, v in given.items() if k not in mine}
+        unknown = sorted(set(rest) - set(spec_parameters(REGISTRY["adaptive"])))
+        if unknown:
+            raise InputError(
+                f"{method} has no parameter {unknown[0]!r}; valid: {_describe(REGISTRY[base])}; "
+                f"{_describe(REGISTRY['adaptive'])}"
+            )
+        items += [("adaptive", _values("adaptive", rest, shown=method)), (base, _values(base, mine))]
     return items
+
+
+def _pairs(method: str, args: str, spec: str) -> dict[str, str]:
+    """The `key=value` pairs of one term, as strings, each key once."""
+    pairs: dict[str, str] = {}
+    for pair in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = pair.partition("=")
+        key = key.strip()
+        if not eq:
+            raise InputError(f"{method}: expected key=value, got {pair!r}")
+        if key in pairs:  # the last value winning silently would hide a typo
+            raise InputError(f"{method}: {key} is given twice in {spec!r}; give each parameter once")
+        pairs[key] = value.strip()
+    return pairs
+
+
+def _values(method: str, pairs: Mapping[str, str], *, shown: str | None = None) -> dict[str, Any]:
+    """`pairs` converted to `method`'s parameter types; `shown` names the method in messages."""
+    cls = REGISTRY[method]
+    params = spec_parameters(cls)
+    values: dict[str, Any] = {}
+    for key, value in pairs.items():
+        kind = params[key][1] if key in params else _pattern(cls, key)
+        if kind is None:
+            raise InputError(f"{shown or method} has no parameter {key!r}; valid: {_describe(cls)}")
+        values[key] = _convert(value, kind, method, key)
+    return values
 
 
 def plan(spec: str) -> list[Reducer]:
@@ -241,6 +274,12 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
                     )
                 if not reducer.keeps_records:
                     stale_by = reducer.name
+                if layout.budgets and not reducer.takes_budgets:
+                    raise InputError(
+                        f"{reducer.name} ({step_where}) cannot use the per-clip budgets {made_by} sets; "
+                        "follow adaptive with a method that keeps a share of each clip (random, attention, "
+                        "lite, oracle)"
+                    )
                 if layout.ragged and not reducer.takes_ragged:
                     raise InputError(
                         f"{reducer.name} ({step_where}) cannot take a batch whose clips hold different numbers "
@@ -252,11 +291,16 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
                     if made_by == "the patch embedding":
                         raise
                     raise InputError(f"{error} ({made_by} leaves {layout.describe()})") from None
-                if after.kind != layout.kind:
+                if after.kind != layout.kind or after.budgets:
                     made_by = f"{reducer.name} ({step_where})"
                 steps.append(Step(reducer, site, inside, layout, after))
                 layout = after
                 upcoming = next(queue, None)
+    if layout.budgets:
+        raise InputError(
+            f"{made_by} sets per-clip budgets, but no method after it uses them; follow it with a method "
+            "that keeps a share of each clip (adaptive+lite:keep=0.5, or lite++:keep=0.5)"
+        )
     return steps
 
 

@@ -27,6 +27,7 @@ class RandomSelection(Reducer):
 
     main_settings = ("random:keep=0.5",)
     budget = "keep"
+    takes_budgets = True
     keyed_random = True
     takes_ragged = True
 
