@@ -18,12 +18,21 @@ from torch import nn
 import tokensieve as ts
 from conftest import tiny_video
 from tokensieve.backbones.layers import received_attention
-from tokensieve.reducers import REGISTRY, schedule
+from tokensieve.reducers import REGISTRY, parse, schedule
 from tokensieve.reducers.base import At
 from tokensieve.reducers.plan import spec_parameters
 from tokensieve.reducers.uniform import uniform_frames
 from tokensieve.tokens import (
-    ATTN_RECEIVED, CLIP_KEY, CLS_ATTN, KEYS, LOSSES, TOKEN_AUX, Inputs, Layout, TokenState, compact,
+    ATTN_RECEIVED,
+    CLIP_KEY,
+    CLS_ATTN,
+    KEYS,
+    LOSSES,
+    TOKEN_AUX,
+    Inputs,
+    Layout,
+    TokenState,
+    compact,
 )  # fmt: skip
 
 # Settings that fit the tiny presets (32 or 64 tokens, 16 per frame, 3 blocks).
@@ -42,6 +51,12 @@ CONTRACT = {
         "oracle:keep=0.3,label=pred,tensor=hidden,block=0,per_frame=true",
     ],
     "lite": ["lite:keep=0.5", "lite:keep=0.3,pos=false,hidden=8,per_frame=false"],
+    # per-clip budgets: the untrained tiny models' confidences are about 1/K, so high=0.25 splits them
+    "adaptive": [
+        "adaptive:high=0.25+random:keep=0.5",
+        "lite++:keep=0.7,high=0.25,glance=0.3",
+        "attention++:keep=0.5,low=0.2,hard=base,at=1",
+    ],
 }
 # The setting of each method that must leave the backbone's output bit for bit unchanged.
 IDENTITY = {
@@ -55,6 +70,7 @@ IDENTITY = {
     "stts": "stts:T0=1",
     "oracle": "oracle:keep=1,label=pred",
     "lite": "lite:keep=1",
+    "adaptive": "adaptive:low=0,high=1+random:keep=1",
 }
 BACKBONES = [name for name in ts.PRESETS if name.endswith("-tiny")]  # one per backbone family
 CASES = [(spec, name) for specs in CONTRACT.values() for spec in specs for name in BACKBONES]
@@ -83,7 +99,10 @@ SPECS = [spec for specs in CONTRACT.values() for spec in specs]
 @pytest.mark.parametrize("spec", SPECS)
 def test_divided_attention_refuses_exactly_the_plans_that_unbalance_frames(spec: str) -> None:
     model = ts.build("timesformer-tiny")
-    adapts = any(getattr(r, "per_frame", False) is None for r in ts.plan(spec))  # per frame where needed
+    reducers = ts.plan(spec)  # per frame where needed, unless per-clip budgets make the batch ragged
+    adapts = any(getattr(r, "per_frame", False) is None for r in reducers) and not any(
+        r.takes_budgets is False and not r.standalone for r in reducers
+    )
     if adapts or not _leaves_unequal_frames(spec):
         ts.apply(model, spec)
         return
@@ -94,10 +113,11 @@ def test_divided_attention_refuses_exactly_the_plans_that_unbalance_frames(spec:
 
 
 def _is_random(spec: str) -> bool:
-    """Whether the plan draws random numbers (STA only for a random first-frame drop)."""
-    method, _, args = spec.partition(":")
+    """Whether the plan selects at random (STA only for a random first-frame drop; with adaptive budgets,
+    whether the method after them does: the glance's draws only choose budgets)."""
+    method, args = parse(spec)[-1]
     if method == "sta":
-        return "first=random" in args or "first=grid" in args
+        return args.get("first") in ("random", "grid")
     return "seed" in spec_parameters(REGISTRY[method])
 
 
@@ -259,9 +279,13 @@ def test_deepcopy_is_an_independent_equal_model(spec: str, name: str) -> None:
         assert torch.equal(model(video), _model(name, spec)(video))
 
 
-@pytest.mark.parametrize(("spec", "name"), [c for c in FIRST if not c[0].startswith("oracle")])
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [c for c in FIRST if not c[0].startswith("oracle") and not _model(c[1], c[0]).installed.adaptive],
+)
 def test_compiles_with_fullgraph(spec: str, name: str) -> None:
-    """(Not the oracle: its gradient pass inside the forward is an analysis tool's, not a graph to compile.)"""
+    """(Not the oracle, whose gradient pass inside the forward is an analysis tool's, nor per-clip budgets,
+    whose ragged batch reads the counts back from the device.)"""
     model = _model(name, spec)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
@@ -274,6 +298,10 @@ def test_compiles_with_fullgraph(spec: str, name: str) -> None:
 def test_flops_are_counted_on_the_meta_device(spec: str, name: str) -> None:
     with torch.device("meta"):
         meta = ts.apply(ts.build(name), spec).model
+    if meta.installed.adaptive:  # the cost depends on the content, which the meta device does not have
+        with pytest.raises(ts.InputError, match="depends on each clip's content"):
+            ts.flops(meta)
+        return
     assert ts.flops(meta) == pytest.approx(ts.flops(_model(name, spec)), rel=1e-12)
 
 

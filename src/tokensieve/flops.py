@@ -246,6 +246,12 @@ def flops(
         param = next(model.parameters())
         channels = getattr(cfg, "channels", 3)
         video = torch.randn(1, frames, channels, size, size, device=param.device, dtype=param.dtype)
+    installed = getattr(model, "__dict__", {}).get("installed")
+    if video.device.type == "meta" and installed is not None and installed.adaptive:
+        raise InputError(
+            f"the cost of plan {installed.spec!r} depends on each clip's content, which the meta device does "
+            "not have: count it on real clips (video=batch)"
+        )
     was_training = model.training
     model.eval()  # inference cost: learned selectors take their hard (eval) path
     try:
