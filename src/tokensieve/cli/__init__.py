@@ -1,11 +1,12 @@
-"""The `tokensieve` command line: `sweep`, `bench`, `flops`, `info`, `eval`, `make-synthetic`, `train`
-and `show`.
+"""The `tokensieve` command line: `sweep`, `bench`, `flops`, `info`, `eval`, `oracle`, `make-synthetic`,
+`train` and `show`.
 
     tokensieve sweep                      (the built-in model: every method x budget vs random; report.md)
     tokensieve sweep  --model runs/x --data val.txt --methods sta,tome --budgets 0.3,0.5 --out sweep/
     tokensieve bench  --model videomae-s --plan none --plan random:keep=0.5 --batch-size 1 --batch-size 8
     tokensieve train  --model videomae-s --data train.txt --val val.txt --plan random:keep=0.5 --epochs 3
     tokensieve eval   --model videomae-s --data val.txt --plan random:keep=0.5 --views 5x3 --out runs/val
+    tokensieve oracle --model builtin:synthetic --data synth/list.txt --out oracle/
     tokensieve make-synthetic synth --videos 100 --partial
     tokensieve flops  --model videomae-b --plan sta:r=64
     tokensieve show   --model videomae-s --plan tome:r=100 --video clip.mp4 --out kept.png
@@ -19,7 +20,7 @@ naming the valid choices and exit with code 2.
 
 from __future__ import annotations
 
-from . import data, measure, show, sweep, train  # noqa: F401  (importing a command module registers them)
+from . import data, measure, oracle, show, sweep, train  # noqa: F401  (importing a command module registers them)
 from .common import app
 
 __all__ = ["app", "main"]
