@@ -123,9 +123,11 @@ def _count(net: VideoBackbone, spec: str, *, real: Callable[[], VideoBackbone]) 
     """FLOPs of `net` under a plan. A model on the meta device counts instantly (even ViT-H); a method
     whose shapes depend on the content cannot run there, and is counted on `real()` instead."""
     if next(net.parameters()).device.type == "meta":
+        with torch.device("meta"):  # the plan's own parameters, if any, go to meta too
+            installed = apply(net, spec)
         try:
-            with torch.device("meta"):  # the plan's own parameters, if any, go to meta too
-                return flops(apply(net, spec).model, detail=True)
+            if not installed.adaptive:  # a per-clip cost needs real content
+                return flops(installed.model, detail=True)
         except (NotImplementedError, RuntimeError) as err:
             log.info("plan %r cannot be counted on the meta device (%s); counting on a real model", spec, err)
         net = real()
