@@ -43,10 +43,11 @@ from torch import Tensor, nn
 from .errors import InputError
 from .flops import uncounted
 
-__all__ = ["LABELS", "TENSORS", "default_block", "oracle"]
+__all__ = ["LABELS", "TENSORS", "VALUES", "default_block", "oracle"]
 
 LABELS = ("true", "pred")
-TENSORS = ("output", "hidden")
+TENSORS = ("output", "hidden", "embed")
+VALUES = ("gradcam", "gradxact", "gradnorm")
 
 
 def default_block(model: nn.Module) -> int:
@@ -56,9 +57,12 @@ def default_block(model: nn.Module) -> int:
 
 
 def check_oracle(
-    label: str, tensor: str, block: int | None, depth: int | None = None, *, method: str = "oracle"
-) -> None:
+    label: str, tensor: str, block: int | None, depth: int | None = None, *, value: str = "gradcam",
+    method: str = "oracle",
+) -> None:  # fmt: skip
     """Validate the oracle's parameters (`block` against `depth` when known)."""
+    if value not in VALUES:
+        raise InputError(f"{method}: value must be one of {', '.join(VALUES)}, got {value!r}")
     if label not in LABELS:
         raise InputError(f"{method}: label must be one of {', '.join(LABELS)}, got {label!r}")
     if tensor not in TENSORS:
@@ -105,7 +109,8 @@ def oracle(
     *,
     label: Literal["true", "pred"] = "true",
     block: int | None = None,
-    tensor: Literal["output", "hidden"] = "output",
+    tensor: Literal["output", "hidden", "embed"] = "output",
+    value: Literal["gradcam", "gradxact", "gradnorm"] = "gradcam",
 ) -> Tensor:
     """Grad-CAM value of every patch token of each clip, on the model without its plan.
 
@@ -117,7 +122,10 @@ def oracle(
         label: "true" (the paper's oracle) or "pred" (the model's top class; the paper reports it costs
             8.5 points at half the tokens).
         block: which block's activations (negative counts from the end); None: `default_block`.
-        tensor: "output" (the block's output tokens) or "hidden" (its MLP's hidden activation).
+        tensor: "output" (the block's output tokens), "hidden" (its MLP's hidden activation) or "embed"
+            (the patch embedding's tokens, which block 0 receives; `block` is then not used).
+        value: "gradcam" (the paper), "gradxact" (gradient x activation per token: Grad-CAM without
+            averaging the weights over tokens) or "gradnorm" (the gradient's L2 norm per token).
 
     Returns:
         (B, N) float32 values in [0, 1], N = T*H*W patch tokens in time-major raster order, detached.
@@ -126,15 +134,15 @@ def oracle(
     from .reducers.plan import without_plan  # reducers import this module
 
     depth = len(model.blocks)
-    check_oracle(label, tensor, block, depth)
+    check_oracle(label, tensor, block, depth, value=value)
     index = (default_block(model) if block is None else block) % depth
     first = 1 if model.config.has_cls and tensor == "hidden" else 0  # the class token's row of the MLP input
-    target = model.blocks[index] if tensor == "output" else model.blocks[index].mlp.act
+    target = {"output": model.blocks[index], "embed": model.embed}.get(tensor) or model.blocks[index].mlp.act
     captured: list[Tensor] = []
 
     def watch(_module: nn.Module, _args: object, out):  # type: ignore[no-untyped-def]
         torch.set_grad_enabled(True)  # from here on: the graph from this tensor to the logits only
-        if tensor == "output":
+        if tensor != "hidden":  # a TokenState
             leaf = out.x.detach().requires_grad_()
             captured.append(leaf)
             return out.replace(x=leaf)
@@ -156,6 +164,11 @@ def oracle(
         (activation,) = captured
         (grad,) = torch.autograd.grad(_target_scores(logits, labels, label).sum(), activation)
         A, G = activation[:, first:].float(), grad[:, first:].float()  # (B, N, K)
-        values = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (B, N)   Eq. 1-2
+        if value == "gradcam":
+            values = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (B, N)   Eq. 1-2
+        elif value == "gradxact":
+            values = torch.relu((A * G).sum(-1))  # (B, N)
+        else:
+            values = G.norm(dim=-1)  # (B, N)
         low, high = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
         return ((values - low) / (high - low).clamp_min(torch.finfo(values.dtype).tiny)).detach()

@@ -382,7 +382,7 @@ def plan_settings(
             settings.append(item)
             continue
         for budget in budgets:
-            item = Planned(method, budget)
+            item = Planned(base.strip(), budget)  # the method with its fixed parameters: one row each
             settings.append(item)
             if untrained:
                 item.refused = (
@@ -892,7 +892,7 @@ def _settings_table(
             )  # (n,) mean of seeds
             row.update(random_spec=item.random, random_gflops=item.random_gflops, random_top1=float(rand.mean()),
                        random_speedup=speeds.get(seeds[0]))  # fmt: skip
-            if item.method != "random":
+            if item.method.partition(":")[0] != "random":
                 ci = paired_bootstrap_ci(top1, rand)
                 row.update(delta=float((top1 - rand).mean()), delta_ci=ci, verdict=verdict(ci))
         table.append(Setting(item.method, item.budget, item.spec, views=item.views, **row))

@@ -81,20 +81,23 @@ class LITE(Reducer):
         per_frame: bool | None = None,
         label: Literal["true", "pred"] = "true",
         block: int | None = None,
-        tensor: Literal["output", "hidden"] = "output",
+        tensor: Literal["output", "hidden", "embed"] = "output",
+        value: Literal["gradcam", "gradxact", "gradnorm"] = "gradcam",
     ) -> None:
         super().__init__()
         check_keep(keep, self.name)
-        check_oracle(label, tensor, None, method=self.name)
+        check_oracle(label, tensor, None, value=value, method=self.name)
         if hidden is not None and hidden < 2:
             raise InputError(f"lite: hidden must be >= 2 (None: the model's width // 3), got {hidden}")
         self.keep, self.hidden, self.pos, self.per_frame = keep, hidden, pos, per_frame
-        self.label, self.block, self.tensor = label, block, tensor
+        self.label, self.block, self.tensor, self.value = label, block, tensor, value
         self._per_frame = bool(per_frame)
         self.selector = nn.Module()  # replaced by `setup`, once the model's width is known
 
     def setup(self, model: VideoBackbone) -> None:
-        check_oracle(self.label, self.tensor, self.block, len(model.blocks), method=self.name)
+        check_oracle(
+            self.label, self.tensor, self.block, len(model.blocks), value=self.value, method=self.name
+        )
         dim = model.config.dim
         self.selector = Selector(dim=dim, hidden=self.hidden or max(dim // 3, 2))
         for m in self.selector.modules():  # the backbone's init: trunc-normal(0.02), zero biases
@@ -115,8 +118,9 @@ class LITE(Reducer):
     def teach(self, teacher: VideoBackbone, inputs: Inputs) -> Tensor:
         """(B, N) the oracle's values of this step's clips on the frozen teacher: the BCE targets."""
         return oracle(
-            teacher, inputs.video, inputs.labels, label=self.label, block=self.block, tensor=self.tensor
-        )
+            teacher, inputs.video, inputs.labels, label=self.label, block=self.block, tensor=self.tensor,
+            value=self.value,
+        )  # fmt: skip
 
     def scores(self, state: TokenState) -> Tensor:
         """(B, N) the selector's logit for every token of `state` (right after the patch embedding)."""
@@ -144,5 +148,5 @@ class LITE(Reducer):
     def extra_repr(self) -> str:
         return (
             f"keep={self.keep}, hidden={self.hidden}, pos={self.pos}, per_frame={self._per_frame}, "
-            f"label={self.label}, block={self.block}, tensor={self.tensor}"
+            f"label={self.label}, block={self.block}, tensor={self.tensor}, value={self.value}"
         )
