@@ -19,10 +19,15 @@ What it does (every step seeded; the same files on the same machine and thread c
    whose comment says why).
 3. Trains STTS's scorer (`stts:T0=0.5`, perturbed top-K with sigma decayed to 0) on the selectors' set
    with the backbone frozen, and keeps its weights (the sweep applies them at every T0).
-4. Evaluates everything on the held-out set and writes `model/` (`ts.save`), `selectors.safetensors`,
+4. Trains LITE's selector twice on the same set (the backbone frozen, BCE against the oracle computed
+   on each step's clips): against the paper's oracle (Grad-CAM, `lite`) and against the gradient norm at
+   the patch embedding (`lite:value=gradnorm,tensor=embed`), kept apart under their `weights_key`.
+5. Evaluates everything on the held-out set and writes `model/` (`ts.save`), `selectors.safetensors`,
    `card.json` and `MODEL_CARD.md` into `--out`.
 
-About 20 minutes on one CPU core (torch threads fixed at 1).
+About 25 minutes on one CPU core (torch threads fixed at 1). `--selectors-only` keeps the backbone in
+`--out` and redoes steps 3-5 (the backbone's training is deterministic: a full run rewrites the same
+model).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from safetensors.torch import save_file
 import tokensieve as ts
 from tokensieve.data import VideoDataset, make_synthetic, read_list
 from tokensieve.data.clips import ClipDataset
+from tokensieve.reducers.plan import load_trained, trained_keys
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "tokensieve" / "assets" / "synthetic"
 THREADS = 1  # the trajectory of a tiny ViT from scratch depends on the thread count: fix it
@@ -66,7 +72,14 @@ in single-stage runs after about 950 steps on 1000 clips (82.8% held-out after 2
 stages the first (1000 steps) ends still at chance (27.8% held-out) and the second leaves it after
 about 350 steps and ends at 96.2%; 40 epochs on the first 1000 clips alone end at 90.5%."""
 STTS = dict(spec="stts:T0=0.5,sigma=0.1", epochs=5, batch_size=16, lr=1e-3, seed=0)
+LITE = (
+    dict(spec="lite:keep=0.5", epochs=5, batch_size=16, lr=1e-3, seed=0),
+    dict(spec="lite:keep=0.5,value=gradnorm,tensor=embed", epochs=5, batch_size=16, lr=1e-3, seed=0),
+)
+"""The budget of a LITE spec only sets how many tokens the trained selector keeps: the sweep applies the
+weights at every keep. The second target is the oracle that beats random on this model (docs/methods.md)."""
 CARD_PLANS = ("random:keep=0.5", "random:keep=0.25", "random:keep=0.1")
+ORACLE_PLANS = ("oracle:keep=0.25", "oracle:keep=0.25,value=gradnorm,tensor=embed")
 
 
 class InMemory(ClipDataset):
@@ -114,11 +127,25 @@ def top1(model: ts.VideoBackbone, data: VideoDataset, spec: str | None) -> float
     return round(summary.top1, 4)
 
 
+def train_selector(model: ts.VideoBackbone, records: list, setting: dict) -> dict[str, torch.Tensor]:
+    """Train the learned reducer of `setting["spec"]` alone (the backbone frozen) and return its weights
+    under `weights_key` ("<key>/<parameter>", the layout of selectors.safetensors)."""
+    ts.apply(model, setting["spec"])
+    settings = {k: v for k, v in setting.items() if k not in ("spec", "lr")}
+    ts.train(model, clips(records), workers=0, freeze_backbone=True, lr=0.0, reducer_lr=setting["lr"],
+             progress=report(50), **settings)  # fmt: skip
+    key = trained_keys(model)[-1]
+    return {f"{key}/{k}": v.detach().contiguous() for k, v in model.plan[-1].state_dict().items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS, help="where the model, selectors and card go")
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the rendered sets here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--selectors-only", action="store_true", help="keep the backbone in --out; train the selectors again"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -132,17 +159,15 @@ def main() -> None:
         heldout = VideoDataset(render(work, "heldout", HELDOUT_SET), frames=SET["frames"], size=SET["size"],
                                stride=1, num_classes=SET["classes"])  # fmt: skip
 
-        print("2. training the backbone", flush=True)
-        changes = {k: v for k, v in BACKBONE.items() if k not in ("preset", "seed")}
-        torch.manual_seed(BACKBONE["seed"])
-        model = ts.build(BACKBONE["preset"], **changes)
-        steps = 0
-        for count, epochs in STAGES:
-            print(f"   {epochs} epochs on {count} videos", flush=True)
-            steps += ts.train(model, clips(train_records[:count]), workers=0, progress=report(100), epochs=epochs,
-                              **RECIPE).steps  # fmt: skip
-            print(f"   held-out top-1: {100 * top1(model, heldout, None):.1f}%", flush=True)
-        backbone_seconds = time.perf_counter() - began
+        if args.selectors_only:
+            print("2. the backbone in --out", flush=True)
+            model = ts.load(str(args.out / "model"))
+            kept = json.loads((args.out / "card.json").read_text())["recipe"]
+            steps, backbone_seconds = kept["steps"], kept["seconds"]
+        else:
+            print("2. training the backbone", flush=True)
+            model, steps = train_backbone(train_records, heldout)
+            backbone_seconds = time.perf_counter() - began
         accuracy = {"none": top1(model, heldout, None)}
         print(f"   held-out top-1 with all tokens: {100 * accuracy['none']:.1f}%", flush=True)
         for spec in CARD_PLANS:
@@ -150,13 +175,21 @@ def main() -> None:
         ts.apply(model, None)
 
         print("3. training the STTS scorer (backbone frozen)", flush=True)
-        ts.apply(model, STTS["spec"])
-        settings = {k: v for k, v in STTS.items() if k not in ("spec", "lr")}
-        ts.train(model, clips(selector_records), workers=0, freeze_backbone=True, lr=0.0, reducer_lr=STTS["lr"],
-                 progress=report(50), **settings)  # fmt: skip
+        selectors = train_selector(model, selector_records, STTS)
         accuracy[STTS["spec"]] = top1(model, heldout, STTS["spec"])
-        selectors = {f"stts.{k}": v.detach().contiguous() for k, v in model.plan[0].state_dict().items()}
         for spec in ("uniform:keep=0.5", "random_frames:keep=0.5"):
+            accuracy[spec] = top1(model, heldout, spec)
+        print("4. training LITE's selectors (backbone frozen)", flush=True)
+        for setting in LITE:
+            print(f"   {setting['spec']}", flush=True)
+            trained = train_selector(model, selector_records, setting)
+            selectors.update(trained)
+            for keep in (0.5, 0.25):
+                spec = setting["spec"].replace("keep=0.5", f"keep={keep}")
+                ts.apply(model, spec)
+                assert not load_trained(model, _by_key(trained))
+                accuracy[spec] = top1(model, heldout, spec)
+        for spec in ORACLE_PLANS:
             accuracy[spec] = top1(model, heldout, spec)
         ts.apply(model, None)
 
@@ -179,13 +212,36 @@ def main() -> None:
             "selector_train": SELECTOR_SET,
             "heldout": {**SET, **HELDOUT_SET},
             "recipe": {**RECIPE, "stages": STAGES, "steps": steps, "seconds": round(backbone_seconds)},
-            "selectors": {"stts": {**STTS}},
+            "selectors": {"stts": {**STTS}, "lite": list(LITE)},
             "heldout_top1": accuracy,
         }
         (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (args.out / "MODEL_CARD.md").write_text(model_card(card))
         print(json.dumps(accuracy, indent=2))
         print(f"wrote {args.out} in {seconds / 60:.1f} min", flush=True)
+
+
+def train_backbone(records: list, heldout: VideoDataset) -> tuple[ts.VideoBackbone, int]:
+    """The backbone trained from its seed in `STAGES`; returns it and its optimisation steps."""
+    changes = {k: v for k, v in BACKBONE.items() if k not in ("preset", "seed")}
+    torch.manual_seed(BACKBONE["seed"])
+    model = ts.build(BACKBONE["preset"], **changes)
+    steps = 0
+    for count, epochs in STAGES:
+        print(f"   {epochs} epochs on {count} videos", flush=True)
+        steps += ts.train(model, clips(records[:count]), workers=0, progress=report(100), epochs=epochs,
+                          **RECIPE).steps  # fmt: skip
+        print(f"   held-out top-1: {100 * top1(model, heldout, None):.1f}%", flush=True)
+    return model, steps
+
+
+def _by_key(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """ "<key>/<parameter>" -> {key: {parameter: tensor}} (what `load_trained` takes)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        key, _, param = name.partition("/")
+        found.setdefault(key, {})[param] = tensor
+    return found
 
 
 def _cpu() -> str:
@@ -221,7 +277,10 @@ width {b["dim"]}, depth {b["depth"]}, {b["heads"]} heads, MLP {b["mlp_dim"]}: {c
 {card["train"]["videos"]} videos rendered with seed {card["train"]["seed"]}, whole clips, no crop or flip; AdamW in stages
 of (first videos, epochs) {r["stages"]} ({r["steps"]} steps in all) of batch {r["batch_size"]}, each with lr {r["lr"]},
 {r["warmup_epochs"]} warm-up epoch and cosine decay, weight decay {r["weight_decay"]}. STTS's scorer (`{card["selectors"]["stts"]["spec"]}`): {card["selectors"]["stts"]["epochs"]} epochs on
-{card["selector_train"]["videos"]} other videos (seed {card["selector_train"]["seed"]}), backbone frozen, lr {card["selectors"]["stts"]["lr"]}.
+{card["selector_train"]["videos"]} other videos (seed {card["selector_train"]["seed"]}), backbone frozen, lr {card["selectors"]["stts"]["lr"]}. LITE's selector, on the same videos
+and the same way ({card["selectors"]["lite"][0]["epochs"]} epochs, lr {card["selectors"]["lite"][0]["lr"]}), twice: against the paper's Grad-CAM oracle
+(`{card["selectors"]["lite"][0]["spec"]}`) and against the gradient norm at the patch embedding
+(`{card["selectors"]["lite"][1]["spec"]}`); the weights are kept apart by their oracle parameters.
 
 ## Held-out accuracy
 {card["heldout"]["videos"]} videos (seed {card["heldout"]["seed"]}), one view each (the whole clip):

@@ -259,3 +259,37 @@ def test_an_adaptive_method_is_measured_and_matched_to_random(synthetic: Path, t
     assert "‡" in (tmp_path / "report.md").read_text()  # the report says the budget was measured
     again = sweep(model, _dataset(synthetic), out=tmp_path, **kwargs)  # everything recorded: nothing to run
     assert again.settings == report.settings
+
+
+# ---------------------------------------------------------------------------------------- LITE
+def test_the_oracle_reads_the_labels_and_adaptive_budgets_run_at_every_budget(
+    synthetic: Path, tmp_path: Path
+) -> None:
+    """The oracle's records equal an evaluation that passes the labels; `random++` runs at each budget
+    with the keep that budget gives `random`, and is measured per video like any adaptive setting."""
+    model = _model()
+    report = sweep(model, _dataset(synthetic), out=tmp_path, methods=["oracle", "random++:high=0.3"],
+                   budgets=[0.5], workers=0, batch_size=4, speed=False, seeds=1)  # fmt: skip
+    by = {s.method: s for s in report.settings}
+    assert by["oracle"].spec == "oracle:keep=0.5"
+    summary = ts.evaluate(ts.apply(_model(), "oracle:keep=0.5").model, _dataset(synthetic), workers=0)
+    assert by["oracle"].top1 == pytest.approx(summary.top1)
+    plus = by["random++:high=0.3"]
+    assert plus.spec == "random++:keep=0.5,high=0.3" and plus.views == 6 and plus.random_spec is not None
+    assert plus.budget is not None and plus.budget <= 0.5 + 1e-9  # some clips on the small budget
+
+
+def test_trained_weights_are_filed_by_what_they_learned() -> None:
+    """A selector trained against one oracle never runs under another's name: `lite` weights do not serve
+    `lite:value=gradnorm,tensor=embed`, which is refused as untrained; the budget and training settings
+    do not matter."""
+    model = _model()
+    lite = ts.apply(_model(), "lite:keep=0.5").reducers[0]
+    settings = plan_settings(model, ["lite", "lite:value=gradnorm,tensor=embed"], [0.5],
+                             selectors={"lite": lite.state_dict()}, seeds=1)  # fmt: skip
+    by = {s.method: s for s in settings}
+    assert by["lite"].spec == "lite:keep=0.5" and by["lite"].refused is None
+    assert (
+        "no trained lite:tensor=embed,value=gradnorm weights"
+        in by["lite:value=gradnorm,tensor=embed"].refused
+    )

@@ -167,8 +167,11 @@ class _Counter(TorchDispatchMode):
 
 def _tracked(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The parts flops are attributed to: direct children (the members of a list under the list's
-    name, since a `ModuleList` is never called itself), and each reducer slot on its own."""
+    name, since a `ModuleList` is never called itself), and each reducer slot on its own (a reducer's
+    work, its scorer included, is its slot's)."""
     for name, child in model.named_children():
+        if name == "plan":  # the reducers themselves: each runs through its slot, counted there
+            continue
         if name == "reducers":
             for pos, reducer in child.named_children():
                 if not isinstance(reducer, nn.Identity):

@@ -162,7 +162,11 @@ def oracle(
             handle.remove()
             model.train(was_training)
         (activation,) = captured
-        (grad,) = torch.autograd.grad(_target_scores(logits, labels, label).sum(), activation)
+        (grad,) = torch.autograd.grad(
+            _target_scores(logits, labels, label).sum(), activation, allow_unused=True
+        )
+        if grad is None:  # the tensor does not reach the head (a class-token model's last patch outputs)
+            grad = torch.zeros_like(activation)
         A, G = activation[:, first:].float(), grad[:, first:].float()  # (B, N, K)
         if value == "gradcam":
             values = torch.relu((A * G.mean(1, keepdim=True)).sum(-1))  # (B, N)   Eq. 1-2

@@ -71,7 +71,8 @@ def load(name: str = DEFAULT, **config_changes: Any) -> Any:
 
 
 def selectors(name: str = DEFAULT) -> dict[str, dict[str, Tensor]]:
-    """The trained reducers of `name`'s learned methods: method -> its `state_dict()`."""
+    """The trained reducers of `name`'s learned methods: `reducers.plan.weights_key` ("stts", "lite:tensor=
+    embed,value=gradnorm") -> its `state_dict()`. Stored as one safetensors file, "<key>/<parameter>"."""
     from safetensors.torch import load_file
 
     path = folder(name) / "selectors.safetensors"
@@ -79,7 +80,7 @@ def selectors(name: str = DEFAULT) -> dict[str, dict[str, Tensor]]:
         return {}
     found: dict[str, dict[str, Tensor]] = {}
     for key, tensor in load_file(path).items():
-        method, _, param = key.partition(".")
+        method, _, param = key.partition("/")
         found.setdefault(method, {})[param] = tensor
     return found
 
@@ -91,9 +92,9 @@ def install_selectors(model: Any, name: str = DEFAULT) -> None:
 
     from ..reducers.plan import load_trained
 
-    for method in load_trained(model, selectors(name)):
+    for key in load_trained(model, selectors(name)):
         logging.getLogger(__name__).warning(
-            "%s's trained %s weights do not fit %s; it runs untrained", name, method, model.spec
+            "%s's trained %s weights do not fit %s; it runs untrained", name, key, model.spec
         )
 
 

@@ -181,7 +181,7 @@ def _choose(
     probs = torch.where(on_small.unsqueeze(-1), small, base)  # (P, V, K)
     summed = torch.zeros(len(pairs), videos, base.shape[1]).index_add_(1, owner, probs)  # (P, videos, K)
     top1 = (summed.argmax(-1) == labels).float().mean(1)  # (P,)
-    share = on_small.float().mean(1)  # (P,)
+    share = on_small.double().mean(1)  # (P,)
     cost = share * costs["small"] + (1 - share) * costs["base"]  # (P,)
     fits = cost <= target * (1 + 1e-9)
     if not fits.any():

@@ -207,7 +207,7 @@ class Setting:
     """One evaluated (method, budget) of a sweep. Accuracies are fractions in [0, 1].
 
     Attributes:
-        method: the method's name ("sta", "random", "none").
+        method: the method as the sweep was given it ("sta", "attention:per_frame=true", "lite++", "none").
         budget: target token ratio in (0, 1]; None for the unreduced reference "none".
         spec: the plan actually run, e.g. "sta:r=12"; None when refused.
         refused: why the method cannot run at this budget on this model (one line), else None.

@@ -55,7 +55,15 @@ from ..errors import InputError
 from ..flops import count_flops, flops
 from ..reducers import REGISTRY, apply, parse
 from ..reducers.base import frames_needed
-from ..reducers.plan import InstalledPlan, current_plan, load_trained, schedule, spec_parameters
+from ..reducers.plan import (
+    InstalledPlan,
+    current_plan,
+    load_trained,
+    schedule,
+    spec_parameters,
+    trained_keys,
+    weights_key,
+)  # fmt: skip
 from ..reducers.plan import plan as make_plan
 from ..tokens import Inputs, TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
@@ -352,7 +360,8 @@ def plan_settings(
             continue
         method, given = _one_method(base)  # raises for an unknown method
         adaptive = _adaptive(model, base.strip())
-        untrained = _learned(base, model, as_given=adaptive) and method not in (selectors or {})
+        trained = (selectors or {}).get(weights_key(method, given))
+        untrained = _learned(base, model, as_given=adaptive) and trained is None
         key = REGISTRY[method].budget
         plus = base.partition(":")[0].strip().endswith("++")
         if plus and key is not None and key not in given:  # X++: at every budget, each measured
@@ -362,13 +371,13 @@ def plan_settings(
                 try:
                     if untrained:
                         raise InputError(
-                            f"{method} is learned and this model has no trained {method} weights"
+                            f"{method} is learned and this model has no trained {weights_key(method, given)} weights"
                         )
                     plain, extra = _split_plus(base)  # the budget is set on the method's own schedule
                     spec, _ = spec_at_budget(model, plain, budget)
                     item.spec = spec.replace(method, f"{method}++", 1) + "".join(f",{a}" for a in extra)
-                    if method in (selectors or {}):
-                        _check_trained(model, item.spec, (selectors or {})[method])
+                    if trained is not None:
+                        _check_trained(model, item.spec, trained)
                 except InputError as err:
                     item.spec, item.refused = None, str(err)
             continue
@@ -377,7 +386,7 @@ def plan_settings(
             if untrained:
                 item.spec, item.refused = (
                     None,
-                    f"{method} is learned and this model has no trained {method} weights",
+                    f"{method} is learned and this model has no trained {weights_key(method, given)} weights",
                 )
             settings.append(item)
             continue
@@ -386,15 +395,15 @@ def plan_settings(
             settings.append(item)
             if untrained:
                 item.refused = (
-                    f"{method} is learned and this model has no trained {method} weights: train it "
+                    f"{method} is learned and this model has no trained {weights_key(method, given)} weights: train it "
                     f"(tokensieve train --plan {method}:...) and sweep the run"
                 )
                 continue
             try:
                 item.spec, item.ratio = spec_at_budget(model, base.strip(), budget)
                 item.gflops = count(item.spec)
-                if method in (selectors or {}):
-                    _check_trained(model, item.spec, (selectors or {})[method])
+                if trained is not None:
+                    _check_trained(model, item.spec, trained)
             except InputError as err:
                 item.refused = str(err)
                 item.spec = None
@@ -481,7 +490,9 @@ def sweep(
         methods: method specs without their budget parameter ("sta", "attention:per_frame=true");
             default `METHODS` (every method, and lite++).
         budgets: target token ratios in (0, 1).
-        selectors: trained weights per learned method (`reducer.state_dict()`).
+        selectors: trained weights of learned methods (`reducer.state_dict()`), by `weights_key`: the method's
+            name ("stts"), with the parameters other than the budget they were trained with if any
+            ("lite:tensor=embed,value=gradnorm").
         seeds: seeds of the matched random baseline.
         views: (clips, crops) per video; default the dataset's.
         batch_size: views per forward pass.
@@ -519,7 +530,11 @@ def sweep(
             "evaluate each plan with tokensieve eval"
         )
     out = Path(out)
-    own = {r.name: r.state_dict() for r in getattr(model, "plan", []) if any(True for _ in r.parameters())}
+    own = {
+        key: r.state_dict()
+        for r, key in zip(model.plan, trained_keys(model), strict=True)
+        if any(True for _ in r.parameters())
+    }
     selectors = {**own, **(selectors or {})}
     methods = list(methods) if methods is not None else list(METHODS)
     for base in methods:  # bad names and parameters before anything runs

@@ -10,7 +10,7 @@ follows keeps the top `keep` of the clip's tokens or the top `small_keep(keep)`:
     low <= c <= high    the method's own budget P (`keep`)
     c < low             "very hard, do not invest extra tokens": the small budget (`hard=small`), or
                         the base budget (`hard=base`)
-    small_keep(P) = max(min(small, P - 0.1), P / 2)     with small = 0.3: 0.3 for P in {0.5, 0.7, 0.9}
+    small_keep(P) = min(small, max(P - 0.1, P / 2))     with small = 0.3: 0.3 for P in {0.5, 0.7, 0.9}
                                                         and 0.2 for P = 0.3, as the paper states
 
 The paper's sentence on hard videos can be read as "they get no extra tokens beyond the small budget"

@@ -76,9 +76,9 @@ class Budgets(NamedTuple):
 
 
 def small_keep(keep: float, share: float) -> float:
-    """The small budget of a method keeping `keep`: max(min(share, keep - 0.1), keep / 2). With share 0.3
+    """The small budget of a method keeping `keep`: min(share, max(keep - 0.1, keep / 2)). With share 0.3
     it is LITE++'s: 0.3 for keep in {0.5, 0.7, 0.9}, 0.2 for keep 0.3."""
-    return max(min(share, keep - 0.1), keep / 2)
+    return min(share, max(keep - 0.1, keep / 2))
 
 
 class Site(NamedTuple):
@@ -135,6 +135,10 @@ class Reducer(nn.Module):
     target token ratio): a keep ratio in (0, 1], more keeping more, or with `budget_removes` a count of
     tokens removed, more keeping fewer. None: the method has no fixed budget."""
     budget_removes: ClassVar[bool] = False
+    trained_with: ClassVar[tuple[str, ...]] = ()
+    """The spec parameters that change what a learned method learns (LITE's oracle targets and inputs),
+    not only how it trains or how much it keeps: its trained weights are filed under them
+    (`reducers.plan.weights_key`), so weights learned for one setting never run under another's name."""
     main_settings: ClassVar[tuple[str, ...]] = ()
     """Specs of the paper's main fixed-budget settings on 16x224 ViT-S/B, which `tokensieve bench
     --methods` and benchmarks/reducers.py measure."""

@@ -71,6 +71,7 @@ class LITE(Reducer):
     takes_budgets = True
     wants_teacher = True
     freezes_backbone = True
+    trained_with = ("hidden", "pos", "label", "block", "tensor", "value")
 
     def __init__(
         self,

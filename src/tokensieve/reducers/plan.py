@@ -33,6 +33,8 @@ __all__ = [
     "plan",
     "schedule",
     "spec_parameters",
+    "trained_keys",
+    "weights_key",
     "without_plan",
 ]
 
@@ -474,19 +476,36 @@ def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
     return installed.install()
 
 
+def weights_key(method: str, given: Mapping[str, Any]) -> str:
+    """Under which key trained weights of `method` given the parameters `given` are filed: the method's
+    name, followed by those of its `Reducer.trained_with` parameters given a value other than their
+    default, sorted ("stts", "lite", "lite:tensor=embed,value=gradnorm"). A budget or a training setting
+    (STTS's sigma) changes how many tokens a trained selector keeps or how it got there, not what it
+    learned to score."""
+    cls = REGISTRY[method]
+    params = spec_parameters(cls)
+    fixed = sorted((k, v) for k, v in given.items() if k in cls.trained_with and v != params[k][0].default)
+    return method + (":" + ",".join(f"{k}={v}" for k, v in fixed) if fixed else "")
+
+
+def trained_keys(model: VideoBackbone) -> list[str]:
+    """The `weights_key` of each reducer of `model`'s installed plan, in `model.plan` order."""
+    return [weights_key(method, given) for method, given in (parse(model.spec) if model.spec else [])]
+
+
 def load_trained(model: VideoBackbone, trained: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
-    """Give each reducer of `model`'s installed plan the weights `trained` holds for its method (method
-    -> `state_dict()`), where their names and shapes fit. Returns the methods whose weights did not fit
-    (those reducers keep theirs)."""
+    """Give each reducer of `model`'s installed plan the weights `trained` holds for it (`weights_key` ->
+    `state_dict()`), where their names and shapes fit. Returns the keys whose weights did not fit (those
+    reducers keep theirs)."""
     misfits = []
-    for reducer in model.plan:
-        weights = trained.get(reducer.name)
+    for reducer, key in zip(model.plan, trained_keys(model), strict=True):
+        weights = trained.get(key)
         if weights is None:
             continue
         try:
             reducer.load_state_dict(weights)
         except RuntimeError:
-            misfits.append(reducer.name)
+            misfits.append(key)
     return misfits
 
 
