@@ -75,7 +75,7 @@ def test_maps_read_back_equal_the_oracle_on_the_same_clips(synth: Path, tmp_path
     out = tmp_path / "maps.jsonl"
     summary = value_maps(model, dataset, out=out, batch_size=3, workers=0)  # batches straddle videos
     assert (summary.videos, summary.mapped, summary.failed, summary.done_before) == (6, 6, 0, 0)
-    assert summary.setting == "oracle-maps:label=true,block=2,tensor=output"
+    assert summary.setting == "oracle-maps:label=true,block=2,tensor=output,value=gradcam"
     maps = read_value_maps(out)
     assert list(maps) == [r.id for r in dataset.records]
     for i, record in enumerate(dataset.records):
@@ -128,8 +128,8 @@ def test_other_oracle_settings_are_refused_and_the_same_resume(synth: Path, tmp_
     out = tmp_path / "maps.jsonl"
     value_maps(model, dataset, out=out, workers=0)
     written = out.read_bytes()
-    with pytest.raises(InputError, match=r"plan \(file: oracle-maps:label=true,block=2,tensor=output, now: "
-                                         r"oracle-maps:label=pred,block=2,tensor=output\)"):  # fmt: skip
+    with pytest.raises(InputError, match=r"plan \(file: oracle-maps:label=true,block=2,tensor=output,value=gradcam, now: "
+                                         r"oracle-maps:label=pred,block=2,tensor=output,value=gradcam\)"):  # fmt: skip
         value_maps(model, dataset, out=out, label="pred", workers=0)
     with pytest.raises(InputError, match="tensor=hidden"):
         value_maps(model, dataset, out=out, tensor="hidden", workers=0)
@@ -275,7 +275,7 @@ def test_the_command_writes_maps_and_report(synth: Path, saved: Path, tmp_path: 
     doc = json.loads((out / "report.json").read_text())
     assert doc["videos"] == 6 and doc["tokens"] == 32 and len(doc["histogram"]) == 50
     assert doc["recall"] is not None  # the synthetic set's truth next to its list, stride 1 by default
-    assert doc["header"]["oracle"] == "oracle-maps:label=true,block=2,tensor=output"
+    assert doc["header"]["oracle"] == "oracle-maps:label=true,block=2,tensor=output,value=gradcam"
     report = (out / "report.md").read_text()
     assert "## Pareto" in report and "![token values" in report and "## Foreground" in report
     again = _oracle(synth, out, saved, "--json")
@@ -333,7 +333,8 @@ def test_exit_codes_follow_eval(synth: Path, saved: Path, tmp_path: Path) -> Non
     ("extra", "names"),
     [
         (["--label", "maybe"], ["--label must be one of true, pred; got 'maybe'"]),
-        (["--tensor", "mlp"], ["--tensor must be one of output, hidden; got 'mlp'"]),
+        (["--tensor", "mlp"], ["--tensor must be one of output, hidden, embed; got 'mlp'"]),
+        (["--value", "saliency"], ["--value must be one of gradcam, gradxact, gradnorm; got 'saliency'"]),
         (["--block", "7"], ["--block must be in [-3, 2] for this model of 3 blocks; got 7"]),
         (["--views", "4"], ["--views is CLIPSxCROPS"]),
         (["--sampling", "sparse"], ["--sampling must be dense or segments"]),

@@ -98,8 +98,19 @@ def oracle_command(
         ),
     ] = None,
     tensor: Annotated[
-        str, typer.Option(help="output (the block's output tokens) or hidden (its MLP's hidden activation).")
+        str,
+        typer.Option(
+            help="output (the block's output tokens), hidden (its MLP's hidden activation) or embed (the "
+            "patch embedding's tokens)."
+        ),
     ] = "output",
+    value: Annotated[
+        str,
+        typer.Option(
+            help="gradcam (the paper), gradxact (gradient x activation per token) or gradnorm (the "
+            "gradient's norm per token)."
+        ),
+    ] = "gradcam",
     views: Annotated[str, typer.Option(help="Temporal clips x spatial crops per video, e.g. 2x3.")] = "1x1",
     frames: FramesOption = None,
     size: SizeOption = None,
@@ -140,7 +151,7 @@ def oracle_command(
     from ..engine.distributed import setup
     from ..engine.oracle_maps import read_value_maps, truth_masks, value_maps
     from ..engine.oracle_report import fit_text, oracle_report, pareto_table, write_oracle_report
-    from ..oracle import LABELS, TENSORS
+    from ..oracle import LABELS, TENSORS, VALUES
 
     stderr = Console(stderr=True)
     with usage_errors():
@@ -149,6 +160,8 @@ def oracle_command(
             raise UsageError(f"--label must be one of {', '.join(LABELS)}; got {label!r}")
         if tensor not in TENSORS:
             raise UsageError(f"--tensor must be one of {', '.join(TENSORS)}; got {tensor!r}")
+        if value not in VALUES:
+            raise UsageError(f"--value must be one of {', '.join(VALUES)}; got {value!r}")
         chosen = parse_views(views)
         records, names = load_records(data, root=root, multilabel=multilabel)
         if not records:
@@ -177,7 +190,7 @@ def oracle_command(
                 else contextlib.nullcontext()
             ):
                 summary = value_maps(
-                    net, dataset, out=maps, label=label, block=block, tensor=tensor, batch_size=batch_size,
+                    net, dataset, out=maps, label=label, block=block, tensor=tensor, value=value, batch_size=batch_size,
                     workers=workers, progress=lambda done, total, rate: update(done, total, f"{rate:.2f} clips/s"),
                     model_name=model,
                 )  # fmt: skip

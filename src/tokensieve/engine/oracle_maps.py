@@ -13,7 +13,7 @@ video, written by each process into its part file and merged by rank 0 in datase
 the same `out` skips the videos already recorded (resume) and is refused when anything that produced
 them differs. The header's `plan` names the oracle's settings instead of a reduction plan,
 
-    "oracle-maps:label=true,block=3,tensor=output"
+    "oracle-maps:label=true,block=3,tensor=output,value=gradcam"
 
 (the block as a non-negative index, so `block=None` and the default block's number are one setting),
 so maps of another label, block or tensor are never mixed into a file, and neither `tokensieve eval`
@@ -114,12 +114,15 @@ class MapsSummary:
 
 
 # ---------------------------------------------------------------------------------------- records
-def oracle_setting(model: nn.Module, *, label: str, block: int | None, tensor: str) -> str:
-    """The header's `plan` for maps of these oracle settings: "oracle-maps:label=true,block=3,tensor=output"."""
+def oracle_setting(
+    model: nn.Module, *, label: str, block: int | None, tensor: str, value: str = "gradcam"
+) -> str:
+    """The header's `plan` for maps of these oracle settings:
+    "oracle-maps:label=true,block=3,tensor=output,value=gradcam"."""
     depth = len(model.blocks)
-    check_oracle(label, tensor, block, depth)
+    check_oracle(label, tensor, block, depth, value=value)
     index = (default_block(model) if block is None else block) % depth
-    return f"{PLAN_PREFIX}label={label},block={index},tensor={tensor}"
+    return f"{PLAN_PREFIX}label={label},block={index},tensor={tensor},value={value}"
 
 
 def encode_values(values: Tensor) -> dict[str, Any]:
@@ -193,6 +196,7 @@ def value_maps(
     label: str = "true",
     block: int | None = None,
     tensor: str = "output",
+    value: str = "gradcam",
     views: tuple[int, int] | None = None,
     batch_size: int = 8,
     workers: int = 2,
@@ -206,7 +210,7 @@ def value_maps(
             restored).
         dataset: the videos and their sampling.
         out: the JSONL file of records (module docstring); rerun with it to resume.
-        label, block, tensor: the oracle's settings (`ts.oracle`).
+        label, block, tensor, value: the oracle's settings (`ts.oracle`).
         views: (temporal clips, spatial crops) per video; default the dataset's.
         batch_size: views per oracle pass (views of several videos share a batch).
         workers: decoding processes (0 decodes in this process).
@@ -224,7 +228,7 @@ def value_maps(
     """
     if batch_size < 1 or workers < 0:
         raise InputError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
-    setting = oracle_setting(model, label=label, block=block, tensor=tensor)
+    setting = oracle_setting(model, label=label, block=block, tensor=tensor, value=value)
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)
@@ -246,7 +250,7 @@ def value_maps(
     lock = on_main(world, lambda: start_run(out, provenance))  # refuses before any work
     try:
         return _value_maps(model, dataset, out=out, provenance=provenance, label=label, block=block,
-                           tensor=tensor, batch_size=batch_size, workers=workers, progress=progress,
+                           tensor=tensor, value=value, batch_size=batch_size, workers=workers, progress=progress,
                            world=world)  # fmt: skip
     finally:
         if lock is not None:
@@ -255,7 +259,8 @@ def value_maps(
 
 def _value_maps(
     model: nn.Module, dataset: VideoDataset, *, out: Path, provenance: Provenance, label: str,
-    block: int | None, tensor: str, batch_size: int, workers: int, progress: Progress | None, world: World,
+    block: int | None, tensor: str, value: str, batch_size: int, workers: int, progress: Progress | None,
+    world: World,
 ) -> MapsSummary:  # fmt: skip
     """`value_maps` once `out` is locked and checked: map the videos not done yet, merge, summarise."""
     done = read_done(out)
@@ -267,7 +272,7 @@ def _value_maps(
         log.info(
             "%s: resuming: %d of %d videos already done, %d to do", out, done_before, len(dataset), len(todo)
         )
-    oracle_args = {"label": label, "block": block, "tensor": tensor}
+    oracle_args = {"label": label, "block": block, "tensor": tensor, "value": value}
     with RecordWriter(out, world.rank, provenance) as writer:
         seconds, clips = _run(model, dataset, mine, oracle_args=oracle_args, batch_size=batch_size,
                               workers=workers, write=writer.write, progress=progress)  # fmt: skip
