@@ -288,10 +288,17 @@ def test_calibrate_runs_end_to_end_and_meets_its_target(synthetic: Path) -> None
     for spec in ("lite:keep=0.5", "lite:keep=0.3"):
         ts.apply(model, spec)
         base, small = (ts.flops(model), base) if spec.endswith("0.5") else (base, ts.flops(model))
-    ts.apply(model, "random:keep=0.5")
+    trained = ts.apply(model, "lite:keep=0.5").reducers[0]  # a "trained" selector: its weights changed
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(0.5)
+    weights = {k: v.clone() for k, v in trained.state_dict().items()}
     target = (base + small) / 2 + 0.4 * (base - small)
     cal = ts.calibrate(model, data, "lite++:keep=0.5", gflops=target)
-    assert model.spec == "random:keep=0.5"  # the plan is put back
+    assert model.spec == "lite:keep=0.5" and model.plan[0] is trained  # the plan is put back
     assert cal.videos == 8 and cal.views == 8 and cal.small_gflops <= cal.gflops <= target
     assert cal.top1 >= max(cal.small_top1, cal.base_top1) or cal.gflops < cal.base_gflops
-    ts.apply(model, cal.spec)
+    cal.install(model)  # the calibrated plan, with the selector it was calibrated with
+    assert model.spec == cal.spec and all(
+        torch.equal(v, model.plan[1].state_dict()[k]) for k, v in weights.items()
+    )

@@ -1,7 +1,7 @@
 """Pick LITE++'s confidence thresholds on a calibration split (`ts.calibrate`).
 
     cal = ts.calibrate(model, calibration_set, "lite++:keep=0.5", gflops=60.0)
-    ts.apply(model, cal.spec)            # "lite++:keep=0.5,low=...,high=..."
+    cal.install(model)                   # "lite++:keep=0.5,low=...,high=...", the trained selector kept
 
 The paper's thresholds did not survive in our copy of it, and they depend on the model, the data and
 the confidence estimate anyway. Each view's budget depends only on its own confidence, so two passes
@@ -16,10 +16,11 @@ wider base band).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ from ..flops import flops
 from ..reducers import apply
 from ..reducers.adaptive import AdaptiveBudget
 from ..reducers.base import BUDGETS, At
-from ..reducers.plan import current_plan
+from ..reducers.plan import InstalledPlan, current_plan, load_trained, trained_keys
 from ..tokens import Inputs
 from .evaluate import _Todo, check_fits, label_tensor
 
@@ -56,6 +57,7 @@ class Calibration:
         base_top1, base_gflops: every view on the base budget (glance counted); small_top1,
             small_gflops: every view on the small one.
         views, videos: the split's size.
+        weights: the trained weights the learned reducers ran with (`weights_key` -> `state_dict()`).
     """
 
     spec: str
@@ -70,6 +72,13 @@ class Calibration:
     small_gflops: float
     views: int
     videos: int
+    weights: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    def install(self, model: nn.Module) -> InstalledPlan:
+        """Apply `spec` to `model` with the trained weights it was calibrated with."""
+        installed = apply(model, self.spec)
+        load_trained(model, self.weights)
+        return installed
 
 
 def calibrate(
@@ -78,6 +87,7 @@ def calibrate(
     spec: str = "lite++:keep=0.5",
     *,
     gflops: float,
+    selectors: Mapping[str, Mapping[str, Tensor]] | None = None,
     batch_size: int = 8,
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -89,6 +99,8 @@ def calibrate(
         dataset: the calibration split (single-label).
         spec: an adaptive plan, `X++:...` or `adaptive:...+X:...`; its own `low`/`high` are ignored.
         gflops: the target mean GFLOPs per view, between the all-small and the all-base cost.
+        selectors: trained weights of the learned method (`weights_key` -> `state_dict()`); by default
+            those of `model`'s installed plan (calibrate a trained `lite` model with "lite++:...").
         progress: called with (videos done, videos) after each batch.
 
     Raises:
@@ -98,8 +110,10 @@ def calibrate(
         raise InputError("calibrate scores top-1 and needs single-label data")
     check_fits(model, dataset)
     previous = current_plan(model)
+    weights = {**_trained(model), **(selectors or {})}
     try:
         installed = apply(model, spec)
+        load_trained(model, weights)
         budget = next((r for r in installed.reducers if isinstance(r, AdaptiveBudget)), None)
         if budget is None:
             raise InputError(f"{spec!r} has no adaptive budgets; give e.g. lite++:keep=0.5")
@@ -113,7 +127,17 @@ def calibrate(
             costs[name] = float(flops(model, video=clip))
     finally:
         previous.install()
-    return _choose(spec, confidence, base, small, owner, labels, costs, gflops, hard=budget.hard)
+    result = _choose(spec, confidence, base, small, owner, labels, costs, gflops, hard=budget.hard)
+    return dataclasses.replace(result, weights=weights)
+
+
+def _trained(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """The trained weights of `model`'s installed plan, by `weights_key` (copies)."""
+    return {
+        key: {k: v.detach().clone() for k, v in r.state_dict().items()}
+        for r, key in zip(model.plan, trained_keys(model), strict=True)
+        if any(True for _ in r.parameters())
+    }
 
 
 def _passes(
