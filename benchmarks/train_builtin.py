@@ -128,8 +128,9 @@ def top1(model: ts.VideoBackbone, data: VideoDataset, spec: str | None) -> float
 
 
 def train_selector(model: ts.VideoBackbone, records: list, setting: dict) -> dict[str, torch.Tensor]:
-    """Train the learned reducer of `setting["spec"]` alone (the backbone frozen) and return its weights
-    under `weights_key` ("<key>/<parameter>", the layout of selectors.safetensors)."""
+    """Train the learned reducer of `setting["spec"]` alone (the backbone frozen) from its seed and return
+    its weights under `weights_key` ("<key>/<parameter>", the layout of selectors.safetensors)."""
+    torch.manual_seed(setting["seed"])  # its initialisation: the same whatever ran before
     ts.apply(model, setting["spec"])
     settings = {k: v for k, v in setting.items() if k not in ("spec", "lr")}
     ts.train(model, clips(records), workers=0, freeze_backbone=True, lr=0.0, reducer_lr=setting["lr"],
@@ -164,10 +165,12 @@ def main() -> None:
             model = ts.load(str(args.out / "model"))
             kept = json.loads((args.out / "card.json").read_text())["recipe"]
             steps, backbone_seconds = kept["steps"], kept["seconds"]
+            began = time.perf_counter() - backbone_seconds  # the card's time is a full run's
         else:
             print("2. training the backbone", flush=True)
             model, steps = train_backbone(train_records, heldout)
             backbone_seconds = time.perf_counter() - began
+
         accuracy = {"none": top1(model, heldout, None)}
         print(f"   held-out top-1 with all tokens: {100 * accuracy['none']:.1f}%", flush=True)
         for spec in CARD_PLANS:

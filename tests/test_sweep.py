@@ -293,3 +293,14 @@ def test_trained_weights_are_filed_by_what_they_learned() -> None:
         "no trained lite:tensor=embed,value=gradnorm weights"
         in by["lite:value=gradnorm,tensor=embed"].refused
     )
+
+
+def test_foreground_recall_needs_clips_that_are_their_videos(synthetic: Path) -> None:
+    """The truth masks describe each video's frames in order: clips that skip or loop frames (stride 4 on
+    these 4-frame videos) would be scored against the wrong frames, so recall is not measured then."""
+    from tokensieve.engine.sweep import _truth_fits
+
+    model = _model()
+    assert _truth_fits(model, _dataset(synthetic), synthetic)
+    strided = VideoDataset(read_list(synthetic / "list.txt"), frames=4, size=32, stride=4, num_classes=4)
+    assert not _truth_fits(model, strided, synthetic)

@@ -100,7 +100,7 @@ def sweep_command(
     sampling: Annotated[str, typer.Option(help="dense (frames x stride) or segments.")] = "dense",
     stride: Annotated[
         int | None,
-        typer.Option(help="Frame stride of dense clips; default 4 (1 for the built-in set).", min=1),
+        typer.Option(help="Frame stride of dense clips; default 4 (1 on a synthetic set).", min=1),
     ] = None,
     root: Annotated[Path | None, typer.Option(help="Folder the list's paths are relative to.")] = None,
     truth: Annotated[
@@ -157,7 +157,8 @@ def sweep_command(
             truth = data.parent
         dataset = VideoDataset(
             records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
-            stride=stride or 4, num_classes=len(names) if names else None, class_names=names,
+            stride=stride or (1 if truth is not None else 4), num_classes=len(names) if names else None,
+            class_names=names,
         )  # fmt: skip
         command = shlex.join(["tokensieve", *sys.argv[1:]])
         hint = lambda: f"{_recorded(out)}; rerun the same command to resume"  # noqa: E731

@@ -574,6 +574,10 @@ def _truth_fits(model: nn.Module, dataset: VideoDataset, truth: Path | None) -> 
         log.info("foreground recall needs one view per video covering the clip; not measured with %s views",
                  "x".join(map(str, dataset.views)))  # fmt: skip
         return False
+    if dataset.sampling != "dense" or dataset.stride != 1 or dataset.frames != cfg.frames:
+        log.info("foreground recall needs each clip to be its video's frames in order (dense, stride 1); "
+                 "not measured")  # fmt: skip
+        return False
     sample = load_truth(truth, dataset.records[0].id)
     fits = tuple(sample["mask"].shape) == tuple(cfg.grid) and sample["patch"] == cfg.patch
     if not fits or sample["tubelet"] != cfg.tubelet:
