@@ -85,7 +85,7 @@ def sweep_command(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated methods (default every method, and lite++); fixed parameters after "
+            help="Comma-separated methods (default every method; X++ adds LITE++'s budgets); fixed parameters after "
             "':' joined with ';', e.g. attention:at=2;per_frame=true."
         ),
     ] = None,

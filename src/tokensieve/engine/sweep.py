@@ -60,7 +60,9 @@ from ..reducers.plan import (
     current_plan,
     load_trained,
     schedule,
+    spec_pairs,
     spec_parameters,
+    split_plus,
     trained_keys,
     weights_key,
 )  # fmt: skip
@@ -88,9 +90,9 @@ log = logging.getLogger(__name__)
 
 BUDGETS: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85)
 """Default target token ratios."""
-METHODS: tuple[str, ...] = (*sorted(n for n, cls in REGISTRY.items() if cls.standalone), "lite++")
-"""The methods a sweep runs by default: every registered one that is a method on its own, and LITE++
-(LITE with adaptive budgets, at every budget)."""
+METHODS: tuple[str, ...] = tuple(sorted(n for n, cls in REGISTRY.items() if cls.standalone))
+"""The methods a sweep runs by default: every registered one that is a method on its own (not `adaptive`,
+which changes the method after it: give `lite++` to run LITE++ at every budget)."""
 SEEDS = RANDOM_SEEDS
 """Seeds of the matched random baseline (the report's reading guide says how many)."""
 MATCH_TOLERANCE = MATCHED
@@ -215,10 +217,9 @@ def _split_plus(base: str) -> tuple[str, list[str]]:
     """`X++:args` -> ("X:<X's own args>", [the adaptive budget's "key=value" args])."""
     name, _, args = base.strip().partition(":")
     method = name[:-2]
-    own = spec_parameters(REGISTRY[method])
-    pairs = [a.strip() for a in args.split(",") if a.strip()]
-    mine = [a for a in pairs if a.partition("=")[0].strip() in own]
-    return f"{method}:{','.join(mine)}" if mine else method, [a for a in pairs if a not in mine]
+    mine, rest = split_plus(method, spec_pairs(name, args, base))
+    plain = ",".join(f"{k}={v}" for k, v in mine.items())
+    return f"{method}:{plain}" if plain else method, [f"{k}={v}" for k, v in rest.items()]
 
 
 def _why(model: nn.Module, spec: str) -> str:
@@ -488,7 +489,7 @@ def sweep(
         dataset: the videos (`VideoDataset`).
         out: the sweep's folder.
         methods: method specs without their budget parameter ("sta", "attention:per_frame=true");
-            default `METHODS` (every method, and lite++).
+            default `METHODS` (every method that stands alone).
         budgets: target token ratios in (0, 1).
         selectors: trained weights of learned methods (`reducer.state_dict()`), by `weights_key`: the method's
             name ("stts"), with the parameters other than the budget they were trained with if any

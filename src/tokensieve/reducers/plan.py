@@ -32,7 +32,9 @@ __all__ = [
     "pattern_label",
     "plan",
     "schedule",
+    "spec_pairs",
     "spec_parameters",
+    "split_plus",
     "trained_keys",
     "weights_key",
     "without_plan",
@@ -116,7 +118,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
     items = []
     for term in re.split(r"\+(?=\s*\w)", spec):  # a "+" before a name joins methods; "lite++" is a name
         method, _, args = term.strip().partition(":")
-        given = _pairs(method, args, spec)
+        given = spec_pairs(method, args, spec)
         base = method[:-2] if method.endswith("++") else method
         if base not in REGISTRY or (base != method and not REGISTRY[base].takes_budgets):
             shorthands = sorted(f"{name}++" for name, cls in REGISTRY.items() if cls.takes_budgets)
@@ -127,24 +129,26 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
         if base == method:
             items.append((method, _values(method, given)))
             continue
-        # The LITE++ shorthand: adaptive + the method; each parameter goes to the method if it takes it.
-        mine = {
-            k: v
-            for k, v in given.items()
-            if k in spec_parameters(REGISTRY[base]) or _pattern(REGISTRY[base], k)
-        }
-        rest = {k: v for k, v in given.items() if k not in mine}
+        mine, rest = split_plus(base, given)  # the LITE++ shorthand: adaptive + the method
         unknown = sorted(set(rest) - set(spec_parameters(REGISTRY["adaptive"])))
         if unknown:
             raise InputError(
                 f"{method} has no parameter {unknown[0]!r}; valid: {_describe(REGISTRY[base])}; "
                 f"{_describe(REGISTRY['adaptive'])}"
             )
-        items += [("adaptive", _values("adaptive", rest, shown=method)), (base, _values(base, mine))]
+        items += [("adaptive", _values("adaptive", rest)), (base, _values(base, mine))]
     return items
 
 
-def _pairs(method: str, args: str, spec: str) -> dict[str, str]:
+def split_plus(method: str, given: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The parameters of `method++:...` split into (`method`'s own, the rest for `adaptive`): each goes
+    to the method if it takes it."""
+    cls = REGISTRY[method]
+    mine = {k: v for k, v in given.items() if k in spec_parameters(cls) or _pattern(cls, k)}
+    return mine, {k: v for k, v in given.items() if k not in mine}
+
+
+def spec_pairs(method: str, args: str, spec: str) -> dict[str, str]:
     """The `key=value` pairs of one term, as strings, each key once."""
     pairs: dict[str, str] = {}
     for pair in filter(None, (a.strip() for a in args.split(","))):
@@ -158,15 +162,15 @@ def _pairs(method: str, args: str, spec: str) -> dict[str, str]:
     return pairs
 
 
-def _values(method: str, pairs: Mapping[str, str], *, shown: str | None = None) -> dict[str, Any]:
-    """`pairs` converted to `method`'s parameter types; `shown` names the method in messages."""
+def _values(method: str, pairs: Mapping[str, str]) -> dict[str, Any]:
+    """`pairs` converted to `method`'s parameter types."""
     cls = REGISTRY[method]
     params = spec_parameters(cls)
     values: dict[str, Any] = {}
     for key, value in pairs.items():
         kind = params[key][1] if key in params else _pattern(cls, key)
         if kind is None:
-            raise InputError(f"{shown or method} has no parameter {key!r}; valid: {_describe(cls)}")
+            raise InputError(f"{method} has no parameter {key!r}; valid: {_describe(cls)}")
         values[key] = _convert(value, kind, method, key)
     return values
 
