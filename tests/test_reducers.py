@@ -118,6 +118,8 @@ def _is_random(spec: str) -> bool:
     method, args = parse(spec)[-1]
     if method == "sta":
         return args.get("first") in ("random", "grid")
+    if method == "oracle":  # its seed only orders tokens of equal value
+        return False
     return "seed" in spec_parameters(REGISTRY[method])
 
 

@@ -184,8 +184,8 @@ def test_damaged_saved_models_fail_naming_the_file(tmp_path: Path) -> None:
         ts.load(folder)
 
     folder = saved("unknown-method")
-    (folder / CONFIG_FILE).write_text(json.dumps({**doc, "spec": "lite:keep=0.5"}))
-    with pytest.raises(InputError, match=r"unknown-method/model\.safetensors: cannot install its plan 'lite:keep=0\.5': unknown method"):  # fmt: skip
+    (folder / CONFIG_FILE).write_text(json.dumps({**doc, "spec": "bogus:keep=0.5"}))
+    with pytest.raises(InputError, match=r"unknown-method/model\.safetensors: cannot install its plan 'bogus:keep=0\.5': unknown method"):  # fmt: skip
         ts.load(folder)
 
     folder = saved("outside")

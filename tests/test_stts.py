@@ -248,7 +248,7 @@ def test_gflops_of_half_the_slices_plus_the_scorer() -> None:
     scorer = F * (5 * D + D * D // 2 + D * D // 2 + D // 2 * D // 4 + D // 4) / 1e9  # LN + four Linears
     assert count.gflops == pytest.approx(ts.flops(uniform) + scorer, abs=1e-6)
     assert count.gflops == pytest.approx(79.84, abs=1.0)  # 4 of 8 slices: 784 tokens
-    reported = sum(v for k, v in count.by_module.items() if k.startswith("plan")) / 1e9
+    reported = sum(v for k, v in count.by_module.items() if k.startswith("reducers.")) / 1e9
     assert reported == pytest.approx(scorer, rel=1e-6)
 
 
