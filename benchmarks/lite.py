@@ -25,14 +25,20 @@ reported as the median over the timed rounds.
    Where the time goes is read by the same hooks: the patch embedding, the glance (the `adaptive` slot),
    the selector's MLP, the selection (the rest of the `lite` slot: top-k, or with per-clip budgets the
    ranking, `compact`'s host read of the counts and the gather), and the rest (the blocks, run packed on a
-   ragged batch, and the head), each beside its GFLOPs per clip. "blocks eff." is the rest's own
-   efficiency against the unreduced model: (its time there / here) / (its GFLOPs there / here).
+   ragged batch, and the head), each the median over rounds beside its GFLOPs per clip. "blocks eff." is
+   the rest's own efficiency against the unreduced model: (its time there / here) / (its GFLOPs there /
+   here), the median over rounds.
 
-The batch-8 `lite:keep=0.5` rounds on videomae-b serve both parts. Speed-ups are ratios of median seconds,
-with the interquartile range of the per-round paired ratios beside them; a range wider than
-`tokensieve.bench.BUSY_SPREAD` (15%) of the speed-up means the machine was busy, and the script says so.
+The batch-8 `lite:keep=0.5` rounds on videomae-b serve both parts. A speed-up is the median over rounds of
+the paired ratio (the unreduced model's seconds in that round / the plan's), beside its interquartile range;
+seconds per batch are medians. Pairs within a round cancel a change of load between rounds, which a ratio
+of medians (`ts.benchmark`'s speed-up) does not: when another process started halfway through a run, three
+of LITE++'s five rounds were slow but only two of the unreduced model's, and the ratio of medians gave an
+efficiency of 0.52 where the paired median gave 0.96. An IQR wider than `tokensieve.bench.BUSY_SPREAD`
+(15%) of the speed-up means the machine was busy, and the script says so.
 Small ops suffer most on a busy machine (a 2-thread op waits for a descheduled thread): the selector's
-share is then overstated. A full run takes about 7 minutes on 2 idle cores (twice that on a busy
+share is then overstated (at batch 1, 2-3% instead of 0.5%), and the script says so when its time share
+exceeds 3x its GFLOP share. A full run takes about 7 minutes on 2 idle cores (twice that on a busy
 machine); `--quick` (videomae-s only, batch 1 and 4, LITE++ at batch 4, 3 rounds) about 1.5 minutes.
 
 Run:  python benchmarks/lite.py [--quick] [--models videomae-s videomae-b] [--batch-sizes 1 8]
@@ -69,6 +75,9 @@ log = logging.getLogger("benchmarks.lite")
 NONE, FIXED = "none", "lite:keep=0.5"
 TARGET_SHARE = 0.02
 TARGET_EFFICIENCY = 0.9
+SLOW_SELECTOR = 3
+"""On 2 idle cores the selector's time share is 1.1-1.4x its GFLOP share (its last layer and GELUs are
+memory-bound); past this factor its small ops were held up by another process (a busy machine)."""
 REDUCERS = "reducers."
 """`FlopCount.by_module` parts of the plan's own work: its slots, "reducers.p"."""
 PARTS = ("embed", "glance", "selector", "select", "rest")
@@ -270,6 +279,8 @@ class PlusRow:
     time_parts: dict[str, float] = field(default_factory=dict)
     gflops_parts: dict[str, float] = field(default_factory=dict)
     blocks_efficiency: float = 1.0
+    times: tuple[float, ...] = ()
+    """Seconds per batch of every timed round, in round order."""
 
     @property
     def spread(self) -> float:
@@ -342,15 +353,15 @@ def run_case(
         return share, [], {}
 
     rows = []
-    base_times = [r["total"] for r in runs[NONE]]
+    base = runs[NONE]
     base_parts = part_gflops(counts[NONE], 0.0)
     small = sum(c > high for c in conf)
     for spec, installed in plans.items():
-        seconds = median(runs[spec], "total")
-        speedup = statistics.median(base_times) / seconds
+        mine = runs[spec]
+        paired = [b["total"] / r["total"] for b, r in zip(base, mine, strict=True)]  # per round
         ratio = counts[NONE].gflops / counts[spec].gflops
         gparts = part_gflops(counts[spec], 0.0 if spec == NONE else selector_gflops)
-        tparts = {p: median(runs[spec], p) for p in PARTS}
+        rest_ratio = base_parts["rest"] / gparts["rest"]
         if installed.adaptive and small_when_alone(counts[spec].per_clip) != small:
             log.warning("%s: %d clips on the small budget in the batch, %d when counted alone", short(spec),
                         small, small_when_alone(counts[spec].per_clip))  # fmt: skip
@@ -358,10 +369,12 @@ def run_case(
             PlusRow(
                 plan=spec, small_share=small / batch if installed.adaptive else None,
                 gflops=counts[spec].gflops, per_clip=counts[spec].per_clip, gflops_ratio=ratio,
-                seconds=seconds, speedup=speedup,
-                speedup_iqr=quartiles([b / r["total"] for b, r in zip(base_times, runs[spec], strict=True)]),
-                efficiency=speedup / ratio, time_parts=tparts, gflops_parts=gparts,
-                blocks_efficiency=(median(runs[NONE], "rest") / tparts["rest"]) / (base_parts["rest"] / gparts["rest"]),
+                seconds=median(mine, "total"), speedup=statistics.median(paired), speedup_iqr=quartiles(paired),
+                efficiency=statistics.median(paired) / ratio, time_parts={p: median(mine, p) for p in PARTS},
+                gflops_parts=gparts, times=tuple(r["total"] for r in mine),
+                blocks_efficiency=statistics.median(
+                    b["rest"] / r["rest"] / rest_ratio for b, r in zip(base, mine, strict=True)
+                ),
             )
         )  # fmt: skip
     return share, rows, {"confidences": conf, "low": 0.0, "high": high}
@@ -480,6 +493,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         for s in shares
         if s.share > TARGET_SHARE
     ]
+    slow = [s for s in shares if s.share > SLOW_SELECTOR * s.flop_share]
+    if slow:
+        console.print(
+            f"the selector ran slow for its FLOPs ({', '.join(f'{s.model} batch {s.batch}' for s in slow)}: time "
+            f"share > {SLOW_SELECTOR}x its GFLOP share): small ops wait for a descheduled thread on a busy machine"
+        )
     if plus is not None:
         rows, info = plus
         name, batch = args.plus
