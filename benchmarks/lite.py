@@ -34,12 +34,19 @@ the paired ratio (the unreduced model's seconds in that round / the plan's), bes
 seconds per batch are medians. Pairs within a round cancel a change of load between rounds, which a ratio
 of medians (`ts.benchmark`'s speed-up) does not: when another process started halfway through a run, three
 of LITE++'s five rounds were slow but only two of the unreduced model's, and the ratio of medians gave an
-efficiency of 0.52 where the paired median gave 0.96. An IQR wider than `tokensieve.bench.BUSY_SPREAD`
-(15%) of the speed-up means the machine was busy, and the script says so.
-Small ops suffer most on a busy machine (a 2-thread op waits for a descheduled thread): the selector's
-share is then overstated (at batch 1, 2-3% instead of 0.5%), and the script says so when its time share
-exceeds 3x its GFLOP share. A full run takes about 7 minutes on 2 idle cores (twice that on a busy
-machine); `--quick` (videomae-s only, batch 1 and 4, LITE++ at batch 4, 3 rounds) about 1.5 minutes.
+efficiency of 0.52 where the paired median gave 0.96.
+
+On a shared machine a load that comes and goes within a round still skews a pair (the unreduced model's
+batch takes 25 s alone, twice that beside another process). So every run also reads how many cores the
+rest of the machine used meanwhile (`/proc/stat` minus this process: `Others`; steal time included); a run
+is quiet below `QUIET` (0.2 cores), and every number comes from the rounds in which all the runs it
+compares were quiet ("quiet rounds" k/n), or from all rounds, marked "(all)", when fewer than 2 were.
+Busy rounds matter most for small ops (a 2-thread op waits for a descheduled thread): on a busy machine
+the selector's share at batch 1 reads 2-3% instead of 0.5%; the script says so when its time share exceeds
+3x its GFLOP share, and when paired speed-ups disagree by more than `tokensieve.bench.BUSY_SPREAD` (15%).
+
+A full run takes about 7 minutes on 2 idle cores (up to twice that on a busy machine); `--quick`
+(videomae-s only, batch 1 and 4, LITE++ at batch 4, 3 rounds) about 1.5 minutes.
 
 Run:  python benchmarks/lite.py [--quick] [--models videomae-s videomae-b] [--batch-sizes 1 8]
                                 [--plus videomae-b 8] [--keeps 0.5 0.7] [--repeats 5] [--json out.json]
@@ -51,6 +58,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -75,6 +83,10 @@ log = logging.getLogger("benchmarks.lite")
 NONE, FIXED = "none", "lite:keep=0.5"
 TARGET_SHARE = 0.02
 TARGET_EFFICIENCY = 0.9
+QUIET = 0.2
+"""A run is quiet when the rest of the machine used at most this many cores meanwhile (`Others`)."""
+MIN_QUIET = 2
+"""Numbers come from the quiet rounds when at least this many were quiet, else from every round."""
 SLOW_SELECTOR = 3
 """On 2 idle cores the selector's time share is 1.1-1.4x its GFLOP share (its last layer and GELUs are
 memory-bound); past this factor its small ops were held up by another process (a busy machine)."""
@@ -137,6 +149,41 @@ def parts(spec: str, total: float, seconds: dict[str, float]) -> dict[str, float
             "rest": total - embed - glance - lite}  # fmt: skip
 
 
+class Others:
+    """CPU time the rest of the machine used while a run ran, in cores: all CPUs' busy time (`/proc/stat`:
+    user, nice, system, irq, softirq, and steal: time the hypervisor gave to other guests) minus this
+    process's own. 0.0 where `/proc/stat` is missing (every run then counts as quiet)."""
+
+    def __init__(self) -> None:
+        self._start = (0.0, 0.0, 0.0)
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            with open("/proc/stat") as stat:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+                    int, stat.readline().split()[1:9]
+                )
+        except (OSError, ValueError):
+            return 0.0
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self._start = (self._busy(), sum(os.times()[:2]), time.perf_counter())
+
+    def cores(self) -> float:
+        busy, mine, wall = self._busy(), sum(os.times()[:2]), time.perf_counter()
+        return max(0.0, (busy - self._start[0]) - (mine - self._start[1])) / (wall - self._start[2])
+
+
+def quiet_rounds(*series: list[dict[str, float]]) -> tuple[list[int], int]:
+    """(rounds to use, how many were quiet): the rounds in which every run of `series` (per round, one per
+    plan) had the rest of the machine below `QUIET` cores, or every round when fewer than `MIN_QUIET` were."""
+    rounds = range(len(series[0]))
+    quiet = [i for i in rounds if all(runs[i]["others"] <= QUIET for runs in series)]
+    return (quiet if len(quiet) >= MIN_QUIET else list(rounds)), len(quiet)
+
+
 def interleaved(
     model: ts.VideoBackbone,
     video: Tensor,
@@ -147,10 +194,11 @@ def interleaved(
     label: str,
     alone: int = 5,
 ) -> dict[str, list[dict[str, float]]]:
-    """Per plan, per timed round, the forward's seconds split into `PARTS` (and "total"); for a plan with
-    a fixed-budget `lite` slot also "alone": right after its forward, the slot called `alone` times on
-    the tokens it was given in that forward, the median seconds of a call."""
-    clock = Clock()
+    """Per plan, per timed round, the forward's seconds split into `PARTS` (and "total"), and "others":
+    the cores the rest of the machine used meanwhile (`Others`); for a plan with a fixed-budget `lite`
+    slot also "alone": right after its forward, the slot called `alone` times on the tokens it was given
+    in that forward, the median seconds of a call."""
+    clock, others = Clock(), Others()
     clock.watch("embed", model.embed)
     given: dict[str, TokenState] = {}
     for name, installed in plans.items():
@@ -166,10 +214,11 @@ def interleaved(
                     name = names[(i + r) % len(names)]  # rotate: no plan always follows another
                     plans[name].install()
                     clock.seconds.clear()
+                    others.start()
                     start = time.perf_counter()
                     model(video)
                     total = time.perf_counter() - start
-                    run = parts(name, total, clock.seconds)
+                    run = {**parts(name, total, clock.seconds), "others": others.cores()}
                     if name in given:
                         run["alone"] = statistics.median(
                             _seconds(slot(plans[name], "lite"), given[name], alone)
@@ -178,7 +227,8 @@ def interleaved(
                         runs[name].append(run)
                 timed = f"round {r - warmup + 1}/{repeats}" if r >= warmup else f"warm-up {r + 1}/{warmup}"
                 log.info("%s %s: %s", label, timed,
-                         ", ".join(f"{short(n)} {runs[n][-1]['total']:.2f}s" for n in names if runs[n]))  # fmt: skip
+                         ", ".join(f"{short(n)} {runs[n][-1]['total']:.2f}s (others {runs[n][-1]['others']:.2f})"
+                                   for n in names if runs[n]))  # fmt: skip
     finally:
         clock.remove()
     return runs
@@ -199,8 +249,9 @@ def _seconds(module: nn.Module | None, state: TokenState, calls: int) -> list[fl
     return out
 
 
-def median(runs: list[dict[str, float]], key: str) -> float:
-    return statistics.median(run[key] for run in runs)
+def median(runs: list[dict[str, float]], key: str, rounds: Sequence[int] | None = None) -> float:
+    """The median of `key` over `rounds` (default all) of `runs`."""
+    return statistics.median(runs[i][key] for i in (range(len(runs)) if rounds is None else rounds))
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
@@ -250,6 +301,11 @@ class Share:
     model: str
     batch: int
     clip: str
+    quiet: int
+    """Timed rounds in which the rest of the machine was quiet (`quiet_rounds`)."""
+    rounds: int
+    used: int
+    """Rounds the numbers come from: the quiet ones, or all when fewer than `MIN_QUIET` were."""
     forward_s: float
     mlp_s: float
     select_s: float
@@ -261,6 +317,8 @@ class Share:
     flop_share: float
     selector_gflops: float
     gflops: float
+    others: tuple[float, ...] = ()
+    """Cores the rest of the machine used during each round's forward."""
 
 
 @dataclass
@@ -272,6 +330,11 @@ class PlusRow:
     gflops: float
     per_clip: tuple[float, ...]
     gflops_ratio: float
+    quiet: int
+    """Rounds in which both this plan's and the unreduced model's runs were quiet (`quiet_rounds`)."""
+    rounds: int
+    used: int
+    """Rounds (pairs) the numbers come from: the quiet ones, or all when fewer than `MIN_QUIET` were."""
     seconds: float
     speedup: float
     speedup_iqr: tuple[float, float]
@@ -281,6 +344,8 @@ class PlusRow:
     blocks_efficiency: float = 1.0
     times: tuple[float, ...] = ()
     """Seconds per batch of every timed round, in round order."""
+    others: tuple[float, ...] = ()
+    """Cores the rest of the machine used during each of them."""
 
     @property
     def spread(self) -> float:
@@ -340,14 +405,16 @@ def run_case(
     runs = interleaved(model, video, plans, warmup=warmup, repeats=repeats, label=label)
 
     fixed = runs[FIXED]
-    per_round = [(r["selector"] + r["select"]) / r["total"] for r in fixed]
-    alone = [r["alone"] / r["total"] for r in fixed]
+    used, quiet = quiet_rounds(fixed)
+    per_round = [(fixed[i]["selector"] + fixed[i]["select"]) / fixed[i]["total"] for i in used]
+    alone = [fixed[i]["alone"] / fixed[i]["total"] for i in used]
     share = Share(
-        model=name, batch=batch, clip=f"{cfg.frames}x{cfg.size}", forward_s=median(fixed, "total"), mlp_s=median(fixed, "selector"),
-        select_s=median(fixed, "select"), share=statistics.median(per_round), share_iqr=quartiles(per_round),
-        alone_s=median(fixed, "alone"), alone_share=statistics.median(alone), alone_iqr=quartiles(alone),
+        model=name, batch=batch, clip=f"{cfg.frames}x{cfg.size}", quiet=quiet, rounds=len(fixed), used=len(used),
+        forward_s=median(fixed, "total", used), mlp_s=median(fixed, "selector", used),
+        select_s=median(fixed, "select", used), share=statistics.median(per_round), share_iqr=quartiles(per_round),
+        alone_s=median(fixed, "alone", used), alone_share=statistics.median(alone), alone_iqr=quartiles(alone),
         flop_share=selector_gflops / counts[FIXED].gflops, selector_gflops=selector_gflops,
-        gflops=counts[FIXED].gflops,
+        gflops=counts[FIXED].gflops, others=tuple(r["others"] for r in fixed),
     )  # fmt: skip
     if not plus_keeps:
         return share, [], {}
@@ -358,7 +425,8 @@ def run_case(
     small = sum(c > high for c in conf)
     for spec, installed in plans.items():
         mine = runs[spec]
-        paired = [b["total"] / r["total"] for b, r in zip(base, mine, strict=True)]  # per round
+        used, quiet = quiet_rounds(base, mine)
+        paired = [base[i]["total"] / mine[i]["total"] for i in used]  # the pairs of a round
         ratio = counts[NONE].gflops / counts[spec].gflops
         gparts = part_gflops(counts[spec], 0.0 if spec == NONE else selector_gflops)
         rest_ratio = base_parts["rest"] / gparts["rest"]
@@ -369,12 +437,11 @@ def run_case(
             PlusRow(
                 plan=spec, small_share=small / batch if installed.adaptive else None,
                 gflops=counts[spec].gflops, per_clip=counts[spec].per_clip, gflops_ratio=ratio,
-                seconds=median(mine, "total"), speedup=statistics.median(paired), speedup_iqr=quartiles(paired),
-                efficiency=statistics.median(paired) / ratio, time_parts={p: median(mine, p) for p in PARTS},
-                gflops_parts=gparts, times=tuple(r["total"] for r in mine),
-                blocks_efficiency=statistics.median(
-                    b["rest"] / r["rest"] / rest_ratio for b, r in zip(base, mine, strict=True)
-                ),
+                quiet=quiet, rounds=len(mine), used=len(used), seconds=median(mine, "total", used),
+                speedup=statistics.median(paired), speedup_iqr=quartiles(paired),
+                efficiency=statistics.median(paired) / ratio, time_parts={p: median(mine, p, used) for p in PARTS},
+                gflops_parts=gparts, times=tuple(r["total"] for r in mine), others=tuple(r["others"] for r in mine),
+                blocks_efficiency=statistics.median(base[i]["rest"] / mine[i]["rest"] / rest_ratio for i in used),
             )
         )  # fmt: skip
     return share, rows, {"confidences": conf, "low": 0.0, "high": high}
@@ -383,18 +450,23 @@ def run_case(
 # ---------------------------------------------------------------------------------------- output
 def share_table(shares: Sequence[Share]) -> Table:
     table = compact_table()
-    columns = ("model", "batch", "forward\ns", "MLP\nms", "top-k\nms", "share\nin fwd", "IQR", "alone\nms",
+    columns = ("model", "batch", "quiet\nrounds", "forward\ns", "MLP\nms", "top-k\nms", "share\nin fwd", "IQR", "alone\nms",
                "share\nalone", "IQR", "GFLOPs\nselector", "GFLOP\nshare")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for s in shares:
         table.add_row(
-            s.model, str(s.batch), f"{s.forward_s:.3f}", f"{1e3 * s.mlp_s:.1f}", f"{1e3 * s.select_s:.1f}",
+            s.model, str(s.batch), quiet_cell(s.quiet, s.rounds, s.used), f"{s.forward_s:.3f}", f"{1e3 * s.mlp_s:.1f}", f"{1e3 * s.select_s:.1f}",
             f"{100 * s.share:.2f}%", percent_range(s.share_iqr), f"{1e3 * s.alone_s:.1f}",
             f"{100 * s.alone_share:.2f}%", percent_range(s.alone_iqr), f"{s.selector_gflops:.3f}",
             f"{100 * s.flop_share:.2f}%",
         )  # fmt: skip
     return table
+
+
+def quiet_cell(quiet: int, rounds: int, used: int) -> str:
+    """ "3/5": the numbers come from the 3 quiet rounds of 5; "0/5 (all)": too few were quiet, all are used."""
+    return f"{quiet}/{rounds}" + (" (all)" if used == rounds and quiet < rounds else "")
 
 
 def percent_range(q: tuple[float, float]) -> str:
@@ -403,13 +475,23 @@ def percent_range(q: tuple[float, float]) -> str:
 
 def plus_table(rows: Sequence[PlusRow]) -> Table:
     table = compact_table()
-    columns = ("plan", "small", "GFLOPs", "GFLOPs\nratio", "s /\nbatch", "speed-\nup", "IQR", "effi-\nciency")
+    columns = (
+        "plan",
+        "small",
+        "GFLOPs",
+        "GFLOPs\nratio",
+        "quiet\nrounds",
+        "s /\nbatch",
+        "speed-\nup",
+        "IQR",
+        "effi-\nciency",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "plan" else "right")
     for r in rows:
         table.add_row(
             short(r.plan), "-" if r.small_share is None else f"{100 * r.small_share:.0f}%", f"{r.gflops:.1f}",
-            f"{r.gflops_ratio:.2f}x", f"{r.seconds:.2f}", f"{r.speedup:.2f}x",
+            f"{r.gflops_ratio:.2f}x", quiet_cell(r.quiet, r.rounds, r.used), f"{r.seconds:.2f}", f"{r.speedup:.2f}x",
             "-" if r.plan == NONE else f"{r.speedup_iqr[0]:.2f}-{r.speedup_iqr[1]:.2f}", f"{r.efficiency:.2f}",
             style="dim" if r.plan == NONE else None,
         )  # fmt: skip
@@ -482,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             plus = (rows, info)
 
     threads = torch.get_num_threads()
-    clip = f"{shares[0].clip}, float32, {threads} threads, median of {args.repeats} rounds"
+    clip = f"{shares[0].clip}, float32, {threads} threads, medians over the quiet of {args.repeats} rounds"
     console.print(
         f"\n1. LITE's selector in the {FIXED} forward ({clip}): its MLP on every token and the top-k, "
         "timed inside the forward (hooks) and alone (the slot called again on the same tokens); its GFLOPs"
@@ -522,6 +604,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                 f"the machine was busy: the paired speed-ups of {len(busy)} plan(s) disagree by more than "
                 f"{BUSY_SPREAD:.0%} (IQR / speed-up), most for {short(worst.plan)} ({worst.spread:.0%})"
             )
+    loud = [f"{s.model} batch {s.batch}" for s in shares if s.used == s.rounds and s.quiet < s.rounds]
+    loud += [
+        f"{short(r.plan)}" for r in (plus[0] if plus else []) if r.used == r.rounds and r.quiet < r.rounds
+    ]
+    if loud:
+        console.print(
+            f"fewer than {MIN_QUIET} quiet rounds (another process used > {QUIET} cores) for {', '.join(loud)}: "
+            "those numbers come from every round, on a busy machine"
+        )
     console.print(
         f"targets: selector <= {100 * TARGET_SHARE:.0f}% of the forward; LITE++ efficiency >= {TARGET_EFFICIENCY}"
     )

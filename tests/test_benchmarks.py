@@ -35,6 +35,7 @@ def test_lite_benchmark_runs_on_a_tiny_model(
     assert [(s["model"], s["batch"]) for s in doc["shares"]] == [("videomae-tiny", 1), ("videomae-tiny", 4)]
     for share in doc["shares"]:
         assert 0 < share["share"] < 1 and 0 < share["alone_share"] and 0 < share["flop_share"] < 0.1
+        assert share["rounds"] == 2 and share["used"] in (share["quiet"], 2) and len(share["others"]) == 2
     plus = doc["plus"]
     assert [r["plan"].split(",low=")[0] for r in plus["rows"]] == [
         "none",
@@ -50,3 +51,15 @@ def test_lite_benchmark_runs_on_a_tiny_model(
         assert len(set(row["per_clip"])) == 2 and row["gflops"] == pytest.approx(sum(row["per_clip"]) / 4)
         assert row["gflops_parts"]["glance"] > 0 and row["time_parts"]["glance"] > 0
     assert "LITE++ on videomae-tiny, batch 4" in capsys.readouterr().out
+
+
+def test_lite_benchmark_compares_the_rounds_in_which_every_run_was_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lite = _script("lite", monkeypatch)
+    base = [{"others": o} for o in (0.0, 0.5, 0.1, 0.0)]
+    plan = [{"others": o} for o in (0.1, 0.0, 0.0, 0.9)]
+    assert lite.quiet_rounds(base) == ([0, 2, 3], 3)
+    assert lite.quiet_rounds(base, plan) == ([0, 2], 2)  # both runs of a pair quiet
+    loud = [{"others": o} for o in (0.0, 0.5, 0.5, 0.5)]
+    assert lite.quiet_rounds(base, loud) == ([0, 1, 2, 3], 1)  # too few: every round
