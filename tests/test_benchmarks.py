@@ -1,0 +1,65 @@
+"""Benchmark scripts run end to end on tiny settings (smoke tests: structure, never timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A benchmark script imported as a module (its `main` not run)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lite_benchmark_runs_on_a_tiny_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lite = _script("lite", monkeypatch)
+    out = tmp_path / "lite.json"
+    argv = ["--models", "videomae-tiny", "--batch-sizes", "1", "--plus", "videomae-tiny", "4",
+            "--warmup", "0", "--repeats", "2", "--json", str(out)]  # fmt: skip
+    doc = lite.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert [(s["model"], s["batch"]) for s in doc["shares"]] == [("videomae-tiny", 1), ("videomae-tiny", 4)]
+    for share in doc["shares"]:
+        assert 0 < share["share"] < 1 and 0 < share["alone_share"] and 0 < share["flop_share"] < 0.1
+        assert share["rounds"] == 2 and share["used"] in (share["quiet"], 2) and len(share["others"]) == 2
+    plus = doc["plus"]
+    assert [r["plan"].split(",low=")[0] for r in plus["rows"]] == [
+        "none",
+        "lite:keep=0.5",
+        "lite++:keep=0.5",
+        "lite++:keep=0.7",
+    ]
+    assert plus["high"] == pytest.approx(sum(sorted(plus["confidences"])[1:3]) / 2)  # their median
+    none, fixed, *adaptive = plus["rows"]
+    assert none["gflops_ratio"] == 1.0 and fixed["small_share"] is None
+    for row in adaptive:
+        assert row["small_share"] == 0.5  # the median threshold puts half the clips on the small budget
+        assert len(set(row["per_clip"])) == 2 and row["gflops"] == pytest.approx(sum(row["per_clip"]) / 4)
+        assert row["gflops_parts"]["glance"] > 0 and row["time_parts"]["glance"] > 0
+    assert "LITE++ on videomae-tiny, batch 4" in capsys.readouterr().out
+
+
+def test_lite_benchmark_compares_the_rounds_in_which_every_run_was_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lite = _script("lite", monkeypatch)
+    base = [{"others": o} for o in (0.0, 0.5, 0.1, 0.0)]
+    plan = [{"others": o} for o in (0.1, 0.0, 0.0, 0.9)]
+    assert lite.quiet_rounds(base) == ([0, 2, 3], 3)
+    assert lite.quiet_rounds(base, plan) == ([0, 2], 2)  # both runs of a pair quiet
+    loud = [{"others": o} for o in (0.0, 0.5, 0.5, 0.5)]
+    assert lite.quiet_rounds(base, loud) == ([0, 1, 2, 3], 1)  # too few: every round
