@@ -45,8 +45,9 @@ Busy rounds matter most for small ops (a 2-thread op waits for a descheduled thr
 the selector's share at batch 1 reads 2-3% instead of 0.5%; the script says so when its time share exceeds
 3x its GFLOP share, and when paired speed-ups disagree by more than `tokensieve.bench.BUSY_SPREAD` (15%).
 
-A full run takes about 7 minutes on 2 idle cores (up to twice that on a busy machine); `--quick`
-(videomae-s only, batch 1 and 4, LITE++ at batch 4, 3 rounds) about 1.5 minutes.
+A full run takes about 9 minutes on 2 idle cores (16 beside another busy process), most of it the batch-8
+rounds on videomae-b (the unreduced model alone takes 28 s a round); `--repeats 3` cuts it to about 6.
+`--quick` (videomae-s only, batch 1 and 4, LITE++ at batch 4, 3 rounds) takes about 1.5 minutes.
 
 Run:  python benchmarks/lite.py [--quick] [--models videomae-s videomae-b] [--batch-sizes 1 8]
                                 [--plus videomae-b 8] [--keeps 0.5 0.7] [--repeats 5] [--json out.json]
