@@ -15,6 +15,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KINETICS_MEAN = (0.45, 0.45, 0.45)  # TimeSformer's normalisation
 KINETICS_STD = (0.225, 0.225, 0.225)
+HALF = (0.5, 0.5, 0.5)  # HaltingVT's normalisation: mean = std = 127.5 on 0-255 pixels
 
 Arch = Literal["videomae", "vit-cls", "timesformer"]
 Pool = Literal["mean", "first", "cls"]
@@ -37,6 +38,8 @@ class BackboneConfig:
         eps: LayerNorm epsilon of the blocks and the final norm; `fc_norm_eps` for `fc_norm`.
         num_classes: classifier outputs; 0 means no classifier (the head returns pooled features).
         mean, std: per-channel normalisation the weights expect (inputs in [0, 1] before it).
+        divided: arch "timesformer" only: how many leading blocks use divided space-time attention, the
+            later ones joint attention over every token (HaltingVT: 2, its Glimpser stage); None: all.
     """
 
     arch: Arch
@@ -59,6 +62,7 @@ class BackboneConfig:
     drop_path: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    divided: int | None = None
 
     def __post_init__(self) -> None:
         has_cls = self.arch != "videomae"
@@ -82,12 +86,23 @@ class BackboneConfig:
             raise InputError(f"size ({self.size}) must be divisible by the patch ({self.patch})")
         if self.dim % self.heads:
             raise InputError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.divided is not None and self.arch != "timesformer":
+            raise InputError(f"divided sets TimeSformer's divided blocks; arch {self.arch!r} has none")
+        if self.divided is not None and not 0 <= self.divided <= self.depth:
+            raise InputError(f"divided must be in 0..depth ({self.depth}), got {self.divided}")
 
     @property
     def grid(self) -> tuple[int, int, int]:
         """(T, H, W) token grid of a `frames` x `size` x `size` clip."""
         side = self.size // self.patch
         return (self.frames // self.tubelet, side, side)
+
+    @property
+    def divided_blocks(self) -> int:
+        """How many leading blocks use divided space-time attention."""
+        if self.arch != "timesformer":
+            return 0
+        return self.depth if self.divided is None else self.divided
 
     @property
     def has_cls(self) -> bool:
@@ -124,10 +139,16 @@ PRESETS: dict[str, BackboneConfig] = {
         mean=KINETICS_MEAN, std=KINETICS_STD,
     ),
     "joint-deit-s": BackboneConfig(arch="vit-cls", frames=8, size=224, dim=384, depth=12, heads=6, mlp_dim=1536),
+    # HaltingVT (Wu et al. 2023): DeiT-S, 2 divided blocks (the Glimpser stage) then 10 joint; Mini-Kinetics.
+    "haltingvt-s": BackboneConfig(
+        arch="timesformer", frames=8, size=224, dim=384, depth=12, heads=6, mlp_dim=1536, divided=2,
+        num_classes=200, drop_path=0.1, mean=HALF, std=HALF,
+    ),
     # Tiny presets for tests: a few thousand parameters, clips of 4 frames of 32x32.
     "videomae-tiny": BackboneConfig(arch="videomae", tubelet=2, pool="mean", qkv_bias="qv", **_TINY),
     "timesformer-tiny": BackboneConfig(arch="timesformer", **_TINY),
     "joint-tiny": BackboneConfig(arch="vit-cls", **_TINY),
+    "haltingvt-tiny": BackboneConfig(arch="timesformer", **{**_TINY, "depth": 4}, divided=2),
 }  # fmt: skip
 
 

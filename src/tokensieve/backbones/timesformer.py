@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..tokens import TokenState
+from ..tokens import Need, TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
 from .layers import Attention, Block, QkvBias
@@ -92,9 +92,16 @@ class DividedBlock(Block):
 
 
 class TimeSformer(VideoBackbone):
-    """Divided space-time transformer with per-frame patches and a class token."""
+    """Divided space-time transformer with per-frame patches and a class token. With
+    `config.divided` set, only the first `divided` blocks are divided and the later ones joint
+    (HaltingVT's backbone: its Glimpser stage, then joint blocks over every token)."""
 
     block_need = ("frames", "divided space-time attention")
+
+    def need(self, position: int) -> tuple[Need, str]:
+        if position < self.config.divided_blocks:
+            return self.block_need
+        return VideoBackbone.block_need
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch != "timesformer":
@@ -103,6 +110,6 @@ class TimeSformer(VideoBackbone):
         self.embed = FrameEmbed(
             channels=config.channels, dim=config.dim, patch=config.patch, grid=config.grid
         )
-        self.blocks = make_blocks(config, DividedBlock)
+        self.blocks = make_blocks(config, DividedBlock, count=config.divided_blocks)
         init_weights(self.blocks)
         init_weights(self.head)

@@ -98,15 +98,19 @@ class FrameEmbed(nn.Module):
         return (self.pos_embed[0, 1:] + self.time_embed[0, :, None]).flatten(0, 1)  # (T*H*W, C)
 
 
-def make_blocks(config: BackboneConfig, block: type[nn.Module] = Block) -> nn.ModuleList:
-    """`config.depth` blocks with stochastic depth increasing linearly to `config.drop_path`."""
+def make_blocks(
+    config: BackboneConfig, block: type[nn.Module] = Block, *, count: int | None = None
+) -> nn.ModuleList:
+    """`config.depth` blocks with stochastic depth increasing linearly to `config.drop_path`: the first
+    `count` (None: all) of kind `block`, the others joint (`Block`)."""
     rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+    count = config.depth if count is None else count
     return nn.ModuleList(
-        block(
+        (block if i < count else Block)(
             dim=config.dim, heads=config.heads, mlp_dim=config.mlp_dim, qkv_bias=config.qkv_bias,
             eps=config.eps, drop=config.drop, attn_drop=config.attn_drop, drop_path_rate=rate,
         )
-        for rate in rates
+        for i, rate in enumerate(rates)
     )  # fmt: skip
 
 
