@@ -33,12 +33,14 @@ __all__ = [
     "ATTN_RECEIVED",
     "CLIP_KEY",
     "CLS_ATTN",
+    "CLS_UPDATE",
     "INPUTS",
     "KEYS",
     "LOSSES",
     "NEEDS",
     "PROP_ATTN",
     "SOURCE_MAP",
+    "STATS",
     "TOKEN_AUX",
     "Inputs",
     "Layout",
@@ -57,6 +59,10 @@ KEYS = "keys"
 """Keys of the block's attention, averaged over heads: (B, N, hd), class token excluded."""
 CLS_ATTN = "cls_attn"
 """Attention paid by the class token to each patch token, averaged over heads: (B, N)."""
+CLS_UPDATE = "cls_update"
+"""Not per token: (B, 1, C), what a TimeSformer block's spatial attention adds to the class token (its
+per-frame outputs averaged), recorded before the residual; HaltingVT's Glimpser replaces the class
+token by it, as the released code does in its selecting block."""
 
 ATTN_RECEIVED = "attn_received"
 """Attention each patch token receives, averaged over heads and queries: (B, N). The importance
@@ -72,6 +78,11 @@ draws random numbers. Random methods draw from it, so a clip gets the same draws
 LOSSES = "losses"
 """Extra training losses reducers add along the forward pass: a dict name -> scalar tensor (not per
 token). The training loop adds them to the task loss; `add_loss` is the way to put one in."""
+
+STATS = "stats"
+"""Statistics reducers report along a training forward pass (tokens still running, mean halting score):
+a dict name -> scalar tensor. The training loop logs them beside the losses but does not add them;
+`add_stat` puts one in."""
 
 SOURCE_MAP = "source_map"
 """(B, T*H*W) long, only while tracking sources (`track_sources`): for each cell of the original grid
@@ -263,6 +274,12 @@ class TokenState:
             raise ValueError(f"a loss named {name!r} was already added to this state")
         losses[name] = value
         return self.with_aux(**{LOSSES: losses})
+
+    def add_stat(self, name: str, value: Tensor) -> TokenState:
+        """A copy carrying one more statistic under `aux[STATS][name]` (logged in training, not a loss)."""
+        stats = dict(self.aux.get(STATS, {}))
+        stats[name] = value
+        return self.with_aux(**{STATS: stats})
 
     # ------------------------------------------------------------------ views
     @property
@@ -465,7 +482,8 @@ def compact(
     The chosen tokens come first in every row, in their current order, and the rows are trimmed to the
     largest count; `mask` marks them and `lengths` holds the counts. When every sample keeps the same
     count the result is dense (no mask), laid out in `frames` equal frames if the caller says so.
-    Padding tokens of the input (`mask` False) are never chosen.
+    Padding tokens of the input (`mask` False) are never chosen. A clip may keep no patch token only
+    when the state has a class token (HaltingVT: every patch token halted, the class token runs on).
 
     This is the one place a forward pass reads data back to the host (the counts, once, to size the
     output): the documented exception to the rule of no synchronisation in a forward pass.
@@ -477,8 +495,8 @@ def compact(
             of range, say), read back in the same synchronisation; any set raises `message`.
 
     Raises:
-        InputError: a sample with no token chosen (a model needs at least one real token per clip), or
-            a flag of `invalid` set.
+        InputError: a sample with no token chosen and no class token (a model needs at least one real
+            token per clip), or a flag of `invalid` set.
     """
     if state.mask is not None:
         chosen = chosen & state.mask
@@ -491,14 +509,14 @@ def compact(
         lengths, flags = tuple(read[:B]), read[B:]
         if any(flags):
             raise InputError(f"{invalid[1]}; clip {flags.index(1)} of the batch is not")
-    if min(lengths) < 1:
+    if min(lengths) < 1 and state.cls is None:
         raise InputError(
             f"a reduction kept no token of clip {lengths.index(0)} of the batch (counts {list(lengths)}); "
             "every clip needs at least one real token"
         )
     longest = max(lengths)
     if min(lengths) == N:  # every token of every sample: nothing to move
-        return state if state.mask is None else state.replace(mask=None, lengths=None, frames=frames)
+        return state.replace(mask=None, lengths=None, frames=frames)
     with torch.no_grad():
         idx = (
             (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :longest]

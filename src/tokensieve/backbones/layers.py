@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..tokens import ATTN_RECEIVED, CLS_ATTN, KEYS, PROP_ATTN, TokenState
+from ..tokens import ATTN_RECEIVED, CLS_ATTN, CLS_UPDATE, KEYS, PROP_ATTN, TokenState
 
 __all__ = [
     "RAGGED",
@@ -206,9 +206,9 @@ def pack(state: TokenState) -> Packed:
     lengths = state.lengths
     if lengths is None:  # not made by `compact`: read the counts back (a synchronisation)
         lengths = tuple(state.mask.sum(1).tolist())
-    if min(lengths) < 1:
-        raise InputError(f"a clip of this batch holds no real token (counts {list(lengths)})")
     first = int(state.cls is not None)
+    if min(lengths) + first < 1:
+        raise InputError(f"a clip of this batch holds no real token (counts {list(lengths)})")
     lengths = tuple(n + first for n in lengths)
     rows = torch.nonzero_static(mask.flatten(), size=sum(lengths)).squeeze(1)  # (M,), no synchronisation
     padding = torch.nonzero_static(~mask.flatten(), size=B * L - sum(lengths)).squeeze(1)  # (B*L - M,)
@@ -493,7 +493,10 @@ class Block(nn.Module):
         y, recorded = self.attn(
             self.norm1(x), mask=attention_mask(state), record=self.record, has_cls=has_cls
         )
-        state = split_cls(state, x + self.drop_path(y), recorded)
+        y = self.drop_path(y)
+        if CLS_UPDATE in self.record and has_cls:  # what the attention adds to the class token (Glimpser)
+            recorded = {**recorded, CLS_UPDATE: y[:, :1]}
+        state = split_cls(state, x + y, recorded)
         state = self.inner(state)
         return self.mlp_residual(state)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..tokens import Need, TokenState
+from ..tokens import CLS_UPDATE, Need, TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
 from .layers import Attention, Block, QkvBias
@@ -79,13 +79,15 @@ class DividedBlock(Block):
         )  # (B*F, 1+n, C)
         ys, recorded = self.attn(self.norm1(xs), record=self.record, has_cls=True)
         ys = self.drop_path(ys)
-        cls = cls + ys[:, :1].view(B, F_, C).mean(1, keepdim=True)  # (B, 1, C): averaged over frames
+        update = ys[:, :1].view(B, F_, C).mean(1, keepdim=True)  # (B, 1, C): averaged over frames
         x = x.reshape(B, F_ * n, C) + ys[:, 1:].reshape(B, F_ * n, C)  # (B, N, C)
 
-        state = state.replace(x=x, cls=cls)
+        state = state.replace(x=x, cls=cls + update)
         if recorded:
             # Spatial attention's side results are per frame: (B*F, n, ...) -> (B, N, ...).
             state = state.with_aux(**{k: v.reshape(B, F_ * n, *v.shape[2:]) for k, v in recorded.items()})
+        if CLS_UPDATE in self.record:
+            state = state.with_aux(**{CLS_UPDATE: update})
 
         # 3. The reducer slot between attention and MLP, then the MLP on every token.
         return self.mlp_residual(self.inner(state))

@@ -81,7 +81,7 @@ from ..data.datasets import VideoDataset
 from ..data.transforms import normalize
 from ..errors import InputError
 from ..reducers.plan import apply
-from ..tokens import LOSSES, Inputs
+from ..tokens import INPUTS, LOSSES, STATS, Inputs
 from .checkpoint import (
     CHECKPOINT,
     check_resumable,
@@ -209,6 +209,8 @@ class StepInfo:
         losses: the parts of `loss` by name: "task" and every extra loss the plan added.
         lr: learning rate of each parameter group used in this step, by group name.
         clips_per_s: training clips per second in this run so far, all processes.
+        stats: the plan's statistics by name (`TokenState.add_stat`: HaltingVT's share of tokens still
+            running after each block, its mean halting score), mean over the global batch; not losses.
     """
 
     step: int
@@ -218,6 +220,7 @@ class StepInfo:
     losses: dict[str, float]
     lr: dict[str, float]
     clips_per_s: float
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 Progress = Callable[[StepInfo], None]
@@ -280,9 +283,12 @@ class _Forward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, video: Tensor, inputs: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, video: Tensor, inputs: Inputs) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Logits, the labels of their rows (a reducer may add clips to the batch: HaltingVT's fake clips),
+        the plan's extra losses and its statistics."""
         state = self.model.forward_features(video, inputs=inputs)
-        return self.model.forward_head(state), dict(state.aux.get(LOSSES, {}))
+        labels = state.aux[INPUTS].labels
+        return self.model.forward_head(state), labels, dict(state.aux.get(LOSSES, {})), dict(state.aux.get(STATS, {}))
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -496,7 +502,7 @@ class _Run:
         )
 
     # ------------------------------------------------------------------ one step
-    def _step(self, batch: ClipBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def _step(self, batch: ClipBatch) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         cfg = self.model.config
         for reducer in self.model.plan:
             reducer.on_train_step(self.step, self.total)
@@ -506,7 +512,7 @@ class _Run:
         given = Inputs(video, labels)
         taught = {r.name: r.teach(self.teacher, given) for r in self.model.plan if r.wants_teacher}
         with self.autocast:
-            logits, extra = self.net(video, given._replace(teacher=taught))
+            logits, labels, extra, stats = self.net(video, given._replace(teacher=taught))
         task = _task_loss(logits.float(), labels, self.config.label_smoothing)
         loss = task + sum((v.float() for v in extra.values()), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
@@ -515,7 +521,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.config.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
-        return loss, {"task": task, **extra}
+        return loss, {"task": task, **extra}, stats
 
     def _global_mean(self, loss: Tensor, parts: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
         """The step's losses averaged over the global batch (every process's local mean, averaged)."""
@@ -547,14 +553,15 @@ class _Run:
             tick = time.perf_counter()
             for batch in loader:
                 self._count_failures(batch.failed)
-                loss, parts = self._step(batch)
+                loss, parts, stats = self._step(batch)
                 self.step += 1
                 self.seconds += time.perf_counter() - tick
                 self.clips += len(batch.videos) * world.size
-                mean, means = self._global_mean(loss, parts)
+                mean, means = self._global_mean(loss, {**parts, **stats})
+                stats = {k: means.pop(k) for k in stats}
                 self.sums = {k: self.sums.get(k, 0.0) + v for k, v in {"loss": mean, **means}.items()}
                 info = StepInfo(step=self.step, total_steps=self.total, epoch=epoch, loss=mean, losses=means,
-                                lr=self._lrs_used(), clips_per_s=self.clips / self.seconds)  # fmt: skip
+                                lr=self._lrs_used(), clips_per_s=self.clips / self.seconds, stats=stats)  # fmt: skip
                 self._log(info)
                 end_of_epoch = self.step == (epoch + 1) * self.steps_per_epoch
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
@@ -588,12 +595,16 @@ class _Run:
             log.info("step %d/%d epoch %d loss=%.4f (%s) lr=%s %.1f clips/s", info.step, info.total_steps,
                      info.epoch, info.loss, parts, ",".join(f"{v:.3g}" for v in info.lr.values()),
                      info.clips_per_s)  # fmt: skip
+            if info.stats:
+                log.info("step %d stats: %s", info.step, " ".join(f"{k}={v:.4f}" for k, v in info.stats.items()))
         if self.writer is not None:
             self.writer.add_scalar("train/loss", info.loss, info.step)
             for k, v in info.losses.items():
                 self.writer.add_scalar(f"train/{k}", v, info.step)
             for k, v in info.lr.items():
                 self.writer.add_scalar(f"lr/{k}", v, info.step)
+            for k, v in info.stats.items():
+                self.writer.add_scalar(f"stats/{k}", v, info.step)
             self.writer.add_scalar("train/clips_per_s", info.clips_per_s, info.step)
 
     def _finish_epoch(self, epoch: int, val: VideoDataset | None) -> None:

@@ -39,7 +39,7 @@ from .. import rng
 from ..backbones.base import VideoBackbone
 from ..errors import InputError
 from ..tokens import INPUTS, Layout, TokenState
-from .base import BUDGETS, Budgets, Reducer, Site, check_keep, keep_top, register
+from .base import BUDGETS, Budgets, Reducer, Site, check_keep, frames_needed, keep_top, register
 
 __all__ = ["AdaptiveBudget"]
 
@@ -106,7 +106,7 @@ class AdaptiveBudget(Reducer):
 
         keys, stream = self.draw_stream(state, site, self.seed)
         scores = rng.uniform_bits(keys, state.x.shape[1], stream=stream)  # (B, N) random ranks
-        glance = keep_top(state, scores, self.glance)
+        glance = keep_top(state, scores, self.glance, per_frame=frames_needed(self.model))  # divided blocks
         with without_plan(self.model) as model:
             for block in model.blocks:
                 # Past the module hooks: the glance is this reducer's work (an enclosing FLOP count

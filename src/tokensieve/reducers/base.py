@@ -128,6 +128,9 @@ class Reducer(nn.Module):
     freezes_backbone: ClassVar[bool] = False
     """True: the method trains alone, on the frozen backbone (LITE's selector): `ts.train` freezes the
     backbone whatever `freeze_backbone` says."""
+    changes_cls: bool = False
+    """True: it changes the class token (HaltingVT's Glimpser drops its skip connection, the released
+    halting zeroes it once halted); every other reducer passes it on untouched."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
     budget: ClassVar[str | None] = None
@@ -142,6 +145,12 @@ class Reducer(nn.Module):
     main_settings: ClassVar[tuple[str, ...]] = ()
     """Specs of the paper's main fixed-budget settings on 16x224 ViT-S/B, which `tokensieve bench
     --methods` and benchmarks/reducers.py measure."""
+
+    @classmethod
+    def expand(cls, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """The (method, parameters) pairs one spec term with these converted parameters installs: itself
+        (the default), or companions first (`halting:glimpser=0.5` is the Glimpser, then the halting)."""
+        return [(cls.name, values)]
 
     def __init__(self) -> None:
         super().__init__()

@@ -127,7 +127,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
                 f"adaptive budgets: {', '.join(shorthands)}"
             )
         if base == method:
-            items.append((method, _values(method, given)))
+            items += REGISTRY[method].expand(_values(method, given))
             continue
         mine, rest = split_plus(base, given)  # the LITE++ shorthand: adaptive + the method
         unknown = sorted(set(rest) - set(spec_parameters(REGISTRY["adaptive"])))
