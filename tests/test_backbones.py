@@ -14,7 +14,7 @@ from tokensieve.backbones.layers import Attention, sinusoid_table
 from tokensieve.errors import InputError
 from tokensieve.tokens import CLS_ATTN, KEYS, TokenState
 
-TINY = ["videomae-tiny", "timesformer-tiny", "joint-tiny"]
+TINY = [name for name in ts.PRESETS if name.endswith("-tiny")]  # haltingvt-tiny: divided, then joint blocks
 
 
 # ------------------------------------------------------------------ presets

@@ -9,6 +9,8 @@ timm's parameter names and random weights. Invariants that hold exactly:
 - TimeSformer on T identical frames (any T) == the image ViT on one frame: the temporal branch
   ends in `temporal_fc`, which starts at zero, and spatial attention is per frame, the class token's
   per-frame outputs being averaged over identical values.
+- The hybrid (divided blocks, then joint ones: HaltingVT) on T identical frames: its divided stage
+  computes the image ViT's first blocks frame by frame; with one frame, the whole model equals it.
 """
 
 from __future__ import annotations
@@ -163,10 +165,22 @@ def test_every_timm_tensor_lands_in_place() -> None:
 
 
 # --------------------------------------------------------------------------- 2. TimeSformer
-@pytest.mark.parametrize("frames", [1, 4])
-def test_timesformer_identical_frames_equal_image_vit(frames: int) -> None:
-    ref = ref_vit()
-    model = build_from_config(preset("timesformer-tiny", frames=frames, num_classes=NUM_CLASSES))
+# "haltingvt-tiny": 2 divided blocks, then 2 joint ones (`BackboneConfig.divided`).
+TIMESFORMERS = ["timesformer-tiny", "haltingvt-tiny"]
+
+
+def timesformer(name: str, **changes: int) -> ts.VideoBackbone:
+    return build_from_config(preset(name, num_classes=NUM_CLASSES, **changes))
+
+
+@pytest.mark.parametrize(
+    ("name", "frames"), [("timesformer-tiny", 1), ("timesformer-tiny", 4), ("haltingvt-tiny", 1)]
+)
+def test_timesformer_identical_frames_equal_image_vit(name: str, frames: int) -> None:
+    """With one frame the joint blocks are the image blocks too; with more, only divided blocks are
+    (see the module docstring), which the next test checks for the hybrid's divided stage."""
+    model = timesformer(name, frames=frames)
+    ref = ref_vit(depth=model.config.depth)
     assert model.blocks[0].temporal_fc.weight.abs().sum() > 0  # random before loading
     ts.load_image_weights(model, ref.state_dict(), load_head=True)
     image = images()
@@ -174,21 +188,69 @@ def test_timesformer_identical_frames_equal_image_vit(frames: int) -> None:
     assert max_diff(run(model, clip), run(ref, image)) < 1e-5
 
 
-def test_timesformer_temporal_branch_starts_as_spatial_copy() -> None:
-    ref = ref_vit()
-    model = ts.build("timesformer-tiny", num_classes=NUM_CLASSES)
+def ref_tokens(ref: RefViT, image: Tensor, blocks: int) -> Tensor:
+    """(B, 1+HW, C) the image ViT's tokens after its first `blocks` blocks."""
+    x = ref.patch_embed.proj(image).flatten(2).transpose(1, 2)  # (B, HW, C)
+    x = torch.cat([ref.cls_token.expand(x.shape[0], -1, -1), x], 1) + ref.pos_embed  # (B, 1+HW, C)
+    for block in ref.blocks[:blocks]:
+        x = block(x)
+    return x
+
+
+def test_hybrid_divided_stage_equals_image_vit_on_identical_frames() -> None:
+    model = timesformer("haltingvt-tiny")  # 4 frames
+    divided = model.config.divided_blocks
+    ref = ref_vit(depth=model.config.depth)
+    ts.load_image_weights(model, ref.state_dict(), load_head=True)
+    seen: list = []
+    model.blocks[divided - 1].register_forward_hook(lambda m, args, out: seen.append(out))
+    image = images()
+    run(model, image[:, None].expand(-1, 4, -1, -1, -1))  # (B, T, C, H, W), identical frames
+    with torch.no_grad():
+        expected = ref_tokens(ref, image, divided)  # (B, 1+HW, C)
+    state = seen[0]
+    B, T, HW, C = 2, 4, (SIZE // PATCH) ** 2, DIM
+    per_frame = state.x.view(B, T, HW, C)  # time-major tokens, frame by frame
+    assert expected.std() > 0.1
+    assert max_diff(state.cls[:, 0], expected[:, 0]) < 1e-5
+    for t in range(T):
+        assert max_diff(per_frame[:, t], expected[:, 1:]) < 1e-5, t
+
+
+@pytest.mark.parametrize("name", TIMESFORMERS)
+def test_timesformer_temporal_branch_starts_as_spatial_copy(name: str) -> None:
+    model = timesformer(name)
+    ref = ref_vit(depth=model.config.depth)
     ts.load_image_weights(model, ref.state_dict())
     state = ref.state_dict()
+    divided = model.config.divided_blocks
     for i, block in enumerate(model.blocks):
         for part in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
-            expected = state[f"blocks.{i}.attn.{part}"]
-            assert torch.equal(block.attn.get_parameter(part), expected)
-            assert torch.equal(block.temporal_attn.get_parameter(part), expected)
+            assert torch.equal(block.attn.get_parameter(part), state[f"blocks.{i}.attn.{part}"])
+        if i >= divided:  # a joint block: the image block as it is, nothing temporal
+            assert not any("temporal" in k for k in block.state_dict()), i
+            continue
+        for part in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+            assert torch.equal(block.temporal_attn.get_parameter(part), state[f"blocks.{i}.attn.{part}"])
         assert block.temporal_attn.qkv.weight.data_ptr() != block.attn.qkv.weight.data_ptr()
         assert torch.equal(block.temporal_norm1.weight, state[f"blocks.{i}.norm1.weight"])
         assert torch.equal(block.temporal_norm1.bias, state[f"blocks.{i}.norm1.bias"])
+        # Every divided block, the first included: what the released code ends with (image_init.py).
         assert not block.temporal_fc.weight.any() and not block.temporal_fc.bias.any()
     assert not model.embed.time_embed.any()
+    assert sum("temporal_attn.qkv.weight" in k for k in model.state_dict()) == divided
+
+
+def test_hybrid_reports_missing_spatial_and_temporal_keys_together() -> None:
+    """A divided block's temporal copy comes from its spatial weights: both are missing when those
+    are; a joint block misses only its own."""
+    state = ref_vit(depth=4).state_dict()
+    del state["blocks.1.attn.qkv.weight"], state["blocks.3.attn.qkv.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(3\):") as err:
+        ts.load_image_weights(timesformer("haltingvt-tiny"), state)
+    lines = str(err.value).splitlines()
+    for key in ("blocks.1.attn.qkv.weight", "blocks.1.temporal_attn.qkv.weight", "blocks.3.attn.qkv.weight"):
+        assert f"    {key}" in lines, key
 
 
 def test_timesformer_distinct_frames_differ_from_per_frame_image_vit() -> None:

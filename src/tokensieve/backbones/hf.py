@@ -4,9 +4,9 @@
 `TimesformerForVideoClassification` or `TimesformerModel`; `from_hf_state_dict(state, config, kind)`
 converts one's state dict (e.g. read from a hub file); `load(hub_id_or_dir)` loads one through
 transformers first, and is also `ts.load` for tokensieve's own saved models and training runs
-(`saved.py` reads those). Both generations of VideoMAE parameter names are accepted: `q_bias`/`v_bias`
-(hub files, transformers 4.x and early 5.x) and `query.bias`/`value.bias` (transformers >= 5.x in
-memory). Every key and shape is checked; a mismatch raises an error that lists them all.
+(`saved.py` reads those) and for the released HaltingVT checkpoints (`mmaction.py`). Both generations
+of VideoMAE parameter names are accepted: `q_bias`/`v_bias` (hub files, transformers 4.x and early
+5.x) and `query.bias`/`value.bias` (transformers >= 5.x in memory). Every key and shape is checked; a mismatch raises an error that lists them all.
 
 Numerics that must be copied, not defaulted (see docs/design.md): VideoMAE block norms use the
 config's `layer_norm_eps` (1e-12 on the hub) while `fc_norm` uses 1e-5; TimeSformer uses
@@ -205,6 +205,9 @@ def load(name_or_path: str | Path, *, revision: str | None = None, **config_chan
     - a folder written by `ts.save` (it holds `tokensieve.json`): backbone, plan and weights;
     - a training run's folder (it holds `last.pt`) or a checkpoint file of a run (`last.pt`,
       `step-*.pt`): the model and plan as trained, at its latest step;
+    - a released HaltingVT checkpoint file (mmaction2/mmengine, `backbone.model.` keys): its bare
+      backbone, the config read off the tensors (`mmaction.py`; pass `heads=` for a width that is not
+      a multiple of 64); the equivalent `halting:` plan is logged, for `ts.apply`;
     - otherwise a transformers checkpoint, a hub id or a `save_pretrained` folder, loaded through
       transformers. The normalisation it expects (`image_mean`/`image_std` of its preprocessor
       config, when present) is carried in the returned model's config.

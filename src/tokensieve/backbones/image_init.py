@@ -3,8 +3,16 @@
 Read with safetensors or `torch.load(weights_only=True)`; timm itself is never imported. The
 learned time embedding is not in an image checkpoint and stays as initialised (zeros), so at
 initialisation every frame is treated alike. For TimeSformer, the temporal attention and its norm
-start as copies of the spatial ones and `temporal_fc` at zero, as the original TimeSformer code
-initialises from ViT (so the initial model computes the image model's function frame by frame).
+of every divided block start as copies of the spatial ones and `temporal_fc` at zero, as the original
+TimeSformer code initialises from ViT (so the divided blocks compute the image model's function frame
+by frame). Joint blocks (`BackboneConfig.divided`, HaltingVT) have no temporal part: they take the
+image block as it is.
+
+NOTE: the released TimeSformer and HaltingVT code zero `temporal_fc` in a loop over
+`self.blocks.modules()` that skips the first module it matches, which reads as "every block but the
+first". The first module that loop visits is the `ModuleList` itself (its text names the blocks), so
+every divided block's `temporal_fc` ends at zero there too: zeroing all of them is the released
+behaviour, not a deviation from it.
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ def load_image_weights(
     mapped, unmatched = remap(state, TIMM_VIT_RULES)
     optional = {"embed.time_embed"} | ({"head.weight", "head.bias"} if not load_head else set())
     if model.config.arch == "timesformer":
-        for i in range(model.config.depth):
+        for i in range(model.config.divided_blocks):  # joint blocks have no temporal part
             for part in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
                 src = f"blocks.{i}.attn.{part}"
                 if src in mapped:

@@ -18,6 +18,10 @@ the same three things (`backbone`, `spec`, `model`) next to the optimiser state.
 reads such a file and turns a truncated, corrupt or foreign one into one `InputError` line naming
 the file.
 
+A released HaltingVT checkpoint (mmaction2 1.x, saved by mmengine: `state_dict` with `backbone.model.`
+keys) given as a file loads as its bare backbone through `mmaction.py`; the file is read once and
+what it holds decides.
+
 `save` writes into a temporary folder beside the target and renames it into place, so a kill never
 leaves a half-written model; it refuses a target that holds anything but a saved model.
 """
@@ -31,7 +35,7 @@ import pickle
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..reducers import apply
-from . import build_from_config
+from . import build_from_config, mmaction
 from .base import VideoBackbone
 from .checkpoint import fit_problems, load_checked
 from .config import BackboneConfig
@@ -201,12 +205,14 @@ def load_local(path: Path, **config_changes: Any) -> VideoBackbone:
 
     Args:
         path: a folder written by `save`, its `tokensieve.json` or `model.safetensors`; a run folder
-            holding `last.pt`; or a checkpoint file of a run (`last.pt`, `step-*.pt`).
+            holding `last.pt`; a checkpoint file of a run (`last.pt`, `step-*.pt`); or a released
+            HaltingVT checkpoint (mmaction2/mmengine, `mmaction.py`).
         **config_changes: `BackboneConfig` fields to override (e.g. `frames`); the weights must
             still fit.
 
     Returns:
-        The backbone with its plan installed, in eval mode, on the CPU.
+        The backbone with its plan installed, in eval mode, on the CPU (a HaltingVT checkpoint: the
+        bare backbone; its plan is logged).
 
     Raises:
         InputError: not a saved model or run, a damaged or foreign file, a format written by a
@@ -226,7 +232,10 @@ def load_local(path: Path, **config_changes: Any) -> VideoBackbone:
         raise InputError(
             f"{file}: a .safetensors file loads as a model only inside a folder with {CONFIG_FILE}"
         )
-    ckpt = read_checkpoint(file)
+    ckpt = _read_torch(file, foreign=mmaction.is_checkpoint)
+    if mmaction.is_checkpoint(ckpt):
+        return mmaction.from_checkpoint(ckpt, source=str(file), **config_changes)
+    ckpt = _check_run(ckpt, file)
     config = _config(ckpt["backbone"], config_changes, file)
     return _assemble(config, ckpt["spec"], [], ckpt["model"], source=str(file))
 
@@ -281,6 +290,22 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             checkpoint; one line naming the file.
         OSError: it cannot be read at all (missing, no permission).
     """
+    return _check_run(_read_torch(path), path)
+
+
+def _read_torch(path: Path, *, foreign: Callable[[Any], bool] | None = None) -> Any:
+    """What a `torch.save` file holds, read with `torch.load(weights_only=True)`.
+
+    Args:
+        path: the file.
+        foreign: when the safe reader refuses classes it does not know, read them as inert
+            placeholders (`mmaction.read_foreign`) and keep the result if `foreign` accepts it (an
+            mmengine checkpoint pickles mmengine objects beside its weights).
+
+    Raises:
+        InputError: truncated, corrupt, not a torch file, or objects the safe reader refuses.
+        OSError: it cannot be read at all (missing, no permission).
+    """
     with path.open("rb") as f:  # a missing or unreadable file stays an OSError naming it
         try:
             with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
@@ -291,9 +316,23 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             # zip archive), OSError EINVAL (torn elsewhere), EOFError (empty), KeyError or IndexError
             # (text), UnpicklingError (random bytes, or objects other than tensors and plain data).
             # The file is open and this call is all the try holds, so each of them means the content.
+            hint = ""
+            if foreign is not None and _refused(err):
+                try:
+                    held = mmaction.read_foreign(path)
+                except Exception:  # the placeholders do not fit either (or torch < 2.6): report the refusal
+                    held = None
+                if held is not None and foreign(held):
+                    return held
+                hint = f"; {mmaction.UNREADABLE}"
             raise InputError(
-                f"cannot read {path}: truncated, corrupt or not a tokensieve checkpoint ({_why(err)})"
+                f"cannot read {path}: truncated, corrupt or not a tokensieve checkpoint ({_why(err)}){hint}"
             ) from err
+    return ckpt
+
+
+def _check_run(ckpt: Any, path: Path) -> dict[str, Any]:
+    """`ckpt` if it is what `ts.train` writes, else the `InputError` naming `path`."""
     if not isinstance(ckpt, dict) or not {"model", "spec", "backbone"} <= ckpt.keys():
         got = type(ckpt).__name__
         if isinstance(ckpt, dict):
@@ -322,10 +361,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def _refused(err: Exception) -> bool:
+    """Whether torch.load's exception is the safe reader refusing what the file holds (not damage)."""
+    return isinstance(err, pickle.UnpicklingError) and str(err).strip().startswith("Weights only load failed")
+
+
 def _why(err: Exception) -> str:
     """What torch.load's exception says, in a few words."""
     text = str(err).strip()
-    if isinstance(err, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+    if _refused(err):
         return "torch.load(weights_only=True) refuses it: it is not only tensors and plain data"
     if isinstance(err, EOFError):
         return "it is empty or ends early"
