@@ -505,11 +505,25 @@ def test_an_unknown_ragged_mode_is_refused() -> None:
 
 
 def test_a_clip_without_real_tokens_is_refused_by_a_packed_block() -> None:
-    block = ts.build("joint-tiny").blocks[0]
+    block = ts.build("videomae-tiny").blocks[0]
     mask = torch.tensor([[True, True, False, False], [False] * 4])
-    state = _state(torch.randn(2, 4, 32), (1, 2, 2), cls=torch.randn(2, 1, 32), mask=mask, frames=None)
+    state = _state(torch.randn(2, 4, 32), (1, 2, 2), mask=mask, frames=None)
     with pytest.raises(ts.InputError, match=r"holds no real token \(counts \[2, 0\]\)"):
         block(state)
+
+
+def test_a_clip_of_its_class_token_alone_runs_as_on_its_own() -> None:
+    """Every patch token of clip 1 halted (HaltingVT): its class token runs on, attending to itself."""
+    block = ts.build("joint-tiny").blocks[0].eval()
+    mask = torch.tensor([[True, True, False, False], [False] * 4])
+    state = _state(torch.randn(2, 4, 32), (1, 2, 2), cls=torch.randn(2, 1, 32), mask=mask, frames=None)
+    with torch.no_grad():
+        packed = block(state)
+        block.ragged = "padded"
+        padded = block(state)
+        alone = block(TokenState(x=state.x[1:, :0], pos=state.pos[1:, :0], grid=(1, 2, 2), cls=state.cls[1:]))
+    torch.testing.assert_close(packed.cls, padded.cls, atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed.cls[1:], alone.cls, atol=1e-6, rtol=0)
 
 
 def test_tiles_hold_whole_clips_up_to_the_limit() -> None:

@@ -58,7 +58,11 @@ CONTRACT = {
         "attention++:keep=0.5,low=0.2,hard=base,at=1",
     ],
     # beta=0 halts about half the tokens at every joint block of the tiny models (h near 0.5)
-    "halting": ["halting:beta=0", "halting:beta=-1,halted=zero,glimpser=0.6", "halting:glimpser=1,motion=0,at=0"],
+    "halting": [
+        "halting:beta=0",
+        "halting:beta=-1,halted=zero,glimpser=0.6",
+        "halting:glimpser=1,motion=0,at=0",
+    ],
     "glimpser": ["glimpser:keep=0.5", "glimpser:keep=0.3,cls_skip=true,at=0"],
 }
 # The setting of each method that must leave the backbone's output bit for bit unchanged.
@@ -536,7 +540,9 @@ def _alone(state: TokenState, b: int) -> TokenState:
     n = state.lengths[b]
     aux = {k: (v[b : b + 1, :n] if k in TOKEN_AUX else v[b : b + 1]) for k, v in state.aux.items()}
     cls = None if state.cls is None else state.cls[b : b + 1]
-    return TokenState(x=state.x[b : b + 1, :n], pos=state.pos[b : b + 1, :n], grid=state.grid, cls=cls, aux=aux)
+    return TokenState(
+        x=state.x[b : b + 1, :n], pos=state.pos[b : b + 1, :n], grid=state.grid, cls=cls, aux=aux
+    )
 
 
 @pytest.mark.parametrize("spec", TAKES_RAGGED)

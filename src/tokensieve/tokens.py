@@ -516,7 +516,7 @@ def compact(
         )
     longest = max(lengths)
     if min(lengths) == N:  # every token of every sample: nothing to move
-        return state.replace(mask=None, lengths=None, frames=frames)
+        return state if state.mask is None else state.replace(mask=None, lengths=None, frames=frames)
     with torch.no_grad():
         idx = (
             (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :longest]

@@ -82,16 +82,36 @@ def train_command(
             min=1,
         ),
     ] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the backbone.", min=0)] = 1e-3,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate of the backbone; default 1e-3 or the plan's recipe.", min=0),
+    ] = None,
     reducer_lr: Annotated[
         float | None, typer.Option(help="Peak learning rate of the plan's parameters; default --lr.", min=0)
     ] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", min=0)] = 0.05,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up, in epochs.", min=0)] = 0.0,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw or adam; default adamw or the plan's recipe.")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Weight decay; default 0.05 or the plan's recipe.", min=0)
+    ] = None,
+    warmup_epochs: Annotated[
+        float | None, typer.Option(help="Linear warm-up, in epochs; default 0 or the plan's recipe.", min=0)
+    ] = None,
+    warmup_start: Annotated[
+        float | None,
+        typer.Option(
+            help="Warm-up starts at this fraction of the peak rate; default 0 or the plan's recipe.",
+            min=0,
+            max=1,
+        ),
+    ] = None,
     min_lr_ratio: Annotated[
         float, typer.Option(help="Final rate as a fraction of the peak.", min=0, max=1)
     ] = 0.0,
-    clip_grad: Annotated[float | None, typer.Option(help="Maximum gradient norm; default none.")] = None,
+    clip_grad: Annotated[
+        float | None, typer.Option(help="Maximum gradient norm; default none or the plan's recipe.")
+    ] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.", min=0)] = 0.0,
     freeze_backbone: Annotated[bool, typer.Option(help="Train only the plan's parameters.")] = False,
     dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
@@ -158,13 +178,17 @@ def train_command(
                 )
                 bar.update(task, completed=info.step, total=info.total_steps, status=status)
 
+            recipe = {  # given explicitly, else the defaults with the plan's recipe (`recipe_config`)
+                k: v for k, v in dict(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                                      warmup_epochs=warmup_epochs, warmup_start=warmup_start,
+                                      clip_grad=clip_grad).items() if v is not None
+            }  # fmt: skip
             result = train(
                 net, dataset, val=validation, out=out, resume=resume, progress=progress, epochs=epochs,
-                batch_size=batch_size, lr=lr, reducer_lr=reducer_lr, weight_decay=weight_decay,
-                warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio, clip_grad=clip_grad,
+                batch_size=batch_size, reducer_lr=reducer_lr, min_lr_ratio=min_lr_ratio,
                 label_smoothing=label_smoothing, freeze_backbone=freeze_backbone, dtype=dtype, seed=seed,
                 workers=workers, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                eval_views=chosen,
+                eval_views=chosen, **recipe,
             )  # fmt: skip
     if not world.is_main:
         return

@@ -9,10 +9,14 @@ out of the optimiser.
 
 Learning rate, per step s of S, with W warm-up steps and r = `min_lr_ratio` (`lr_factor`):
 
-    factor(s) = (s + 1) / W                                    for s < W
+    factor(s) = a + (1 - a) * (s + 1) / W                      for s < W
               = r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2   otherwise
 
-times each group's base rate (so the first step already moves, and step W runs at the full rate).
+times each group's base rate, a = `warmup_start` (0 by default: the first step already moves, and step
+W runs at the full rate; HaltingVT's recipe warms up from a = 0.1 as mmengine's LinearLR does).
+
+`optimizer="adam"` runs Adam with L2 weight decay added to the gradient (torch's `Adam`, HaltingVT's
+released recipe) instead of AdamW's decoupled decay, over the same groups.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ _NO_DECAY_NAMES = ("cls_token", "pos_embed", "time_embed")
 
 
 # ---------------------------------------------------------------------------------------- schedule
-def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak learning rate at 0-based `step` of `total`: linear warm-up over
-    `warmup` steps, then a half cosine from 1 down to `min_ratio` (formula in this module's docstring)."""
+def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float = 0.0, start: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at 0-based `step` of `total`: linear warm-up from `start`
+    over `warmup` steps, then a half cosine from 1 down to `min_ratio` (formula in this module's
+    docstring)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return start + (1 - start) * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -1,4 +1,4 @@
-"""Training: AdamW with warm-up and cosine decay, reducer hooks, exact resume, torchrun.
+"""Training: AdamW (or Adam) with warm-up and cosine decay, reducer hooks, exact resume, torchrun.
 
     ts.apply(model, "stts:T0=0.6,S4=0.9")
     data = ClipDataset(records, frames=16, size=224, num_classes=400)
@@ -105,6 +105,7 @@ __all__ = [
     "epoch_batches",
     "lr_factor",
     "param_groups",
+    "recipe_config",
     "train",
 ]
 
@@ -112,6 +113,7 @@ log = logging.getLogger(__name__)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,11 @@ class TrainConfig:
         batch_size: clips per process per step (global batch = processes x batch_size).
         lr: peak learning rate of the backbone parameters.
         reducer_lr: peak learning rate of the plan's parameters; None = `lr`.
-        weight_decay: AdamW decoupled weight decay (not on 1-D parameters, tokens, embeddings).
-        betas: AdamW betas.
+        optimizer: "adamw" (decoupled weight decay) or "adam" (L2 weight decay in the gradient, HaltingVT's).
+        weight_decay: weight decay (not on 1-D parameters, tokens, embeddings).
+        betas: Adam(W) betas.
         warmup_epochs: linear warm-up length in epochs (fractions allowed; rounded to steps).
+        warmup_start: the warm-up starts from this fraction of the peak rate (`optim.lr_factor`).
         min_lr_ratio: the cosine ends at this fraction of each group's peak rate.
         clip_grad: maximum global gradient norm; None = no clipping.
         label_smoothing: cross-entropy label smoothing (multi-label: targets smoothed towards
@@ -148,9 +152,11 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     reducer_lr: float | None = None
+    optimizer: str = "adamw"
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 0.0
+    warmup_start: float = 0.0
     min_lr_ratio: float = 0.0
     clip_grad: float | None = None
     label_smoothing: float = 0.0
@@ -176,7 +182,9 @@ class TrainConfig:
         need(self.reducer_lr is None or self.reducer_lr >= 0, "reducer_lr", ">= 0 (or None: lr)")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas", "two values in [0, 1)")
+        need(self.optimizer in _OPTIMIZERS, "optimizer", f"one of {', '.join(_OPTIMIZERS)}")
         need(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
+        need(0 <= self.warmup_start <= 1, "warmup_start", "in [0, 1]")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         need(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "> 0 (or None: no clipping)")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
@@ -283,12 +291,33 @@ class _Forward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, video: Tensor, inputs: Inputs) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def forward(
+        self, video: Tensor, inputs: Inputs
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Logits, the labels of their rows (a reducer may add clips to the batch: HaltingVT's fake clips),
         the plan's extra losses and its statistics."""
         state = self.model.forward_features(video, inputs=inputs)
         labels = state.aux[INPUTS].labels
-        return self.model.forward_head(state), labels, dict(state.aux.get(LOSSES, {})), dict(state.aux.get(STATS, {}))
+        return (
+            self.model.forward_head(state),
+            labels,
+            dict(state.aux.get(LOSSES, {})),
+            dict(state.aux.get(STATS, {})),
+        )
+
+
+def recipe_config(model: nn.Module) -> TrainConfig:
+    """The default `TrainConfig` for `model`'s plan: the defaults, with the training recipe its methods'
+    papers used (`Reducer.recipe`: HaltingVT's Adam at 1e-5, warm-up from 0.1, gradient clipping at 40)."""
+    recipe: dict[str, Any] = {}
+    for reducer in getattr(model, "plan", ()):
+        for key, value in reducer.recipe.items():
+            if recipe.get(key, value) != value:
+                raise InputError(f"the plan's methods train with different {key}: give it explicitly")
+            recipe[key] = value
+    if recipe:
+        log.info("training with the plan's recipe: %s", ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    return TrainConfig(**recipe)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -371,7 +400,7 @@ def train(
             plan or global batch; distributed evaluation without out; more than `dataset.max_failed`
             of the videos unreadable.
     """
-    config = dataclasses.replace(config or TrainConfig(), **changes)
+    config = dataclasses.replace(config or recipe_config(model), **changes)
     check_fits(model, dataset)
     cfg = model.config
     too_big = [r.id for r in dataset.records if max(r.labels) >= cfg.num_classes]
@@ -418,12 +447,14 @@ def train(
     frozen = [p for p in model.parameters() if id(p) not in plan_ids] if freeze else []
     with _training_mode(model, frozen):
         groups = param_groups(model, config)  # raises when nothing is trainable
-        optimizer = torch.optim.AdamW(
+        optimizer = _OPTIMIZERS[config.optimizer](
             groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         total = config.epochs * steps_per_epoch
         warmup = round(config.warmup_epochs * steps_per_epoch)
-        schedule = functools.partial(lr_factor, total=total, warmup=warmup, min_ratio=config.min_lr_ratio)
+        schedule = functools.partial(
+            lr_factor, total=total, warmup=warmup, min_ratio=config.min_lr_ratio, start=config.warmup_start
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         seed_everything(config.seed + world.rank)
         history: list[EpochResult] = []
@@ -596,7 +627,9 @@ class _Run:
                      info.epoch, info.loss, parts, ",".join(f"{v:.3g}" for v in info.lr.values()),
                      info.clips_per_s)  # fmt: skip
             if info.stats:
-                log.info("step %d stats: %s", info.step, " ".join(f"{k}={v:.4f}" for k, v in info.stats.items()))
+                log.info(
+                    "step %d stats: %s", info.step, " ".join(f"{k}={v:.4f}" for k, v in info.stats.items())
+                )
         if self.writer is not None:
             self.writer.add_scalar("train/loss", info.loss, info.step)
             for k, v in info.losses.items():

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from . import adaptive, attention, halting, lite, none, oracle, random, random_frames, sta, stts, tome, uniform  # noqa: F401  (register the methods)
+# Importing each method's module registers it.
+from . import (  # noqa: F401
+    adaptive,
+    attention,
+    halting,
+    lite,
+    none,
+    oracle,
+    random,
+    random_frames,
+    sta,
+    stts,
+    tome,
+    uniform,
+)
 from .base import REGISTRY, Reducer, Site, register
 from .plan import Step, apply, parse, plan, schedule
 

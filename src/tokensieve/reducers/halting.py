@@ -42,7 +42,7 @@ every row from the state (`aux[INPUTS].labels`).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,9 @@ class Glimpser(Reducer):
 
     def setup(self, model: VideoBackbone) -> None:
         if not model.config.has_cls:
-            raise InputError(f"{self.name} ranks tokens by class-token attention; this model has no class token")
+            raise InputError(
+                f"{self.name} ranks tokens by class-token attention; this model has no class token"
+            )
 
     def needs_for(self, model: VideoBackbone) -> frozenset[str]:
         return frozenset({CLS_ATTN} if self.cls_skip else {CLS_ATTN, CLS_UPDATE})
@@ -168,6 +170,11 @@ class Halting(Reducer):
 
     overrides_readout = True
     takes_ragged = True
+    # The released configs: Adam, lr 1e-5, L2 decay 1e-5, 5 warm-up epochs from 0.1x, cosine to 0, clip 40.
+    recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-5, "warmup_epochs": 5.0, "warmup_start": 0.1,
+        "clip_grad": 40.0,
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -256,19 +263,23 @@ class Halting(Reducer):
 
     def _halt(self, state: TokenState, site: Site) -> TokenState:
         last = site.position == site.depth
-        B, N, _ = state.x.shape
+        B = state.x.shape[0]
         real = state.mask if state.mask is not None else torch.ones_like(state.x[..., 0], dtype=torch.bool)
         cls_act: ClassAct | None = state.aux.get(HALT_CLS)
         if cls_act is None:  # the first halting block: every token starts running
             zeros = state.x.new_zeros(B)
             count = real.sum(1).to(state.x.dtype) + 1
-            cls_act = ClassAct(Act.start(state.x[:, :1, 0]), state.x.new_zeros(B, state.x.shape[-1]), zeros, count)
+            cls_act = ClassAct(
+                Act.start(state.x[:, :1, 0]), state.x.new_zeros(B, state.x.shape[-1]), zeros, count
+            )
             tokens = Act.start(state.x[..., 0])
         else:
             tokens = Act(*state.aux[HALT].unbind(-1))
         # The class token is token 0 of one ACT step over every token.
         act = Act(*(torch.cat([a, t], 1) for a, t in zip(cls_act.act, tokens, strict=True)))
-        running = torch.cat([cls_act.act.c.new_ones(B, 1, dtype=torch.bool), real], 1) & (act.c < 1 - self.eps)
+        running = torch.cat([cls_act.act.c.new_ones(B, 1, dtype=torch.bool), real], 1) & (
+            act.c < 1 - self.eps
+        )
         h = self.score(torch.cat([state.cls[..., 0], state.x[..., 0]], 1))  # (B, 1 + N)
         after, weight, going = act_step(act, h, eps=self.eps, last=last)
         # Halted tokens keep their state (a zeroed token runs on, but no longer counts).
@@ -295,10 +306,17 @@ class Halting(Reducer):
             leaving = real & ~going[:, 1:]
             spent = spent + (tokens_after[..., 2] * leaving).sum(1)
             state = compact(state, going[:, 1:])
+            state = state if state.frames is None else state.replace(frames=None)  # ragged, as `count` says
         return state.with_aux(**{HALT_CLS: ClassAct(cls_after, output, spent, cls_act.count)})
 
     def _finish(
-        self, state: TokenState, cls_act: ClassAct, cls_after: Act, output: Tensor, tokens: Tensor, real: Tensor
+        self,
+        state: TokenState,
+        cls_act: ClassAct,
+        cls_after: Act,
+        output: Tensor,
+        tokens: Tensor,
+        real: Tensor,
     ) -> TokenState:
         """After the last block: the readout features, and in training the ponder and motion losses."""
         model = self.__dict__["model"]
@@ -340,7 +358,9 @@ class Halting(Reducer):
     def readout(self, state: TokenState, model: VideoBackbone) -> Tensor:
         done = state.aux.get(HALT_CLS)
         if done is None:
-            raise ValueError("halting: no halting state reached the head; install plans with tokensieve.apply")
+            raise ValueError(
+                "halting: no halting state reached the head; install plans with tokensieve.apply"
+            )
         return done.output
 
     def extra_repr(self) -> str:
