@@ -142,6 +142,9 @@ class Reducer(nn.Module):
     """The spec parameters that change what a learned method learns (LITE's oracle targets and inputs),
     not only how it trains or how much it keeps: its trained weights are filed under them
     (`reducers.plan.weights_key`), so weights learned for one setting never run under another's name."""
+    trains_backbone: ClassVar[bool] = False
+    """True: the method is trained with the whole model (HaltingVT): its trained weights are a whole
+    model's state dict (backbone and plan), filed by `weights_key` like a selector's."""
     recipe: ClassVar[dict[str, Any]] = {}
     """The training settings the method's paper used (`TrainConfig` fields), the defaults of `ts.train`
     and `tokensieve train` for a plan with it; anything given explicitly wins."""
