@@ -63,3 +63,19 @@ def test_lite_benchmark_compares_the_rounds_in_which_every_run_was_quiet(
     assert lite.quiet_rounds(base, plan) == ([0, 2], 2)  # both runs of a pair quiet
     loud = [{"others": o} for o in (0.0, 0.5, 0.5, 0.5)]
     assert lite.quiet_rounds(base, loud) == ([0, 1, 2, 3], 1)  # too few: every round
+
+
+def test_halting_benchmark_runs_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    halting = _script("halting", monkeypatch)
+    out = tmp_path / "halting.json"
+    argv = ["--model", "haltingvt-tiny", "--batch", "3", "--target", "0.003", "--repeats", "2", "--warmup", "0",
+            "--threads", "1", "--json", str(out)]  # fmt: skip
+    doc = halting.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    rows = {row["plan"].split(",halted=")[-1]: row for row in doc["rows"]}
+    assert set(rows) == {"none", "glimpser:keep=0.5", "remove", "zero"}
+    assert rows["zero"]["gflops"] == pytest.approx(
+        rows["glimpser:keep=0.5"]["gflops"]
+    )  # zeroed tokens still cost
+    assert rows["remove"]["gflops"] < rows["none"]["gflops"] and len(rows["remove"]["clips"]) == 3
+    assert rows["zero"]["paper_gflops"] == rows["remove"]["gflops"]
