@@ -139,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                   "efficiency", "vs paper GFLOPs")  # fmt: skip
     for r in rows:
         table.add_row(
-            r["plan"].replace(f"beta={beta:.4f},glimpser={GLIMPSER},", ""), f"{r['seconds']:.2f}",
+            r["plan"].replace(f"halting:beta={beta:.4f},glimpser={GLIMPSER},halted=", "halting "),
+            f"{r['seconds']:.2f}",
             f"{r['gflops']:.2f}", f"{r['paper_gflops']:.2f}", f"{r['speedup']:.2f}x", f"{100 * r['spread']:.0f}%",
             f"{r['over_glimpser']:.2f}x", f"{r['efficiency']:.2f}", f"{r['paper_efficiency']:.2f}",
         )  # fmt: skip

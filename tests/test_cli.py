@@ -121,7 +121,10 @@ def test_local_checkpoint_directory(tmp_path: Path) -> None:
         (["flops", "--model", "./no/such/dir"], ["unknown model", "local checkpoint directory"]),
         (
             ["flops", "--model", "videomae-tiny", "--plan", "bogus:r=3"],
-            ["unknown method", "valid methods: adaptive, attention, glimpser, halting, lite, none, oracle, random"],
+            [
+                "unknown method",
+                "valid methods: adaptive, attention, glimpser, halting, lite, none, oracle, random",
+            ],
         ),
         (["bench", "--model", "videomae-tiny", "--plan", "none:r=3"], ["no parameter 'r'"]),
         (["bench", "--model", "videomae-tiny", "--dtype", "float16"], ["float32", "bfloat16"]),

@@ -246,12 +246,18 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_train_runs_halting_and_logs_its_statistics(synthetic: Path) -> None:
+def test_train_runs_halting_and_logs_its_statistics(synthetic: Path, tmp_path: Path) -> None:
     model = ts.apply(ts.build(NAME, num_classes=3), "halting:beta=0").model
     data = ClipDataset(read_list(synthetic / "list.txt"), frames=4, size=32, stride=1, num_classes=3)
     infos = []
     before = model.plan[-1].motion_head.weight.clone()
-    result = ts.train(model, data, epochs=1, batch_size=4, lr=1e-3, workers=0, progress=infos.append)
+    result = ts.train(model, data, epochs=1, batch_size=4, lr=1e-3, workers=0, progress=infos.append,
+                      out=tmp_path / "run")  # fmt: skip
+    video = tiny_video(NAME)
+    loaded = ts.load(tmp_path / "run")  # the run is a model: the backbone and its trained plan
+    assert loaded.spec == "halting:beta=0"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), model.eval()(video), atol=0, rtol=0)
     assert set(result.epochs[0].losses) == {"task", "halting.ponder", "halting.motion"}
     # the released recipe where nothing was given: Adam, decay 1e-5, warm-up from 0.1, clipping at 40
     config = result.config

@@ -304,3 +304,44 @@ def test_foreground_recall_needs_clips_that_are_their_videos(synthetic: Path) ->
     assert _truth_fits(model, _dataset(synthetic), synthetic)
     strided = VideoDataset(read_list(synthetic / "list.txt"), frames=4, size=32, stride=4, num_classes=4)
     assert not _truth_fits(model, strided, synthetic)
+
+
+# ---------------------------------------------------------------------------------------- HaltingVT
+def test_a_method_trained_with_its_model_runs_on_those_weights_against_random_on_the_model(
+    tmp_path: Path,
+) -> None:
+    """HaltingVT's trained weights are a whole model's (`trains_backbone`): its setting runs on a copy
+    holding them, measured per video, while random is matched on the swept model; without those weights
+    it is refused, and weights of another model are refused by name."""
+    root = tmp_path / "set"
+    make_synthetic(root, videos=6, classes=4, frames=4, size=32, patch=8, tubelet=1, partial=True)
+    data = VideoDataset(read_list(root / "list.txt"), frames=4, size=32, stride=1, num_classes=4)
+    torch.manual_seed(0)
+    model = ts.build("haltingvt-tiny", num_classes=4).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = ts.build("haltingvt-tiny", num_classes=4).eval()  # other weights: "the fine-tuned model"
+    ts.apply(tuned, "halting:beta=0,motion=0")
+    weights = {k: v.clone() for k, v in tuned.state_dict().items()}
+    kwargs = dict(methods=["halting:beta=0,motion=0"], budgets=[0.6], workers=0, batch_size=4, speed=False,
+                  seeds=1)  # fmt: skip
+    refused = sweep(model, data, out=tmp_path / "none", **kwargs)
+    assert "no trained halting:beta=0.0,motion=0.0 weights" in refused.settings[-1].refused
+    report = sweep(
+        model, data, out=tmp_path / "run", selectors={"halting:beta=0.0,motion=0.0": weights}, **kwargs
+    )
+    (halting,) = [s for s in report.settings if s.method.startswith("halting")]
+    assert halting.refused is None and 0 < halting.budget < 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())  # the swept model is untouched
+    _, records = read_results(tmp_path / "run" / "results.jsonl")
+    mine = {r["id"]: r for r in records if r["setting"] == canonical(halting.spec)}
+    alone = ts.evaluate(tuned, data, workers=0, batch_size=1, out=tmp_path / "alone.jsonl")
+    _, evaluated = read_results(tmp_path / "alone.jsonl")
+    for r in evaluated:  # the tuned model's predictions
+        assert dict(mine[r["id"]]["top5"]) == pytest.approx(dict(r["top5"]), abs=1e-5)
+    assert sum(r["gflops"] for r in mine.values()) / 6 == pytest.approx(alone.gflops_per_view, rel=1e-6)
+    assert halting.random_gflops is not None and halting.verdict is not None  # random on the swept model
+    other = {**weights, "head.weight": torch.zeros(3, 32)}
+    misfit = sweep(
+        model, data, out=tmp_path / "misfit", selectors={"halting:beta=0.0,motion=0.0": other}, **kwargs
+    )
+    assert "are not this model's (head.weight differ)" in misfit.settings[-1].refused

@@ -7,7 +7,8 @@
 Each built-in is a folder here (`synthetic/`):
 
     model/                 the backbone, as `ts.save` writes it (tokensieve.json + model.safetensors)
-    selectors.safetensors  the trained reducers of the learned methods, keys "<method>.<parameter>"
+    selectors.safetensors  the trained reducers of the learned methods, keys "<method>/<parameter>"
+    finetuned.safetensors  methods trained with the whole model (HaltingVT): "<method>/<model key>"
     card.json              what made it: the synthetic set's arguments, the training recipe, the
                            held-out set and the accuracies measured on it (machine-readable)
     MODEL_CARD.md          the same for people
@@ -71,17 +72,20 @@ def load(name: str = DEFAULT, **config_changes: Any) -> Any:
 
 
 def selectors(name: str = DEFAULT) -> dict[str, dict[str, Tensor]]:
-    """The trained reducers of `name`'s learned methods: `reducers.plan.weights_key` ("stts", "lite:tensor=
-    embed,value=gradnorm") -> its `state_dict()`. Stored as one safetensors file, "<key>/<parameter>"."""
+    """The trained weights of `name`'s learned methods: `reducers.plan.weights_key` ("stts", "lite:tensor=
+    embed,value=gradnorm", "halting") -> the reducer's `state_dict()`, or for a method trained with the
+    whole model (`Reducer.trains_backbone`) the whole model's. Stored as safetensors files,
+    "<key>/<parameter>": `selectors.safetensors` and `finetuned.safetensors` (whole models)."""
     from safetensors.torch import load_file
 
-    path = folder(name) / "selectors.safetensors"
-    if not path.is_file():
-        return {}
     found: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in load_file(path).items():
-        method, _, param = key.partition("/")
-        found.setdefault(method, {})[param] = tensor
+    for file in ("selectors.safetensors", "finetuned.safetensors"):
+        path = folder(name) / file
+        if not path.is_file():
+            continue
+        for key, tensor in load_file(path).items():
+            method, _, param = key.partition("/")
+            found.setdefault(method, {})[param] = tensor
     return found
 
 

@@ -40,6 +40,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from ..reducers.plan import (
     spec_pairs,
     spec_parameters,
     split_plus,
+    split_terms,
     trained_keys,
     weights_key,
 )  # fmt: skip
@@ -198,19 +200,18 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
 
 
 def _one_method(base: str) -> tuple[str, dict[str, Any]]:
-    """(method, given parameters) of a one-method spec; `X++` (X with adaptive budgets) counts as X.
+    """(method, given parameters) of a one-method spec; `X++` (X with adaptive budgets) counts as X, and a
+    method that installs companions before it (`halting`: the Glimpser) as itself.
 
     Raises:
         InputError: a spec of several methods.
     """
     parsed = parse(base)
-    if len(parsed) == 2 and base.partition(":")[0].strip().endswith("++"):
-        return parsed[1]
-    if len(parsed) != 1:
+    if len(split_terms(base)) != 1:
         raise InputError(
             f"{base}: give one method (or X++ for X with adaptive budgets); the sweep sets its budget"
         )
-    return parsed[0]
+    return parsed[-1]  # the method named: `parse` puts what it brings along (adaptive, the Glimpser) first
 
 
 def _split_plus(base: str) -> tuple[str, list[str]]:
@@ -314,7 +315,10 @@ class Planned:
 def _adaptive(model: nn.Module, spec: str) -> bool:
     """Whether `spec` as given makes clips keep different counts (so it has no budget to set)."""
     try:
-        return any(step.after.ragged for step in schedule(model, make_plan(spec)))
+        reducers = make_plan(spec)
+        for reducer in reducers:
+            reducer.setup(model)  # as `apply` does: where some run depends on the model (halting)
+        return any(step.after.ragged for step in schedule(model, reducers))
     except InputError:
         return False
 
@@ -343,6 +347,27 @@ def _check_trained(model: nn.Module, spec: str, trained: Mapping[str, Tensor]) -
         )
 
 
+def _why_not(model: nn.Module, spec: str) -> str:
+    """Why a method without a budget parameter does not run as one measured setting on `model`."""
+    try:
+        with apply(model, spec):
+            pass
+    except InputError as error:
+        return str(error)
+    return f"{spec} keeps the same tokens in every clip and has no budget parameter to sweep"
+
+
+def _whole_misfit(model: nn.Module, spec: str, weights: Mapping[str, Tensor]) -> str | None:
+    """Why whole-model `weights` do not fit `model` with `spec` installed (names or shapes), or None."""
+    with apply(model, spec):
+        wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in weights.items()}
+    if wanted == given:
+        return None
+    differ = sorted(k for k in wanted.keys() | given.keys() if wanted.get(k) != given.get(k))
+    return f"the trained weights of {spec} are not this model's ({', '.join(differ[:3])} differ)"
+
+
 def plan_settings(
     model: nn.Module,
     methods: Sequence[str],
@@ -362,7 +387,8 @@ def plan_settings(
         method, given = _one_method(base)  # raises for an unknown method
         adaptive = _adaptive(model, base.strip())
         trained = (selectors or {}).get(weights_key(method, given))
-        untrained = _learned(base, model, as_given=adaptive) and trained is None
+        whole = REGISTRY[method].trains_backbone  # trained with the model: its weights are a whole model's
+        untrained = (whole or _learned(base, model, as_given=adaptive)) and trained is None
         key = REGISTRY[method].budget
         plus = base.partition(":")[0].strip().endswith("++")
         if plus and key is not None and key not in given:  # X++: at every budget, each measured
@@ -382,6 +408,10 @@ def plan_settings(
                 except InputError as err:
                     item.spec, item.refused = None, str(err)
             continue
+        if key is None and not adaptive:  # a method without a budget that cannot run here: one row, why
+            item = Planned(base.strip(), None, refused=_why_not(model, base.strip()))
+            settings.append(item)
+            continue
         if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
             item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
             if untrained:
@@ -389,6 +419,9 @@ def plan_settings(
                     None,
                     f"{method} is learned and this model has no trained {weights_key(method, given)} weights",
                 )
+            elif whole:
+                item.refused = _whole_misfit(model, base.strip(), trained)
+                item.spec = None if item.refused else item.spec
             settings.append(item)
             continue
         for budget in budgets:
@@ -416,14 +449,17 @@ def plan_settings(
 
 
 def canonical(spec: str) -> str:
-    """One text per plan: every parameter with its default filled in, in a fixed order."""
+    """One text per plan: every parameter with its default filled in, in a fixed order. A method that
+    brings companions (`halting`: the Glimpser, `Reducer.expand`) is written alone: they come back with it."""
     terms = []
-    for method, values in parse(spec):
-        if method == "none":
-            continue
-        defaults = {n: p.default for n, (p, _) in spec_parameters(REGISTRY[method]).items()}
-        merged = {**defaults, **values}
-        terms.append(f"{method}:" + ",".join(f"{k}={merged[k]}" for k in sorted(merged)))
+    for term in split_terms(spec):
+        name = term.partition(":")[0].strip()
+        for method, values in parse(term):
+            if method == "none" or (name in REGISTRY and method != name):
+                continue
+            defaults = {n: p.default for n, (p, _) in spec_parameters(REGISTRY[method]).items()}
+            merged = {**defaults, **values}
+            terms.append(f"{method}:" + ",".join(f"{k}={merged[k]}" for k in sorted(merged)))
     return "+".join(terms) or "none"
 
 
@@ -443,13 +479,39 @@ def _install_all(
     model: nn.Module, specs: Sequence[str], selectors: Mapping[str, Mapping[str, Tensor]]
 ) -> dict[str, InstalledPlan]:
     """Install each plan once (learned reducers get their trained weights); the installed plans are
-    swapped in with `install()`, without re-initialising anything."""
+    swapped in with `install()`, without re-initialising anything. A plan of a method trained with the
+    whole model (`Reducer.trains_backbone`: HaltingVT) runs on a copy of the model holding those weights:
+    its installed plan's `model` is that copy."""
     states = {}
     for spec in specs:
+        whole = _whole_model_key(spec)
+        if whole is not None:
+            states[spec] = _install_whole(model, spec, selectors[whole])
+            continue
         states[spec] = apply(model, None if spec == "none" else spec)
         misfits = load_trained(model, selectors)
         assert not misfits, f"{spec}: planning let through trained weights that do not fit ({misfits})"
     return states
+
+
+def _whole_model_key(spec: str | None) -> str | None:
+    """The `weights_key` of the method of `spec` trained with the whole model, or None."""
+    if spec is None or spec == "none":
+        return None
+    return next((weights_key(m, given) for m, given in parse(spec) if REGISTRY[m].trains_backbone), None)
+
+
+def _install_whole(model: nn.Module, spec: str, weights: Mapping[str, Tensor]) -> InstalledPlan:
+    """`spec` installed on a copy of `model` (bare, in its mode) that then takes the whole-model `weights`."""
+    kept = current_plan(model)
+    apply(model, None)
+    try:
+        copy = deepcopy(model)
+    finally:
+        kept.install()
+    installed = apply(copy, spec)
+    copy.load_state_dict(weights)
+    return installed
 
 
 def _recall(state: TokenState, truth: Tensor) -> Tensor:
@@ -531,10 +593,10 @@ def sweep(
             "evaluate each plan with tokensieve eval"
         )
     out = Path(out)
-    own = {
-        key: r.state_dict()
+    own = {  # a method trained with the whole model owns all of its weights
+        key: model.state_dict() if r.trains_backbone else r.state_dict()
         for r, key in zip(model.plan, trained_keys(model), strict=True)
-        if any(True for _ in r.parameters())
+        if r.trains_backbone or any(True for _ in r.parameters())
     }
     selectors = {**own, **(selectors or {})}
     methods = list(methods) if methods is not None else list(METHODS)
@@ -767,21 +829,21 @@ def _run_batch(
     written = 0
     for spec in dict.fromkeys(s for v in batch for s in v.todo):
         rows = [i for i, v in enumerate(batch) if spec in v.todo]
-        states[spec].install()
+        net = states[spec].install().model  # `model`, or its copy with a whole trained model's weights
         adaptive = states[spec].adaptive
         # An adaptive plan runs each video's views on their own: its GFLOPs and tokens are its own.
         for group in [[i] for i in rows] if adaptive else [rows]:
             take = torch.isin(owner, torch.tensor(group))
             who = owner[take]
             given = None
-            if any(r.wants_labels for r in model.plan):  # an oracle: the labels reach the plan
+            if any(r.wants_labels for r in net.plan):  # an oracle: the labels reach the plan
                 given = Inputs(x[take], label_tensor([batch[i].labels for i in who.tolist()], cfg.num_classes,
                                                      multilabel=False).to(device))  # fmt: skip
             measured: dict[str, float] = {}
             with torch.no_grad() if adaptive else torch.inference_mode():
-                with _measuring(model, measured) if adaptive else contextlib.nullcontext():
-                    state = model.forward_features(x[take], trace=truth is not None, inputs=given)
-                    probs = model.forward_head(state).float().softmax(-1).cpu()  # (v, K)
+                with _measuring(net, measured) if adaptive else contextlib.nullcontext():
+                    state = net.forward_features(x[take], trace=truth is not None, inputs=given)
+                    probs = net.forward_head(state).float().softmax(-1).cpu()  # (v, K)
                 recall = _recall(state, truth[who].to(device)).cpu() if truth is not None else None
             for i in group:
                 video, mine = batch[i], who == i
@@ -845,9 +907,9 @@ def _examples(
     try:
         for method, item in chosen.items():
             assert item.spec is not None
-            _install_all(model, [item.spec], selectors)
+            net = _install_all(model, [item.spec], selectors)[item.spec].model
             path = f"examples/{re.sub(r'[^A-Za-z0-9_.=-]+', '_', method)}.png"  # "attention:mass=0.9" too
-            viz.save(viz.kept_tokens(model, clip, label=labels[0] if labels else None), out / path)
+            viz.save(viz.kept_tokens(net, clip, label=labels[0] if labels else None), out / path)
             paths[method] = path
     finally:
         kept.install()
@@ -858,11 +920,14 @@ def _examples(
 def _speeds(model: nn.Module, settings: Sequence[Planned], batch: int) -> dict[str, float]:
     """Speed-up over the unreduced model of every plan run (one seed of each random baseline), measured
     in interleaved rounds in this process (`ts.benchmark`). Not of a plan that reads the labels (an
-    oracle): it cannot run at inference, and its privileged pass would be timed with it."""
+    oracle): it cannot run at inference, and its privileged pass would be timed with it. Nor of a method
+    trained with the whole model (HaltingVT): what it halts depends on those weights and on real content,
+    which random pixels are not (benchmarks/halting.py measures it)."""
     from ..bench import benchmark
 
     plans = list(dict.fromkeys(s for item in settings if item.spec for s in (item.spec, *item.seeds[:1])))
-    plans = [p for p in plans if not any(r.wants_labels for r in make_plan(p))]
+    # Not timed: an oracle (labels), or a method whose cost depends on its trained whole model (HaltingVT)
+    plans = [p for p in plans if not any(r.wants_labels or r.trains_backbone for r in make_plan(p))]
     log.info("measuring the speed of %d plans (batch %d)", len(plans), batch)
     results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5)  # warns when busy
     return {canonical(r.plan): r.speedup for r in results}

@@ -135,9 +135,7 @@ class Glimpser(Reducer):
 
     def setup(self, model: VideoBackbone) -> None:
         if not model.config.has_cls:
-            raise InputError(
-                f"{self.name} ranks tokens by class-token attention; this model has no class token"
-            )
+            raise _no_class_token(f"{self.name} ranks tokens by class-token attention")
 
     def needs_for(self, model: VideoBackbone) -> frozenset[str]:
         return frozenset({CLS_ATTN} if self.cls_skip else {CLS_ATTN, CLS_UPDATE})
@@ -172,7 +170,18 @@ class Halting(Reducer):
     takes_ragged = True
     trains_backbone = True
     # Everything but the seed changes what the model learns (its trained weights are a whole model).
-    trained_with = ("beta", "gamma", "eps", "glimpser", "cls_skip", "halted", "form", "ponder", "motion", "at")
+    trained_with = (
+        "beta",
+        "gamma",
+        "eps",
+        "glimpser",
+        "cls_skip",
+        "halted",
+        "form",
+        "ponder",
+        "motion",
+        "at",
+    )
     # The released configs: Adam, lr 1e-5, L2 decay 1e-5, 5 warm-up epochs from 0.1x, cosine to 0, clip 40.
     recipe: ClassVar[dict[str, Any]] = {
         "optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-5, "warmup_epochs": 5.0, "warmup_start": 0.1,
@@ -227,10 +236,7 @@ class Halting(Reducer):
 
     def setup(self, model: VideoBackbone) -> None:
         if not model.config.has_cls:
-            raise InputError(
-                f"{self.name} reads out the class token's halting-weighted outputs; this model has no class "
-                "token (use a class-token backbone: haltingvt-s, joint-deit-s, timesformer)"
-            )
+            raise _no_class_token(f"{self.name} reads out the class token's halting-weighted outputs")
         depth, divided = len(model.blocks), model.config.divided_blocks
         # By default from the first joint block after the two-block Glimpser stage (a model without one:
         # from block 0, which `schedule` refuses with the block's own message).
@@ -371,6 +377,13 @@ class Halting(Reducer):
             f"beta={self.beta}, gamma={self.gamma}, eps={self.eps}, halted={self.halted}, form={self.form}, "
             f"ponder={self.ponder}, motion={self.motion}, first={self.first}"
         )
+
+
+def _no_class_token(what: str) -> InputError:
+    return InputError(
+        f"{what}, and this model has no class token; HaltingVT runs on class-token backbones (haltingvt-s, "
+        "joint-deit-s, timesformer-b; built in: builtin:synthetic-cls)"
+    )
 
 
 def _note_halted(state: TokenState, now: Tensor, block: int) -> TokenState:

@@ -35,6 +35,7 @@ __all__ = [
     "spec_pairs",
     "spec_parameters",
     "split_plus",
+    "split_terms",
     "trained_keys",
     "weights_key",
     "without_plan",
@@ -116,7 +117,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             f"a plan spec is a non-empty string such as 'none' or 'random:keep=0.5', got {spec!r}"
         )
     items = []
-    for term in re.split(r"\+(?=\s*\w)", spec):  # a "+" before a name joins methods; "lite++" is a name
+    for term in split_terms(spec):
         method, _, args = term.strip().partition(":")
         given = spec_pairs(method, args, spec)
         base = method[:-2] if method.endswith("++") else method
@@ -138,6 +139,11 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
             )
         items += [("adaptive", _values("adaptive", rest)), (base, _values(base, mine))]
     return items
+
+
+def split_terms(spec: str) -> list[str]:
+    """The method terms of a spec: a "+" before a name joins methods; "lite++" is a name."""
+    return re.split(r"\+(?=\s*\w)", spec)
 
 
 def split_plus(method: str, given: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -499,15 +505,16 @@ def trained_keys(model: VideoBackbone) -> list[str]:
 
 def load_trained(model: VideoBackbone, trained: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
     """Give each reducer of `model`'s installed plan the weights `trained` holds for it (`weights_key` ->
-    `state_dict()`), where their names and shapes fit. Returns the keys whose weights did not fit (those
-    reducers keep theirs)."""
+    `state_dict()`), where their names and shapes fit; for a method trained with the whole model
+    (`Reducer.trains_backbone`: HaltingVT) they are the whole model's and replace `model`'s. Returns the
+    keys whose weights did not fit (those reducers, or that model, keep theirs)."""
     misfits = []
     for reducer, key in zip(model.plan, trained_keys(model), strict=True):
         weights = trained.get(key)
         if weights is None:
             continue
         try:
-            reducer.load_state_dict(weights)
+            (model if reducer.trains_backbone else reducer).load_state_dict(weights)
         except RuntimeError:
             misfits.append(key)
     return misfits
