@@ -170,18 +170,8 @@ class Halting(Reducer):
     takes_ragged = True
     trains_backbone = True
     # Everything but the seed changes what the model learns (its trained weights are a whole model).
-    trained_with = (
-        "beta",
-        "gamma",
-        "eps",
-        "glimpser",
-        "cls_skip",
-        "halted",
-        "form",
-        "ponder",
-        "motion",
-        "at",
-    )
+    trained_with = ("beta", "gamma", "eps", "glimpser", "cls_skip", "halted", "form", "ponder", "motion",
+                    "at")  # fmt: skip
     # The released configs: Adam, lr 1e-5, L2 decay 1e-5, 5 warm-up epochs from 0.1x, cosine to 0, clip 40.
     recipe: ClassVar[dict[str, Any]] = {
         "optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-5, "warmup_epochs": 5.0, "warmup_start": 0.1,
