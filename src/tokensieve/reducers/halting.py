@@ -120,8 +120,10 @@ def act_step(act: Act, h: Tensor, *, eps: float, last: bool) -> tuple[Act, Tenso
 
 @register("glimpser")
 class Glimpser(Reducer):
-    """HaltingVT's Glimpser: keeps the top ceil(keep x n) tokens of every frame by class-token attention,
-    inside divided block `at` (its spatial attention), optionally without the class token's skip."""
+    """HaltingVT's Glimpser: every frame's top ceil(keep x n) tokens by class attention, in block `at`.
+
+    The attention is block `at`'s spatial attention; `cls_skip=false` drops the class token's skip
+    connection there, as released."""
 
     inside = True
     standalone = False  # part of `halting`; `attention:per_frame=true` is the stand-alone criterion
@@ -163,8 +165,9 @@ class Glimpser(Reducer):
 
 @register("halting")
 class Halting(Reducer):
-    """Adaptive token halting after every joint block, read out through the class token; see the module
-    docstring."""
+    """HaltingVT: per-token adaptive halting after every joint block, read out by the class token.
+
+    See the module docstring."""
 
     overrides_readout = True
     takes_ragged = True
