@@ -473,6 +473,7 @@ _STYLES: dict[str, tuple[str, str]] = {
     "stts": ("tab:red", "D"),
     "uniform": ("tab:purple", "v"),
     "random_frames": ("tab:brown", "P"),
+    "halting": ("tab:cyan", "h"),
 }
 _SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "teal", "navy", "maroon")
 _SPARE_MARKERS = ("X", "p", "h", "<", ">", "d")
