@@ -304,6 +304,19 @@ def test_the_halting_map_says_where_each_token_halted() -> None:
     assert set(halted[halted >= 0].tolist()) <= {2, 3} and (halted == 2).any()
 
 
+def test_show_draws_the_tokens_still_running_into_each_block() -> None:
+    model = _model().float()
+    ts.apply(model, "halting:beta=0")
+    clip = tiny_video(NAME, batch=1)
+    stages = ts.viz.reduction_stages(model, clip)
+    assert [s.label for s in stages] == ["input", "glimpser in block 1", "halting before block 3"]
+    assert stages[1].tokens == 32 and 0 < stages[2].tokens < 32  # some of the Glimpser's halted after block 2
+    with torch.no_grad():
+        halted = halting_map(model.forward_features(clip, trace=True))[0]
+    assert int((halted == 2).sum()) == 32 - stages[2].tokens  # the map agrees with the picture
+    assert ts.viz.kept_tokens(model, clip).ndim == 3
+
+
 # ------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("name", "spec", "message"),
