@@ -68,7 +68,7 @@ def _attend(attn: torch.nn.Module, x: Tensor, keys: Tensor | None = None) -> tup
     masks keys out."""
     B, L, C = x.shape
     nh = attn.heads
-    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+    q, k, v = F.linear(x, attn.qkv.weight, attn._qkv_bias()).view(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
     logits = q @ k.transpose(-2, -1) / math.sqrt(C // nh)
     if keys is not None:
         logits = logits.masked_fill(~keys[:, None, None, :], float("-inf"))
@@ -132,6 +132,42 @@ def _reference(model: ts.VideoBackbone, video: Tensor, *, beta: float, gamma: fl
         running = going & running
         x = out
     return model.head(model.norm(output[:, 0])), rho.mean()
+
+
+def _reference_mean(model: ts.VideoBackbone, video: Tensor, *, beta: float, masked: bool) -> Tensor:
+    """Logits of halting on a mean-pooled model (VideoMAE), from block 0: every token's halting-weighted
+    outputs, their mean over the tokens, `fc_norm`, the head; halted tokens zeroed and attended to, or
+    masked out of attention (`masked`)."""
+    x = model.embed(video, model.config.grid).x  # (B, N, C)
+    B, N, _ = x.shape
+    c, rest = torch.zeros(B, N).double(), torch.ones(B, N).double()
+    running = torch.ones(B, N, dtype=torch.bool)
+    output = torch.zeros_like(x)
+    for i, block in enumerate(model.blocks):
+        out = _joint(block, x, running.clone()) if masked else _joint(block, x * running[..., None])
+        last = i == len(model.blocks) - 1
+        h = torch.ones(B, N).double() if last else torch.sigmoid(10 * out[..., 0] - beta)
+        c = c + h
+        reached, going = (c > 0.99) & running, (c < 0.99) & running
+        output = output + out * torch.where(reached, rest, torch.where(going, h, 0.0))[..., None]
+        rest = rest - torch.where(going, h, 0.0)
+        running, x = going, out
+    return model.head(model.fc_norm(output.mean(1)))
+
+
+@pytest.mark.parametrize("halted", ["zero", "remove"])
+def test_a_mean_pooled_model_reads_out_the_mean_of_every_tokens_halting_weighted_outputs(halted: str) -> None:
+    torch.manual_seed(0)
+    model = ts.build("videomae-tiny").double().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc2.weight[0] *= 40
+    video = tiny_video("videomae-tiny", batch=3, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _reference_mean(model, video, beta=0.0, masked=halted == "remove")
+        ts.apply(model, f"halting:beta=0,glimpser=1,halted={halted}")
+        got = model(video)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("beta", [-0.5, 0.0, 1.0])
@@ -321,7 +357,6 @@ def test_show_draws_the_tokens_still_running_into_each_block() -> None:
 @pytest.mark.parametrize(
     ("name", "spec", "message"),
     [
-        ("videomae-tiny", "halting", "no class token"),
         ("haltingvt-tiny", "halting:eps=1", "eps must be in"),
         ("haltingvt-tiny", "halting:motion=-1", "loss weights"),
         ("haltingvt-tiny", "halting:at=7", "not a block"),
@@ -333,3 +368,8 @@ def test_show_draws_the_tokens_still_running_into_each_block() -> None:
 def test_bad_settings_are_one_line(name: str, spec: str, message: str) -> None:
     with pytest.raises(ts.InputError, match=message):
         ts.apply(ts.build(name), spec)
+
+
+def test_a_model_read_out_by_token_0_is_refused() -> None:
+    with pytest.raises(ts.InputError, match=r"reads out its token 0 \(pool='first'\)"):
+        ts.apply(ts.build("videomae-tiny", pool="first"), "halting:glimpser=1")

@@ -52,6 +52,7 @@ from .. import rng
 from ..backbones.base import VideoBackbone, init_weights
 from ..errors import InputError
 from ..tokens import (
+    ATTN_RECEIVED,
     CLIP_KEY,
     CLS_ATTN,
     CLS_UPDATE,
@@ -68,8 +69,10 @@ __all__ = ["Act", "Glimpser", "Halting", "act_step", "halting_map"]
 
 HALT = register_token_aux("halt", merge="keep")
 """Per token: (B, N, 3), its ACT state (cumulative score c, remainder R, ponder rho)."""
-HALT_CLS = "halt_cls"
-"""Not per token: `ClassAct`, the class token's ACT state and its accumulated output (the readout)."""
+HALT_OUT = register_token_aux("halt_out", merge="keep")
+"""Per token, on a model read out by mean pooling only: (B, N, C), its halting-weighted output so far."""
+HALT_CLIP = "halt_clip"
+"""Not per token: `ClipAct`, the class token's ACT state, the readout so far and the ponder of tokens gone."""
 HALTED = "halted"
 """Not per token, only while tracing sources (`forward_features(trace=True)`): (B, T*H*W) long, for each
 cell of the grid the block after which its token halted, -1 where none did (`halting_map`)."""
@@ -87,9 +90,13 @@ class Act(NamedTuple):
         return Act(torch.zeros_like(like), torch.ones_like(like), torch.zeros_like(like))
 
 
-class ClassAct(NamedTuple):
-    act: Act  # each (B, 1)
-    output: Tensor  # (B, C): the halting-weighted sum of the class token's outputs so far
+class ClipAct(NamedTuple):
+    """Per clip: what halting keeps beside the tokens."""
+
+    cls: Act | None  # the class token's ACT state, each (B, 1); None on a mean-pooled model
+    output: Tensor  # (B, C): the class token's halting-weighted outputs so far; on a mean-pooled model the
+    # sum of the halting-weighted outputs of the tokens that halted and left; after the last block, the
+    # readout features
     spent: Tensor  # (B,): the ponder of the patch tokens that halted and left
     count: Tensor  # (B,): tokens that entered halting, the class token included
 
@@ -135,11 +142,9 @@ class Glimpser(Reducer):
         self.keep, self.at, self.cls_skip = keep, at, cls_skip
         self.changes_cls = not cls_skip
 
-    def setup(self, model: VideoBackbone) -> None:
-        if not model.config.has_cls:
-            raise _no_class_token(f"{self.name} ranks tokens by class-token attention")
-
     def needs_for(self, model: VideoBackbone) -> frozenset[str]:
+        if not model.config.has_cls:  # ranked by the attention each token receives, as `attention` does
+            return frozenset({ATTN_RECEIVED})
         return frozenset({CLS_ATTN} if self.cls_skip else {CLS_ATTN, CLS_UPDATE})
 
     def positions(self, depth: int) -> tuple[int, ...]:
@@ -154,9 +159,12 @@ class Glimpser(Reducer):
         return top_count(self.ratio(n), layout, per_frame=True, method=self.name)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
-        scores = require(state, CLS_ATTN, self.name)  # (B, N), per frame from the spatial attention
-        if not self.cls_skip:
-            state = state.replace(cls=require(state, CLS_UPDATE, self.name))
+        if state.cls is None:
+            scores = require(state, ATTN_RECEIVED, self.name)  # (B, N)
+        else:
+            scores = require(state, CLS_ATTN, self.name)  # (B, N), per frame from the spatial attention
+            if not self.cls_skip:
+                state = state.replace(cls=require(state, CLS_UPDATE, self.name))
         return keep_top(state, scores, self.ratio(state.tokens_per_frame), per_frame=True)
 
     def extra_repr(self) -> str:
@@ -228,8 +236,11 @@ class Halting(Reducer):
         return self.training and self.motion > 0  # the fake clips' frames
 
     def setup(self, model: VideoBackbone) -> None:
-        if not model.config.has_cls:
-            raise _no_class_token(f"{self.name} reads out the class token's halting-weighted outputs")
+        if not model.config.has_cls and model.config.pool != "mean":
+            raise InputError(
+                f"{self.name} reads out the class token's halting-weighted outputs, or their mean over the "
+                f"tokens on a mean-pooled model; this model reads out its token 0 (pool={model.config.pool!r})"
+            )
         depth, divided = len(model.blocks), model.config.divided_blocks
         # By default from the first joint block after the two-block Glimpser stage (a model without one:
         # from block 0, which `schedule` refuses with the block's own message).
@@ -265,69 +276,88 @@ class Halting(Reducer):
 
     def _halt(self, state: TokenState, site: Site) -> TokenState:
         last = site.position == site.depth
-        B = state.x.shape[0]
+        B, _, C = state.x.shape
+        lead = int(state.cls is not None)  # the class token leads the ACT columns; none: mean pooling
         real = state.mask if state.mask is not None else torch.ones_like(state.x[..., 0], dtype=torch.bool)
-        cls_act: ClassAct | None = state.aux.get(HALT_CLS)
-        if cls_act is None:  # the first halting block: every token starts running
-            zeros = state.x.new_zeros(B)
-            count = real.sum(1).to(state.x.dtype) + 1
-            cls_act = ClassAct(
-                Act.start(state.x[:, :1, 0]), state.x.new_zeros(B, state.x.shape[-1]), zeros, count
-            )
+        clip: ClipAct | None = state.aux.get(HALT_CLIP)
+        if clip is None:  # the first halting block: every token starts running
+            count = real.sum(1).to(state.x.dtype) + lead
+            start = Act.start(state.x[:, :1, 0]) if lead else None
+            clip = ClipAct(start, state.x.new_zeros(B, C), state.x.new_zeros(B), count)
             tokens = Act.start(state.x[..., 0])
         else:
             tokens = Act(*state.aux[HALT].unbind(-1))
-        # The class token is token 0 of one ACT step over every token.
-        act = Act(*(torch.cat([a, t], 1) for a, t in zip(cls_act.act, tokens, strict=True)))
-        running = torch.cat([cls_act.act.c.new_ones(B, 1, dtype=torch.bool), real], 1) & (
-            act.c < 1 - self.eps
+        # The class token is column 0 of one ACT step over every token.
+        act = (
+            tokens
+            if clip.cls is None
+            else Act(*(torch.cat([a, t], 1) for a, t in zip(clip.cls, tokens, strict=True)))
         )
-        h = self.score(torch.cat([state.cls[..., 0], state.x[..., 0]], 1))  # (B, 1 + N)
+        x = state.x if clip.cls is None else torch.cat([state.cls, state.x], 1)  # (B, lead + N, C)
+        real_all = real if clip.cls is None else F.pad(real, (1, 0), value=True)
+        running = real_all & (act.c < 1 - self.eps)
+        h = self.score(x[..., 0])  # (B, lead + N)
         after, weight, going = act_step(act, h, eps=self.eps, last=last)
         # Halted tokens keep their state (a zeroed token runs on, but no longer counts).
         after = Act(*(torch.where(running, new, old) for new, old in zip(after, act, strict=True)))
         weight = torch.where(running, weight, torch.zeros_like(weight))
         going = going & running
-        output = cls_act.output + weight[:, :1] * state.cls[:, 0]  # (B, C)
-        cls_after = Act(*(a[:, :1] for a in after))
-        tokens_after = torch.stack([a[:, 1:] for a in after], -1)  # (B, N, 3)
+        tokens_after = torch.stack([a[:, lead:] for a in after], -1)  # (B, N, 3)
+        cls_after = Act(*(a[:, :1] for a in after)) if lead else None
+        if lead:
+            output, summed = clip.output + weight[:, :1] * state.cls[:, 0], None  # (B, C)
+        else:  # every token's own halting-weighted outputs, for the mean
+            output = clip.output
+            summed = state.aux.get(HALT_OUT, 0.0) + weight[..., None] * state.x  # (B, N, C)
         block = site.position - 1
         if self.training:  # the share of the patch tokens still running, and the mean score of this block
-            state = state.add_stat(f"halting.running.{block}", going[:, 1:].sum() / (cls_act.count - 1).sum())
+            state = state.add_stat(
+                f"halting.running.{block}", going[:, lead:].sum() / (clip.count - lead).sum()
+            )
             state = state.add_stat(f"halting.h.{block}", (h * running).sum() / running.sum())
         if state.aux.get(SOURCE_MAP) is not None:
-            state = _note_halted(state, running[:, 1:] & ~going[:, 1:], block)
+            state = _note_halted(state, running[:, lead:] & ~going[:, lead:], block)
         if last:  # every token halts here; only the readout is left
             state = state if self.halted == "zero" else state.replace(frames=None)  # as `count` says
-            return self._finish(state, cls_act, cls_after, output, tokens_after, real)
-        spent = cls_act.spent
-        state = state.with_aux(**{HALT: tokens_after})
+            if summed is not None:
+                output = output + (summed * real[..., None]).sum(1)
+            return self._finish(state, clip, cls_after, output, tokens_after, real)
+        spent = clip.spent
+        state = state.with_aux(**{HALT: tokens_after}, **({} if summed is None else {HALT_OUT: summed}))
         if self.halted == "zero":
-            state = state.replace(x=state.x * going[:, 1:, None], cls=state.cls * going[:, :1, None])
+            cls = None if state.cls is None else state.cls * going[:, :1, None]
+            state = state.replace(x=state.x * going[:, lead:, None], cls=cls)
         else:
-            leaving = real & ~going[:, 1:]
+            leaving = real & ~going[:, lead:]
             spent = spent + (tokens_after[..., 2] * leaving).sum(1)
-            state = compact(state, going[:, 1:])
+            if summed is not None:  # a token's weighted outputs are final once it halts
+                output = output + (summed * leaving[..., None]).sum(1)
+            state = compact(state, going[:, lead:])
             state = state if state.frames is None else state.replace(frames=None)  # ragged, as `count` says
-        return state.with_aux(**{HALT_CLS: ClassAct(cls_after, output, spent, cls_act.count)})
+        return state.with_aux(**{HALT_CLIP: ClipAct(cls_after, output, spent, clip.count)})
 
     def _finish(
         self,
         state: TokenState,
-        cls_act: ClassAct,
-        cls_after: Act,
+        clip: ClipAct,
+        cls_after: Act | None,
         output: Tensor,
         tokens: Tensor,
         real: Tensor,
     ) -> TokenState:
-        """After the last block: the readout features, and in training the ponder and motion losses."""
+        """After the last block: the readout features (the class token's weighted outputs through the final
+        norm, or the mean of every token's through `fc_norm`), and in training the ponder and motion losses."""
         model = self.__dict__["model"]
-        features = model.norm(output)  # (B, C)
-        state = state.with_aux(**{HALT_CLS: ClassAct(cls_after, features, cls_act.spent, cls_act.count)})
+        features = (
+            model.norm(output) if cls_after is not None else model.fc_norm(output / clip.count[:, None])
+        )
+        state = state.with_aux(**{HALT_CLIP: ClipAct(cls_after, features, clip.spent, clip.count)})
         if not self.training:
             return state
-        ponder = cls_act.spent + cls_after.ponder[:, 0] + (tokens[..., 2] * real).sum(1)  # (B,)
-        state = state.add_loss("halting.ponder", self.ponder * ponder.sum() / cls_act.count.sum())
+        ponder = clip.spent + (tokens[..., 2] * real).sum(1)  # (B,)
+        if cls_after is not None:
+            ponder = ponder + cls_after.ponder[:, 0]
+        state = state.add_loss("halting.ponder", self.ponder * ponder.sum() / clip.count.sum())
         if self.motion > 0:
             B = features.shape[0] // 2  # real clips, then their fakes (`_add_fakes`)
             real_or_fake = torch.cat([features.new_ones(B), features.new_zeros(B)]).long()
@@ -354,11 +384,11 @@ class Halting(Reducer):
             aux[SOURCE_MAP] = torch.cat([state.aux[SOURCE_MAP]] * 2)
         return state.replace(
             x=torch.cat([state.x, made.x]), pos=torch.cat([state.pos, made.pos]),
-            cls=torch.cat([state.cls, made.cls]), aux=aux,
+            cls=None if state.cls is None else torch.cat([state.cls, made.cls]), aux=aux,
         )  # fmt: skip
 
     def readout(self, state: TokenState, model: VideoBackbone) -> Tensor:
-        done = state.aux.get(HALT_CLS)
+        done = state.aux.get(HALT_CLIP)
         if done is None:
             raise ValueError(
                 "halting: no halting state reached the head; install plans with tokensieve.apply"
@@ -370,13 +400,6 @@ class Halting(Reducer):
             f"beta={self.beta}, gamma={self.gamma}, eps={self.eps}, halted={self.halted}, form={self.form}, "
             f"ponder={self.ponder}, motion={self.motion}, first={self.first}"
         )
-
-
-def _no_class_token(what: str) -> InputError:
-    return InputError(
-        f"{what}, and this model has no class token; HaltingVT runs on class-token backbones (haltingvt-s, "
-        "joint-deit-s, timesformer-b; built in: builtin:synthetic-cls)"
-    )
 
 
 def _note_halted(state: TokenState, now: Tensor, block: int) -> TokenState:
