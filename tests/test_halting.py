@@ -144,7 +144,8 @@ def _reference_mean(model: ts.VideoBackbone, video: Tensor, *, beta: float, mask
     running = torch.ones(B, N, dtype=torch.bool)
     output = torch.zeros_like(x)
     for i, block in enumerate(model.blocks):
-        out = _joint(block, x, running.clone()) if masked else _joint(block, x * running[..., None])
+        keys = running | ~running.any(1, keepdim=True)  # a clip whose tokens all halted: its outputs weigh 0
+        out = _joint(block, x, keys) if masked else _joint(block, x * running[..., None])
         last = i == len(model.blocks) - 1
         h = torch.ones(B, N).double() if last else torch.sigmoid(10 * out[..., 0] - beta)
         c = c + h
@@ -155,19 +156,27 @@ def _reference_mean(model: ts.VideoBackbone, video: Tensor, *, beta: float, mask
     return model.head(model.fc_norm(output.mean(1)))
 
 
+@pytest.mark.parametrize("beta", [0.0, -100.0])  # -100: every token halts after block 0
 @pytest.mark.parametrize("halted", ["zero", "remove"])
-def test_a_mean_pooled_model_reads_out_the_mean_of_every_tokens_halting_weighted_outputs(halted: str) -> None:
+def test_a_mean_pooled_model_reads_out_the_mean_of_every_tokens_halting_weighted_outputs(
+    halted: str, beta: float
+) -> None:
     torch.manual_seed(0)
     model = ts.build("videomae-tiny").double().eval()
     with torch.no_grad():
         for block in model.blocks:
             block.mlp.fc2.weight[0] *= 40
     video = tiny_video("videomae-tiny", batch=3, dtype=torch.float64)
+    seen = []
     with torch.no_grad():
-        expected = _reference_mean(model, video, beta=0.0, masked=halted == "remove")
-        ts.apply(model, f"halting:beta=0,glimpser=1,halted={halted}")
+        expected = _reference_mean(model, video, beta=beta, masked=halted == "remove")
+        ts.apply(model, f"halting:beta={beta},glimpser=1,halted={halted}")
+        hook = model.reducers[1].register_forward_hook(lambda m, a, out: seen.append(out))  # after block 0
         got = model(video)
+        hook.remove()
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    if halted == "remove" and beta < 0:  # a clip left with one halted token, which weighs nothing
+        assert seen[0].num_tokens.tolist() == [1, 1, 1]
 
 
 @pytest.mark.parametrize("beta", [-0.5, 0.0, 1.0])

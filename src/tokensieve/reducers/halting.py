@@ -310,53 +310,46 @@ class Halting(Reducer):
             output = clip.output
             summed = state.aux.get(HALT_OUT, 0.0) + weight[..., None] * state.x  # (B, N, C)
         block = site.position - 1
+        stopping = (running & ~going)[:, lead:]  # (B, N) the patch tokens that halt here (all, at the last)
         if self.training:  # the share of the patch tokens still running, and the mean score of this block
-            state = state.add_stat(
-                f"halting.running.{block}", going[:, lead:].sum() / (clip.count - lead).sum()
-            )
+            share = going[:, lead:].sum() / (clip.count - lead).sum()
+            state = state.add_stat(f"halting.running.{block}", share)
             state = state.add_stat(f"halting.h.{block}", (h * running).sum() / running.sum())
         if state.aux.get(SOURCE_MAP) is not None:
-            state = _note_halted(state, running[:, lead:] & ~going[:, lead:], block)
+            state = _note_halted(state, stopping, block)
+        # What a halting token leaves behind is final: its ponder and, for the mean, its weighted outputs.
+        spent = clip.spent + (tokens_after[..., 2] * stopping).sum(1)
+        if summed is not None:
+            output = output + (summed * stopping[..., None]).sum(1)
         if last:  # every token halts here; only the readout is left
             state = state if self.halted == "zero" else state.replace(frames=None)  # as `count` says
-            if summed is not None:
-                output = output + (summed * real[..., None]).sum(1)
-            return self._finish(state, clip, cls_after, output, tokens_after, real)
-        spent = clip.spent
+            return self._finish(state, ClipAct(cls_after, output, spent, clip.count))
         state = state.with_aux(**{HALT: tokens_after}, **({} if summed is None else {HALT_OUT: summed}))
         if self.halted == "zero":
             cls = None if state.cls is None else state.cls * going[:, :1, None]
             state = state.replace(x=state.x * going[:, lead:, None], cls=cls)
         else:
-            leaving = real & ~going[:, lead:]
-            spent = spent + (tokens_after[..., 2] * leaving).sum(1)
-            if summed is not None:  # a token's weighted outputs are final once it halts
-                output = output + (summed * leaving[..., None]).sum(1)
-            state = compact(state, going[:, lead:])
+            kept = going[:, lead:]
+            if (
+                not lead
+            ):  # a clip whose every token halted keeps one, halted (it weighs nothing): no clip is empty
+                first = torch.zeros_like(kept)
+                first[:, 0] = True
+                kept = kept | (first & ~kept.any(1, keepdim=True))
+            state = compact(state, kept)
             state = state if state.frames is None else state.replace(frames=None)  # ragged, as `count` says
         return state.with_aux(**{HALT_CLIP: ClipAct(cls_after, output, spent, clip.count)})
 
-    def _finish(
-        self,
-        state: TokenState,
-        clip: ClipAct,
-        cls_after: Act | None,
-        output: Tensor,
-        tokens: Tensor,
-        real: Tensor,
-    ) -> TokenState:
+    def _finish(self, state: TokenState, clip: ClipAct) -> TokenState:
         """After the last block: the readout features (the class token's weighted outputs through the final
         norm, or the mean of every token's through `fc_norm`), and in training the ponder and motion losses."""
         model = self.__dict__["model"]
-        features = (
-            model.norm(output) if cls_after is not None else model.fc_norm(output / clip.count[:, None])
-        )
-        state = state.with_aux(**{HALT_CLIP: ClipAct(cls_after, features, clip.spent, clip.count)})
+        mean = clip.cls is None
+        features = model.fc_norm(clip.output / clip.count[:, None]) if mean else model.norm(clip.output)
+        state = state.with_aux(**{HALT_CLIP: clip._replace(output=features)})
         if not self.training:
             return state
-        ponder = clip.spent + (tokens[..., 2] * real).sum(1)  # (B,)
-        if cls_after is not None:
-            ponder = ponder + cls_after.ponder[:, 0]
+        ponder = clip.spent if mean else clip.spent + clip.cls.ponder[:, 0]  # (B,)
         state = state.add_loss("halting.ponder", self.ponder * ponder.sum() / clip.count.sum())
         if self.motion > 0:
             B = features.shape[0] // 2  # real clips, then their fakes (`_add_fakes`)
