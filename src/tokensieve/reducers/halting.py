@@ -330,9 +330,8 @@ class Halting(Reducer):
             state = state.replace(x=state.x * going[:, lead:, None], cls=cls)
         else:
             kept = going[:, lead:]
-            if (
-                not lead
-            ):  # a clip whose every token halted keeps one, halted (it weighs nothing): no clip is empty
+            if not lead:
+                # A clip whose every token halted keeps one, halted (it weighs nothing): no clip is empty.
                 first = torch.zeros_like(kept)
                 first[:, 0] = True
                 kept = kept | (first & ~kept.any(1, keepdim=True))
