@@ -85,3 +85,20 @@ def test_the_cli_gives_a_built_in_model_its_trained_selector(heldout: VideoDatas
     assert json.loads(result.stdout)["top1"] == pytest.approx(
         card["heldout_top1"][spec], abs=1.5 / len(heldout)
     )
+
+
+def test_shipped_halting_model_reproduces_the_cards_accuracy_and_mean_gflops(heldout: VideoDataset) -> None:
+    """`finetuned.safetensors` holds the whole model fine-tuned with HaltingVT's plan; installed on the
+    built-in model (as the sweep and every --model builtin:synthetic do) it gives the card's top-1 at the
+    card's mean GFLOPs per clip, below what the Glimpser alone costs (halting removes tokens)."""
+    card = assets.card()
+    spec = card["finetuned"]["halting"]["spec"]
+    base = ts.load("builtin:synthetic")
+    model = ts.apply(ts.load("builtin:synthetic"), spec).model
+    assets.install_selectors(model)
+    assert not torch.equal(model.head.weight, base.head.weight)  # the fine-tuned model's, not the base's
+    summary = ts.evaluate(model, heldout, batch_size=64, workers=0)
+    assert summary.top1 == pytest.approx(card["heldout_top1"][spec], abs=1.5 / len(heldout))
+    assert summary.gflops_per_view == pytest.approx(card["heldout_gflops"][spec], rel=1e-4)
+    with ts.apply(base, "glimpser:keep=0.5"):
+        assert summary.gflops_per_view < float(ts.flops(base))

@@ -225,6 +225,16 @@ def test_write_report_degenerate_sweeps(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "No unreduced reference" in md and "No method ran at this budget." in md
     assert "- tome: refused — too few tokens" in md
+    no_budget = SweepReport(  # refused before it had a budget: an adaptive method without trained weights
+        [Setting("halting", None, None, refused="halting is learned and this model has no trained halting weights")],
+        header={}, examples={},
+    )  # fmt: skip
+    write_report(no_budget, tmp_path)
+    summary = (tmp_path / "report.md").read_text().split("## Summary")[1]
+    assert (
+        "- **halting**: refused (halting is learned and this model has no trained halting weights)."
+        in summary
+    )
     with Image.open(tmp_path / "pareto.png") as image:
         assert image.size == (1400, 600)
     with pytest.raises(InputError):

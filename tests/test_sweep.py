@@ -4,6 +4,7 @@ refused settings, and the report it writes."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tokensieve.engine.sweep import (
     token_ratio,
 )
 from tokensieve.errors import InputError
+from tokensieve.reducers.plan import parse, weights_key
 
 
 def _model(**changes: object) -> ts.VideoBackbone:
@@ -345,3 +347,29 @@ def test_a_method_trained_with_its_model_runs_on_those_weights_against_random_on
         model, data, out=tmp_path / "misfit", selectors={"halting:beta=0.0,motion=0.0": other}, **kwargs
     )
     assert "are not this model's (head.weight differ)" in misfit.settings[-1].refused
+
+
+def test_a_method_without_budget_whose_cost_is_fixed_runs_once_at_its_own_gflops(tmp_path: Path) -> None:
+    """Halting with the released zeroed-but-attended tokens (`halted=zero`) costs the same on every clip:
+    one setting at that cost (the Glimpser's), its budget the token ratio, against random matched to it;
+    a spec that cannot run on the model is one refused row saying why."""
+    root = tmp_path / "set"
+    make_synthetic(root, videos=4, classes=4, frames=4, size=32, patch=8, tubelet=1, partial=True)
+    data = VideoDataset(read_list(root / "list.txt"), frames=4, size=32, stride=1, num_classes=4)
+    torch.manual_seed(0)
+    model = ts.build("haltingvt-tiny", num_classes=4).eval()
+    spec = "halting:beta=0,motion=0,glimpser=0.5,halted=zero"
+    tuned = copy.deepcopy(model)
+    ts.apply(tuned, spec)
+    report = sweep(model, data, out=tmp_path / "run", methods=[spec, "halting:glimpser=0.5,halted=zero,at=9"],
+                   selectors={weights_key(*parse(spec)[-1]): tuned.state_dict()}, budgets=[0.5], workers=0,
+                   batch_size=4, speed=False, seeds=1)  # fmt: skip
+    zero, bad = report.settings[1:]
+    with ts.apply(model, "glimpser:keep=0.5"):
+        glimpser = float(ts.flops(model))
+    assert (
+        zero.refused is None and zero.gflops == pytest.approx(glimpser) and glimpser < float(ts.flops(model))
+    )
+    assert zero.budget == round(token_ratio(model, "glimpser:keep=0.5"), 2) and zero.random_gflops is not None
+    assert zero.views is None and zero.verdict is not None  # measured once, not per clip
+    assert bad.spec is None and bad.refused == "halting: at=9 is not a block of this 4-block model"

@@ -409,6 +409,11 @@ def _summary(settings: Sequence[Setting]) -> list[str]:
         refused = [_budget(s.budget) for s in mine if s.refused is not None and s.budget is not None]
         if refused:
             parts.append(f"refused at {', '.join(refused)}")
+        parts += [  # a setting refused before it had a budget (an adaptive method without its weights)
+            f"refused ({_md(s.refused)})"
+            for s in settings
+            if s.method == method and s.budget is None and s.refused
+        ]
         lines.append(f"- **{_md(method)}**: {'; '.join(parts) or 'no verdict'}.")
     if not methods:
         lines.append("No method other than the baselines ran.")

@@ -22,7 +22,8 @@
 Adaptive methods (each clip keeps its own count: `attention:mass=0.9`, given with their parameters)
 run as one setting: its budget (the mean token ratio) and GFLOPs are measured per video as it runs
 (each video's views counted on their own, so the means survive a resume and a torchrun split), then
-random is matched to the mean GFLOPs and run in a second pass over the videos.
+random is matched to the mean GFLOPs and run in a second pass over the videos. A method without a
+budget whose cost is the same on every clip (`halting:...,halted=zero`) runs as one setting at that cost.
 
 5. The report. Per setting: top-1 with a 95% bootstrap interval over videos, top-5, GFLOPs per view,
    measured speed-up over the unreduced model (`ts.benchmark`, same process), the foreground recall of
@@ -347,16 +348,6 @@ def _check_trained(model: nn.Module, spec: str, trained: Mapping[str, Tensor]) -
         )
 
 
-def _why_not(model: nn.Module, spec: str) -> str:
-    """Why a method without a budget parameter does not run as one measured setting on `model`."""
-    try:
-        with apply(model, spec):
-            pass
-    except InputError as error:
-        return str(error)
-    return f"{spec} keeps the same tokens in every clip and has no budget parameter to sweep"
-
-
 def _whole_misfit(model: nn.Module, spec: str, weights: Mapping[str, Tensor]) -> str | None:
     """Why whole-model `weights` do not fit `model` with `spec` installed (names or shapes), or None."""
     with apply(model, spec):
@@ -408,9 +399,26 @@ def plan_settings(
                 except InputError as err:
                     item.spec, item.refused = None, str(err)
             continue
-        if key is None and not adaptive:  # a method without a budget that cannot run here: one row, why
-            item = Planned(base.strip(), None, refused=_why_not(model, base.strip()))
+        if key is None and not adaptive:  # no budget, the same cost on every clip: one setting at that cost
+            item = Planned(base.strip(), None)
             settings.append(item)
+            try:
+                with apply(model, base.strip()):  # refused as `apply` would say
+                    pass
+                if untrained:
+                    raise InputError(
+                        f"{method} is learned and this model has no trained {weights_key(method, given)} weights"
+                    )
+                if whole and (misfit := _whole_misfit(model, base.strip(), trained)):
+                    raise InputError(misfit)
+                item.spec, item.ratio = base.strip(), token_ratio(model, base.strip())
+                item.budget, item.gflops = round(item.ratio, 2), count(item.spec)
+                item.random = matched_random(model, item.gflops, count)
+            except InputError as err:
+                item.spec, item.refused = None, str(err)
+                continue
+            item.random_gflops = count(item.random)
+            item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
             continue
         if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
             item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
