@@ -64,9 +64,15 @@ CONTRACT = {
         "halting:glimpser=1,motion=0,at=0",
     ],
     "glimpser": ["glimpser:keep=0.5", "glimpser:keep=0.3,cls_skip=true,at=0"],
+    "tokenlearner": [
+        "tokenlearner:at=1,tokens=4",
+        "tokenlearner:at=1,tokens=3,version=1,fuser=released",
+        "tokenlearner:at=0.34,tokens=4,fuser=paper",
+        "tokenlearner:at=2,tokens=2,version=1,pool=mean,vector=true",
+    ],
 }
 # The setting of each method that must leave the backbone's output bit for bit unchanged.
-IDENTITY = {
+IDENTITY: dict[str, str | None] = {
     "none": "none",
     "random": "random:keep=1,per_frame=true",
     "uniform": "uniform:keep=1",
@@ -80,6 +86,9 @@ IDENTITY = {
     "adaptive": "adaptive:low=0,high=1+random:keep=1",
     "halting": "halting:beta=1000,glimpser=1",  # h = 0 until the last block, where the class token halts
     "glimpser": "glimpser:keep=1,cls_skip=true",
+    # Every setting replaces the tokens by learned ones; a fuser's unit starts as the identity
+    # (tests/test_tokenlearner.py).
+    "tokenlearner": None,
 }
 BACKBONES = [name for name in ts.PRESETS if name.endswith("-tiny")]  # one per backbone family
 CASES = [(spec, name) for specs in CONTRACT.values() for spec in specs for name in BACKBONES]
@@ -112,6 +121,10 @@ def test_divided_attention_refuses_exactly_the_plans_that_unbalance_frames(spec:
     adapts = any(getattr(r, "per_frame", False) is None for r in reducers) and not any(
         r.takes_budgets is False and not r.standalone for r in reducers
     )
+    if "vector=true" in spec:  # TokenLearner's vector attention replaces a joint block's attention
+        with pytest.raises(ts.InputError, match="vector=true replaces the attention of the blocks"):
+            ts.apply(model, spec)
+        return
     if adapts or not _leaves_unequal_frames(spec):
         ts.apply(model, spec)
         return
@@ -186,7 +199,7 @@ def test_states_are_valid_and_counts_as_declared(spec: str, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "name"),
-    [(m, name) for m in sorted(IDENTITY) for name in BACKBONES if _runs_on(IDENTITY[m], name)],
+    [(m, name) for m in sorted(IDENTITY) if IDENTITY[m] for name in BACKBONES if _runs_on(IDENTITY[m], name)],
 )
 def test_identity_setting_equals_the_bare_backbone(method: str, name: str) -> None:
     video = tiny_video(name)

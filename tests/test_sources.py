@@ -28,7 +28,13 @@ def check_sources(state: TokenState) -> None:
     patches = torch.zeros(B, N + 1, dtype=torch.long).scatter_add(1, slot, torch.ones_like(slot))[:, :N]
     real = torch.ones(B, N, dtype=torch.bool) if state.mask is None else state.mask
     expected = torch.ones(B, N) if state.size is None else state.size.float()
-    assert torch.equal(patches[real].float(), expected[real]), "a token's patches do not match its size"
+    grid = real & (state.pos >= 0)  # a learned token (pos -1, TokenLearner) owns the cells it weighs most
+    assert torch.equal(patches[grid].float(), expected[grid]), "a token's patches do not match its size"
+    if state.frames is not None and not bool(grid.all()):  # learned tokens share out their frame's cells
+        T, H, W = state.grid
+        learned = own.clamp_min(0).div(N // state.frames, rounding_mode="floor")  # (B, T*H*W) frame slot
+        frame = torch.arange(T * H * W).div(H * W, rounding_mode="floor").expand(B, -1)
+        assert bool(((learned == frame) | (own < 0)).all()), "a learned token owns a cell of another frame"
     assert not bool(patches[~real].any()), "a padding token stands for patches"
     assert int(covered(state).sum()) == int(patches.sum())  # owners partition the covered patches
 

@@ -42,6 +42,7 @@ __all__ = [
     "SOURCE_MAP",
     "STATS",
     "TOKEN_AUX",
+    "VECTOR_ATTN",
     "Inputs",
     "Layout",
     "Need",
@@ -71,6 +72,9 @@ PROP_ATTN = "prop_attn"
 """Flag (not per token): attention adds log(size) of each key to its logits (ToMe's proportional
 attention). Set by a merging reducer; read by `backbones.layers.attention_mask`."""
 
+VECTOR_ATTN = "vector_attn"
+"""`aux` flag: the joint blocks run the vector attention of TokenLearner's Eq. 2 (one head per channel, no
+scaling: y_i = sum_j softmax_j(q_i * k_j) * v_j per channel) instead of their multi-head attention."""
 CLIP_KEY = "clip_key"
 """(B,) int64: a hash of each clip's input (`rng.clip_keys`), put there by the backbone when the plan
 draws random numbers. Random methods draw from it, so a clip gets the same draws in any batch."""

@@ -144,6 +144,17 @@ PRESETS: dict[str, BackboneConfig] = {
         arch="timesformer", frames=8, size=224, dim=384, depth=12, heads=6, mlp_dim=1536, divided=2,
         num_classes=200, drop_path=0.1, mean=HALF, std=HALF,
     ),
+    # Image ViTs (Dosovitskiy et al.) as one-frame videos, as TokenLearner applies them: timm-named
+    # weights load with ts.load_image_weights; depth is a config change (`depth=22`).
+    **{
+        f"vit-{width}{patch}-{size}": BackboneConfig(
+            arch="vit-cls", frames=1, size=size, patch=patch, num_classes=1000, mean=HALF, std=HALF,
+            **({"dim": 384, "heads": 6, "mlp_dim": 1536} if width == "s" else {"dim": 768, "heads": 12, "mlp_dim": 3072}),
+            depth=12,
+        )
+        for width, patch in (("s", 32), ("b", 32), ("b", 16))
+        for size in (384, 224)
+    },
     # Tiny presets for tests: a few thousand parameters, clips of 4 frames of 32x32.
     "videomae-tiny": BackboneConfig(arch="videomae", tubelet=2, pool="mean", qkv_bias="qv", **_TINY),
     "timesformer-tiny": BackboneConfig(arch="timesformer", **_TINY),

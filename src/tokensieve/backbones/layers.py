@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..tokens import ATTN_RECEIVED, CLS_ATTN, CLS_UPDATE, KEYS, PROP_ATTN, TokenState
+from ..tokens import ATTN_RECEIVED, CLS_ATTN, CLS_UPDATE, KEYS, PROP_ATTN, VECTOR_ATTN, TokenState
 
 __all__ = [
     "RAGGED",
@@ -372,6 +372,7 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         record: frozenset[str] = frozenset(),
         has_cls: bool = False,
+        vector: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """
         Args:
@@ -381,15 +382,24 @@ class Attention(nn.Module):
             record: which side results to return (`KEYS`, `CLS_ATTN`, `ATTN_RECEIVED`); empty costs
                 nothing extra.
             has_cls: whether token 0 is a class token (it is left out of recorded per-token results).
+            vector: TokenLearner's vector attention (`VECTOR_ATTN`): one head per channel, no scaling.
 
         Returns:
             (B, N, C) output and a dict with the requested side results (patch tokens only).
         """
         B, N, C = x.shape
         qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3C)
-        q, k, v = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hd)
+        heads, hd = (C, 1) if vector else (self.heads, self.head_dim)
+        q, k, v = qkv.view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hd)
         drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, nh, N, hd)
+        scale = 1.0 if vector else None
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, scale=scale
+        )  # (B, nh, N, hd)
+        if vector and record:
+            raise ValueError(
+                "side results are not recorded from vector attention (TokenLearner's learned tokens)"
+            )
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
         recorded: dict[str, Tensor] = {}
         if record:
@@ -491,8 +501,9 @@ class Block(nn.Module):
         has_cls = state.cls is not None
         x = with_cls(state)  # (B, [1 +] N, C)
         y, recorded = self.attn(
-            self.norm1(x), mask=attention_mask(state), record=self.record, has_cls=has_cls
-        )
+            self.norm1(x), mask=attention_mask(state), record=self.record, has_cls=has_cls,
+            vector=state.aux.get(VECTOR_ATTN, False),
+        )  # fmt: skip
         y = self.drop_path(y)
         if CLS_UPDATE in self.record and has_cls:  # what the attention adds to the class token (Glimpser)
             recorded = {**recorded, CLS_UPDATE: y[:, :1]}
@@ -529,6 +540,10 @@ def run_packed(
         part: "both" halves of every block, or of a single block only its "attention" residual (a
             reducer runs next) or only its "mlp" residual (one ran between them).
     """
+    if state.aux.get(VECTOR_ATTN, False):
+        raise ValueError(
+            "vector attention runs on TokenLearner's dense learned tokens, not on a ragged batch"
+        )
     has_cls = state.cls is not None
     x = with_cls(state)  # (B, L, C), L = [1 +] N
     packed = pack(state)

@@ -14,6 +14,7 @@ from . import (  # noqa: F401
     random_frames,
     sta,
     stts,
+    tokenlearner,
     tome,
     uniform,
 )
