@@ -63,6 +63,16 @@ def test_config_validation(changes: dict, message: str) -> None:
         preset("videomae-tiny", **changes)
 
 
+def test_vivit_config() -> None:
+    """ViViT: tubelets of any length, a class token, so the class-token readout only; tanh GELU."""
+    assert preset("vivit-tiny", tubelet=4).grid == (1, 4, 4)
+    assert preset("vivit-tiny").has_cls and preset("vivit-tiny").act == "gelu_tanh"
+    with pytest.raises(InputError, match="arch 'vivit' reads out its class token: pool must be 'cls'"):
+        preset("vivit-tiny", pool="mean")
+    with pytest.raises(InputError, match="arch must be one of videomae, vit-cls, timesformer, vivit"):
+        preset("vivit-tiny", arch="vivit2")
+
+
 # ------------------------------------------------------------------ numerics
 def test_sinusoid_table_matches_reference_construction() -> None:
     # The reference builds the table in float64 Python lists, then casts to float32.
@@ -179,7 +189,7 @@ def test_videomae_keys_have_no_bias() -> None:
 
 
 # ------------------------------------------------------------------ padding masks
-@pytest.mark.parametrize("name", ["videomae-tiny", "joint-tiny"])
+@pytest.mark.parametrize("name", ["videomae-tiny", "joint-tiny", "vivit-tiny"])
 def test_padding_tokens_change_nothing(name: str) -> None:
     """A sample padded with junk tokens (mask False) gives the logits of the sample alone."""
     model = ts.build(name).eval()
@@ -280,15 +290,16 @@ def test_meta_build_matches_real_structure() -> None:
     }
 
 
+@pytest.mark.parametrize("name", ["videomae-tiny", "vivit-tiny"])
 def test_the_tubelet_embedding_of_a_batch_equals_its_clips_embedded_in_chunks(
-    monkeypatch: pytest.MonkeyPatch,
+    name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CPU the patch embedding runs a few clips at a time (`TILE_ROWS` tokens); the tokens are those
     of the whole batch at once, bit for bit, under autocast too."""
     from tokensieve.backbones import videovit
 
-    model = ts.build("videomae-tiny").eval()
-    video = tiny_video("videomae-tiny", batch=5)
+    model = ts.build(name).eval()
+    video = tiny_video(name, batch=5)
     with torch.no_grad():
         whole = model.embed(video, model.config.grid).x
         monkeypatch.setattr(videovit, "TILE_ROWS", 40)  # 32 tokens per clip: one clip at a time
@@ -300,3 +311,24 @@ def test_the_tubelet_embedding_of_a_batch_equals_its_clips_embedded_in_chunks(
             low_whole = model.embed(video, model.config.grid).x
     assert torch.equal(chunked, whole) and chunked.is_contiguous()
     assert low.dtype == torch.bfloat16 and torch.equal(low, low_whole)
+
+
+@pytest.mark.parametrize("name", ["videomae-tiny", "vivit-tiny"])
+def test_the_tubelet_embedding_trains_on_batches_it_would_chunk(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: training on CPU failed once a batch held more than `TILE_ROWS` tokens (videomae-s: 2
+    clips), the embedding's chunks being written with `out=`, which autograd refuses. With autograd
+    recording it takes the batch whole: the gradients of a batch that fits one chunk."""
+    from tokensieve.backbones import videovit
+
+    model = ts.build(name).train()
+    video = tiny_video(name, batch=3)
+    grads = []
+    for rows in (10**6, 40):  # whole, then one clip (32 tokens) per chunk
+        monkeypatch.setattr(videovit, "TILE_ROWS", rows)
+        model.zero_grad()
+        torch.manual_seed(0)
+        model(video).logsumexp(-1).sum().backward()
+        grads.append(model.embed.proj.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0

@@ -50,7 +50,21 @@ def test_timesformer_closed_form() -> None:
     assert fc.macs - fc.by_op["norm"] == L * block + N * 3 * 16 * 16 * D + D * 400
 
 
-@pytest.mark.parametrize("name", ["videomae-tiny", "timesformer-tiny", "joint-tiny"])
+def test_vivit_closed_form() -> None:
+    """ViViT-B/16x2 joint (model 1) at 32x224: N = 16*14*14 = 3136 tubelets plus the class token, every
+    block over all 3137; the final norm and classifier on the class token alone. Pinned: 451.81 GFLOPs."""
+    D, L, N = 768, 12, 3136
+    S = N + 1
+    fc = ts.flops(meta_model("vivit-b"), detail=True)
+    assert (
+        fc.macs - fc.by_op["norm"]
+        == L * (12 * S * D * D + 2 * S * S * D) + N * (3 * 2 * 16 * 16) * D + D * 400
+    )
+    assert fc.by_op["norm"] == 5 * D * (2 * L * S + 1)
+    assert fc.gflops == pytest.approx(451.81, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["videomae-tiny", "timesformer-tiny", "joint-tiny", "vivit-tiny"])
 def test_agrees_with_torch_flop_counter(name: str) -> None:
     """Cross-check on CPU, where SDPA runs its fused CPU kernel (which torch 2.13 cannot count)."""
     register_cpu_sdpa_formula()

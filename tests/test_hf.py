@@ -1,5 +1,5 @@
 """Conversion of transformers VideoMAE/TimeSformer models (`ts.from_hf`, `from_hf_state_dict`,
-`ts.load`).
+`ts.load`); ViViT's in tests/test_vivit.py.
 
 The oracle is transformers itself: tiny models with *every* parameter re-randomised (HF leaves
 time embeddings, biases and LayerNorm affines at 0/1, which would hide a mis-mapped tensor), eager
@@ -332,20 +332,16 @@ def test_load_saved_pretraining_checkpoint(tmp_path: Path) -> None:
     "model",
     [
         lambda: nn.Linear(2, 2),
-        lambda: transformers.VivitForVideoClassification(
-            transformers.VivitConfig(
-                image_size=32,
-                num_frames=4,
-                tubelet_size=[2, 8, 8],
-                hidden_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                intermediate_size=64,
-                num_labels=3,
+        lambda: transformers.VideoMAEForPreTraining(  # ts.load takes its encoder; from_hf does not guess
+            videomae_config(
+                decoder_hidden_size=16,
+                decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2,
+                decoder_intermediate_size=32,
             )
         ),
     ],
-    ids=["linear", "vivit"],
+    ids=["linear", "videomae-pretraining"],
 )
 def test_unsupported_class(model: Callable[[], nn.Module]) -> None:
     m = model()
@@ -440,7 +436,7 @@ def test_mismatch_lists_every_problem_at_once() -> None:
 
 
 @pytest.mark.parametrize("arch", ["videomae", "timesformer"])
-@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+@pytest.mark.parametrize("act", ["quick_gelu", "relu"])  # the tanh GELUs convert: tests/test_vivit.py
 def test_unsupported_activation(arch: str, act: str) -> None:
     config = videomae_config(hidden_act=act) if arch == "videomae" else timesformer_config(hidden_act=act)
     cls = (
@@ -448,7 +444,7 @@ def test_unsupported_activation(arch: str, act: str) -> None:
         if arch == "videomae"
         else transformers.TimesformerForVideoClassification
     )
-    with pytest.raises(ValueError, match=rf"only hidden_act='gelu' .* is supported, got '{act}'"):
+    with pytest.raises(ValueError, match=rf"only hidden_act 'gelu', .* is supported, got '{act}'"):
         ts.from_hf(cls(config))
 
 

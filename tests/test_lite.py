@@ -143,13 +143,13 @@ def test_lite_loss_is_bce_against_the_teachers_oracle() -> None:
 
 
 def test_lite_without_positions_scores_the_projection_alone() -> None:
-    for name in ("videomae-tiny", "joint-tiny"):
+    for name in ("videomae-tiny", "joint-tiny", "vivit-tiny"):  # sin-cos, spatial + time, learned positions
         model = _model(name)
         video = tiny_video(name)
         lite = ts.apply(model, "lite:keep=0.5,pos=false").reducers[0]
         state = model.embed(video, model.config.grid)
         with torch.no_grad():
-            if name == "videomae-tiny":
+            if name != "joint-tiny":  # Conv3d tubelets
                 projection = model.embed.proj(video.transpose(1, 2)).flatten(2).transpose(1, 2)
             else:
                 B = video.shape[0]

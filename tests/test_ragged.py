@@ -28,7 +28,7 @@ from tokensieve.reducers.base import keep_top
 from tokensieve.tokens import ATTN_RECEIVED, CLS_ATTN, KEYS, PROP_ATTN, TOKEN_AUX, TokenState, compact
 
 BATCH = 4
-JOINT = ["videomae-tiny", "joint-tiny"]  # no class token (mean pooling), class token
+JOINT = ["videomae-tiny", "joint-tiny", "vivit-tiny"]  # no class token (mean pooling); class token (2x)
 # Plans that make ragged batches; position 3 is the slot after the last of the 3 blocks.
 RAGGED_PLANS = [
     "attention:mass=0.6,at=0",

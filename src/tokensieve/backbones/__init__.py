@@ -21,6 +21,7 @@ _ARCHS: dict[str, type[VideoBackbone]] = {
     "videomae": VideoViT,
     "vit-cls": VideoViT,
     "timesformer": TimeSformer,
+    "vivit": VideoViT,
 }
 
 

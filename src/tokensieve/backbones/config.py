@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import InputError
-from .layers import QkvBias
+from .layers import ACTS, Act, QkvBias
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "BackboneConfig", "preset"]
 
@@ -15,9 +15,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KINETICS_MEAN = (0.45, 0.45, 0.45)  # TimeSformer's normalisation
 KINETICS_STD = (0.225, 0.225, 0.225)
-HALF = (0.5, 0.5, 0.5)  # HaltingVT's normalisation: mean = std = 127.5 on 0-255 pixels
+HALF = (0.5, 0.5, 0.5)  # HaltingVT's and ViViT's normalisation: mean = std = 127.5 on 0-255 pixels
 
-Arch = Literal["videomae", "vit-cls", "timesformer"]
+Arch = Literal["videomae", "vit-cls", "timesformer", "vivit"]
+ARCHS = ("videomae", "vit-cls", "timesformer", "vivit")
 Pool = Literal["mean", "first", "cls"]
 
 
@@ -29,13 +30,18 @@ class BackboneConfig:
         arch: "videomae" (joint attention, Conv3d tubelets, fixed sin-cos positions, no class token),
             "vit-cls" (joint attention, per-frame Conv2d patches, class token, learned spatial
             positions shared by frames plus a learned time embedding: image-initialised joint
-            models such as HaltingVT's), or "timesformer" (divided space-time attention).
+            models such as HaltingVT's), "timesformer" (divided space-time attention) or "vivit" (ViViT's
+            model 1: joint attention, Conv3d tubelets, class token, learned positions over the whole
+            sequence, the class token's included).
         frames, size: input clip length and square frame side the positions are built for.
-        patch, tubelet: spatial patch side and temporal tubelet length (1 for per-frame patches).
+        patch, tubelet: spatial patch side and temporal tubelet length (1 for per-frame patches; arch
+            "videomae" and "vivit" only may have more).
         pool: "mean" (mean of tokens, then `fc_norm`), "first" (final norm, token 0: VideoMAE
             without mean pooling) or "cls" (final norm, class token).
         qkv_bias: "qv" for VideoMAE (no key bias), "qkv" for timm/TimeSformer, "none".
         eps: LayerNorm epsilon of the blocks and the final norm; `fc_norm_eps` for `fc_norm`.
+        act: the MLP's activation: "gelu" (exact, erf) or "gelu_tanh" (its tanh approximation: ViViT's,
+            Flax's default `nn.gelu`).
         num_classes: classifier outputs; 0 means no classifier (the head returns pooled features).
         mean, std: per-channel normalisation the weights expect (inputs in [0, 1] before it).
         divided: arch "timesformer" only: how many leading blocks use divided space-time attention, the
@@ -56,6 +62,7 @@ class BackboneConfig:
     qkv_bias: QkvBias = "qkv"
     eps: float = 1e-6
     fc_norm_eps: float = 1e-5
+    act: Act = "gelu"
     num_classes: int = 400
     drop: float = 0.0
     attn_drop: float = 0.0
@@ -66,8 +73,8 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         has_cls = self.arch != "videomae"
-        if self.arch not in ("videomae", "vit-cls", "timesformer"):
-            raise InputError(f"arch must be 'videomae', 'vit-cls' or 'timesformer', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise InputError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if has_cls and self.pool != "cls":
             raise InputError(
                 f"arch {self.arch!r} reads out its class token: pool must be 'cls', got {self.pool!r}"
@@ -76,7 +83,7 @@ class BackboneConfig:
             raise InputError(
                 f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}"
             )
-        if self.arch != "videomae" and self.tubelet != 1:
+        if self.arch in ("vit-cls", "timesformer") and self.tubelet != 1:
             raise InputError(
                 f"arch {self.arch!r} embeds every frame on its own: tubelet must be 1, got {self.tubelet}"
             )
@@ -86,6 +93,8 @@ class BackboneConfig:
             raise InputError(f"size ({self.size}) must be divisible by the patch ({self.patch})")
         if self.dim % self.heads:
             raise InputError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.act not in ACTS:
+            raise InputError(f"act must be one of {', '.join(ACTS)}, got {self.act!r}")
         if self.divided is not None and self.arch != "timesformer":
             raise InputError(f"divided sets TimeSformer's divided blocks; arch {self.arch!r} has none")
         if self.divided is not None and not 0 <= self.divided <= self.depth:
@@ -155,11 +164,17 @@ PRESETS: dict[str, BackboneConfig] = {
         for width, patch in (("s", 32), ("b", 32), ("b", 16))
         for size in (384, 224)
     },
+    # ViViT-B/16x2, model 1 (Arnab et al. 2021), as google/vivit-b-16x2-kinetics400: 32x224, 3137 tokens.
+    "vivit-b": BackboneConfig(
+        arch="vivit", frames=32, size=224, tubelet=2, dim=768, depth=12, heads=12, mlp_dim=3072,
+        act="gelu_tanh", mean=HALF, std=HALF,
+    ),
     # Tiny presets for tests: a few thousand parameters, clips of 4 frames of 32x32.
     "videomae-tiny": BackboneConfig(arch="videomae", tubelet=2, pool="mean", qkv_bias="qv", **_TINY),
     "timesformer-tiny": BackboneConfig(arch="timesformer", **_TINY),
     "joint-tiny": BackboneConfig(arch="vit-cls", **_TINY),
     "haltingvt-tiny": BackboneConfig(arch="timesformer", **{**_TINY, "depth": 4}, divided=2),
+    "vivit-tiny": BackboneConfig(arch="vivit", tubelet=2, act="gelu_tanh", **_TINY),
 }  # fmt: skip
 
 

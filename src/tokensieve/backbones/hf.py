@@ -1,16 +1,21 @@
 """Conversion of Hugging Face transformers video models into the native backbones.
 
 `from_hf(model)` converts a live `VideoMAEForVideoClassification`, `VideoMAEModel`,
-`TimesformerForVideoClassification` or `TimesformerModel`; `from_hf_state_dict(state, config, kind)`
-converts one's state dict (e.g. read from a hub file); `load(hub_id_or_dir)` loads one through
-transformers first, and is also `ts.load` for tokensieve's own saved models and training runs
-(`saved.py` reads those) and for the released HaltingVT checkpoints (`mmaction.py`). Both generations
-of VideoMAE parameter names are accepted: `q_bias`/`v_bias` (hub files, transformers 4.x and early
-5.x) and `query.bias`/`value.bias` (transformers >= 5.x in memory). Every key and shape is checked; a mismatch raises an error that lists them all.
+`TimesformerForVideoClassification`, `TimesformerModel`, `VivitForVideoClassification` or `VivitModel`;
+`from_hf_state_dict(state, config, kind)` converts one's state dict (e.g. read from a hub file);
+`load(hub_id_or_dir)` loads one through transformers first, and is also `ts.load` for tokensieve's own
+saved models and training runs (`saved.py` reads those) and for the released HaltingVT checkpoints
+(`mmaction.py`). Both generations of parameter names are accepted: VideoMAE's `q_bias`/`v_bias` (hub
+files, transformers 4.x and early 5.x) and `query.bias`/`value.bias` (transformers >= 5.x in memory);
+ViViT's `encoder.layer.i.attention.attention.query` (hub files) and `layers.i.attention.q_proj`
+(transformers >= 5.x in memory). Every key and shape is checked; a mismatch raises an error that lists
+them all.
 
 Numerics that must be copied, not defaulted (see docs/design.md): VideoMAE block norms use the
-config's `layer_norm_eps` (1e-12 on the hub) while `fc_norm` uses 1e-5; TimeSformer uses
-`layer_norm_eps` everywhere and orders tokens space-major (we permute once at the embedding).
+config's `layer_norm_eps` (1e-12 on the hub) while `fc_norm` uses 1e-5; TimeSformer and ViViT use
+`layer_norm_eps` everywhere; the MLP's activation follows `hidden_act` (ViViT's "gelu_fast" is the
+tanh approximation). TimeSformer orders tokens space-major (its readout is the class token, so no
+permutation is needed); ViViT's Conv3d tokens are time-major like ours.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .base import VideoBackbone
 from .checkpoint import load_checked, remap
-from .config import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, BackboneConfig
+from .config import HALF, IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, BackboneConfig
 from .saved import CONFIG_FILE, RUN_CHECKPOINT, is_run, is_saved, load_local
 from .timesformer import TimeSformer
 from .videovit import VideoViT
@@ -41,6 +46,8 @@ SUPPORTED = (
     "VideoMAEModel",
     "TimesformerForVideoClassification",
     "TimesformerModel",
+    "VivitForVideoClassification",
+    "VivitModel",
 )
 
 _L = r"encoder\.layer\.(\d+)\."  # a block of the HF encoder
@@ -82,45 +89,98 @@ TIMESFORMER_RULES = [
 ]
 
 
+_V = r"(?:encoder\.layer|layers)\.(\d+)\."  # a ViViT block: hub files, or transformers >= 5 in memory
+
+VIVIT_RULES = [
+    (r"embeddings\.cls_token", "embed.cls_token"),
+    (r"embeddings\.position_embeddings", "embed.pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"embed.proj.\1"),
+    (_V + r"attention\.(?:attention\.query|q_proj)\.(weight|bias)", _B + r"attn.qkv.\2#q"),
+    (_V + r"attention\.(?:attention\.key|k_proj)\.(weight|bias)", _B + r"attn.qkv.\2#k"),
+    (_V + r"attention\.(?:attention\.value|v_proj)\.(weight|bias)", _B + r"attn.qkv.\2#v"),
+    (_V + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", _B + r"attn.proj.\2"),
+    (_V + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
+    (_V + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
+    (_V + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", _B + r"mlp.fc1.\2"),
+    (_V + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", _B + r"mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+
+# `VivitModel`'s pooler (dense + tanh on the normed class token) is not part of the backbone: the bare
+# model's features are the normed class token, `last_hidden_state[:, 0]`. The released checkpoints are
+# classifiers without one (their head reads the class token), so a bare model's pooler is untrained.
+_VIVIT_POOLER = "pooler."
+
+
 def _square(value: Any, what: str) -> int:
     if isinstance(value, (tuple, list)):
         if len(set(value)) != 1:
-            raise InputError(f"only square {what}s are supported, got {tuple(value)}")
+            raise InputError(f"only square {what} are supported, got {tuple(value)}")
         value = value[0]
     return int(value)
 
 
-def _check_act(config: Any) -> None:
-    if config.hidden_act != "gelu":
-        raise InputError(f"only hidden_act='gelu' (exact erf GELU) is supported, got {config.hidden_act!r}")
+# transformers' `hidden_act` -> ours: exact GELU, or one of the three spellings of its tanh approximation
+# (equal formulas; "gelu_fast" writes sqrt(2/pi) as 0.7978845608, 3e-12 from it: tests/test_vivit.py).
+_ACTS = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _act(config: Any) -> str:
+    if config.hidden_act not in _ACTS:
+        raise InputError(
+            f"only hidden_act {', '.join(map(repr, _ACTS))} (exact or tanh-approximated GELU) is supported, "
+            f"got {config.hidden_act!r}"
+        )
+    return _ACTS[config.hidden_act]
 
 
 def _videomae_config(config: Any, num_classes: int) -> BackboneConfig:
-    _check_act(config)
     qv_bias = getattr(config, "qv_bias", getattr(config, "qkv_bias", True))
     return BackboneConfig(
-        arch="videomae", frames=config.num_frames, size=_square(config.image_size, "image size"),
-        patch=_square(config.patch_size, "patch"), tubelet=config.tubelet_size, channels=config.num_channels,
+        arch="videomae", frames=config.num_frames, size=_square(config.image_size, "image sizes"),
+        patch=_square(config.patch_size, "patches"), tubelet=config.tubelet_size, channels=config.num_channels,
         dim=config.hidden_size, depth=config.num_hidden_layers, heads=config.num_attention_heads,
         mlp_dim=config.intermediate_size, pool="mean" if config.use_mean_pooling else "first",
-        qkv_bias="qv" if qv_bias else "none", eps=config.layer_norm_eps, fc_norm_eps=1e-5,
+        qkv_bias="qv" if qv_bias else "none", eps=config.layer_norm_eps, fc_norm_eps=1e-5, act=_act(config),
         num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
 
 
 def _timesformer_config(config: Any, num_classes: int) -> BackboneConfig:
-    _check_act(config)
     if config.attention_type != "divided_space_time":
         raise InputError(
             f"only attention_type='divided_space_time' is supported, got {config.attention_type!r}"
         )
     return BackboneConfig(
-        arch="timesformer", frames=config.num_frames, size=_square(config.image_size, "image size"),
-        patch=_square(config.patch_size, "patch"), channels=config.num_channels, dim=config.hidden_size,
+        arch="timesformer", frames=config.num_frames, size=_square(config.image_size, "image sizes"),
+        patch=_square(config.patch_size, "patches"), channels=config.num_channels, dim=config.hidden_size,
         depth=config.num_hidden_layers, heads=config.num_attention_heads, mlp_dim=config.intermediate_size,
-        qkv_bias="qkv" if config.qkv_bias else "none", eps=config.layer_norm_eps, num_classes=num_classes,
-        mean=KINETICS_MEAN, std=KINETICS_STD,
+        qkv_bias="qkv" if config.qkv_bias else "none", eps=config.layer_norm_eps, act=_act(config),
+        num_classes=num_classes, mean=KINETICS_MEAN, std=KINETICS_STD,
     )  # fmt: skip
+
+
+def _vivit_config(config: Any, num_classes: int) -> BackboneConfig:
+    tubelet, *patch = config.tubelet_size  # (t, h, w)
+    # NOTE: mean = std = 0.5 on [0, 1] inputs gives [-1, 1], what ViViT was trained on (Scenic's
+    # zero_centering). transformers' VivitImageProcessor maps pixels to [-1, 1] first (rescale 1/127.5,
+    # offset) and then normalises again with its 0.5/0.5, feeding [-3, 1]; we follow the original model.
+    return BackboneConfig(
+        arch="vivit", frames=config.num_frames, size=_square(config.image_size, "image sizes"),
+        patch=_square(patch, "patches"), tubelet=tubelet, channels=config.num_channels, dim=config.hidden_size,
+        depth=config.num_hidden_layers, heads=config.num_attention_heads, mlp_dim=config.intermediate_size,
+        qkv_bias="qkv" if config.qkv_bias else "none", eps=config.layer_norm_eps, act=_act(config),
+        num_classes=num_classes, mean=HALF, std=HALF,
+    )  # fmt: skip
+
+
+# transformers family (the class name without its suffix) -> config reader, key map, state-dict prefix
+_FAMILIES = {
+    "VideoMAE": (_videomae_config, VIDEOMAE_RULES, "videomae."),
+    "Timesformer": (_timesformer_config, TIMESFORMER_RULES, "timesformer."),
+    "Vivit": (_vivit_config, VIVIT_RULES, "vivit."),
+}
 
 
 def from_hf(model: nn.Module, **config_changes: Any) -> VideoBackbone:
@@ -131,8 +191,9 @@ def from_hf(model: nn.Module, **config_changes: Any) -> VideoBackbone:
         **config_changes: `BackboneConfig` fields to override (e.g. `mean`, `std`, `drop_path`).
 
     Returns:
-        `VideoViT` (VideoMAE) or `TimeSformer`. For the bare `*Model` classes `num_classes` is 0 and
-        the head returns pooled features.
+        `VideoViT` (VideoMAE, ViViT) or `TimeSformer`. For the bare `*Model` classes `num_classes` is 0
+        and the head returns pooled features (for `VivitModel` the normed class token, not its pooler's
+        output: the pooler is not converted).
 
     Raises:
         TypeError: the model class is not supported (the message lists the supported ones).
@@ -151,9 +212,11 @@ def from_hf_state_dict(
     """Convert the state dict of a transformers video model, e.g. read straight from a hub file.
 
     Args:
-        state: the model's tensors, with or without the `videomae.`/`timesformer.` prefix, in either
-            generation of VideoMAE names (`q_bias`/`v_bias` or `query.bias`/`value.bias`).
-        hf_config: the transformers config (`VideoMAEConfig` or `TimesformerConfig`) it belongs to.
+        state: the model's tensors, with or without the `videomae.`/`timesformer.`/`vivit.` prefix, in
+            either generation of names (hub files or transformers >= 5 in memory). A `VivitModel`'s
+            pooler is left out (logged).
+        hf_config: the transformers config (`VideoMAEConfig`, `TimesformerConfig` or `VivitConfig`) it
+            belongs to.
         kind: the transformers class the state dict comes from, one of `SUPPORTED`.
         **config_changes: `BackboneConfig` fields to override.
 
@@ -168,15 +231,15 @@ def from_hf_state_dict(
         raise InputError(f"unknown kind {kind!r}; supported transformers classes: {', '.join(SUPPORTED)}")
     classifier = kind.endswith("ForVideoClassification")
     num_classes = hf_config.num_labels if classifier else 0
-    if kind.startswith("VideoMAE"):
-        cfg, rules, prefix = _videomae_config(hf_config, num_classes), VIDEOMAE_RULES, "videomae."
-    else:
-        cfg, rules, prefix = _timesformer_config(hf_config, num_classes), TIMESFORMER_RULES, "timesformer."
-    cfg = dataclasses.replace(cfg, **config_changes)
+    read_config, rules, prefix = _FAMILIES[kind.removesuffix("ForVideoClassification").removesuffix("Model")]
+    cfg = dataclasses.replace(read_config(hf_config, num_classes), **config_changes)
     state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if cfg.arch == "vivit" and any(k.startswith(_VIVIT_POOLER) for k in state):
+        log.info("%s: its pooler is not converted (the features are the normed class token)", kind)
+        state = {k: v for k, v in state.items() if not k.startswith(_VIVIT_POOLER)}
     mapped, unmatched = remap(state, rules)
     ref = next((v for v in state.values() if v.is_floating_point()), None)
-    ours = VideoViT(cfg) if cfg.arch == "videomae" else TimeSformer(cfg)
+    ours = TimeSformer(cfg) if cfg.arch == "timesformer" else VideoViT(cfg)
     if ref is not None:
         # Before loading, so float64 weights are not rounded through float32.
         ours = ours.to(device=ref.device, dtype=ref.dtype)
@@ -194,6 +257,8 @@ _LOADERS = {
     "VideoMAEForPreTraining": "VideoMAEModel",  # the encoder of a pre-training checkpoint
     "TimesformerForVideoClassification": "TimesformerForVideoClassification",
     "TimesformerModel": "TimesformerModel",
+    "VivitForVideoClassification": "VivitForVideoClassification",
+    "VivitModel": "VivitModel",
 }
 
 

@@ -19,7 +19,9 @@ from ..errors import InputError
 from ..tokens import ATTN_RECEIVED, CLS_ATTN, CLS_UPDATE, KEYS, PROP_ATTN, VECTOR_ATTN, TokenState
 
 __all__ = [
+    "ACTS",
     "RAGGED",
+    "Act",
     "Attention",
     "Block",
     "DropPath",
@@ -37,6 +39,11 @@ __all__ = [
 ]
 
 QkvBias = Literal["qkv", "qv", "none"]
+Act = Literal["gelu", "gelu_tanh"]
+ACTS = ("gelu", "gelu_tanh")
+"""The MLP's activations: exact (erf) GELU, or its tanh approximation
+0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (ViViT's; transformers' "gelu_fast", "gelu_new",
+"gelu_pytorch_tanh")."""
 
 RAGGED = ("packed", "padded")
 """How blocks run a ragged batch (`VideoBackbone.ragged`): "packed" (the default) runs the projections
@@ -450,12 +457,15 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear -> exact (erf) GELU -> Linear, with optional dropout."""
+    """Linear -> GELU (exact, or `act="gelu_tanh"` its tanh approximation) -> Linear, with optional
+    dropout."""
 
-    def __init__(self, *, dim: int, hidden: int, drop: float = 0.0) -> None:
+    def __init__(self, *, dim: int, hidden: int, act: Act = "gelu", drop: float = 0.0) -> None:
         super().__init__()
+        if act not in ACTS:
+            raise InputError(f"act must be one of {', '.join(ACTS)}, got {act!r}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
@@ -479,6 +489,7 @@ class Block(nn.Module):
         mlp_dim: int,
         qkv_bias: QkvBias = "qkv",
         eps: float = 1e-6,
+        act: Act = "gelu",
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -487,7 +498,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim=dim, heads=heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim=dim, hidden=mlp_dim, drop=drop)
+        self.mlp = Mlp(dim=dim, hidden=mlp_dim, act=act, drop=drop)
         self.drop_path = drop_path(drop_path_rate)
         self.inner: nn.Module = nn.Identity()
         self.record: frozenset[str] = frozenset()

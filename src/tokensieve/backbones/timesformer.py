@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..tokens import CLS_UPDATE, Need, TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
-from .layers import Attention, Block, QkvBias
+from .layers import Act, Attention, Block, QkvBias
 from .videovit import FrameEmbed, make_blocks
 
 __all__ = ["DividedBlock", "TimeSformer"]
@@ -43,12 +43,13 @@ class DividedBlock(Block):
         mlp_dim: int,
         qkv_bias: QkvBias = "qkv",
         eps: float = 1e-6,
+        act: Act = "gelu",
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, eps=eps, drop=drop,
+            dim=dim, heads=heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, eps=eps, act=act, drop=drop,
             attn_drop=attn_drop, drop_path_rate=drop_path_rate,
         )  # fmt: skip
         self.temporal_norm1 = nn.LayerNorm(dim, eps=eps)

@@ -1,6 +1,6 @@
 """`VideoViT`: a plain ViT with joint space-time attention over all tokens of a clip.
 
-Two layouts, chosen by `BackboneConfig.arch`:
+Three layouts, chosen by `BackboneConfig.arch`:
 
 - "videomae" (Tong et al., VideoMAE, arXiv:2203.12602): Conv3d tubelet embedding, fixed sin-cos
   positions over the flattened (T, H, W) grid, no class token, key without bias; mean pooling +
@@ -8,6 +8,9 @@ Two layouts, chosen by `BackboneConfig.arch`:
 - "vit-cls": an image ViT (DeiT) inflated to video, as HaltingVT's backbone: per-frame Conv2d
   patches, class token, learned spatial positions shared by all frames plus a learned time
   embedding; classifier on the class token after the final norm.
+- "vivit" (Arnab et al., ViViT, arXiv:2103.15691, model 1 "spatio-temporal attention"): Conv3d tubelet
+  embedding, class token, learned positions over the whole sequence [cls + T*H*W]; tanh-approximated
+  GELU (`config.act`); classifier on the class token after the final norm.
 """
 
 from __future__ import annotations
@@ -27,42 +30,69 @@ __all__ = ["FrameEmbed", "TubeletEmbed", "VideoViT", "make_blocks"]
 
 
 class TubeletEmbed(nn.Module):
-    """Conv3d over (tubelet, patch, patch) cubes plus the fixed sin-cos table (VideoMAE)."""
+    """Conv3d over (tubelet, patch, patch) cubes plus positions: VideoMAE's fixed sin-cos table, or with
+    `has_cls` (ViViT) a class token and learned positions over the whole sequence [cls + T*H*W], slot 0
+    the class token's."""
 
     def __init__(
-        self, *, channels: int, dim: int, patch: int, tubelet: int, grid: tuple[int, int, int]
+        self,
+        *,
+        channels: int,
+        dim: int,
+        patch: int,
+        tubelet: int,
+        grid: tuple[int, int, int],
+        has_cls: bool = False,
     ) -> None:
         super().__init__()
         self.proj = nn.Conv3d(
             channels, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch)
         )
-        T, H, W = grid
-        # Not a parameter and not saved: VideoMAE checkpoints do not carry it.
-        self.register_buffer("pos_table", sinusoid_table(T * H * W, dim), persistent=False)
+        N = math.prod(grid)
+        if has_cls:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + N, dim))
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.cls_token, std=0.02)
+                nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.register_parameter("cls_token", None)
+            # Not a parameter and not saved: VideoMAE checkpoints do not carry it.
+            self.register_buffer("pos_table", sinusoid_table(N, dim), persistent=False)
 
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
         B = video.shape[0]
+        pos = self.positions()  # (N, C)
         # On CPU, a few clips at a time (`TILE_ROWS` tokens): the convolution's output, its transpose
         # and the position add of a whole batch fall out of cache (videomae-s, 32 clips: 0.77 s against
-        # 0.49 s clip by clip); each clip's tokens are the same either way.
-        step = B if video.device.type != "cpu" else max(1, TILE_ROWS // math.prod(grid))
+        # 0.49 s clip by clip); each clip's tokens are the same either way. Not when autograd records
+        # the embedding: the chunks are written in place (`out=`), which it does not take.
+        records = torch.is_grad_enabled() and (
+            video.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        step = max(1, TILE_ROWS // math.prod(grid)) if video.device.type == "cpu" and not records else B
         if step >= B:
             x = self.proj(video.transpose(1, 2))  # (B, C, T', H', W')
             # Contiguous: every residual add keeps the layout of its first operand, so a transposed
             # view here would make all later norms and adds run on strided memory (~4% slower).
             x = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), time-major raster order
-            return TokenState.from_grid(x + self.pos_table.to(device=x.device, dtype=x.dtype), grid)
-        out: Tensor | None = None
-        for start in range(0, B, step):
-            x = self.proj(video[start : start + step].transpose(1, 2)).flatten(2).transpose(1, 2)  # (b, N, C)
-            if out is None:
-                out = x.new_empty(B, *x.shape[1:])  # (B, N, C), contiguous
-            torch.add(x, self.pos_table.to(device=x.device, dtype=x.dtype), out=out[start : start + step])
-        return TokenState.from_grid(out, grid)
+            x = x + pos.to(device=x.device, dtype=x.dtype)
+        else:
+            x = None
+            for start in range(0, B, step):
+                clips = video[start : start + step].transpose(1, 2)  # (b, C, T, H, W)
+                part = self.proj(clips).flatten(2).transpose(1, 2)  # (b, N, C)
+                if x is None:
+                    x = part.new_empty(B, *part.shape[1:])  # (B, N, C), contiguous
+                torch.add(part, pos.to(device=part.device, dtype=part.dtype), out=x[start : start + step])
+        cls = None
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(B, -1, -1)  # (B, 1, C)
+        return TokenState.from_grid(x, grid, cls_token=cls)
 
     def positions(self) -> Tensor:
-        """(N, C) what the embedding adds to each token's projection, in time-major raster order."""
-        return self.pos_table
+        """(N, C) what the embedding adds to each patch token's projection, in time-major raster order."""
+        return self.pos_table if self.cls_token is None else self.pos_embed[0, 1:]
 
 
 class FrameEmbed(nn.Module):
@@ -108,22 +138,25 @@ def make_blocks(
     return nn.ModuleList(
         (block if i < count else Block)(
             dim=config.dim, heads=config.heads, mlp_dim=config.mlp_dim, qkv_bias=config.qkv_bias,
-            eps=config.eps, drop=config.drop, attn_drop=config.attn_drop, drop_path_rate=rate,
+            eps=config.eps, act=config.act, drop=config.drop, attn_drop=config.attn_drop,
+            drop_path_rate=rate,
         )
         for i, rate in enumerate(rates)
     )  # fmt: skip
 
 
 class VideoViT(VideoBackbone):
-    """Joint space-time ViT; see the module docstring for the two layouts."""
+    """Joint space-time ViT; see the module docstring for the three layouts."""
 
     def __init__(self, config: BackboneConfig) -> None:
-        if config.arch not in ("videomae", "vit-cls"):
-            raise InputError(f"VideoViT builds arch 'videomae' or 'vit-cls', got {config.arch!r}")
+        if config.arch not in ("videomae", "vit-cls", "vivit"):
+            raise InputError(f"VideoViT builds arch 'videomae', 'vit-cls' or 'vivit', got {config.arch!r}")
         super().__init__(config)
         kw = {"channels": config.channels, "dim": config.dim, "patch": config.patch, "grid": config.grid}
         self.embed = (
-            TubeletEmbed(tubelet=config.tubelet, **kw) if config.arch == "videomae" else FrameEmbed(**kw)
+            FrameEmbed(**kw)
+            if config.arch == "vit-cls"
+            else TubeletEmbed(tubelet=config.tubelet, has_cls=config.arch == "vivit", **kw)
         )
         self.blocks = make_blocks(config)
         init_weights(self.blocks)
