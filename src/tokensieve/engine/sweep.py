@@ -380,6 +380,7 @@ def plan_settings(
         trained = (selectors or {}).get(weights_key(method, given))
         whole = REGISTRY[method].trains_backbone  # trained with the model: its weights are a whole model's
         untrained = (whole or _learned(base, model, as_given=adaptive)) and trained is None
+        missing = f"{method} is learned and this model has no trained {weights_key(method, given)} weights"
         key = REGISTRY[method].budget
         plus = base.partition(":")[0].strip().endswith("++")
         if plus and key is not None and key not in given:  # X++: at every budget, each measured
@@ -388,9 +389,7 @@ def plan_settings(
                 settings.append(item)
                 try:
                     if untrained:
-                        raise InputError(
-                            f"{method} is learned and this model has no trained {weights_key(method, given)} weights"
-                        )
+                        raise InputError(missing)
                     plain, extra = _split_plus(base)  # the budget is set on the method's own schedule
                     spec, _ = spec_at_budget(model, plain, budget)
                     item.spec = spec.replace(method, f"{method}++", 1) + "".join(f",{a}" for a in extra)
@@ -406,9 +405,7 @@ def plan_settings(
                 with apply(model, base.strip()):  # refused as `apply` would say
                     pass
                 if untrained:
-                    raise InputError(
-                        f"{method} is learned and this model has no trained {weights_key(method, given)} weights"
-                    )
+                    raise InputError(missing)
                 if whole and (misfit := _whole_misfit(model, base.strip(), trained)):
                     raise InputError(misfit)
                 item.spec, item.ratio = base.strip(), token_ratio(model, base.strip())
@@ -423,10 +420,7 @@ def plan_settings(
         if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
             item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
             if untrained:
-                item.spec, item.refused = (
-                    None,
-                    f"{method} is learned and this model has no trained {weights_key(method, given)} weights",
-                )
+                item.spec, item.refused = None, missing
             elif whole:
                 item.refused = _whole_misfit(model, base.strip(), trained)
                 item.spec = None if item.refused else item.spec
@@ -436,10 +430,7 @@ def plan_settings(
             item = Planned(base.strip(), budget)  # the method with its fixed parameters: one row each
             settings.append(item)
             if untrained:
-                item.refused = (
-                    f"{method} is learned and this model has no trained {weights_key(method, given)} weights: train it "
-                    f"(tokensieve train --plan {method}:...) and sweep the run"
-                )
+                item.refused = f"{missing}: train it (tokensieve train --plan {method}:...) and sweep the run"
                 continue
             try:
                 item.spec, item.ratio = spec_at_budget(model, base.strip(), budget)

@@ -112,7 +112,17 @@ class LearnerV1(nn.Module):
         return (z / n if self.pool == "mean" else z), maps
 
 
-class FuserReleased(nn.Module):
+class _Fuser(nn.Module):
+    """A TokenFuser: its token mixing `mix` starts at zero, so its output does (`reset_mix`)."""
+
+    mix: nn.Linear
+
+    def reset_mix(self) -> None:
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
+
+
+class FuserReleased(_Fuser):
     """Released TokenFuser: the S tokens mixed per channel (LN, Linear(S, S) zero-initialised, LN), spread
     over the n locations by sigmoid(MLP(LN(x))) of the full-resolution tokens x."""
 
@@ -124,10 +134,6 @@ class FuserReleased(nn.Module):
         self.norm_full = nn.LayerNorm(dim, eps=EPS)
         self.mlp = nn.Sequential(nn.Linear(dim, BOTTLENECK), nn.GELU(), nn.Linear(BOTTLENECK, tokens))
 
-    def reset_mix(self) -> None:
-        nn.init.zeros_(self.mix.weight)
-        nn.init.zeros_(self.mix.bias)
-
     def forward(self, y: Tensor, full: Tensor) -> Tensor:
         """(M, S, C) tokens after the block, (M, n, C) full-resolution tokens -> (M, n, C) to add to them."""
         mixed = self.norm2(self.mix(self.norm1(y).transpose(1, 2)).transpose(1, 2))  # (M, S, C)
@@ -135,17 +141,13 @@ class FuserReleased(nn.Module):
         return spread @ mixed
 
 
-class FuserPaper(nn.Module):
+class FuserPaper(_Fuser):
     """The paper's TokenFuser (Eq. 3): a linear map of the T x S tokens to T per channel (zero-
     initialised), each o_t broadcast to every location of frame t."""
 
     def __init__(self, *, frames: int, tokens: int) -> None:
         super().__init__()
         self.mix = nn.Linear(frames * tokens, frames)
-
-    def reset_mix(self) -> None:
-        nn.init.zeros_(self.mix.weight)
-        nn.init.zeros_(self.mix.bias)
 
     def forward(self, y: Tensor, full: Tensor) -> Tensor:
         """(B, T*S, C) tokens after the block, (B, T*n, C) full-resolution tokens -> (B, T*n, C)."""
