@@ -7,6 +7,7 @@ and stays single-process: no group, no barrier, no extra dependency.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,16 @@ def setup(device: torch.device | None = None) -> World:
     if not dist.is_initialized():
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        # Leave the group before the interpreter tears down: a gloo group still alive at exit
+        # destroys its worker threads unjoined, and the process aborts ("terminate called without
+        # an active exception") after its work is done, which torchrun reports as a failure.
+        atexit.register(_leave)
     return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
