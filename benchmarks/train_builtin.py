@@ -22,15 +22,20 @@ What it does (every step seeded; the same files on the same machine and thread c
 4. Trains LITE's selector twice on the same set (the backbone frozen, BCE against the oracle computed
    on each step's clips): against the paper's oracle (Grad-CAM, `lite`) and against the gradient norm at
    the patch embedding (`lite:value=gradnorm,tensor=embed`), kept apart under their `weights_key`.
-5. Fine-tunes a copy of the whole model with HaltingVT's plan (`halting:beta=10,glimpser=0.5`: the
+5. Trains TokenLearner (`TOKENLEARNER`: the released V1.1 with 8 tokens per slice at the middle, fewer
+   tokens and earlier placements for lower budgets, the paper's V1, and both TokenFusers) on the same set
+   the same way, the backbone frozen; each is kept under its `weights_key`.
+6. Fine-tunes a copy of the whole model with HaltingVT's plan (`halting:beta=10,glimpser=0.5`: the
    Glimpser, halting, the ponder and Motion losses) on the same set; its weights go under the plan's
    `weights_key` ("halting") into `finetuned.safetensors`.
-6. Evaluates everything on the held-out set and writes `model/` (`ts.save`), `selectors.safetensors`,
+7. Evaluates everything on the held-out set and writes `model/` (`ts.save`), `selectors.safetensors`,
    `finetuned.safetensors`, `card.json` and `MODEL_CARD.md` into `--out`.
 
 About 25 minutes on one CPU core (torch threads fixed at 1). `--selectors-only` keeps the backbone in
-`--out` and redoes steps 3-6 (the backbone's training is deterministic: a full run rewrites the same
-model).
+`--out` and redoes steps 3-7 (the backbone's training is deterministic: a full run rewrites the same
+model). `--add tokenlearner` keeps every file and trains step 5 alone, adding its plans (3 minutes).
+Float rounding differs between CPUs, so another machine reproduces the accuracies to within a clip or
+two, not the last digits of the weights.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import tokensieve as ts
 from tokensieve.data import VideoDataset, make_synthetic, read_list
@@ -82,6 +87,17 @@ LITE = (
 )
 """The budget of a LITE spec only sets how many tokens the trained selector keeps: the sweep applies the
 weights at every keep. The second target is the oracle that beats random on this model (docs/methods.md)."""
+TOKENLEARNER = tuple(
+    dict(spec=spec, epochs=5, batch_size=16, lr=1e-3, seed=0)
+    for spec in (
+        "tokenlearner", "tokenlearner:tokens=2", "tokenlearner:at=1,tokens=4", "tokenlearner:at=0,tokens=4",
+        "tokenlearner:version=1", "tokenlearner:fuser=released", "tokenlearner:fuser=paper",
+    )
+)  # fmt: skip
+"""TokenLearner's learned tokens are a structural setting (each count and placement its own weights), so
+the sweep runs each spec once at its own cost: these are the ones it has weights for. The paper trains
+TokenLearner with the network; here, as for the selectors, only its modules learn (the released V1.1
+module and fuser are 6-7 k parameters each) and the backbone stays the shipped one."""
 HALTING = dict(
     spec="halting:beta=10,glimpser=0.5", epochs=3, batch_size=16, optimizer="adamw", lr=1e-4, weight_decay=0.05,
     warmup_epochs=0.3, warmup_start=0.0, clip_grad=40.0, seed=0,
@@ -174,6 +190,10 @@ def main() -> None:
     parser.add_argument(
         "--selectors-only", action="store_true", help="keep the backbone in --out; train the selectors again"
     )
+    parser.add_argument(
+        "--add", choices=["tokenlearner"], default=None,
+        help="keep every file in --out and train this method's plans alone, adding them",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(THREADS)
@@ -186,6 +206,9 @@ def main() -> None:
         heldout = VideoDataset(render(work, "heldout", HELDOUT_SET), frames=SET["frames"], size=SET["size"],
                                stride=1, num_classes=SET["classes"])  # fmt: skip
 
+        if args.add:
+            add_tokenlearner(args.out, selector_records, heldout)
+            return
         if args.selectors_only:
             print("2. the backbone in --out", flush=True)
             model = ts.load(str(args.out / "model"))
@@ -198,7 +221,7 @@ def main() -> None:
             backbone_seconds = time.perf_counter() - began
 
         accuracy = {"none": top1(model, heldout, None)}
-        gflops: dict[str, float] = {}  # the mean per clip of the adaptive plans
+        gflops: dict[str, float] = {}  # per clip (of an adaptive plan: the mean over the clips)
         print(f"   held-out top-1 with all tokens: {100 * accuracy['none']:.1f}%", flush=True)
         for spec in CARD_PLANS:
             accuracy[spec] = top1(model, heldout, spec)
@@ -223,7 +246,10 @@ def main() -> None:
             accuracy[spec] = top1(model, heldout, spec)
         ts.apply(model, None)
 
-        print(f"5. fine-tuning the whole model with {HALTING['spec']}", flush=True)
+        print("5. training TokenLearner (backbone frozen)", flush=True)
+        selectors.update(train_tokenlearner(model, selector_records, heldout, accuracy, gflops))
+
+        print(f"6. fine-tuning the whole model with {HALTING['spec']}", flush=True)
         finetuned = finetune(model, selector_records, HALTING)
         tuned = copy.deepcopy(model)
         for spec in (HALTING["spec"], HALTING["spec"] + ",halted=zero"):
@@ -243,8 +269,7 @@ def main() -> None:
         card = {
             "name": "builtin:synthetic",
             "made": datetime.date.today().isoformat(),
-            "made_with": f"benchmarks/train_builtin.py, torch {torch.__version__}, {THREADS} threads, "
-            f"python {platform.python_version()}, {_cpu()}",
+            "made_with": _made_with(),
             "seconds": round(seconds),
             "backbone": BACKBONE,
             "parameters": model.num_params,
@@ -254,7 +279,7 @@ def main() -> None:
             "selector_train": SELECTOR_SET,
             "heldout": {**SET, **HELDOUT_SET},
             "recipe": {**RECIPE, "stages": STAGES, "steps": steps, "seconds": round(backbone_seconds)},
-            "selectors": {"stts": {**STTS}, "lite": list(LITE)},
+            "selectors": {"stts": {**STTS}, "lite": list(LITE), "tokenlearner": list(TOKENLEARNER)},
             "finetuned": {"halting": {**HALTING}},
             "heldout_top1": accuracy,
             "heldout_gflops": gflops,
@@ -263,6 +288,65 @@ def main() -> None:
         (args.out / "MODEL_CARD.md").write_text(model_card(card))
         print(json.dumps(accuracy, indent=2))
         print(f"wrote {args.out} in {seconds / 60:.1f} min", flush=True)
+
+
+def train_tokenlearner(
+    model: ts.VideoBackbone, records: list, heldout: VideoDataset, accuracy: dict, gflops: dict
+) -> dict[str, torch.Tensor]:
+    """Every setting of `TOKENLEARNER` trained alone on `model` (frozen), its held-out top-1 and GFLOPs put in
+    `accuracy` and `gflops`; returns their weights under their `weights_key`s."""
+    found: dict[str, torch.Tensor] = {}
+    for setting in TOKENLEARNER:
+        print(f"   {setting['spec']}", flush=True)
+        found.update(train_selector(model, records, setting))
+        accuracy[setting["spec"]] = top1(model, heldout, setting["spec"])
+        gflops[setting["spec"]] = round(float(ts.flops(model)), 6)
+    ts.apply(model, None)
+    return found
+
+
+def add_tokenlearner(out: Path, records: list, heldout: VideoDataset) -> None:
+    """`--add tokenlearner`: TokenLearner's plans trained on the backbone in `out` and added to its
+    selectors.safetensors and card, every other file and row as it was (retraining them on another CPU
+    would change their last digits: float rounding differs between machines). The card says where the
+    added plans were made (`added`)."""
+    began = time.perf_counter()
+    print("2. the backbone in --out", flush=True)
+    model = ts.load(str(out / "model"))
+    card = json.loads((out / "card.json").read_text())
+    selectors = {k: v for k, v in load_file(str(out / "selectors.safetensors")).items()
+                 if not k.startswith("tokenlearner")}  # fmt: skip
+    print("5. training TokenLearner (backbone frozen)", flush=True)
+    accuracy: dict[str, float] = {}
+    gflops: dict[str, float] = {}
+    selectors.update(train_tokenlearner(model, records, heldout, accuracy, gflops))
+    save_file(selectors, str(out / "selectors.safetensors"))
+    (out / "selectors.safetensors").chmod(0o644)
+
+    def merged(rows: dict, new: dict) -> dict:  # the new rows where a full run puts them: before halting
+        kept = {k: v for k, v in rows.items() if not k.startswith("tokenlearner")}
+        return {**{k: v for k, v in kept.items() if not k.startswith("halting")}, **new,
+                **{k: v for k, v in kept.items() if k.startswith("halting")}}  # fmt: skip
+
+    card["selectors"]["tokenlearner"] = list(TOKENLEARNER)
+    card["heldout_top1"] = merged(card["heldout_top1"], accuracy)
+    card["heldout_gflops"] = merged(card.get("heldout_gflops", {}), gflops)
+    card.setdefault("added", {})["tokenlearner"] = {
+        "made": datetime.date.today().isoformat(),
+        "made_with": _made_with(),
+        "seconds": round(time.perf_counter() - began),
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "MODEL_CARD.md").write_text(model_card(card))
+    print(json.dumps(accuracy, indent=2))
+    print(f"added TokenLearner's plans to {out}", flush=True)
+
+
+def _made_with() -> str:
+    return (
+        f"benchmarks/train_builtin.py, torch {torch.__version__}, {THREADS} threads, "
+        f"python {platform.python_version()}, {_cpu()}"
+    )
 
 
 def train_backbone(records: list, heldout: VideoDataset) -> tuple[ts.VideoBackbone, int]:
@@ -297,6 +381,11 @@ def _cpu() -> str:
 def model_card(card: dict) -> str:
     acc = card["heldout_top1"]
     gflops = card.get("heldout_gflops", {})
+    tl = card["selectors"]["tokenlearner"]
+    added = "".join(
+        f" The {method} plans were added later (`--add {method}`, {part['made']}, {part['made_with']})."
+        for method, part in card.get("added", {}).items()
+    )
     rows = "\n".join(
         f"| `{spec}` | {100 * value:.1f} | {f'{gflops[spec]:.4f}' if spec in gflops else ''} |"
         for spec, value in acc.items()
@@ -329,6 +418,8 @@ of (first videos, epochs) {r["stages"]} ({r["steps"]} steps in all) of batch {r[
 and the same way ({card["selectors"]["lite"][0]["epochs"]} epochs, lr {card["selectors"]["lite"][0]["lr"]}), twice: against the paper's Grad-CAM oracle
 (`{card["selectors"]["lite"][0]["spec"]}`) and against the gradient norm at the patch embedding
 (`{card["selectors"]["lite"][1]["spec"]}`); the weights are kept apart by their oracle parameters.
+TokenLearner, on the same videos and the same way (its modules alone, {tl[0]["epochs"]} epochs, lr {tl[0]["lr"]}), in {len(tl)} settings,
+each its own weights: {", ".join(f"`{t['spec']}`" for t in tl)}.{added}
 HaltingVT (`{h["spec"]}`) trains the whole model: a copy fine-tuned on the same {card["selector_train"]["videos"]} videos for
 {h["epochs"]} epochs with its losses (ponder, Motion Loss with a fake clip per clip), {h["optimizer"]} at lr {h["lr"]}, batch
 {h["batch_size"]}, {h["warmup_epochs"]} warm-up epoch, gradient clipping at {h["clip_grad"]}; its weights (`finetuned.safetensors`) replace
@@ -337,7 +428,7 @@ the model's when the sweep runs that plan.
 ## Held-out accuracy
 {card["heldout"]["videos"]} videos (seed {card["heldout"]["seed"]}), one view each (the whole clip):
 
-| plan | top-1 % | GFLOPs per clip (halting; removed: the mean over the clips) |
+| plan | top-1 % | GFLOPs per clip (halting: the mean over the clips) |
 | --- | ---: | ---: |
 {rows}
 

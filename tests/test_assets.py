@@ -102,3 +102,25 @@ def test_shipped_halting_model_reproduces_the_cards_accuracy_and_mean_gflops(hel
     assert summary.gflops_per_view == pytest.approx(card["heldout_gflops"][spec], rel=1e-4)
     with ts.apply(base, "glimpser:keep=0.5"):
         assert summary.gflops_per_view < float(ts.flops(base))
+
+
+# The paper's 8 tokens at the middle (a fresh plan averages each slice: 95.2%); 4 tokens before block 0.
+@pytest.mark.parametrize(("index", "gain"), [(0, 0.01), (3, 0.2)])
+def test_shipped_tokenlearner_plans_reproduce_the_cards_accuracy_and_gflops(
+    heldout: VideoDataset, index: int, gain: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TokenLearner's plans learned on the frozen built-in model: installed from the shipped weights they
+    give the card's top-1 at the card's GFLOPs (fixed per clip), which a fresh (untrained) plan does not;
+    a setting the model ships no weights for is warned about."""
+    card = assets.card()
+    spec = card["selectors"]["tokenlearner"][index]["spec"]
+    model = ts.apply(ts.load("builtin:synthetic"), spec).model
+    fresh = ts.evaluate(model, heldout, batch_size=64, workers=0).top1
+    assets.install_selectors(model)
+    summary = ts.evaluate(model, heldout, batch_size=64, workers=0)
+    assert summary.top1 == pytest.approx(card["heldout_top1"][spec], abs=1.5 / len(heldout))
+    assert summary.gflops_per_view == pytest.approx(card["heldout_gflops"][spec], abs=1e-6)  # card: 6 places
+    assert summary.top1 >= fresh + gain
+    ts.apply(model, "tokenlearner:tokens=3")
+    assets.install_selectors(model)
+    assert "ships no trained tokenlearner:tokens=3 weights; tokenlearner runs untrained" in caplog.text

@@ -14,6 +14,7 @@ import tokensieve as ts
 from conftest import tiny_video
 from tokensieve.reducers.tokenlearner import MAPS, FuserPaper, FuserReleased, LearnerV1, LearnerV11, block_at
 from tokensieve.tokens import SOURCE_MAP
+from tokensieve.viz import reduction_stages
 
 
 def _ln(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -140,11 +141,26 @@ def test_traced_forward_records_each_learned_tokens_map() -> None:
     model = ts.apply(ts.build("videomae-tiny").eval(), "tokenlearner:at=1,tokens=3").model
     with torch.no_grad():
         state = model.forward_features(tiny_video("videomae-tiny"), trace=True)
-    maps = state.aux[MAPS]  # (B, T, S, n): 2 slices of 16 tokens
-    assert maps.shape == (2, 2, 3, 16)
-    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 3))  # V1.1: a distribution per token
+    maps = state.aux[MAPS]  # (B, S, T, H, W): 3 tokens per slice, 2 slices of 4x4 cells
+    assert maps.shape == (2, 3, 2, 4, 4)
+    torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(2, 3, 2))  # V1.1: a distribution per token
     owner = state.aux[SOURCE_MAP].view(2, 2, 16)  # each cell goes to its slice's most weighing token
-    torch.testing.assert_close(owner, maps.argmax(2) + 3 * torch.arange(2).view(1, 2, 1))
+    torch.testing.assert_close(owner, maps.flatten(3).argmax(1) + 3 * torch.arange(2).view(1, 2, 1))
+
+
+def test_maps_follow_the_tokens_an_earlier_reducer_left() -> None:
+    """After `random` drops tokens, a learned token's weights land on the cells of the tokens it pooled
+    (each frame's weights still summing to 1) and dropped cells weigh 0."""
+    torch.manual_seed(0)
+    plan = "random:keep=0.5,per_frame=true+tokenlearner:at=1,tokens=3"
+    model = ts.apply(ts.build("videomae-tiny").eval(), plan).model
+    clip = tiny_video("videomae-tiny")[:1]
+    with torch.no_grad():
+        maps = model.forward_features(clip, trace=True).aux[MAPS][0]  # (S, T, H, W)
+    kept = torch.from_numpy(reduction_stages(model, clip)[1].owners) >= 0  # (T, H, W) what `random` kept
+    assert kept.sum() == 16  # half of the clip's 32 cells
+    torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(3, 2))
+    assert (maps[:, ~kept] == 0).all() and (maps[:, kept] > 0).all()
 
 
 # ViT at 384x384, one image (Table 1): (preset, depth, plan, the paper's GFLOPs, ours).

@@ -209,3 +209,42 @@ def test_save_refuses_what_it_cannot_write(tmp_path, image, name, message) -> No
 def test_bad_clips_are_input_errors(clip: torch.Tensor, message: str) -> None:
     with pytest.raises(InputError, match=message):
         viz.kept_tokens(_model("videomae-tiny", "tome:r=4"), clip)
+
+
+def test_learned_tokens_get_a_row_each_showing_their_weights() -> None:
+    """TokenLearner: the stage gives each patch to the learned token weighing it most (outlined in that
+    token's colour), then one row per learned token draws its weight on each patch: a flat grey frame
+    becomes grey * (DIM + (1 - DIM) w) tinted by HEAT_ALPHA w, w = weight / the slice's largest."""
+    model = _model("videomae-tiny", "tokenlearner:at=1,tokens=3")
+    clip = _frames("videomae-tiny")
+    stages = viz.reduction_stages(model, clip)
+    assert [s.label for s in stages] == ["input", "tokenlearner before block 1"]
+    stage = stages[1]
+    T, H, W = model.config.grid
+    assert stage.maps is not None and stage.maps.shape == (3, T, H, W)
+    assert stage.caption == f"{3 * T} learned tokens, 3 per slice" and stage.merged == 0
+    np.testing.assert_allclose(stage.maps.sum((-2, -1)), np.ones((3, T)), rtol=1e-5)  # V1.1: softmax
+    np.testing.assert_array_equal(stage.owners % 3, stage.maps.argmax(0))  # a patch's token: its heaviest
+    image = viz.kept_tokens(model, clip)
+    cell, panel, line = _layout(model.config)
+    assert image.shape[0] == line + (2 + 3) * (line + panel + viz.GAP) + viz.GAP
+    mid = cell // 2
+    for i in range(3):
+        for t in range(T):
+            share = stage.maps[i, t] / stage.maps[i, t].max()  # (H, W)
+            for h in range(H):
+                for w in range(W):
+                    grey = 128 * (viz.DIM + (1 - viz.DIM) * share[h, w])
+                    a = viz.HEAT_ALPHA * share[h, w]
+                    expected = [round(grey * (1 - a) + c * a) for c in viz.HEAT]
+                    got = _still_pixel(image, model.config, 2 + i, t, h, w, mid, mid).tolist()
+                    assert np.abs(np.subtract(got, expected)).max() <= 1, (i, t, h, w, got, expected)
+    # The learned tokens' outlines take the colours of their rows.
+    token = int(stage.owners[0, 0, 0])
+    colour = np.round(viz._colour(stage.colour_key(token))).astype(np.uint8).tolist()
+    assert _still_pixel(image, model.config, 1, 0, 0, 0, mid, 1).tolist() == colour
+    assert stage.colour_key(token) == stage.colour_key(token % 3) == -1 - token % 3
+    # The animation: under the stages, the learned tokens of each frame's slice side by side.
+    frames = viz.kept_tokens(model, clip, animate=True)
+    assert frames.shape[1] == line + 2 * line + panel + viz.GAP + line + panel + viz.GAP
+    assert frames.shape[2] == 3 * panel + 4 * viz.GAP  # 3 learned tokens are wider than 2 stages

@@ -12,7 +12,11 @@ drawn on the clip's frames with the token grid overlaid:
 - patches standing for one merged token (ToMe) are outlined in that token's colour, the same colour
   in every frame the token spans; tokens of one patch get no outline;
 - the stage's label and its token count (and how many tokens stand for several patches) are written
-  above it.
+  above it;
+- a stage that learned new tokens (TokenLearner, `reducers.tokenlearner.MAPS`) outlines the patches
+  each learned token weighs most in that token's colour, and is followed by one row per learned token:
+  its weight on every patch of each slice (brightness, relative to its largest weight in that slice),
+  the patches it pools from.
 
 One token column covers `tubelet` frames (2 on VideoMAE): the still image shows one column per
 temporal slice, drawn on the slice's first frame; the animation shows every frame of the clip with
@@ -26,7 +30,7 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -40,6 +44,7 @@ from .data.transforms import normalize
 from .engine.results import write_atomic
 from .errors import InputError
 from .reducers.base import At
+from .reducers.tokenlearner import MAPS
 from .tokens import Inputs, TokenState, owners
 
 if TYPE_CHECKING:
@@ -57,6 +62,10 @@ BACKGROUND = (24, 24, 24)
 TEXT = (235, 235, 235)
 FONT_SIZE = 13
 GAP = 4
+HEAT = (255, 190, 0)
+"""Tint of a learned token's weight on a patch (TokenLearner's colour in the plots)."""
+HEAT_ALPHA = 0.45
+"""Share of the tint on the patch of a learned token's largest weight."""
 
 
 class Stage(NamedTuple):
@@ -68,24 +77,40 @@ class Stage(NamedTuple):
         owners: (T, H, W) int64 over the original token grid: the index of the token standing for
             each patch, -1 where none does (`tokens.owners`).
         pos: (N,) int64 each token's grid position (`TokenState.pos`): a merged token keeps its
-            destination's, so it names the same token from stage to stage (and picks its colour).
+            destination's, so it names the same token from stage to stage (and picks its colour);
+            a learned token has none (-1).
+        maps: (S, T, H, W) float for a stage that learned S tokens per slice (TokenLearner): each
+            learned token's weight on every patch, 0 where no token stood for it; else None. Its
+            `owners` give each patch to the learned token weighing it most.
     """
 
     label: str
     tokens: int
     owners: np.ndarray
     pos: np.ndarray
+    maps: np.ndarray | None = None
 
     @property
     def merged(self) -> int:
-        """Tokens standing for more than one patch."""
+        """Tokens standing for more than one patch (learned tokens pool, they are not merged)."""
         held = self.owners[self.owners >= 0]
-        return int((np.bincount(held) > 1).sum()) if held.size else 0
+        if self.maps is not None or not held.size:
+            return 0
+        return int((np.bincount(held) > 1).sum())
 
     @property
     def caption(self) -> str:
+        if self.maps is not None:
+            return f"{self.tokens} learned tokens, {self.maps.shape[0]} per slice"
         merged = f", {self.merged} of them merged" if self.merged else ""
         return f"{self.tokens} tokens{merged}"
+
+    def colour_key(self, token: int) -> int:
+        """What picks token `token`'s colour: its grid position, or for a learned token (no position) its
+        index among its slice's learned tokens (the row it is drawn in)."""
+        if self.maps is not None:
+            return -1 - token % self.maps.shape[0]
+        return int(self.pos[token])
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -144,7 +169,11 @@ def reduction_stages(model: VideoBackbone, video: Tensor, *, label: int | None =
         if out.x.shape[1] != args[0].x.shape[1]:
             where = "in" if slot.reducer.inside else "before"
             label = f"{slot.reducer.name} {where} block {slot.site.position}"
-            stages.append(Stage(label, int(out.num_tokens[0]), _grid_owners(out), out.pos[0].cpu().numpy()))
+            maps = out.aux.get(MAPS)
+            learned = None if maps is None or maps is args[0].aux.get(MAPS) else maps[0].float().cpu().numpy()
+            stages.append(
+                Stage(label, int(out.num_tokens[0]), _grid_owners(out), out.pos[0].cpu().numpy(), learned)
+            )
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, At)]
     try:
@@ -212,7 +241,30 @@ def _panel(frame: np.ndarray, owner: np.ndarray, stage: Stage, patches: np.ndarr
             edge |= padded[width + dy : width + dy + h, width + dx : width + dx + w] != own
     outline = edge & (own >= 0) & (patches[np.maximum(own, 0)] > 1)
     for token in np.unique(own[outline]):  # the merged tokens of this frame
-        img[outline & (own == token)] = _colour(int(stage.pos[token]))
+        img[outline & (own == token)] = _colour(stage.colour_key(int(token)))
+    return img.round().clip(0, 255).astype(np.uint8)
+
+
+def _map_panel(frame: np.ndarray, weights: np.ndarray, scale: int) -> np.ndarray:
+    """One frame with a learned token's weights on its patches, enlarged `scale` times: (h, w, 3) uint8.
+    A patch's brightness and tint grow with its weight relative to the largest in the frame.
+
+    Args:
+        frame: (S, S, 3) uint8.
+        weights: (H, W) the token's weight on each patch of this frame's slice.
+        scale: integer enlargement.
+    """
+    H, W = weights.shape
+    cell = frame.shape[0] // H * scale
+    top = weights.max()
+    share = weights / top if top > 0 else np.zeros_like(weights)  # (H, W) in [0, 1]
+    share = share.repeat(cell, 0).repeat(cell, 1)[..., None]  # (H*cell, W*cell, 1)
+    img = frame.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
+    img *= DIM + (1 - DIM) * share
+    img = img * (1 - HEAT_ALPHA * share) + np.asarray(HEAT, np.float32) * HEAT_ALPHA * share
+    rows, cols = np.arange(0, H * cell, cell), np.arange(0, W * cell, cell)
+    img[rows] = img[rows] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
+    img[:, cols] = img[:, cols] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
     return img.round().clip(0, 255).astype(np.uint8)
 
 
@@ -225,13 +277,20 @@ def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont
         return ImageFont.load_default()
 
 
-def _text(pen: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int, font: object) -> None:
+def _text(
+    pen: ImageDraw.ImageDraw,
+    xy: tuple[int, int],
+    text: str,
+    width: int,
+    font: object,
+    fill: tuple[float, float, float] = TEXT,
+) -> None:
     """Write `text` at `xy`, cut short ("...") to fit `width` pixels."""
     if pen.textlength(text, font=font) > width:
         while text and pen.textlength(text + "...", font=font) > width:
             text = text[:-1]
         text += "..."
-    pen.text(xy, text, fill=TEXT, font=font)
+    pen.text(xy, text, fill=tuple(round(c) for c in fill), font=font)
 
 
 def _pillow():  # type: ignore[no-untyped-def]
@@ -244,6 +303,14 @@ def _pillow():  # type: ignore[no-untyped-def]
 
 def _frame_label(t: int, tubelet: int) -> str:
     return f"frame {t}" if tubelet == 1 else f"frames {t * tubelet}-{t * tubelet + tubelet - 1}"
+
+
+class _Row(NamedTuple):
+    """A row of panels: its label, the label's colour, and its panel for a frame of the clip."""
+
+    label: str
+    colour: tuple[float, float, float]
+    panel: Callable[[int], np.ndarray]
 
 
 def draw(
@@ -281,34 +348,57 @@ def draw(
         stage = stages[s]
         return _panel(frames[frame], stage.owners[frame // config.tubelet], stage, patches[s], scale)
 
+    def heat(stage: Stage, token: int, frame: int) -> np.ndarray:
+        assert stage.maps is not None
+        return _map_panel(frames[frame], stage.maps[token, frame // config.tubelet], scale)
+
+    # Rows of panels, each with a label line: every stage, and after a stage that learned tokens one row
+    # per learned token (its colour in the outlines names it).
+    rows: list[_Row] = []
+    learned: list[_Row] = []  # the rows of learned tokens, under the stages in an animation
+    for s, stage in enumerate(stages):
+        rows.append(_Row(f"{stage.label}: {stage.caption}", TEXT, lambda f, s=s: panel(s, f)))
+        for i in range(0 if stage.maps is None else stage.maps.shape[0]):
+            what = f" of {stage.label}: its weight on each patch, relative to its largest in the slice"
+            row = _Row(f"learned token {i}" + ("" if i else what), _colour(stage.colour_key(i)),
+                       lambda f, stage=stage, i=i: heat(stage, i, f))  # fmt: skip
+            rows.append(row)
+            learned.append(row)
+
     if not animate:
-        # Column labels, then per stage: its label line and a row of temporal slices.
+        # Column labels, then per row: its label line and its panels, one per temporal slice.
         width = T * pw + (T + 1) * GAP
-        height = line + len(stages) * (line + ph + GAP) + GAP
+        height = line + len(rows) * (line + ph + GAP) + GAP
         canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
-        for s in range(len(stages)):
-            top = line + s * (line + ph + GAP) + line
+        for r, (_, _, draw_row) in enumerate(rows):
+            top = line + r * (line + ph + GAP) + line
             for t in range(T):
                 left = GAP + t * (pw + GAP)
-                canvas[top : top + ph, left : left + pw] = panel(s, t * config.tubelet)
+                canvas[top : top + ph, left : left + pw] = draw_row(t * config.tubelet)
         image = Image.fromarray(canvas)
         pen = ImageDraw.Draw(image)
         for t in range(T):
             _text(pen, (GAP + t * (pw + GAP), 3), _frame_label(t, config.tubelet), pw, font)
-        for s, stage in enumerate(stages):
-            y = line + s * (line + ph + GAP) + 3
-            _text(pen, (GAP, y), f"{stage.label}: {stage.caption}", width - 2 * GAP, font)
+        for r, (text, colour, _) in enumerate(rows):
+            y = line + r * (line + ph + GAP) + 3
+            _text(pen, (GAP, y), text, width - 2 * GAP, font, colour)
         return np.asarray(image).copy()
 
-    # One image per frame of the clip: a title line, then the stages side by side, two lines each.
-    width = len(stages) * pw + (len(stages) + 1) * GAP
-    height = line + 2 * line + ph + GAP
+    # One image per frame of the clip: a title line, then the stages side by side, two lines each; under
+    # them, the learned tokens' weights on that frame, side by side (one label line each).
+    across = max(len(stages), len(learned))
+    width = across * pw + (across + 1) * GAP
+    height = line + 2 * line + ph + GAP + (line + ph + GAP if learned else 0)
     images = []
     for f in range(frames.shape[0]):
         canvas = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
         for s in range(len(stages)):
             left = GAP + s * (pw + GAP)
             canvas[3 * line : 3 * line + ph, left : left + pw] = panel(s, f)
+        below = 3 * line + ph + GAP + line  # the learned tokens' panels
+        for i, (_, _, draw_row) in enumerate(learned):
+            left = GAP + i * (pw + GAP)
+            canvas[below : below + ph, left : left + pw] = draw_row(f)
         image = Image.fromarray(canvas)
         pen = ImageDraw.Draw(image)
         slice_note = (
@@ -320,6 +410,9 @@ def draw(
             left = GAP + s * (pw + GAP)
             _text(pen, (left, line + 3), stage.label, pw, font)
             _text(pen, (left, 2 * line + 3), stage.caption, pw, font)
+        for i, (_, colour, _) in enumerate(learned):
+            left = GAP + i * (pw + GAP)
+            _text(pen, (left, below - line + 3), f"learned token {i}", pw, font, colour)
         images.append(np.asarray(image))
     return np.stack(images)  # (frames, H, W, 3)
 

@@ -91,15 +91,20 @@ def selectors(name: str = DEFAULT) -> dict[str, dict[str, Tensor]]:
 
 def install_selectors(model: Any, name: str = DEFAULT) -> None:
     """Give the learned reducers of `model`'s installed plan the trained weights `name` ships for their
-    method, where they fit; a plan of another shape keeps its fresh weights, with a warning."""
+    method, where they fit; a plan of another shape, or of a setting `name` has no weights for, keeps
+    its fresh weights, with a warning."""
     import logging
 
-    from ..reducers.plan import load_trained
+    from ..reducers.plan import load_trained, trained_keys
 
-    for key in load_trained(model, selectors(name)):
-        logging.getLogger(__name__).warning(
-            "%s's trained %s weights do not fit %s; it runs untrained", name, key, model.spec
-        )
+    log = logging.getLogger(__name__)
+    shipped = selectors(name)
+    for reducer, key in zip(model.plan, trained_keys(model), strict=True):
+        learned = reducer.trains_backbone or any(True for _ in reducer.parameters())
+        if learned and key not in shipped:
+            log.warning("%s ships no trained %s weights; %s runs untrained", name, key, reducer.name)
+    for key in load_trained(model, shipped):
+        log.warning("%s's trained %s weights do not fit %s; it runs untrained", name, key, model.spec)
 
 
 def cache_dir() -> Path:

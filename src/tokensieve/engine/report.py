@@ -479,7 +479,7 @@ _STYLES: dict[str, tuple[str, str]] = {
     "uniform": ("tab:purple", "v"),
     "random_frames": ("tab:brown", "P"),
     "halting": ("tab:cyan", "h"),
-    "tokenlearner": ("gold", "*"),
+    "tokenlearner": ("gold", ">"),  # not "*": that is the unreduced model's
 }
 _SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "teal", "navy", "maroon")
 _SPARE_MARKERS = ("X", "p", "h", "<", ">", "d")

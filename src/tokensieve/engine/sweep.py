@@ -692,9 +692,10 @@ def _sweep(
             more = sorted(
                 {canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs)
             )
-            runs = [*runs, *more]
-            again, records = run(more, runs)
-            decode = (decode[0] + again[0], decode[1] + again[1])
+            if more:  # (each may already be a setting of the first pass)
+                runs = [*runs, *more]
+                again, records = run(more, runs)
+                decode = (decode[0] + again[0], decode[1] + again[1])
         speeds = _speeds(model, settings, speed_batch) if speed and world.is_main else {}
         table = _settings_table(settings, records, ids, speeds)
         picture = _examples(model, settings, dataset, selectors, out) if world.is_main and examples else {}
@@ -763,8 +764,8 @@ def _run(
                  finished_before, len(dataset) * len(runs))  # fmt: skip
     total = sum(len(todo[i]) for i in mine)
     if not mine:
-        if progress is not None:
-            progress(0, 0)
+        if progress is not None and not finished_before:  # a pass with nothing recorded: start the display
+            progress(0, 0)  # (one whose work is all recorded leaves the display as the last pass left it)
         return 0.0, time.perf_counter() - began
     kept = current_plan(model)
     was_training = model.training

@@ -54,8 +54,10 @@ __all__ = [
 FULL = "tokenlearner_full"
 """`aux` entry: the full-resolution state a fuser adds its output to (fuser placements only)."""
 MAPS = "tokenlearner_maps"
-"""`aux` entry when tracing (`forward_features(trace=True)`): (B, T, S, n) the weights alpha of each
-learned token over its frame's tokens, from the first TokenLearner (what `tokensieve show` draws)."""
+"""`aux` entry when tracing (`forward_features(trace=True)`): (B, S, T, H, W) the weight alpha of each of
+the S learned tokens of a slice on each cell of the original grid (the weight of the token standing for
+that cell when TokenLearner ran, 0 where none did), from the first TokenLearner (what `tokensieve show`
+draws)."""
 BOTTLENECK = 64
 """Hidden width of the released V1.1 and fuser MLPs (`bottleneck_dim`)."""
 EPS = 1e-6
@@ -163,6 +165,7 @@ class TokenLearner(Reducer):
 
     takes_ragged: ClassVar[bool] = False
     trained_with = ("at", "tokens", "version", "pool", "fuser", "vector")
+    main_settings = ("tokenlearner:at=0.5,tokens=8",)  # the paper's: 8 tokens at the middle
 
     def __init__(
         self,
@@ -274,7 +277,7 @@ class TokenLearner(Reducer):
         if SOURCE_MAP in state.aux:  # tracing: each cell goes to the learned token weighing it most
             aux[SOURCE_MAP] = _owners_after(state, maps.view(B, T, S, n), S)
             if first:
-                aux[MAPS] = maps.detach().view(B, T, S, n)
+                aux[MAPS] = _cell_maps(state, maps.detach().view(B, T, S, n))
         if self.fuser != "none":
             aux[FULL] = state
         if self.vector:
@@ -300,6 +303,19 @@ class TokenLearner(Reducer):
         if SOURCE_MAP in full.aux:
             aux[SOURCE_MAP] = full.aux[SOURCE_MAP]
         return full.replace(x=full.x + out.reshape(B, N, C), cls=state.cls, aux=aux)
+
+
+def _cell_maps(state: TokenState, maps: Tensor) -> Tensor:
+    """(B, S, T, H, W): each learned token's weight on every cell of the original grid, from the (B, T,
+    S, n) maps over the tokens of each slice: a cell gets the weight of the token standing for it (a
+    merged token's on each of its patches), 0 where no token stands for it."""
+    B, T, S, n = maps.shape
+    before = owners(state)  # (B, THW) index of the token holding each cell, -1 for none
+    token = before.clamp_min(0)
+    by_token = maps.permute(0, 2, 1, 3).reshape(B, S, T * n)  # (B, S, N) the weight on each token
+    cells = by_token.gather(2, token.unsqueeze(1).expand(B, S, token.shape[1]))  # (B, S, THW)
+    cells = cells * (before >= 0).unsqueeze(1)
+    return cells.view(B, S, *state.grid)
 
 
 def _owners_after(state: TokenState, maps: Tensor, S: int) -> Tensor:
