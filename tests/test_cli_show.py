@@ -90,3 +90,22 @@ def test_bad_input_is_one_line_with_exit_code_2(video: Path, tmp_path: Path) -> 
         "unknown model",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.mp4"]  # nothing written
+
+
+def test_learned_tokens_get_a_row_each_and_an_untrained_plan_is_warned_about(
+    video: Path, tmp_path: Path
+) -> None:
+    """On the built-in model, the shipped TokenLearner plan draws the input, the learned tokens, then one
+    row per learned token; a setting it ships no weights for runs untrained, with a warning."""
+    out = tmp_path / "learned.png"
+    args = ["--model", "builtin:synthetic", "--video", str(video), "--out", str(out)]
+    result = _show(*args, "--plan", "tokenlearner")
+    assert result.exit_code == 0, result.output
+    assert _rows(result.stdout)["tokenlearner before block 2"] == ["64", "-"]  # 8 slices x 8 tokens
+    assert "warning" not in result.stderr
+    image = np.asarray(Image.open(out).convert("RGB"))
+    line = 13 + 6  # viz.FONT_SIZE + 6
+    assert image.shape == (line + (2 + 8) * (line + 192 + 4) + 4, 8 * 192 + 9 * 4, 3)  # 8 slices wide
+    result = _show(*args, "--plan", "tokenlearner:tokens=3")
+    assert result.exit_code == 0, result.output
+    assert "warning: builtin:synthetic ships no trained tokenlearner:tokens=3 weights" in result.stderr

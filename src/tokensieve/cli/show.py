@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,17 @@ import typer
 from rich.console import Console
 
 from ..bench import compact_table
-from .common import ModelOption, UsageError, app, install_plan, num_column, resolve_model, usage_errors
+from .common import (
+    ModelOption,
+    UsageError,
+    app,
+    console_lines,
+    install_plan,
+    log_to,
+    num_column,
+    resolve_model,
+    usage_errors,
+)
 
 
 @app.command("show")
@@ -36,7 +47,8 @@ def show_command(
     from ..data.video import DecodeError
     from ..viz import draw, reduction_stages, save
 
-    with usage_errors():
+    warnings = log_to("tokensieve", logging.WARNING, console_lines(Console(stderr=True)))  # untrained plans
+    with usage_errors(), warnings:
         if out.suffix.lower() not in (".png", ".gif"):
             raise UsageError(f"--out must end in .png or .gif, got {out}")
         if not video.is_file():
