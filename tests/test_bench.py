@@ -90,10 +90,58 @@ def test_threads_are_set_and_restored(model: ts.VideoBackbone) -> None:
     assert torch.get_num_threads() == before
 
 
-def test_bfloat16_runs_under_autocast(model: ts.VideoBackbone) -> None:
-    (result,) = ts.benchmark(model, dtype="bfloat16", **FAST)
-    assert result.dtype == "bfloat16" and result.seconds > 0
-    assert result.gflops == pytest.approx(ts.flops(model))  # counted in float32 whatever the dtype
+@pytest.mark.parametrize("precision", ["autocast", "weights"])
+def test_bfloat16_runs_as_asked_and_leaves_the_model_as_it_was(
+    model: ts.VideoBackbone, halve: str, precision: str
+) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = ts.benchmark(model, plans=[halve], dtype="bfloat16", precision=precision, **FAST)
+    assert [(r.dtype, r.precision) for r in results] == [("bfloat16", precision)] * 2
+    assert all(r.seconds > 0 for r in results)
+    assert results[0].gflops == pytest.approx(ts.flops(model))  # counted in float32 whatever the dtype
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+    assert model.spec is None
+
+
+def test_bfloat16_auto_times_both_and_says_which(
+    model: ts.VideoBackbone, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tokensieve.bench"):
+        (result,) = ts.benchmark(model, dtype="bfloat16", **FAST)
+    assert result.precision in ("autocast", "weights")
+    chosen = "bfloat16 weights" if result.precision == "weights" else "autocast"
+    assert f"bfloat16: {chosen} (autocast " in caplog.text
+    (plain,) = ts.benchmark(model, **FAST)
+    assert plain.precision == ""
+
+
+def test_peak_memory_counts_the_tensors_held_at_once() -> None:
+    """Hand-checked: 4 MB, then 4 MB more while the first is alive (8), the first freed, a view (nothing
+    new), 2 MB more (6 live): the peak is 8 MB. Tensors alive before are not counted."""
+    outside = torch.ones(2000, 1000)
+
+    def run() -> None:
+        a = torch.ones(1000, 1000) + outside[:1000]  # 4 MB (the sum; the ones are freed at once: 8 peak)
+        b = a * 2
+        del a
+        b.view(-1)
+        torch.ones(500, 1000)
+
+    assert bench.peak_tensor_bytes(run) == 2 * 4_000_000
+    assert bench.peak_tensor_bytes(lambda: outside[:10]) == 0
+
+
+def test_peak_memory_per_clip_falls_with_the_tokens(model: ts.VideoBackbone) -> None:
+    """Keeping half of the frames after block 1 holds fewer activations at once than the whole model,
+    and per clip the peak is about the same at batch 1 and 2 (activations grow with the batch)."""
+    results = ts.benchmark(model, plans=["random:keep=0.25"], batch_size=[1, 2], **FAST)
+    peak = {(r.plan, r.batch_size): r.peak_mb for r in results}
+    assert all(v is not None and v > 0 for v in peak.values())
+    assert peak[("random:keep=0.25", 1)] < peak[("none", 1)]
+    assert peak[("none", 2)] == pytest.approx(peak[("none", 1)], rel=0.1)
+    (unmeasured,) = ts.benchmark(model, memory=False, **FAST)
+    assert unmeasured.peak_mb is None
 
 
 @pytest.mark.parametrize(
@@ -105,6 +153,7 @@ def test_bfloat16_runs_under_autocast(model: ts.VideoBackbone) -> None:
         ({"batch_size": 0}, "batch sizes"),
         ({"threads": 0}, "threads"),
         ({"repeats": 0}, "repeats"),
+        ({"dtype": "bfloat16", "precision": "half"}, "'auto', 'autocast', 'weights'"),
     ],
 )
 def test_bad_arguments_fail_before_measuring(model: ts.VideoBackbone, kwargs: dict, message: str) -> None:
@@ -128,8 +177,10 @@ def test_json_and_table(model: ts.VideoBackbone, halve: str) -> None:
     assert {"tokensieve", "torch"} <= doc["environment"].keys()
     assert [r["plan"] for r in doc["results"]] == ["none", halve]
     assert doc["results"][1]["gflops_ratio"] == pytest.approx(results[1].gflops_ratio)
+    assert doc["results"][1]["peak_mb"] == pytest.approx(results[1].peak_mb)
     table = format_table(results)
-    assert table.row_count == 2 and len(table.columns) == 9
+    assert table.row_count == 2 and len(table.columns) == 10  # with the peak memory
+    assert len(format_table([r.__class__(**{**r.__dict__, "peak_mb": None}) for r in results]).columns) == 9
 
 
 def _result(plan: str, *, seconds: float, seconds_iqr: tuple[float, float], speedup: float = 1.0,

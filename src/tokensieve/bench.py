@@ -28,6 +28,7 @@ The baseline is the plan "none"; it is always measured (first) and reported, lis
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -40,11 +41,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InputError
 from .flops import flops
 from .reducers import REGISTRY, apply, parse
-from .reducers.plan import InstalledPlan, current_plan
+from .reducers.plan import current_plan
 
 if TYPE_CHECKING:
     from rich.table import Column, Table
@@ -55,12 +59,14 @@ __all__ = [
     "BASELINE",
     "BUSY_SPREAD",
     "DTYPES",
+    "PRECISIONS",
     "BenchResult",
     "benchmark",
     "busy_warning",
     "compact_table",
     "format_table",
     "main_plans",
+    "peak_tensor_bytes",
     "to_json",
     "with_baseline",
 ]
@@ -71,7 +77,12 @@ BASELINE = "none"
 """The plan every other plan is compared with."""
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-"""Compute dtypes `benchmark` accepts; "bfloat16" runs under `torch.autocast` (CPU too)."""
+"""Compute dtypes `benchmark` accepts; "bfloat16" runs under `torch.autocast` or with the weights
+converted (`PRECISIONS`), on CPU too."""
+PRECISIONS = ("auto", "autocast", "weights")
+"""How `benchmark` runs bfloat16: float32 weights under `torch.autocast`, a bfloat16 copy of the model
+(`model.to(torch.bfloat16)`: no casts at run time), or "auto": whichever runs the unreduced model faster,
+timed first."""
 
 BUSY_SPREAD = 0.15
 """A result whose `spread` is above this was measured on a busy machine. On an idle 2-core CPU the
@@ -87,7 +98,9 @@ class BenchResult:
     Attributes:
         plan: the plan spec as given ("none" for the baseline).
         batch_size: clips per forward pass.
-        dtype: "float32", or "bfloat16" (autocast).
+        dtype: "float32" or "bfloat16".
+        precision: how bfloat16 ran: "autocast" or "weights" (a bfloat16 copy of the model); "" for
+            float32.
         frames, size: input clip length and frame side.
         device: where the model ran ("cpu", "cuda:0", ...).
         threads: `torch.get_num_threads()` during the run.
@@ -101,6 +114,10 @@ class BenchResult:
         speedup_iqr: (first, third) quartile of the per-round paired ratios baseline time / time.
         reducer_share: median fraction of the forward time spent inside the plan's reducers (their
             own work: choosing and gathering tokens; what blocks record for them is block time).
+        peak_mb: peak memory of one forward per clip, in MB (2**20 bytes), above what was allocated
+            before it (the weights): on CUDA the allocator's peak, elsewhere the peak of the bytes held
+            by live tensors (`peak_tensor_bytes`; kernels' own scratch space is not seen). None where
+            it was not measured.
     """
 
     plan: str
@@ -119,6 +136,8 @@ class BenchResult:
     speedup: float
     speedup_iqr: tuple[float, float]
     reducer_share: float = 0.0
+    precision: str = ""
+    peak_mb: float | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -160,6 +179,56 @@ class _ReducerClock:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Bytes held by the tensors the ops under it create, and their peak: each new storage is counted
+    until it is freed (its weak reference expires; checked at every op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.bytes = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.bytes -= self.live.pop(key)[1]
+        given = {_storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live and key not in given:  # new memory, not a view or in place
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.bytes += storage.nbytes()
+        self.peak = max(self.peak, self.bytes)
+        return out
+
+
+def _storage_key(t: Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
+
+
+def peak_tensor_bytes(run: Callable[[], object]) -> int:
+    """The peak of the bytes held by tensors `run` creates (what it allocates and holds at once; the
+    tensors alive before it, such as the weights, are not counted). Exact for tensors; kernels'
+    scratch space and allocator caching are not seen. Slow (every op is intercepted): measure once."""
+    with _LiveTensors() as tracker:
+        run()
+    return tracker.peak
+
+
+def _peak_mb(run: Callable[[], None], device: torch.device) -> float:
+    """Peak MB of one `run` above what was allocated before it: CUDA's allocator, else live tensors."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return peak_tensor_bytes(run) / 2**20
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float]:
@@ -267,11 +336,13 @@ def benchmark(
     plans: Sequence[str] = (BASELINE,),
     batch_size: int | Sequence[int] = 1,
     dtype: str = "float32",
+    precision: str = "auto",
     threads: int | None = None,
     frames: int | None = None,
     size: int | None = None,
     warmup: int = 3,
     repeats: int = 10,
+    memory: bool = True,
 ) -> list[BenchResult]:
     """Clips per second of `model` under each plan, with the baseline ("none") measured alongside.
 
@@ -284,11 +355,17 @@ def benchmark(
         model: a tokensieve backbone.
         plans: plan specs to measure. "none" is added first when absent.
         batch_size: clips per forward pass, or several batch sizes (one row per plan and size).
-        dtype: "float32", or "bfloat16" to run under `torch.autocast` (on CPU too).
+        dtype: "float32" or "bfloat16".
+        precision: how bfloat16 runs (`PRECISIONS`): "autocast" (float32 weights under
+            `torch.autocast`), "weights" (a bfloat16 copy of the model; `model` is left as it is), or
+            "auto" (default): both time the unreduced model at the first batch size (interleaved,
+            after `warmup`), and the faster one runs everything; the results say which.
         threads: `torch.set_num_threads` for the duration; None keeps the current setting.
         frames, size: input clip length and frame side; default the model's configured input.
         warmup: untimed rounds before timing (each round runs every plan once).
         repeats: timed rounds; the median is reported.
+        memory: also measure each plan's peak memory per clip (`BenchResult.peak_mb`), in one extra
+            untimed forward per plan and batch size.
 
     Returns:
         One `BenchResult` per batch size and plan, grouped by batch size, each group baseline first.
@@ -302,20 +379,19 @@ def benchmark(
     _check_args(
         plans=plans, batch_sizes=batch_sizes, dtype=dtype, threads=threads, warmup=warmup, repeats=repeats
     )
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
     specs = with_baseline(plans)
     param = next(model.parameters())
     if param.device.type == "meta":
         raise InputError("cannot time a model on the meta device; use tokensieve.flops to count it")
     if param.dtype != torch.float32:
         raise InputError(
-            f"benchmark expects float32 weights (use dtype='bfloat16' for autocast), got {param.dtype}"
+            f"benchmark expects float32 weights (dtype='bfloat16' runs a bfloat16 copy or autocast), got {param.dtype}"
         )
     device = param.device
     frames = frames or model.config.frames
     size = size or model.config.size
-    autocast = (
-        torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext()
-    )
 
     original, was_training = current_plan(model), model.training
     model.eval()
@@ -323,27 +399,49 @@ def benchmark(
     try:
         with _num_threads(threads) as num_threads:
             sample = _random_video(model, batch=1, frames=frames, size=size, device=device)
-            installed: list[InstalledPlan] = []
             gflops: list[float] = []
             for spec in specs:
-                installed.append(apply(model, spec))
+                apply(model, spec)
                 log.info("counting GFLOPs of plan %r", spec)
                 gflops.append(float(flops(model, video=sample)))
+            if dtype == "float32":
+                precision = ""
+            elif precision == "auto":
+                apply(model, BASELINE)
+                first = _random_video(model, batch=batch_sizes[0], frames=frames, size=size, device=device)
+                precision = _faster_precision(model, first, warmup=warmup, device=device)
+            net = model
+            if precision == "weights":  # a copy: converting the caller's weights back would round them
+                net = copy.deepcopy(model).to(DTYPES[dtype])
+            installed = [apply(net, spec) for spec in specs]
+            autocast = (
+                torch.autocast(device.type, dtype=DTYPES[dtype])
+                if precision == "autocast"
+                else contextlib.nullcontext()
+            )
 
             def run(video: Tensor) -> None:
                 with torch.inference_mode(), autocast:
-                    model(video)
+                    net(video)
 
             clock = _ReducerClock([m for plan in installed for m in plan.slots], device)
             for batch in batch_sizes:
                 video = _random_video(model, batch=batch, frames=frames, size=size, device=device)
+                video = video.to(next(net.parameters()).dtype)
                 times, in_reducers = _timed_rounds(
                     len(specs), install=lambda i: installed[i].install(), run=functools.partial(run, video),
                     warmup=warmup, repeats=repeats, device=device, label=f"batch {batch}, {len(specs)} plan(s)",
                     clock=clock,
                 )  # fmt: skip
                 base = statistics.median(times[0])
-                for spec, flop, runs_s, reducer_s in zip(specs, gflops, times, in_reducers, strict=True):
+                peaks: list[float | None] = [None] * len(specs)
+                for i in range(len(specs)) if memory else ():
+                    installed[i].install()
+                    log.info("batch %d, %s: peak memory", batch, specs[i])
+                    peaks[i] = _peak_mb(functools.partial(run, video), device) / batch
+                for spec, flop, runs_s, reducer_s, peak in zip(
+                    specs, gflops, times, in_reducers, peaks, strict=True
+                ):
                     seconds = statistics.median(runs_s)
                     paired = [b / t for b, t in zip(times[0], runs_s, strict=True)]
                     results.append(
@@ -355,6 +453,7 @@ def benchmark(
                             clips_per_s=batch / seconds, speedup=base / seconds,
                             speedup_iqr=_quartiles(paired),
                             reducer_share=statistics.median(a / t for a, t in zip(reducer_s, runs_s, strict=True)),
+                            precision=precision, peak_mb=peak,
                         )
                     )  # fmt: skip
                     log.info("batch %d, %s: %.1f ms/batch, %.2fx", batch, spec, 1e3 * seconds, base / seconds)
@@ -365,6 +464,32 @@ def benchmark(
         original.install()
         model.train(was_training)
     return results
+
+
+def _faster_precision(model: VideoBackbone, video: Tensor, *, warmup: int, device: torch.device) -> str:
+    """ "autocast" or "weights": which runs `model` (float32, its plan installed) faster in bfloat16
+    on `video`, by the median of 3 interleaved runs of each after `warmup` (at least 1) of each."""
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    low_video = video.to(torch.bfloat16)
+    seconds: dict[str, list[float]] = {"autocast": [], "weights": []}
+    for r in range(max(1, warmup) + 3):
+        for name in seconds:
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "autocast"),
+            ):
+                _sync(device)
+                start = time.perf_counter()
+                (model if name == "autocast" else low)(video if name == "autocast" else low_video)
+                _sync(device)
+            if r >= max(1, warmup):
+                seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    chosen = min(median, key=median.__getitem__)
+    log.info("bfloat16: %s (autocast %.1f ms, bfloat16 weights %.1f ms per batch of %d)",
+             "bfloat16 weights" if chosen == "weights" else "autocast", 1e3 * median["autocast"],
+             1e3 * median["weights"], video.shape[0])  # fmt: skip
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -425,7 +550,8 @@ def compact_table(*columns: str | Column, title: str | None = None) -> Table:
 
 def format_table(results: Sequence[BenchResult], *, title: str | None = None) -> Table:
     """A `rich.table.Table` of results: one row per plan and batch size, the baseline rows dimmed.
-    The dtype belongs in the title (a column appears only when results mix dtypes).
+    The dtype belongs in the title (a column appears only when results mix dtypes). "MB / clip" is the
+    peak memory of a forward per clip (`BenchResult.peak_mb`), when measured.
 
     "IQR" is each result's `spread` as a percentage: the interquartile range of the per-round
     speed-ups over the speed-up (of the seconds over their median for the baseline, which has no
@@ -447,6 +573,9 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     )
     for name in headers:
         table.add_column(name, justify="right")
+    memory = any(r.peak_mb is not None for r in results)
+    if memory:
+        table.add_column("MB /\nclip", justify="right")
     if len({r.dtype for r in results}) > 1:
         table.add_column("dtype")
     for r in results:
@@ -454,6 +583,7 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
             r.plan, str(r.batch_size), _fmt(r.gflops), f"{r.gflops_ratio:.2f}x",
             _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}", f"{100 * r.reducer_share:.1f}%",
             f"{100 * r.spread:.1f}%",
+            *([_fmt(r.peak_mb) if r.peak_mb is not None else "-"] if memory else []),
             *([r.dtype] if len({x.dtype for x in results}) > 1 else []),
             style="dim" if r.is_baseline and len(results) > 1 else None,
         )  # fmt: skip

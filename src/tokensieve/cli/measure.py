@@ -23,6 +23,7 @@ from ..bench import (
     BASELINE,
     BUSY_SPREAD,
     DTYPES,
+    PRECISIONS,
     benchmark,
     busy_warning,
     compact_table,
@@ -40,6 +41,7 @@ from .common import (
     ModelOption,
     PlanOption,
     SizeOption,
+    UsageError,
     app,
     bench_status,
     check_dtype,
@@ -59,9 +61,13 @@ log = logging.getLogger(__name__)
 _BENCH_LEGEND = (
     "speed-up: clips/s over 'none' (same batch); efficiency: speed-up / GFLOPs ratio\n"
     "reducer share: time inside the reducers; GFLOPs per clip, multiply-add = 1\n"
+    "MB / clip: peak memory of a forward above the weights (CPU: live tensors)\n"
     "IQR: how much the timed rounds disagree, interquartile range / median of the\n"
     f"per-round speed-ups ('none': of its seconds); over {BUSY_SPREAD:.0%}: a busy machine"
 )
+
+
+_PRECISION = {"": "", "autocast": " (autocast)", "weights": " (bfloat16 weights)"}
 
 
 @app.command()
@@ -72,7 +78,13 @@ def bench(
         list[int] | None,
         typer.Option("--batch-size", "-b", help="Clips per forward pass (repeatable).", min=1),
     ] = None,
-    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)}.")] = "float32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="bfloat16 as autocast (float32 weights), weights (a bfloat16 copy), or auto: the faster."
+        ),
+    ] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads; default torch's choice.", min=1)] = None,
     frames: FramesOption = None,
     size: SizeOption = None,
@@ -90,14 +102,16 @@ def bench(
     """
     with usage_errors():
         check_dtype(dtype)
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
         with bench_status(f"benchmarking {model}"):
             net = resolve_model(model, frames=frames, size=size)
             if not plan and net.spec:  # a saved model or run: its own plan, next to the baseline
                 specs = with_baseline([net.spec, *specs])
             results = benchmark(
-                net, plans=specs, batch_size=batch_size or [1], dtype=dtype, threads=threads,
-                frames=frames, size=size, warmup=warmup, repeats=repeats,
+                net, plans=specs, batch_size=batch_size or [1], dtype=dtype, precision=precision,
+                threads=threads, frames=frames, size=size, warmup=warmup, repeats=repeats,
             )  # fmt: skip
     if as_json:
         echo_json(to_json(results, meta={"model": model}))
@@ -105,7 +119,8 @@ def bench(
         first = results[0]
         console = Console()
         console.print(
-            f"[bold]{escape(model)}, {first.frames}x{first.size}, {first.dtype}, {first.device}, "
+            f"[bold]{escape(model)}, {first.frames}x{first.size}, {first.dtype}{_PRECISION[first.precision]}, "
+            f"{first.device}, "
             f"{first.threads} threads[/bold], median of {repeats} interleaved rounds",
             highlight=False, soft_wrap=True,
         )  # fmt: skip

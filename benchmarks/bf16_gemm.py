@@ -1,0 +1,69 @@
+"""Where bfloat16 loses the token saving on CPU: the cost per token row of the linear layers of a ViT
+block, by the number of rows (batch x tokens), in float32 and bfloat16.
+
+A reduction plan makes the blocks' matrix products shorter (fewer rows M = batch x tokens); its speed-up
+follows the GFLOPs only if a product's time falls with M. In float32 it does (oneDNN/MKL: about the same
+microseconds per row from 196 rows to 1568). In bfloat16 (AMX on this Xeon) the time per row about doubles
+below roughly 1000 rows at 2 threads: a videomae-s clip halved (1568 -> 784 tokens) falls below it at
+batch 1, not at batch 8 (6272 rows), which is where `tokensieve bench --dtype bfloat16` finds efficiency
+0.78 for `random:keep=0.5` at batch 1 and 1.10 at batch 8.
+
+Times `torch.nn.functional.linear` for the four products of a block of width `--dim` (qkv: C -> 3C,
+proj: C -> C, fc1: C -> 4C, fc2: 4C -> C), median of `--repeats` runs after warm-up, per row count.
+
+Run:  python benchmarks/bf16_gemm.py [--dim 384] [--threads 2] [--rows 196 392 784 1000 1568 3136]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROWS = (196, 392, 784, 1000, 1176, 1568, 3136, 6272)
+
+
+def seconds(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=384, help="block width C (videomae-s: 384, -b: 768)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    C = args.dim
+    shapes = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, 4 * C), "fc2": (4 * C, C)}
+    table = Table("rows", *(f"{dt} us/row" for dt in ("float32", "bfloat16")), "bfloat16 speed-up",
+                  title=f"linear layers of one block, width {C}, {args.threads} threads (sum of qkv, proj, fc1, fc2)")  # fmt: skip
+    for rows in args.rows:
+        per_row = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            total = 0.0
+            for k, n in shapes.values():
+                x = torch.randn(rows, k, dtype=dtype)
+                w, b = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+                with torch.inference_mode():
+                    total += seconds(lambda x=x, w=w, b=b: torch.nn.functional.linear(x, w, b), args.repeats)
+            per_row[dtype] = 1e6 * total / rows
+        table.add_row(str(rows), f"{per_row[torch.float32]:.2f}", f"{per_row[torch.bfloat16]:.2f}",
+                      f"{per_row[torch.float32] / per_row[torch.bfloat16]:.2f}x")  # fmt: skip
+    Console(width=110).print(table)
+
+
+if __name__ == "__main__":
+    main()
