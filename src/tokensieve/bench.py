@@ -21,8 +21,11 @@ Method (the conventions of ToMe's and STA's benchmarks, made robust to drift on 
    more than a quiet machine lets them, and `busy_warning` says so (logged, and in the JSON).
 4. The reducers' own time (`reducer_share` of the forward) is read by forward hooks around each
    reducer slot, in the same timed runs (on GPUs the hooks synchronise, which costs a little).
+5. Peak memory per clip (`peak_mb`): one more, untimed forward per plan and batch size (CUDA's
+   allocator peak; elsewhere the peak of live tensor bytes, `peak_tensor_bytes`).
 
-The baseline is the plan "none"; it is always measured (first) and reported, listed or not.
+The baseline is the plan "none"; it is always measured (first) and reported, listed or not. bfloat16
+runs under `torch.autocast` or on a bfloat16 copy of the model, whichever is faster (`PRECISIONS`).
 """
 
 from __future__ import annotations
