@@ -112,18 +112,26 @@ def hf_classifier(name: str) -> nn.Module:
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
 def test_classifier_logits_match_transformers(name: str) -> None:
     hf = hf_classifier(name)
+    assert not assert_converts_exactly(hf).training
+
+
+def assert_converts_exactly(
+    hf: nn.Module, to64: Callable[[nn.Module], nn.Module] = lambda m: m.double()
+) -> ts.VideoBackbone:
+    """`ts.from_hf(hf)` gives transformers' logits on a random clip within TOL32, and in float64
+    (`to64(hf)` converted again) within TOL64; returns the float32 conversion."""
     video = clip()
     ref = hf_logits(hf, video)
     assert ref.std() > 0.1, "degenerate reference logits would make the comparison vacuous"
 
     ours = ts.from_hf(hf)
-    assert not ours.training
     assert max_diff(our_logits(ours, video), ref) < TOL32
 
-    hf64 = hf.double()
+    hf64 = to64(hf)
     ours64 = ts.from_hf(hf64)
     assert next(ours64.parameters()).dtype == torch.float64
     assert max_diff(our_logits(ours64, video.double()), hf_logits(hf64, video.double())) < TOL64
+    return ours
 
 
 @pytest.mark.parametrize("name", list(CLASSIFIERS))

@@ -407,15 +407,18 @@ def benchmark(
                 apply(model, spec)
                 log.info("counting GFLOPs of plan %r", spec)
                 gflops.append(float(flops(model, video=sample)))
+            net = model
             if dtype == "float32":
                 precision = ""
-            elif precision == "auto":
+            elif precision != "autocast":  # a copy: converting the caller's weights back would round them
                 apply(model, BASELINE)
-                first = _random_video(model, batch=batch_sizes[0], frames=frames, size=size, device=device)
-                precision = _faster_precision(model, first, warmup=warmup, device=device)
-            net = model
-            if precision == "weights":  # a copy: converting the caller's weights back would round them
-                net = copy.deepcopy(model).to(DTYPES[dtype])
+                low = copy.deepcopy(model).to(DTYPES[dtype])
+                if precision == "auto":
+                    first = _random_video(
+                        model, batch=batch_sizes[0], frames=frames, size=size, device=device
+                    )
+                    precision = _faster_precision(model, low, first, warmup=warmup, device=device)
+                net = low if precision == "weights" else model
             installed = [apply(net, spec) for spec in specs]
             autocast = (
                 torch.autocast(device.type, dtype=DTYPES[dtype])
@@ -469,10 +472,12 @@ def benchmark(
     return results
 
 
-def _faster_precision(model: VideoBackbone, video: Tensor, *, warmup: int, device: torch.device) -> str:
-    """ "autocast" or "weights": which runs `model` (float32, its plan installed) faster in bfloat16
-    on `video`, by the median of 3 interleaved runs of each after `warmup` (at least 1) of each."""
-    low = copy.deepcopy(model).to(torch.bfloat16)
+def _faster_precision(
+    model: VideoBackbone, low: VideoBackbone, video: Tensor, *, warmup: int, device: torch.device
+) -> str:
+    """ "autocast" or "weights": which runs faster in bfloat16 on `video`, `model` (float32) under
+    autocast or `low` (its bfloat16 copy), by the median of 3 interleaved runs of each after `warmup`
+    (at least 1) of each."""
     low_video = video.to(torch.bfloat16)
     seconds: dict[str, list[float]] = {"autocast": [], "weights": []}
     for r in range(max(1, warmup) + 3):

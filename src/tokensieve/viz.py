@@ -213,6 +213,15 @@ def _colour(token: int) -> tuple[float, float, float]:
     return 255 * r, 255 * g, 255 * b
 
 
+def _grid_lines(img: np.ndarray, cell: int) -> None:
+    """Draw the token grid (white, `GRID_ALPHA`) on `img` (h, w, 3) float, in place: a line every
+    `cell` pixels."""
+    h, w = img.shape[:2]
+    rows, cols = np.arange(0, h, cell), np.arange(0, w, cell)
+    img[rows] = img[rows] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
+    img[:, cols] = img[:, cols] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
+
+
 def _panel(frame: np.ndarray, owner: np.ndarray, stage: Stage, patches: np.ndarray, scale: int) -> np.ndarray:
     """One frame with its token grid drawn over it, enlarged `scale` times: (h, w, 3) uint8.
 
@@ -223,14 +232,12 @@ def _panel(frame: np.ndarray, owner: np.ndarray, stage: Stage, patches: np.ndarr
         patches: (tokens,) patches each token stands for over the whole clip.
         scale: integer enlargement.
     """
-    H, W = owner.shape
+    H = owner.shape[0]
     cell = frame.shape[0] // H * scale  # one patch, in output pixels
     img = frame.repeat(scale, 0).repeat(scale, 1).astype(np.float32)  # (H*cell, W*cell, 3)
     own = owner.repeat(cell, 0).repeat(cell, 1)  # (H*cell, W*cell)
     img[own < 0] *= DIM
-    rows, cols = np.arange(0, H * cell, cell), np.arange(0, W * cell, cell)
-    img[rows] = img[rows] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
-    img[:, cols] = img[:, cols] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
+    _grid_lines(img, cell)
     # Outline each merged token's patches: its pixels within `width` of another token's (or the border).
     width = max(2, cell // 12)
     padded = np.pad(own, width, constant_values=-2)  # -2: outside the frame
@@ -254,7 +261,7 @@ def _map_panel(frame: np.ndarray, weights: np.ndarray, scale: int) -> np.ndarray
         weights: (H, W) the token's weight on each patch of this frame's slice.
         scale: integer enlargement.
     """
-    H, W = weights.shape
+    H = weights.shape[0]
     cell = frame.shape[0] // H * scale
     top = weights.max()
     share = weights / top if top > 0 else np.zeros_like(weights)  # (H, W) in [0, 1]
@@ -262,9 +269,7 @@ def _map_panel(frame: np.ndarray, weights: np.ndarray, scale: int) -> np.ndarray
     img = frame.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
     img *= DIM + (1 - DIM) * share
     img = img * (1 - HEAT_ALPHA * share) + np.asarray(HEAT, np.float32) * HEAT_ALPHA * share
-    rows, cols = np.arange(0, H * cell, cell), np.arange(0, W * cell, cell)
-    img[rows] = img[rows] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
-    img[:, cols] = img[:, cols] * (1 - GRID_ALPHA) + 255 * GRID_ALPHA
+    _grid_lines(img, cell)
     return img.round().clip(0, 255).astype(np.uint8)
 
 

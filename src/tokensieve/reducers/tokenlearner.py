@@ -275,9 +275,10 @@ class TokenLearner(Reducer):
         S = self.tokens
         aux = {k: v for k, v in state.aux.items() if k not in TOKEN_AUX and k != SOURCE_MAP}
         if SOURCE_MAP in state.aux:  # tracing: each cell goes to the learned token weighing it most
-            aux[SOURCE_MAP] = _owners_after(state, maps.view(B, T, S, n), S)
+            before = owners(state)  # (B, THW) index of the token holding each cell, -1 for none
+            aux[SOURCE_MAP] = _owners_after(before, maps.view(B, T, S, n), S)
             if first:
-                aux[MAPS] = _cell_maps(state, maps.detach().view(B, T, S, n))
+                aux[MAPS] = _cell_maps(before, maps.detach().view(B, T, S, n), state.grid)
         if self.fuser != "none":
             aux[FULL] = state
         if self.vector:
@@ -305,24 +306,24 @@ class TokenLearner(Reducer):
         return full.replace(x=full.x + out.reshape(B, N, C), cls=state.cls, aux=aux)
 
 
-def _cell_maps(state: TokenState, maps: Tensor) -> Tensor:
-    """(B, S, T, H, W): each learned token's weight on every cell of the original grid, from the (B, T,
-    S, n) maps over the tokens of each slice: a cell gets the weight of the token standing for it (a
-    merged token's on each of its patches), 0 where no token stands for it."""
+def _cell_maps(before: Tensor, maps: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """(B, S, T, H, W): each learned token's weight on every cell of the original `grid`, from the (B,
+    T, S, n) maps over the tokens of each slice and `before` (B, THW), the token standing for each cell
+    (`owners`, -1 for none): a cell gets its token's weight (a merged token's on each of its patches),
+    0 where no token stands for it."""
     B, T, S, n = maps.shape
-    before = owners(state)  # (B, THW) index of the token holding each cell, -1 for none
     token = before.clamp_min(0)
     by_token = maps.permute(0, 2, 1, 3).reshape(B, S, T * n)  # (B, S, N) the weight on each token
     cells = by_token.gather(2, token.unsqueeze(1).expand(B, S, token.shape[1]))  # (B, S, THW)
     cells = cells * (before >= 0).unsqueeze(1)
-    return cells.view(B, S, *state.grid)
+    return cells.view(B, S, *grid)
 
 
-def _owners_after(state: TokenState, maps: Tensor, S: int) -> Tensor:
-    """(B, T*H*W) source map after learning: each grid cell's owner becomes the learned token of its
-    owner's frame with the largest weight at that owner (B, T, S, n maps), -1 where there was none."""
+def _owners_after(before: Tensor, maps: Tensor, S: int) -> Tensor:
+    """(B, T*H*W) source map after learning, from `before` (B, THW), the token holding each cell before
+    (`owners`, -1 for none): each cell's owner becomes the learned token of its owner's frame with the
+    largest weight at that owner (B, T, S, n maps), -1 where there was none."""
     B, T, _, n = maps.shape
-    before = owners(state)  # (B, THW) index of the token holding each cell
     best = maps.argmax(2).view(B, T * n)  # (B, T*n) the learned token weighing each token most
     held = before >= 0
     token = before.clamp_min(0)
