@@ -704,10 +704,10 @@ def _sweep(
             model_name, provenance, dataset, world, time.perf_counter() - began, waited, total
         )
         report = SweepReport(settings=table, header={**header, **lines}, examples=picture)
-        if world.is_main:
-            from .report import write_report
+        from .report import write_report
 
-            write_report(report, out)
+        # Rank 0 writes; every process waits for it (and gets its error), so all of them leave together.
+        on_main(world, lambda: write_report(report, out))
         return report
     finally:
         if lock is not None:
