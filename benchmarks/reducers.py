@@ -44,7 +44,7 @@ def misses(r: BenchResult, *, efficiency: float | None, share: float) -> list[st
     found = []
     if efficiency is not None and r.efficiency < efficiency:
         found.append(f"batch {r.batch_size} {r.plan}: efficiency {r.efficiency:.2f} < {efficiency}")
-    if r.reducer_share > share:
+    if r.reducer_share is not None and r.reducer_share > share:
         found.append(
             f"batch {r.batch_size} {r.plan}: reducer share {100 * r.reducer_share:.1f}% > {100 * share:.0f}%"
         )

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import tokensieve as ts
 from conftest import tiny_video
-from tokensieve.backbones import build_from_config
+from tokensieve.backbones import build_from_config, layers
 from tokensieve.backbones.config import preset
-from tokensieve.backbones.layers import Attention, sinusoid_table
+from tokensieve.backbones.layers import Attention, patch_tokens, sinusoid_table
 from tokensieve.errors import InputError
 from tokensieve.tokens import CLS_ATTN, KEYS, TokenState
 
@@ -332,3 +336,83 @@ def test_the_tubelet_embedding_trains_on_batches_it_would_chunk(
         model(video).logsumexp(-1).sum().backward()
         grads.append(model.embed.proj.weight.grad.clone())
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv3d(3, 8, (2, 4, 4), (2, 4, 4)), (2, 4, 3, 8, 12)),
+        (nn.Conv3d(3, 8, (2, 4, 4), (2, 4, 4)), (1, 5, 3, 9, 8)),  # frames and height not divisible: the conv
+        (nn.Conv2d(3, 8, 4, 4), (2, 3, 3, 8, 12)),
+        (nn.Conv2d(3, 8, 4, 4), (1, 2, 3, 10, 8)),
+        (nn.Conv3d(3, 8, (2, 4, 4), (1, 4, 4)), (1, 4, 3, 8, 8)),  # overlapping in time: the conv
+    ],
+)
+def test_patch_tokens_are_the_convolution(conv: nn.Module, shape: tuple[int, ...]) -> None:
+    """The embedding's matrix product over patches gives the convolution's tokens (float64: up to
+    rounding), in (B, T', H', W', D) time-major order, whatever the input divides into."""
+    conv = conv.double()
+    video = torch.randn(*shape, dtype=torch.float64)
+    if isinstance(conv, nn.Conv3d):
+        expected = conv(video.transpose(1, 2)).permute(0, 2, 3, 4, 1)
+    else:
+        expected = conv(video.flatten(0, 1)).unflatten(0, shape[:2]).permute(0, 1, 3, 4, 2)
+    torch.testing.assert_close(patch_tokens(video, conv), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not layers.PACK_BF16, reason="this torch has no oneDNN bfloat16 operators")
+def test_bfloat16_inference_with_the_packed_weight_is_the_plain_product() -> None:
+    """Linear's packed path (bfloat16, CPU, no grad) gives the bits of F.linear, on 2-D, 3-D and
+    strided inputs and with another bias; it packs again when the weight changes in place or is replaced,
+    and a deep copy or a pickle leaves the packed copy behind."""
+    torch.manual_seed(0)
+    linear = layers.Linear(48, 40).to(torch.bfloat16)
+    inputs = [torch.randn(7, 48), torch.randn(2, 5, 48), torch.randn(5, 96)[:, ::2]]
+    with torch.no_grad():
+        for x in (x.to(torch.bfloat16) for x in inputs):
+            assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+            assert "_packed" in linear.__dict__  # the packed path ran
+            other = torch.randn(40, dtype=torch.bfloat16)
+            assert torch.equal(linear.project(x, other), F.linear(x, linear.weight, other))
+        x = inputs[0].to(torch.bfloat16)
+        linear.weight.mul_(2)  # in place: the version changes
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+        linear.load_state_dict({"weight": torch.randn(40, 48), "bias": torch.zeros(40)})
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+        twin = copy.deepcopy(linear)
+        assert "_packed" not in twin.__dict__ and torch.equal(twin(x), linear(x))
+        assert "_packed" not in pickle.loads(pickle.dumps(linear)).__dict__
+    y = linear(x)  # with grad enabled: the plain product, differentiable
+    assert y.requires_grad and torch.equal(y, F.linear(x, linear.weight, linear.bias))
+
+
+def test_a_bfloat16_model_counts_the_same_flops_with_packed_weights() -> None:
+    """The FLOP counter (a dispatch mode) sees the plain products: a bfloat16 model counts what a float32
+    one counts."""
+    model = ts.build("videomae-tiny").eval()
+    assert ts.flops(copy.deepcopy(model).to(torch.bfloat16)) == pytest.approx(ts.flops(model))
+
+
+@pytest.mark.parametrize("name", ["videomae-tiny", "vivit-tiny", "joint-tiny"])
+def test_inference_runs_the_mlp_in_row_tiles_with_the_same_result(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In CPU inference a dense batch's MLP half runs in row tiles (`TILE_ROWS`, here 7 rows: tiles that
+    cut clips and the class token's row apart): the same output as the whole batch at once, and as
+    with grad enabled (no tiles)."""
+    model = ts.build(name).eval()
+    video = torch.randn(3, *tiny_video(name).shape[1:])
+    calls: list[torch.Size] = []
+    model.blocks[0].mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    with torch.inference_mode():
+        whole = model(video)
+    ((B, L, _),) = calls  # one call on the whole batch (class token included)
+    monkeypatch.setattr(layers, "TILE_ROWS", 7)
+    calls.clear()
+    with torch.inference_mode():
+        tiled = model(video)
+    assert (
+        max(c[0] for c in calls) <= 7 and sum(c[0] for c in calls) == B * L
+    )  # tiles of <= 7 rows, each row once
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(video), whole, rtol=1e-5, atol=1e-6)

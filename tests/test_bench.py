@@ -132,9 +132,12 @@ def test_peak_memory_counts_the_tensors_held_at_once() -> None:
     assert bench.peak_tensor_bytes(lambda: outside[:10]) == 0
 
 
-def test_peak_memory_per_clip_falls_with_the_tokens(model: ts.VideoBackbone) -> None:
-    """Keeping half of the frames after block 1 holds fewer activations at once than the whole model,
-    and per clip the peak is about the same at batch 1 and 2 (activations grow with the batch)."""
+def test_peak_memory_per_clip_falls_with_the_tokens() -> None:
+    """Keeping a quarter of the tokens after block 1 holds fewer activations at once than the whole
+    model, and per clip the peak is about the same at batch 1 and 2 (activations grow with the batch).
+    A model 4x as wide as videomae-tiny: on the tiny one the embedding's copy of the 4x32x32 input is
+    the peak, whatever the plan."""
+    model = ts.build("videomae-tiny", dim=128, mlp_dim=512)
     results = ts.benchmark(model, plans=["random:keep=0.25"], batch_size=[1, 2], **FAST)
     peak = {(r.plan, r.batch_size): r.peak_mb for r in results}
     assert all(v is not None and v > 0 for v in peak.values())
@@ -144,10 +147,69 @@ def test_peak_memory_per_clip_falls_with_the_tokens(model: ts.VideoBackbone) -> 
     assert unmeasured.peak_mb is None
 
 
+def test_a_training_step_holds_more_than_a_forward_and_less_with_fewer_tokens(
+    model: ts.VideoBackbone,
+) -> None:
+    """A training step keeps every block's activations for the backward pass: more than the forward's
+    peak, and less when a quarter of the frames run from block 1. The gradients (allocated before) are
+    not counted: a second measurement gives the same bytes; a plan that needs labels to train gets None."""
+    was_training = model.training
+    results = ts.benchmark(model, plans=["random:keep=0.25", "lite:keep=0.5"], train_memory=True, **FAST)
+    peak = {r.plan: r for r in results}
+    assert peak["none"].train_mb > 2 * peak["none"].peak_mb
+    assert peak["random:keep=0.25"].train_mb < 0.75 * peak["none"].train_mb
+    assert peak["lite:keep=0.5"].train_mb is None  # LITE trains against the oracle of the true labels
+    again = ts.benchmark(model, train_memory=True, **FAST)[0]
+    assert again.train_mb == peak["none"].train_mb
+    assert all(p.grad is None for p in model.parameters()) and model.training == was_training
+    assert ts.benchmark(model, **FAST)[0].train_mb is None
+
+
+def test_compiled_plans_run_without_recompiling_in_timed_rounds(model: ts.VideoBackbone, halve: str) -> None:
+    """One compiled copy per plan, compiled in the warm-up: the timed rounds run under
+    `fail_on_recompile`, so two batch sizes and two plans time without an error; the caller's model is
+    left uncompiled with its plan. The reducer share is not measured (None), nor CPU memory."""
+    torch._dynamo.reset()
+    results = ts.benchmark(model, plans=[halve], batch_size=[1, 2], compile=True, **FAST)
+    assert [(r.plan, r.batch_size, r.compiled) for r in results] == [
+        ("none", 1, True), (halve, 1, True), ("none", 2, True), (halve, 2, True)]  # fmt: skip
+    assert all(r.reducer_share is None and r.peak_mb is None and r.speedup > 0 for r in results)
+    assert _is_bare(model) and not hasattr(model, "_orig_mod")
+    share = next(c for c in format_table(results).columns if "share" in str(c.header))
+    assert list(share.cells) == ["-"] * 4
+
+
+def test_one_attention_kernel_can_be_chosen(model: ts.VideoBackbone) -> None:
+    (result,) = ts.benchmark(model, sdpa="math", memory=False, **FAST)
+    assert result.sdpa == "math" and result.clips_per_s > 0
+
+
+def test_host_syncs_counts_what_makes_the_host_wait() -> None:
+    """Hand-checked: .tolist(), .item(), bool(), boolean-mask indexing, nonzero and repeat_interleave
+    without output_size each wait for values; arithmetic, topk, gather and repeat_interleave with
+    output_size do not. `Tensor.tolist` is put back afterwards."""
+    x = torch.arange(6.0)
+    with bench.host_syncs() as seen:
+        x.tolist()
+        x.sum().item()
+        bool(x.any())
+        x[x > 2]
+        x.nonzero()
+        torch.repeat_interleave(x, torch.ones(6, dtype=torch.long))
+        y = (x * 2).topk(3).indices
+        x.gather(0, y)
+        torch.repeat_interleave(x, torch.ones(6, dtype=torch.long), output_size=6)
+    assert seen == {"tolist": 1, "_local_scalar_dense": 2, "index (boolean mask)": 1, "nonzero": 1,
+                    "repeat_interleave (no output_size)": 1}  # fmt: skip
+    assert torch.Tensor.tolist is torch._C.TensorBase.tolist
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dtype": "float16"}, "'float32', 'bfloat16'"),
+        ({"dtype": "float64"}, "'float32', 'bfloat16', 'float16'"),
+        ({"sdpa": "fast"}, "'auto', 'flash', 'efficient', 'cudnn', 'math'"),
+        ({"sdpa": "efficient"}, "no efficient attention kernel for torch.float32 heads of width 16 on cpu"),
         ({"plans": ["bogus"]}, "valid methods: .*none"),
         ({"plans": "none"}, "sequence of specs"),
         ({"batch_size": 0}, "batch sizes"),
@@ -181,6 +243,9 @@ def test_json_and_table(model: ts.VideoBackbone, halve: str) -> None:
     table = format_table(results)
     assert table.row_count == 2 and len(table.columns) == 10  # with the peak memory
     assert len(format_table([r.__class__(**{**r.__dict__, "peak_mb": None}) for r in results]).columns) == 9
+    trained = format_table([r.__class__(**{**r.__dict__, "train_mb": 1.0}) for r in results])
+    headers = [str(c.header) for c in trained.columns]  # the training column; the GFLOPs ratio makes room
+    assert "train\nMB/clip" in headers and "GFLOPs\nratio" not in headers and len(headers) == 10
 
 
 def _result(plan: str, *, seconds: float, seconds_iqr: tuple[float, float], speedup: float = 1.0,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -79,3 +81,28 @@ def test_halting_benchmark_runs_on_a_tiny_model(tmp_path: Path, monkeypatch: pyt
     )  # zeroed tokens still cost
     assert rows["remove"]["gflops"] < rows["none"]["gflops"] and len(rows["remove"]["clips"]) == 3
     assert rows["zero"]["paper_gflops"] == rows["remove"]["gflops"]
+
+
+def test_gpu_script_runs_its_commands_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu.sh is one command on a GPU machine; here DEVICE=cpu runs the same `tokensieve bench`
+    calls on a tiny model: a table per dtype and kernel in the log, the JSON beside it, and a kernel
+    that cannot run here skipped with a line instead of ending the script."""
+    out = tmp_path / "gpu"
+    env = {**os.environ, "DEVICE": "cpu", "MODELS": "videomae-tiny", "PLANS": "random:keep=0.5",
+           "DTYPES": "bfloat16", "BATCHES": "1 2", "SDPAS": "math efficient", "REPEATS": "1", "WARMUP": "1",
+           "COMPILE": "0", "OUT": str(out)}  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh")], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    log = (out / "videomae-tiny.txt").read_text()
+    assert log.count("random:keep=0.5") == 2 + 1  # batch 1 and 2, then the math kernel at batch 8
+    assert "math attention" in log and "(efficient attention cannot run these inputs here: skipped)" in log
+    assert "MB/clip" in log  # the training step's memory
+    results = json.loads((out / "videomae-tiny-bfloat16.json").read_text())["results"]
+    assert [(r["plan"], r["batch_size"]) for r in results] == [
+        ("none", 1), ("random:keep=0.5", 1), ("none", 2), ("random:keep=0.5", 2)]  # fmt: skip
+    assert all(r["train_mb"] is not None and r["device"] == "cpu" for r in results)
+    assert json.loads((out / "videomae-tiny-bfloat16-math.json").read_text())["results"][0]["sdpa"] == "math"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "videomae-tiny-bfloat16-math.json", "videomae-tiny-bfloat16.json", "videomae-tiny.txt"]  # fmt: skip

@@ -44,6 +44,20 @@ def test_bench_json() -> None:
     assert len(row["times"]) == 2
 
 
+def test_bench_saves_what_json_prints_and_refuses_a_device_it_lacks(tmp_path: Path) -> None:
+    saved = tmp_path / "bench.json"
+    args = ["bench", "--model", "videomae-tiny", "--repeats", "1", "--warmup", "0", "--sdpa", "math"]
+    result = runner.invoke(app, [*args, "--save", str(saved)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "cpu, math attention, " in result.stdout  # the table, and the JSON beside it
+    (row,) = json.loads(saved.read_text())["results"]
+    assert (row["plan"], row["sdpa"], row["compiled"]) == ("none", "math", False)
+    for device, message in [("gpu", "--device must be cpu, cuda, cuda:N or mps; got 'gpu'"),
+                            ("cuda", "--device cuda: this torch has no usable CUDA device")]:  # fmt: skip
+        bad = runner.invoke(app, [*args, "--device", device])
+        assert bad.exit_code == 2 and message in bad.output
+
+
 def test_bench_table_with_batch_sizes_dtype_and_threads() -> None:
     args = ["bench", "-m", "videomae-tiny", "--repeats", "2", "--warmup", "0", "-b", "1", "-b", "2",
             "--dtype", "bfloat16", "--threads", "1"]  # fmt: skip
@@ -131,7 +145,7 @@ def test_local_checkpoint_directory(tmp_path: Path) -> None:
             ],
         ),
         (["bench", "--model", "videomae-tiny", "--plan", "none:r=3"], ["no parameter 'r'"]),
-        (["bench", "--model", "videomae-tiny", "--dtype", "float16"], ["float32", "bfloat16"]),
+        (["bench", "--model", "videomae-tiny", "--dtype", "float64"], ["float32", "bfloat16", "float16"]),
         # --methods adds every main setting; STA's r=64 does not fit a 16-token frame
         (["bench", "--model", "videomae-tiny", "--methods"], ["sta: r=64 is not smaller than the 16 tokens"]),
         (["flops", "--model", "videomae-tiny", "--frames", "5"], ["divisible"]),

@@ -107,6 +107,27 @@ def test_records_match_a_manual_loop_and_failures_are_recorded(videos: Path, tmp
     assert not part_path(out, 0).parent.exists()  # parts merged and removed
 
 
+def test_a_compiled_evaluation_gives_the_eager_results(videos: Path, tmp_path: Path) -> None:
+    """`compile=True` runs the frozen, compiled model: the same predictions up to rounding, the
+    installed plan included; a per-clip budget or a plan reading labels is refused before any work."""
+    model, dataset = _model(), _small(videos)
+    ts.apply(model, "random:keep=0.5")
+    eager, compiled = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
+    ts.evaluate(model, dataset, batch_size=4, workers=0, out=eager)
+    summary = ts.evaluate(model, dataset, batch_size=4, workers=0, out=compiled, compile=True)
+    for a, b in zip(_records(eager), _records(compiled), strict=True):
+        assert [c for c, _ in a["top5"]] == [c for c, _ in b["top5"]]
+        torch.testing.assert_close(torch.tensor([p for _, p in a["top5"]]), torch.tensor([p for _, p in b["top5"]]),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    assert summary.evaluated == 2 and summary.plan == "random:keep=0.5"
+    for spec, what in [("adaptive:high=0.3+random:keep=0.5", "changes its shapes per clip"),
+                       ("oracle:keep=0.5", "reads the labels")]:  # fmt: skip
+        ts.apply(model, spec)
+        with pytest.raises(ts.InputError, match=what):
+            ts.evaluate(model, dataset, out=tmp_path / "never.jsonl", compile=True)
+        assert not (tmp_path / "never.jsonl").exists()
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_results(videos: Path, tmp_path: Path) -> None:
     model, dataset = _model(), _dataset(videos)
     whole = tmp_path / "whole.jsonl"

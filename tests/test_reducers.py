@@ -18,6 +18,7 @@ from torch import nn
 import tokensieve as ts
 from conftest import tiny_video
 from tokensieve.backbones.layers import received_attention
+from tokensieve.bench import host_syncs
 from tokensieve.reducers import REGISTRY, parse, schedule
 from tokensieve.reducers.base import At
 from tokensieve.reducers.plan import spec_parameters
@@ -319,6 +320,23 @@ def test_compiles_with_fullgraph(spec: str, name: str) -> None:
     video = tiny_video(name)
     with torch.no_grad():
         torch.testing.assert_close(compiled(video), model(video), rtol=1e-5, atol=1e-5)
+        other = torch.randn_like(video)  # another batch of the same shape: the compiled graph is reused
+        with torch.compiler.set_stance("fail_on_recompile"):
+            torch.testing.assert_close(compiled(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("spec", "name"), RUNNABLE)
+def test_a_fixed_budget_never_makes_the_host_wait(spec: str, name: str) -> None:
+    """A GPU runs a fixed-budget plan without stalling its queue: no `.item()`, `.tolist()`, `nonzero`,
+    boolean-mask indexing or other value-dependent shape in the forward. A per-clip budget reads its
+    counts back once per step that makes the batch ragged (`tokens.compact`), and nothing else."""
+    model = _model(name, spec)
+    with torch.no_grad(), host_syncs() as seen:
+        model(tiny_video(name))
+    if not model.installed.adaptive:
+        assert not seen, seen
+    else:
+        assert set(seen) <= {"tolist"} and seen["tolist"] <= len(model.installed.steps), seen
 
 
 @pytest.mark.parametrize(("spec", "name"), FIRST)

@@ -10,7 +10,8 @@ Method (the conventions of ToMe's and STA's benchmarks, made robust to drift on 
 2. For each batch size, plans run in interleaved rounds (baseline, A, B, then A, B, baseline, ...;
    the order rotates so no plan always follows another): `warmup` untimed rounds, then `repeats`
    timed ones. One timed run is one forward pass of a batch under `torch.inference_mode`, timed
-   with `time.perf_counter` (the device synchronised on both sides).
+   with `time.perf_counter` (the device synchronised on both sides; on CUDA with events recorded in
+   the stream around it, read after a synchronisation).
 3. Reported: the median seconds per batch and its interquartile range, clips/s, and the ratios to
    the baseline: `gflops_ratio = baseline_gflops / gflops`, `speedup = clips_per_s / baseline
    clips_per_s`. Because rounds interleave, the per-round ratios baseline/plan are paired samples;
@@ -30,6 +31,7 @@ runs under `torch.autocast` or on a bfloat16 copy of the model, whichever is fas
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -45,13 +47,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InputError
 from .flops import flops
 from .reducers import REGISTRY, apply, parse
-from .reducers.plan import current_plan
+from .reducers.plan import current_plan, is_adaptive
 
 if TYPE_CHECKING:
     from rich.table import Column, Table
@@ -63,11 +67,14 @@ __all__ = [
     "BUSY_SPREAD",
     "DTYPES",
     "PRECISIONS",
+    "SDPA_BACKENDS",
     "BenchResult",
     "benchmark",
     "busy_warning",
     "compact_table",
+    "compile_model",
     "format_table",
+    "host_syncs",
     "main_plans",
     "peak_tensor_bytes",
     "to_json",
@@ -79,13 +86,23 @@ log = logging.getLogger(__name__)
 BASELINE = "none"
 """The plan every other plan is compared with."""
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-"""Compute dtypes `benchmark` accepts; "bfloat16" runs under `torch.autocast` or with the weights
-converted (`PRECISIONS`), on CPU too."""
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""Compute dtypes `benchmark` accepts; "bfloat16" and "float16" run under `torch.autocast` or with the
+weights converted (`PRECISIONS`), on CPU too (float16 is for GPUs: CPUs without native float16 run it
+slowly)."""
 PRECISIONS = ("auto", "autocast", "weights")
-"""How `benchmark` runs bfloat16: float32 weights under `torch.autocast`, a bfloat16 copy of the model
-(`model.to(torch.bfloat16)`: no casts at run time), or "auto": whichever runs the unreduced model faster,
-timed first."""
+"""How `benchmark` runs bfloat16 or float16: float32 weights under `torch.autocast`, a converted copy of
+the model (`model.to(torch.bfloat16)`: no casts at run time), or "auto": whichever runs the unreduced
+model faster, timed first."""
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+"""Which fused attention kernel `benchmark` lets `scaled_dot_product_attention` use: "auto" (PyTorch's
+choice) or one of them alone (`torch.nn.attention.sdpa_kernel`); "efficient" and "cudnn" are GPU-only."""
+_SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 
 BUSY_SPREAD = 0.15
 """A result whose `spread` is above this was measured on a busy machine. On an idle 2-core CPU the
@@ -101,9 +118,9 @@ class BenchResult:
     Attributes:
         plan: the plan spec as given ("none" for the baseline).
         batch_size: clips per forward pass.
-        dtype: "float32" or "bfloat16".
-        precision: how bfloat16 ran: "autocast" or "weights" (a bfloat16 copy of the model); "" for
-            float32.
+        dtype: "float32", "bfloat16" or "float16".
+        precision: how a low-precision dtype ran: "autocast" or "weights" (a converted copy of the
+            model); "" for float32.
         frames, size: input clip length and frame side.
         device: where the model ran ("cpu", "cuda:0", ...).
         threads: `torch.get_num_threads()` during the run.
@@ -116,11 +133,18 @@ class BenchResult:
         speedup: clips/s over the baseline's clips/s at the same batch size (1.0 for the baseline).
         speedup_iqr: (first, third) quartile of the per-round paired ratios baseline time / time.
         reducer_share: median fraction of the forward time spent inside the plan's reducers (their
-            own work: choosing and gathering tokens; what blocks record for them is block time).
+            own work: choosing and gathering tokens; what blocks record for them is block time); None
+            under `compiled` (the reducers are inside the compiled graph).
         peak_mb: peak memory of one forward per clip, in MB (2**20 bytes), above what was allocated
             before it (the weights): on CUDA the allocator's peak, elsewhere the peak of the bytes held
             by live tensors (`peak_tensor_bytes`; kernels' own scratch space is not seen). None where
             it was not measured.
+        train_mb: the same for one training step (forward in train mode, backward of the summed
+            logits) per clip: the activations kept for the backward pass and its temporaries; the
+            weights' gradients are allocated before it and not counted. None where not measured or
+            where the plan cannot take a training step without labels.
+        compiled: every plan ran through `compile_model`, one compiled copy per plan.
+        sdpa: the attention kernel allowed (`SDPA_BACKENDS`; "auto": PyTorch's choice).
     """
 
     plan: str
@@ -138,9 +162,12 @@ class BenchResult:
     clips_per_s: float
     speedup: float
     speedup_iqr: tuple[float, float]
-    reducer_share: float = 0.0
+    reducer_share: float | None = 0.0
     precision: str = ""
     peak_mb: float | None = None
+    train_mb: float | None = None
+    compiled: bool = False
+    sdpa: str = "auto"
 
     @property
     def is_baseline(self) -> bool:
@@ -161,23 +188,49 @@ class BenchResult:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+class _Mark:
+    """A point in time on `device`: a CUDA event recorded in the current stream (no synchronisation:
+    read it after one), elsewhere `time.perf_counter()` after synchronising."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self.event: torch.cuda.Event | None = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+            self.time = 0.0
+        else:
+            _sync(device)
+            self.event, self.time = None, time.perf_counter()
+
+    def until(self, end: _Mark) -> float:
+        """Seconds from this mark to `end` (on CUDA, once the device has passed both)."""
+        if self.event is not None and end.event is not None:
+            return self.event.elapsed_time(end.event) / 1e3
+        return end.time - self.time
+
+
 class _ReducerClock:
-    """Wall-clock seconds spent inside reducer slots, through removable forward hooks."""
+    """Seconds spent inside reducer slots, through removable forward hooks (`_Mark`s: on a GPU, events
+    in the stream, so the forward is not synchronised; read `seconds()` after synchronising)."""
 
     def __init__(self, modules: Sequence[nn.Module], device: torch.device) -> None:
-        self.seconds = 0.0
-        self._start = 0.0
         self._device = device
+        self._spans: list[tuple[_Mark, _Mark]] = []
+        self._start: _Mark | None = None
         self._handles = [h for m in modules for h in (
             m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit))]  # fmt: skip
 
+    def reset(self) -> None:
+        self._spans.clear()
+
+    def seconds(self) -> float:
+        return sum(start.until(end) for start, end in self._spans)
+
     def _enter(self, *_: object) -> None:
-        _sync(self._device)
-        self._start = time.perf_counter()
+        self._start = _Mark(self._device)
 
     def _exit(self, *_: object) -> None:
-        _sync(self._device)
-        self.seconds += time.perf_counter() - self._start
+        assert self._start is not None
+        self._spans.append((self._start, _Mark(self._device)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -207,6 +260,62 @@ class _LiveTensors(TorchDispatchMode):
                     self.bytes += storage.nbytes()
         self.peak = max(self.peak, self.bytes)
         return out
+
+
+_SYNCING = frozenset({
+    "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+    "unique_dim", "bincount", "equal",
+})  # fmt: skip
+"""Operators whose result the host must wait for: a Python number from a tensor, or an output whose shape
+depends on the values (and `index` with a boolean mask, `repeat_interleave` without `output_size`)."""
+
+
+class _SyncOps(TorchDispatchMode):
+    def __init__(self, seen: collections.Counter[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func._schema.name.partition("::")[2]
+        if name in _SYNCING:
+            self.seen[name] += 1
+        elif name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        ):
+            self.seen[f"{name} (boolean mask)"] += 1
+        elif (
+            name == "repeat_interleave"
+            and func._overloadname == "Tensor"
+            and (kwargs or {}).get("output_size") is None
+        ):
+            self.seen["repeat_interleave (no output_size)"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_syncs() -> Iterator[collections.Counter[str]]:
+    """Count the operations run under it that make the host wait for the device (on a GPU, a
+    synchronisation that stalls the queue of kernels), by name: `.item()`, `bool(tensor)`, `.tolist()`,
+    `nonzero`, boolean-mask indexing, `unique` and the like. Device-independent (it reads the operators,
+    so a CPU run shows what a GPU run would wait for):
+
+        with host_syncs() as seen:
+            model(video)
+        assert not seen, seen   # a fixed-budget plan keeps the GPU's queue full
+    """
+    seen: collections.Counter[str] = collections.Counter()
+    tolist = Tensor.tolist
+
+    def counted_tolist(self: Tensor) -> object:  # not an operator: seen here
+        seen["tolist"] += 1
+        return tolist(self)
+
+    Tensor.tolist = counted_tolist  # type: ignore[method-assign]
+    try:
+        with _SyncOps(seen):
+            yield seen
+    finally:
+        Tensor.tolist = tolist  # type: ignore[method-assign]
 
 
 def _storage_key(t: Tensor) -> int:
@@ -321,14 +430,17 @@ def _timed_rounds(num_plans: int, *, install: Callable[[int], None], run: Callab
         for i in range(num_plans):
             j = (i + r) % num_plans
             install(j)
-            clock.seconds = 0.0
+            clock.reset()
             _sync(device)
-            start = time.perf_counter()
-            run()
+            start = _Mark(device)
+            # Compiled plans compile in the warm-up; a compilation in a timed round is an error, not a time.
+            with torch.compiler.set_stance("fail_on_recompile") if timed else contextlib.nullcontext():
+                run()
+            end = _Mark(device)
             _sync(device)
             if timed:
-                times[j].append(time.perf_counter() - start)
-                in_reducers[j].append(clock.seconds)
+                times[j].append(start.until(end))
+                in_reducers[j].append(clock.seconds())
     return times, in_reducers
 
 
@@ -346,6 +458,9 @@ def benchmark(
     warmup: int = 3,
     repeats: int = 10,
     memory: bool = True,
+    train_memory: bool = False,
+    compile: bool = False,
+    sdpa: str = "auto",
 ) -> list[BenchResult]:
     """Clips per second of `model` under each plan, with the baseline ("none") measured alongside.
 
@@ -358,8 +473,8 @@ def benchmark(
         model: a tokensieve backbone.
         plans: plan specs to measure. "none" is added first when absent.
         batch_size: clips per forward pass, or several batch sizes (one row per plan and size).
-        dtype: "float32" or "bfloat16".
-        precision: how bfloat16 runs (`PRECISIONS`): "autocast" (float32 weights under
+        dtype: "float32", "bfloat16" or "float16".
+        precision: how a low-precision dtype runs (`PRECISIONS`): "autocast" (float32 weights under
             `torch.autocast`), "weights" (a bfloat16 copy of the model; `model` is left as it is), or
             "auto" (default): both time the unreduced model at the first batch size (interleaved,
             after `warmup`), and the faster one runs everything; the results say which.
@@ -368,7 +483,16 @@ def benchmark(
         warmup: untimed rounds before timing (each round runs every plan once).
         repeats: timed rounds; the median is reported.
         memory: also measure each plan's peak memory per clip (`BenchResult.peak_mb`), in one extra
-            untimed forward per plan and batch size.
+            untimed forward per plan and batch size (not on CPU under `compile`: the live-tensor
+            count would run the compiled graph eagerly).
+        train_memory: also measure the peak memory of one training step per plan and batch size
+            (`BenchResult.train_mb`), on a copy of the model in train mode.
+        compile: run every plan through `compile_model` of a copy of the model with that plan
+            installed (one compiled copy per plan; the first run at each batch size, in the warm-up,
+            compiles; a compilation in a timed round is an error). The reducer share is not measured
+            then (None).
+        sdpa: the attention kernel `scaled_dot_product_attention` may use (`SDPA_BACKENDS`): "auto", or
+            one alone (an error from PyTorch when it cannot run these inputs on this device).
 
     Returns:
         One `BenchResult` per batch size and plan, grouped by batch size, each group baseline first.
@@ -384,6 +508,8 @@ def benchmark(
     )
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    if sdpa not in SDPA_BACKENDS:
+        raise InputError(f"sdpa must be one of {', '.join(map(repr, SDPA_BACKENDS))}; got {sdpa!r}")
     specs = with_baseline(plans)
     param = next(model.parameters())
     if param.device.type == "meta":
@@ -400,7 +526,10 @@ def benchmark(
     model.eval()
     results: list[BenchResult] = []
     try:
-        with _num_threads(threads) as num_threads:
+        with _num_threads(threads) as num_threads, contextlib.ExitStack() as stack:
+            if sdpa != "auto":
+                stack.enter_context(sdpa_kernel(_SDPA[sdpa]))
+                _check_kernel(sdpa, model, DTYPES[dtype], device)
             sample = _random_video(model, batch=1, frames=frames, size=size, device=device)
             gflops: list[float] = []
             for spec in specs:
@@ -419,34 +548,64 @@ def benchmark(
                     )
                     precision = _faster_precision(model, low, first, warmup=warmup, device=device)
                 net = low if precision == "weights" else model
-            installed = [apply(net, spec) for spec in specs]
-            autocast = (
-                torch.autocast(device.type, dtype=DTYPES[dtype])
-                if precision == "autocast"
-                else contextlib.nullcontext()
+            autocast = functools.partial(
+                torch.autocast, device.type, dtype=DTYPES[dtype], enabled=precision == "autocast"
             )
+            if compile:  # one compiled copy per plan: each keeps its own graphs, and none is recompiled
+                graphs = len(specs) * len(batch_sizes)  # all of them kept: none falls back to eager
+                stack.enter_context(torch._dynamo.config.patch(
+                    recompile_limit=max(graphs, torch._dynamo.config.recompile_limit),
+                    accumulated_recompile_limit=max(graphs, torch._dynamo.config.accumulated_recompile_limit),
+                ))  # fmt: skip
+                eager = [copy.deepcopy(net) for _ in specs]
+                installed = [apply(twin, spec) for twin, spec in zip(eager, specs, strict=True)]
+                nets: list[Callable[[Tensor], Tensor]] = [compile_model(twin) for twin in eager]
+                select = lambda i: None  # noqa: E731
+            else:
+                installed = [apply(net, spec) for spec in specs]
+                eager = [net] * len(specs)
+                nets = list(eager)
+                select = lambda i: installed[i].install()  # noqa: E731
+            current = [0]
+
+            def install(i: int) -> None:
+                select(i)
+                current[0] = i
 
             def run(video: Tensor) -> None:
-                with torch.inference_mode(), autocast:
-                    net(video)
+                with torch.inference_mode(), autocast():
+                    nets[current[0]](video)
 
-            clock = _ReducerClock([m for plan in installed for m in plan.slots], device)
+            def train_step(video: Tensor) -> None:
+                with autocast():
+                    out = eager[current[0]](video)
+                out.float().sum().backward()
+
+            # Under torch.compile the hooks would sit inside the compiled graph: no reducer clock there.
+            clock = _ReducerClock([] if compile else [m for plan in installed for m in plan.slots], device)
             for batch in batch_sizes:
                 video = _random_video(model, batch=batch, frames=frames, size=size, device=device)
                 video = video.to(next(net.parameters()).dtype)
                 times, in_reducers = _timed_rounds(
-                    len(specs), install=lambda i: installed[i].install(), run=functools.partial(run, video),
-                    warmup=warmup, repeats=repeats, device=device, label=f"batch {batch}, {len(specs)} plan(s)",
-                    clock=clock,
+                    len(specs), install=install, run=functools.partial(run, video),
+                    warmup=max(warmup, 1) if compile else warmup, repeats=repeats, device=device,
+                    label=f"batch {batch}, {len(specs)} plan(s)", clock=clock,
                 )  # fmt: skip
                 base = statistics.median(times[0])
                 peaks: list[float | None] = [None] * len(specs)
-                for i in range(len(specs)) if memory else ():
-                    installed[i].install()
-                    log.info("batch %d, %s: peak memory", batch, specs[i])
-                    peaks[i] = _peak_mb(functools.partial(run, video), device) / batch
-                for spec, flop, runs_s, reducer_s, peak in zip(
-                    specs, gflops, times, in_reducers, peaks, strict=True
+                trains: list[float | None] = [None] * len(specs)
+                for i in range(len(specs)):
+                    install(i)
+                    if memory and (device.type == "cuda" or not compile):  # compiled: CUDA's allocator only
+                        log.info("batch %d, %s: peak memory", batch, specs[i])
+                        peaks[i] = _peak_mb(functools.partial(run, video), device) / batch
+                    if train_memory:
+                        log.info("batch %d, %s: peak memory of a training step", batch, specs[i])
+                        trains[i] = _train_peak_mb(
+                            eager[i], functools.partial(train_step, video), device, batch
+                        )
+                for spec, flop, runs_s, reducer_s, peak, train in zip(
+                    specs, gflops, times, in_reducers, peaks, trains, strict=True
                 ):
                     seconds = statistics.median(runs_s)
                     paired = [b / t for b, t in zip(times[0], runs_s, strict=True)]
@@ -458,8 +617,9 @@ def benchmark(
                             seconds=seconds, seconds_iqr=_quartiles(runs_s), times=tuple(runs_s),
                             clips_per_s=batch / seconds, speedup=base / seconds,
                             speedup_iqr=_quartiles(paired),
-                            reducer_share=statistics.median(a / t for a, t in zip(reducer_s, runs_s, strict=True)),
-                            precision=precision, peak_mb=peak,
+                            reducer_share=None if compile else statistics.median(
+                                a / t for a, t in zip(reducer_s, runs_s, strict=True)),
+                            precision=precision, peak_mb=peak, train_mb=train, compiled=compile, sdpa=sdpa,
                         )
                     )  # fmt: skip
                     log.info("batch %d, %s: %.1f ms/batch, %.2fx", batch, spec, 1e3 * seconds, base / seconds)
@@ -472,19 +632,83 @@ def benchmark(
     return results
 
 
+def _check_kernel(sdpa: str, model: VideoBackbone, dtype: torch.dtype, device: torch.device) -> None:
+    """An `InputError` when attention kernel `sdpa` (the only one allowed) cannot run `model`'s heads in
+    `dtype` here (PyTorch's "No viable backend" would otherwise end the run mid-way)."""
+    cfg = model.config
+    q = torch.zeros(1, cfg.heads, 8, cfg.dim // cfg.heads, dtype=dtype, device=device)
+    try:
+        with torch.inference_mode():
+            F.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as err:
+        raise InputError(
+            f"sdpa={sdpa!r}: PyTorch has no {sdpa} attention kernel for {dtype} heads of width "
+            f"{cfg.dim // cfg.heads} on {device} ({str(err).splitlines()[0]})"
+        ) from None
+
+
+def compile_model(model: VideoBackbone) -> Callable[[Tensor], Tensor]:
+    """`model` (with its installed plan) compiled for inference: `torch.compile(model, dynamic=False)`,
+    run with inductor's freezing (the weights become constants of the graph: on CPU the matrix products
+    take pre-packed weights and fuse their bias and activation). One graph per input shape, compiled at
+    its first call; another batch of the same shape never recompiles (fixed budgets have no
+    value-dependent shapes: tests/test_reducers.py). Compile again after changing the weights or the plan.
+
+        forward = ts.bench.compile_model(model)
+        logits = forward(video)            # under torch.inference_mode() or torch.no_grad()
+
+    Raises:
+        InputError: an adaptive plan (per-clip budgets: its token counts, so its shapes, change from batch
+            to batch, and it reads them back from the device).
+    """
+    if is_adaptive(model):
+        raise InputError(
+            f"{model.spec}: a per-clip budget changes its shapes from batch to batch; compile runs "
+            "fixed-budget plans (run this one eagerly)"
+        )
+    graph = torch.compile(model, dynamic=False)
+
+    def forward(video: Tensor) -> Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return graph(video)
+
+    return forward
+
+
+def _train_peak_mb(
+    net: nn.Module, step: Callable[[], None], device: torch.device, batch: int
+) -> float | None:
+    """Peak MB per clip of one training `step` of `net` (in train mode, eager), after a first step has
+    allocated the gradients (zeroed in place, not counted)."""
+    net.train()
+    try:
+        step()
+        for param in net.parameters():
+            if param.grad is not None:
+                param.grad.zero_()
+        return _peak_mb(step, device) / batch
+    except InputError as err:  # e.g. a plan whose training needs the labels
+        log.info("no training step without labels: %s", err)
+        return None
+    finally:
+        net.zero_grad(set_to_none=True)
+        net.eval()
+
+
 def _faster_precision(
     model: VideoBackbone, low: VideoBackbone, video: Tensor, *, warmup: int, device: torch.device
 ) -> str:
-    """ "autocast" or "weights": which runs faster in bfloat16 on `video`, `model` (float32) under
-    autocast or `low` (its bfloat16 copy), by the median of 3 interleaved runs of each after `warmup`
+    """ "autocast" or "weights": which runs faster in `low`'s dtype on `video`, `model` (float32) under
+    autocast or `low` (its converted copy), by the median of 3 interleaved runs of each after `warmup`
     (at least 1) of each."""
-    low_video = video.to(torch.bfloat16)
+    dtype = next(low.parameters()).dtype
+    low_video = video.to(dtype)
     seconds: dict[str, list[float]] = {"autocast": [], "weights": []}
     for r in range(max(1, warmup) + 3):
         for name in seconds:
             with (
                 torch.inference_mode(),
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "autocast"),
+                torch.autocast(device.type, dtype=dtype, enabled=name == "autocast"),
             ):
                 _sync(device)
                 start = time.perf_counter()
@@ -494,8 +718,9 @@ def _faster_precision(
                 seconds[name].append(time.perf_counter() - start)
     median = {name: statistics.median(s) for name, s in seconds.items()}
     chosen = min(median, key=median.__getitem__)
-    log.info("bfloat16: %s (autocast %.1f ms, bfloat16 weights %.1f ms per batch of %d)",
-             "bfloat16 weights" if chosen == "weights" else "autocast", 1e3 * median["autocast"],
+    name = str(dtype).removeprefix("torch.")
+    log.info("%s: %s (autocast %.1f ms, %s weights %.1f ms per batch of %d)", name,
+             f"{name} weights" if chosen == "weights" else "autocast", 1e3 * median["autocast"], name,
              1e3 * median["weights"], video.shape[0])  # fmt: skip
     return chosen
 
@@ -559,7 +784,8 @@ def compact_table(*columns: str | Column, title: str | None = None) -> Table:
 def format_table(results: Sequence[BenchResult], *, title: str | None = None) -> Table:
     """A `rich.table.Table` of results: one row per plan and batch size, the baseline rows dimmed.
     The dtype belongs in the title (a column appears only when results mix dtypes). "MB / clip" is the
-    peak memory of a forward per clip (`BenchResult.peak_mb`), when measured.
+    peak memory of a forward per clip (`BenchResult.peak_mb`), when measured; "train MB/clip" that of
+    a training step (`BenchResult.train_mb`), when measured (the GFLOPs ratio column then makes room).
 
     "IQR" is each result's `spread` as a percentage: the interquartile range of the per-round
     speed-ups over the speed-up (of the seconds over their median for the baseline, which has no
@@ -568,11 +794,14 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     """
     table = compact_table(title=title)
     table.add_column("plan", no_wrap=True)  # plans are never cut: the numbers make room
-    # Seconds per batch are in the JSON (batch / clips/s): the table fits 80 columns without them.
+    memory = any(r.peak_mb is not None for r in results)
+    train = any(r.train_mb is not None for r in results)
+    # Seconds per batch are in the JSON (batch / clips/s): the table fits 80 columns without them, and
+    # without the GFLOPs ratio (speed-up / efficiency; in the JSON) when it shows training memory too.
     headers = (
         "batch",
         "GFLOPs",
-        "GFLOPs\nratio",
+        *(() if train else ("GFLOPs\nratio",)),
         "clips/s",
         "speed-\nup",
         "effi-\nciency",
@@ -581,17 +810,19 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     )
     for name in headers:
         table.add_column(name, justify="right")
-    memory = any(r.peak_mb is not None for r in results)
     if memory:
         table.add_column("MB /\nclip", justify="right")
+    if train:
+        table.add_column("train\nMB/clip", justify="right")
     if len({r.dtype for r in results}) > 1:
         table.add_column("dtype")
     for r in results:
         table.add_row(
-            r.plan, str(r.batch_size), _fmt(r.gflops), f"{r.gflops_ratio:.2f}x",
-            _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}", f"{100 * r.reducer_share:.1f}%",
-            f"{100 * r.spread:.1f}%",
+            r.plan, str(r.batch_size), _fmt(r.gflops), *(() if train else (f"{r.gflops_ratio:.2f}x",)),
+            _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}",
+            f"{100 * r.reducer_share:.1f}%" if r.reducer_share is not None else "-", f"{100 * r.spread:.1f}%",
             *([_fmt(r.peak_mb) if r.peak_mb is not None else "-"] if memory else []),
+            *([_fmt(r.train_mb) if r.train_mb is not None else "-"] if train else []),
             *([r.dtype] if len({x.dtype for x in results}) > 1 else []),
             style="dim" if r.is_baseline and len(results) > 1 else None,
         )  # fmt: skip

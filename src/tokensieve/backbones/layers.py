@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import InputError
 from ..tokens import ATTN_RECEIVED, CLS_ATTN, CLS_UPDATE, KEYS, PROP_ATTN, VECTOR_ATTN, TokenState
@@ -25,6 +26,7 @@ __all__ = [
     "Attention",
     "Block",
     "DropPath",
+    "Linear",
     "Mlp",
     "Packed",
     "QkvBias",
@@ -55,7 +57,93 @@ TILE_ROWS = 2048
 """On CPU a packed block runs its rows in tiles of consecutive whole clips of at most this many rows
 (one clip if longer): the intermediates of a tile (qkv, the MLP's hidden layer) stay in cache, where
 those of all the rows of a batch of videos would not (measured: bias copies and GELU run at a third of
-the speed on 7.5k rows of videomae-s than on 1.5k). On other devices one tile holds every row."""
+the speed on 7.5k rows of videomae-s than on 1.5k). On other devices one tile holds every row.
+
+A dense (not ragged) batch runs its MLP half (norm, fc1, GELU, fc2, residual) in equal row tiles of at
+most this many rows in CPU inference, for the same reason: videomae-s at batch 8 (12544 rows) runs 20%
+faster in bfloat16 (1233 -> 993 ms) and 11% in float32 (3920 -> 3499 ms), batch 1 (1568 rows) the same;
+tiles of 784 to 2048 rows were measured, 1280 and 2048 best."""
+
+
+def _can_pack_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN's operators
+        return False
+
+
+PACK_BF16 = _can_pack_bf16()
+"""Whether `Linear` may run bfloat16 inference on CPU with its weight packed once (oneDNN with bfloat16
+support; `tokensieve.backbones.layers.PACK_BF16 = False` turns it off)."""
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state-dict keys) that runs bfloat16 inference on CPU with its
+    weight packed once, in oneDNN's blocked layout, instead of at every call.
+
+    Why: `F.linear` in bfloat16 has oneDNN reorder the weight on every call, a cost that does not shrink
+    with the tokens. On this machine (AMX, 2 threads) the qkv product of videomae-s costs 0.48 µs per token
+    row at 784 rows and 0.32 packed (0.32 both ways at 6272 rows): the fixed cost is what took a fifth of
+    `random:keep=0.5`'s saving at batch 1 (`benchmarks/bf16_gemm.py`, docs/design.md). The packed product
+    gives the same numbers (the same kernel, tested bit for bit). The packed copy is made at the first
+    such call and made again when the weight changes (another tensor, or written in place: its version);
+    it is not saved, copied or pickled. Only under `torch.no_grad`/`inference_mode`, bfloat16 weights
+    and input, not under `torch.compile` (inductor packs on its own) and not under a dispatch mode (the
+    FLOP and memory counters see the plain product)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(x, self.bias)
+
+    def project(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x W^T + `bias`: this layer's weight with any bias (Attention's q and v biases)."""
+        weight = self.weight
+        if (
+            PACK_BF16 and x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
+        ):  # fmt: skip
+            key = (weight.data_ptr(), weight._version)
+            packed = self.__dict__.get("_packed")
+            if packed is None or packed[0] != key:
+                packed = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+                self.__dict__["_packed"] = packed
+            return torch.ops.mkldnn._linear_pointwise(x, packed[1], bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k != "_packed"}  # oneDNN's tensor has no storage to copy
+
+
+def patch_tokens(video: Tensor, proj: nn.Conv2d | nn.Conv3d) -> Tensor:
+    """`proj`, a convolution whose stride is its kernel (non-overlapping patches, no padding), applied to
+    `video` (B, T, C, H, W) as one matrix product over the patches: (B, T', H', W', D) tokens, time-major.
+
+    The same sums as the convolution (its weight flattened in its (C, t, p, p) order), in another
+    rounding order. Why: on CPU oneDNN's convolution runs these shapes far below its matrix product
+    (videomae-s, 16x224: 15 ms against 6 ms at batch 1 in bfloat16, 153 against 40 at batch 8; 48
+    against 32 ms at batch 1 in float32), and the embedding is a cost no token plan shrinks. Frames and
+    sides that the kernel does not divide fall back to the convolution (which drops the remainder), and so
+    does training (autograd recording the weight): a matrix product's rounding can depend on how many rows
+    it has, the convolution's does not depend on the batch, and training on 2 processes must give the
+    weights of training on one (tests/test_train.py)."""
+    B, T, C, H, W = video.shape
+    t = proj.kernel_size[0] if isinstance(proj, nn.Conv3d) else 1
+    p, q = proj.kernel_size[-2:]
+    trains = torch.is_grad_enabled() and (video.requires_grad or proj.weight.requires_grad)
+    if (
+        trains or T % t or H % p or W % q or tuple(proj.stride) != tuple(proj.kernel_size)
+        or proj.padding_mode != "zeros" or any(proj.padding)
+    ):  # fmt: skip
+        if isinstance(proj, nn.Conv3d):
+            return proj(video.transpose(1, 2)).permute(0, 2, 3, 4, 1)  # (B, T', H', W', D)
+        out = proj(video.flatten(0, 1))  # (B*T, D, H', W')
+        return out.unflatten(0, (B, T)).permute(0, 1, 3, 4, 2)
+    patches = video.reshape(B, T // t, t, C, H // p, p, W // q, q).permute(0, 1, 4, 6, 3, 2, 5, 7)
+    patches = patches.reshape(B * (T // t) * (H // p) * (W // q), C * t * p * q)  # one row per patch
+    out = F.linear(patches, proj.weight.flatten(1), proj.bias)  # (rows, D)
+    return out.view(B, T // t, H // p, W // q, -1)
+
 
 VARLEN = ("groups", "nested")
 """Kernels of `varlen_attention`: "groups" (SDPA once per set of clips of one length: a slice per clip,
@@ -118,8 +206,11 @@ def received_attention(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
         rows = (mask[:, 0, 0, :] if mask.dtype == torch.bool else mask[:, 0, 0, :].isfinite()).to(q.dtype)
     total = q.new_zeros(B, nh, N)
     chunk = max(1, 2**22 // (B * nh * N))
+    # The scale on the queries (N x hd numbers) instead of the logits (N x N): a power of two for the usual
+    # head widths (64: 1/8), where both give the same bits; a fifth of the time of this function on CPU.
+    q = q * hd**-0.5
     for start in range(0, N, chunk):  # bounds memory; not a loop over tokens one by one
-        logits = (q[:, :, start : start + chunk] @ k.transpose(-2, -1)) * hd**-0.5  # (B, nh, c, N)
+        logits = q[:, :, start : start + chunk] @ k.transpose(-2, -1)  # (B, nh, c, N)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
         probs = logits.softmax(-1)  # (B, nh, c, N)
@@ -358,14 +449,14 @@ class Attention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias == "qkv")
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias == "qkv")
         if qkv_bias == "qv":
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.register_parameter("q_bias", None)
             self.register_parameter("v_bias", None)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def _qkv_bias(self) -> Tensor | None:
         if self.q_bias is None:
@@ -395,7 +486,7 @@ class Attention(nn.Module):
             (B, N, C) output and a dict with the requested side results (patch tokens only).
         """
         B, N, C = x.shape
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3C)
+        qkv = self.qkv.project(x, self._qkv_bias())  # (B, N, 3C)
         heads, hd = (C, 1) if vector else (self.heads, self.head_dim)
         q, k, v = qkv.view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hd)
         drop = self.attn_drop if self.training else 0.0
@@ -449,7 +540,7 @@ class Attention(nn.Module):
             (M, C) output rows, and the requested side results, one value per row.
         """
         M, C = x.shape
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # (M, 3C)
+        qkv = self.qkv.project(x, self._qkv_bias())  # (M, 3C)
         q, k, v = qkv.view(M, 3, self.heads, self.head_dim).unbind(1)  # 3 x (M, nh, hd)
         drop = self.attn_drop if self.training else 0.0
         out = self.proj(varlen_attention(q, k, v, lengths, bias=bias, dropout=drop).reshape(M, C))  # (M, C)
@@ -464,9 +555,9 @@ class Mlp(nn.Module):
         super().__init__()
         if act not in ACTS:
             raise InputError(f"act must be one of {', '.join(ACTS)}, got {act!r}")
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -528,7 +619,19 @@ class Block(nn.Module):
         if state.mask is not None and self.ragged == "packed":
             return run_packed([self], state, part="mlp")
         x = with_cls(state)  # (B, [1 +] N, C)
-        return split_cls(state, x + self.drop_path(self.mlp(self.norm2(x))))
+        rows = x.shape[0] * x.shape[1]
+        if (
+            x.device.type != "cpu" or rows <= TILE_ROWS or self.training or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):  # fmt: skip
+            return split_cls(state, x + self.drop_path(self.mlp(self.norm2(x))))
+        flat = x.reshape(rows, -1)
+        out = torch.empty_like(flat)
+        tile = -(-rows // -(-rows // TILE_ROWS))  # equal tiles of at most TILE_ROWS rows
+        for start in range(0, rows, tile):  # a loop over row tiles, not over tokens
+            part = flat[start : start + tile]
+            torch.add(part, self.mlp(self.norm2(part)), out=out[start : start + tile])
+        return split_cls(state, out.view_as(x))
 
     def _forward_packed(self, state: TokenState) -> TokenState:
         """The block on the real rows of a ragged batch (`run_packed`); with a reducer between attention

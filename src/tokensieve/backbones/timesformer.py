@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..tokens import CLS_UPDATE, Need, TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
-from .layers import Act, Attention, Block, QkvBias
+from .layers import Act, Attention, Block, Linear, QkvBias
 from .videovit import FrameEmbed, make_blocks
 
 __all__ = ["DividedBlock", "TimeSformer"]
@@ -54,7 +54,7 @@ class DividedBlock(Block):
         )  # fmt: skip
         self.temporal_norm1 = nn.LayerNorm(dim, eps=eps)
         self.temporal_attn = Attention(dim=dim, heads=heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
-        self.temporal_fc = nn.Linear(dim, dim)
+        self.temporal_fc = Linear(dim, dim)
 
     def forward(self, state: TokenState) -> TokenState:
         if state.mask is not None:

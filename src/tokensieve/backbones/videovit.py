@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..tokens import TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
-from .layers import TILE_ROWS, Block, sinusoid_table
+from .layers import TILE_ROWS, Block, patch_tokens, sinusoid_table
 
 __all__ = ["FrameEmbed", "TubeletEmbed", "VideoViT", "make_blocks"]
 
@@ -63,25 +63,20 @@ class TubeletEmbed(nn.Module):
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
         B = video.shape[0]
         pos = self.positions()  # (N, C)
-        # On CPU, a few clips at a time (`TILE_ROWS` tokens): the convolution's output, its transpose
-        # and the position add of a whole batch fall out of cache (videomae-s, 32 clips: 0.77 s against
-        # 0.49 s clip by clip); each clip's tokens are the same either way. Not when autograd records
-        # the embedding: the chunks are written in place (`out=`), which it does not take.
+        # On CPU, a few clips at a time (`TILE_ROWS` tokens): the projection's output and the position
+        # add of a whole batch fall out of cache; each clip's tokens are the same either way. Not when
+        # autograd records the embedding: the chunks are written in place (`out=`), which it does not take.
         records = torch.is_grad_enabled() and (
             video.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         step = max(1, TILE_ROWS // math.prod(grid)) if video.device.type == "cpu" and not records else B
         if step >= B:
-            x = self.proj(video.transpose(1, 2))  # (B, C, T', H', W')
-            # Contiguous: every residual add keeps the layout of its first operand, so a transposed
-            # view here would make all later norms and adds run on strided memory (~4% slower).
-            x = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), time-major raster order
+            x = patch_tokens(video, self.proj).flatten(1, 3)  # (B, N, C), time-major raster order
             x = x + pos.to(device=x.device, dtype=x.dtype)
         else:
             x = None
             for start in range(0, B, step):
-                clips = video[start : start + step].transpose(1, 2)  # (b, C, T, H, W)
-                part = self.proj(clips).flatten(2).transpose(1, 2)  # (b, N, C)
+                part = patch_tokens(video[start : start + step], self.proj).flatten(1, 3)  # (b, N, C)
                 if x is None:
                     x = part.new_empty(B, *part.shape[1:])  # (B, N, C), contiguous
                 torch.add(part, pos.to(device=part.device, dtype=part.dtype), out=x[start : start + step])
@@ -114,9 +109,8 @@ class FrameEmbed(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
-        B, T, C, Hp, Wp = video.shape
-        x = self.proj(video.reshape(B * T, C, Hp, Wp))  # (B*T, D, H, W)
-        x = x.flatten(2).transpose(1, 2).contiguous()  # (B*T, HW, D); contiguous as in TubeletEmbed
+        B, T = video.shape[:2]
+        x = patch_tokens(video, self.proj).flatten(0, 1).flatten(1, 2)  # (B*T, HW, D)
         x = x + self.pos_embed[:, 1:]
         x = x.view(B, T, -1, x.shape[-1]) + self.time_embed[:, :, None]  # (B, T, HW, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)

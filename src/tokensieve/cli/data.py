@@ -71,6 +71,12 @@ def eval_command(
     workers: Annotated[int, typer.Option(help="Decoding processes.", min=0)] = 2,
     dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
     strict: Annotated[bool, typer.Option(help="Exit with code 1 if any video fails to load.")] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile with frozen weights (faster on CPU; fixed-budget plans)."
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Accuracy of a model (and plan) on a video dataset, with GFLOPs per view and clips/s.
@@ -103,7 +109,7 @@ def eval_command(
                 summary = evaluate(
                     net, dataset, batch_size=batch_size, workers=workers, out=out, dtype=DTYPES[dtype],
                     progress=lambda done, total, rate: update(done, total, f"{rate:.2f} clips/s"),
-                    model_name=model,
+                    model_name=model, compile=compile,
                 )  # fmt: skip
         if not world.is_main:
             return

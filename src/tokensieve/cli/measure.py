@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import platform
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -24,6 +26,8 @@ from ..bench import (
     BUSY_SPREAD,
     DTYPES,
     PRECISIONS,
+    SDPA_BACKENDS,
+    BenchResult,
     benchmark,
     busy_warning,
     compact_table,
@@ -51,6 +55,7 @@ from .common import (
     percent_text,
     resolve_model,
     usage_errors,
+    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -61,13 +66,34 @@ log = logging.getLogger(__name__)
 _BENCH_LEGEND = (
     "speed-up: clips/s over 'none' (same batch); efficiency: speed-up / GFLOPs ratio\n"
     "reducer share: time inside the reducers; GFLOPs per clip, multiply-add = 1\n"
-    "MB / clip: peak memory of a forward above the weights (CPU: live tensors)\n"
+    "MB / clip: peak memory of a forward above the weights (CPU: live tensors);\n"
+    "train MB/clip: of a training step, above the weights and their gradients\n"
     "IQR: how much the timed rounds disagree, interquartile range / median of the\n"
     f"per-round speed-ups ('none': of its seconds); over {BUSY_SPREAD:.0%}: a busy machine"
 )
 
 
-_PRECISION = {"": "", "autocast": " (autocast)", "weights": " (bfloat16 weights)"}
+def _precision(result: BenchResult) -> str:
+    return {"": "", "autocast": " (autocast)", "weights": f" ({result.dtype} weights)"}[result.precision]
+
+
+def _device(name: str) -> torch.device:
+    """`--device` as a torch device that is here, or a usage error naming what is."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {name}: this torch has no usable CUDA device (torch.cuda.is_available() is False)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps; got {name!r}")
+    return device
 
 
 @app.command()
@@ -93,9 +119,29 @@ def bench(
     methods: Annotated[
         bool, typer.Option("--methods", help="Add every method's main fixed-budget setting to the plans.")
     ] = False,
+    device: Annotated[str, typer.Option(help="Where to run: cpu, cuda, cuda:1, mps.")] = "cpu",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="Run each plan as torch.compile of its own copy (compiled in the warm-up)."
+        ),
+    ] = False,
+    sdpa: Annotated[
+        str, typer.Option(help=f"Attention kernel: {', '.join(SDPA_BACKENDS)} (auto: PyTorch's choice).")
+    ] = "auto",
+    memory: Annotated[bool, typer.Option(help="Measure each plan's peak memory per clip.")] = True,
+    train_memory: Annotated[
+        bool, typer.Option("--train-memory", help="Also the peak memory of one training step per clip.")
+    ] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="Also write the results as JSON (what --json prints) to this file.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Clips/s of each plan, next to the unreduced baseline measured in the same run.
+
+    On a GPU (--device cuda) the runs are timed with CUDA events and the reducers' share by events in
+    the stream (nothing synchronises inside a forward).
 
     Warns (one yellow line on stderr; "busy" in the JSON) when the timed rounds disagree by more
     than 15%: the machine was busy and small differences are noise.
@@ -104,23 +150,30 @@ def bench(
         check_dtype(dtype)
         if precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        if sdpa not in SDPA_BACKENDS:
+            raise UsageError(f"--sdpa must be one of {', '.join(SDPA_BACKENDS)}; got {sdpa!r}")
+        where = _device(device)
         specs = with_baseline([*(plan or []), *(main_plans() if methods else [])] or [BASELINE])
         with bench_status(f"benchmarking {model}"):
-            net = resolve_model(model, frames=frames, size=size)
+            net = resolve_model(model, frames=frames, size=size).to(where)
             if not plan and net.spec:  # a saved model or run: its own plan, next to the baseline
                 specs = with_baseline([net.spec, *specs])
             results = benchmark(
                 net, plans=specs, batch_size=batch_size or [1], dtype=dtype, precision=precision,
-                threads=threads, frames=frames, size=size, warmup=warmup, repeats=repeats,
+                threads=threads, frames=frames, size=size, warmup=warmup, repeats=repeats, memory=memory,
+                train_memory=train_memory, compile=compile, sdpa=sdpa,
             )  # fmt: skip
+    if save is not None:
+        write_json(save, json.loads(to_json(results, meta={"model": model})))
     if as_json:
         echo_json(to_json(results, meta={"model": model}))
     else:
         first = results[0]
         console = Console()
         console.print(
-            f"[bold]{escape(model)}, {first.frames}x{first.size}, {first.dtype}{_PRECISION[first.precision]}, "
-            f"{first.device}, "
+            f"[bold]{escape(model)}, {first.frames}x{first.size}, {first.dtype}{_precision(first)}, "
+            f"{first.device}{', compiled' if first.compiled else ''}"
+            f"{f', {first.sdpa} attention' if first.sdpa != 'auto' else ''}, "
             f"{first.threads} threads[/bold], median of {repeats} interleaved rounds",
             highlight=False, soft_wrap=True,
         )  # fmt: skip

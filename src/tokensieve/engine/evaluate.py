@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..bench import compile_model
 from ..data.clips import ClipDataset
 from ..data.datasets import Sample, VideoDataset
 from ..data.transforms import normalize
@@ -239,6 +240,7 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     model_name: str | None = None,
+    compile: bool = False,
 ) -> EvalSummary:
     """Evaluate `model` (with its installed plan) on `dataset`.
 
@@ -255,6 +257,9 @@ def evaluate(
             checked) and after each video; `total` counts this process's videos.
         model_name: the model's name or path, kept in `out`'s header for readers (the weights'
             checksum is what identifies the model).
+        compile: run the model through `bench.compile_model` (torch.compile with frozen weights; one
+            compilation per batch shape, the first batch's and the last's): faster on CPU, most in
+            bfloat16 (docs/design.md). Fixed-budget plans only.
 
     Returns:
         The `EvalSummary` (the same on every process).
@@ -271,6 +276,11 @@ def evaluate(
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)
+    if compile and (is_adaptive(model) or any(r.wants_labels for r in model.plan)):
+        raise InputError(
+            f"compile runs fixed-budget plans without labels; {model.spec} "
+            f"{'changes its shapes per clip' if is_adaptive(model) else 'reads the labels'}: evaluate it eagerly"
+        )
     device = next(model.parameters()).device
     world = setup(device)
     out = Path(out) if out is not None else None
@@ -285,7 +295,7 @@ def evaluate(
         lock = on_main(world, lambda: start_run(out, provenance))  # refuses before any work
     try:
         return _evaluate(model, dataset, batch_size=batch_size, workers=workers, out=out, dtype=dtype,
-                         progress=progress, world=world, provenance=provenance)  # fmt: skip
+                         progress=progress, world=world, provenance=provenance, compile=compile)  # fmt: skip
     finally:
         if lock is not None:
             lock.release()
@@ -293,7 +303,7 @@ def evaluate(
 
 def _evaluate(
     model: torch.nn.Module, dataset: VideoDataset, *, batch_size: int, workers: int, out: Path | None,
-    dtype: torch.dtype, progress: Progress | None, world: World, provenance: Provenance | None,
+    dtype: torch.dtype, progress: Progress | None, world: World, provenance: Provenance | None, compile: bool,
 ) -> EvalSummary:  # fmt: skip
     """`evaluate` once `out` is locked and checked: run the videos not done yet, merge, summarise."""
     cfg = model.config
@@ -315,7 +325,7 @@ def _evaluate(
     try:
         seconds, clips, macs = _run(model, dataset, mine, batch_size=batch_size, workers=workers, dtype=dtype,
                                     out=out, provenance=provenance, rank=world.rank, memory=memory,
-                                    progress=progress, count=adaptive)  # fmt: skip
+                                    progress=progress, count=adaptive, compile=compile)  # fmt: skip
     finally:
         model.train(was_training)
     barrier(world)
@@ -347,7 +357,7 @@ def _evaluate(
 def _run(
     model: torch.nn.Module, dataset: VideoDataset, indices: list[int], *, batch_size: int, workers: int,
     dtype: torch.dtype, out: Path | None, provenance: Provenance | None, rank: int, memory: list[dict[str, Any]],
-    progress: Progress | None, count: bool,
+    progress: Progress | None, count: bool, compile: bool,
 ) -> tuple[float, int, int]:  # fmt: skip
     """Run the model over `indices`; returns (seconds in the model, views through it, their
     multiply-adds when `count`, else 0)."""
@@ -360,6 +370,12 @@ def _run(
     )  # fmt: skip
     writer = RecordWriter(out, rank, provenance) if out is not None and provenance is not None else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    forward = compile_model(model) if compile else model
+    if compile:  # compiled before the clock runs (a last, smaller batch compiles once more, timed)
+        log.info("compiling the model for batches of %d clips", batch_size)
+        blank = torch.zeros(batch_size, cfg.frames, cfg.channels, cfg.size, cfg.size, device=device)  # not an
+        with torch.inference_mode(), autocast:  # inference tensor, as the batches are not: the same guards
+            forward(blank)
     pending: list[_Pending] = []  # videos with views queued or in flight, in order
     queue: list[tuple[_Pending, Tensor]] = []  # (video, some of its views) not yet through the model
     queued = 0
@@ -399,7 +415,7 @@ def _run(
                                                multilabel=multilabel).to(device))  # fmt: skip
                 logits = model.forward_head(model.forward_features(x, inputs=given)).float()  # (b, K)
             else:
-                logits = model(x).float()  # (b, K)
+                logits = forward(x).float()  # (b, K)
         if count:
             counted.add(one)
         if device.type == "cuda":
