@@ -5,11 +5,15 @@ A reduction plan makes the blocks' matrix products shorter (fewer rows M = batch
 follows the GFLOPs only if a product's time falls with M. In float32 it does (oneDNN/MKL: about the same
 microseconds per row from 196 rows to 1568). In bfloat16 (AMX on this Xeon) the time per row about doubles
 below roughly 1000 rows at 2 threads: a videomae-s clip halved (1568 -> 784 tokens) falls below it at
-batch 1, not at batch 8 (6272 rows), which is where `tokensieve bench --dtype bfloat16` finds efficiency
-0.78 for `random:keep=0.5` at batch 1 and 1.10 at batch 8.
+batch 1, not at batch 8 (6272 rows), which is where `tokensieve bench --dtype bfloat16` found efficiency
+0.78 for `random:keep=0.5` at batch 1 and 1.10 at batch 8. Packed once (the last column, what the blocks
+run since), the curve is flatter (2.15 us per row at 784 rows, 1.51 at 1568; 2.53 and 1.71 unpacked) and
+random reaches 0.87 at batch 1; what is left of it is mostly fc2 (4C -> C).
 
 Times `torch.nn.functional.linear` for the four products of a block of width `--dim` (qkv: C -> 3C,
-proj: C -> C, fc1: C -> 4C, fc2: 4C -> C), median of `--repeats` runs after warm-up, per row count.
+proj: C -> C, fc1: C -> 4C, fc2: 4C -> C), median of `--repeats` runs after warm-up, per row count; and
+the blocks' `layers.Linear` in bfloat16, whose weight is packed once for oneDNN (`F.linear` has it
+reordered at every call: the fixed cost that made the time per row fall with the rows).
 
 Run:  python benchmarks/bf16_gemm.py [--dim 384] [--threads 2] [--rows 196 392 784 1000 1568 3136]
 """
@@ -23,6 +27,8 @@ import time
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from tokensieve.backbones.layers import Linear
 
 ROWS = (196, 392, 784, 1000, 1176, 1568, 3136, 6272)
 
@@ -48,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     C = args.dim
     shapes = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, 4 * C), "fc2": (4 * C, C)}
-    table = Table("rows", *(f"{dt} us/row" for dt in ("float32", "bfloat16")), "bfloat16 speed-up",
+    table = Table("rows", "float32 us/row", "bfloat16 us/row", "bfloat16 packed us/row", "packed speed-up",
                   title=f"linear layers of one block, width {C}, {args.threads} threads (sum of qkv, proj, fc1, fc2)")  # fmt: skip
     for rows in args.rows:
         per_row = {}
@@ -60,8 +66,14 @@ def main() -> None:
                 with torch.inference_mode():
                     total += seconds(lambda x=x, w=w, b=b: torch.nn.functional.linear(x, w, b), args.repeats)
             per_row[dtype] = 1e6 * total / rows
-        table.add_row(str(rows), f"{per_row[torch.float32]:.2f}", f"{per_row[torch.bfloat16]:.2f}",
-                      f"{per_row[torch.float32] / per_row[torch.bfloat16]:.2f}x")  # fmt: skip
+        total = 0.0
+        for k, n in shapes.values():
+            x, layer = torch.randn(rows, k, dtype=torch.bfloat16), Linear(k, n).to(torch.bfloat16)
+            with torch.inference_mode():
+                total += seconds(lambda x=x, layer=layer: layer(x), args.repeats)
+        packed = 1e6 * total / rows
+        table.add_row(str(rows), f"{per_row[torch.float32]:.2f}", f"{per_row[torch.bfloat16]:.2f}", f"{packed:.2f}",
+                      f"{per_row[torch.float32] / packed:.2f}x")  # fmt: skip
     Console(width=110).print(table)
 
 

@@ -576,11 +576,6 @@ def benchmark(
                 with torch.inference_mode(), autocast():
                     nets[current[0]](video)
 
-            def train_step(video: Tensor) -> None:
-                with autocast():
-                    out = eager[current[0]](video)
-                out.float().sum().backward()
-
             # Under torch.compile the hooks would sit inside the compiled graph: no reducer clock there.
             clock = _ReducerClock([] if compile else [m for plan in installed for m in plan.slots], device)
             for batch in batch_sizes:
@@ -601,9 +596,7 @@ def benchmark(
                         peaks[i] = _peak_mb(functools.partial(run, video), device) / batch
                     if train_memory:
                         log.info("batch %d, %s: peak memory of a training step", batch, specs[i])
-                        trains[i] = _train_peak_mb(
-                            eager[i], functools.partial(train_step, video), device, batch
-                        )
+                        trains[i] = _train_peak_mb(eager[i], video, autocast, device)
                 for spec, flop, runs_s, reducer_s, peak, train in zip(
                     specs, gflops, times, in_reducers, peaks, trains, strict=True
                 ):
@@ -676,23 +669,30 @@ def compile_model(model: VideoBackbone) -> Callable[[Tensor], Tensor]:
 
 
 def _train_peak_mb(
-    net: nn.Module, step: Callable[[], None], device: torch.device, batch: int
+    net: nn.Module,
+    video: Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    device: torch.device,
 ) -> float | None:
-    """Peak MB per clip of one training `step` of `net` (in train mode, eager), after a first step has
-    allocated the gradients (zeroed in place, not counted)."""
-    net.train()
+    """Peak MB per clip of one training step (forward in train mode under `autocast`, backward of the
+    summed logits) on a copy of `net` with its plan, after a first step has allocated the gradients
+    (zeroed in place, not counted). The caller's model and its gradients are not touched."""
+    twin = copy.deepcopy(net).train()
+
+    def step() -> None:
+        with autocast():
+            out = twin(video)
+        out.float().sum().backward()
+
     try:
         step()
-        for param in net.parameters():
+        for param in twin.parameters():
             if param.grad is not None:
                 param.grad.zero_()
-        return _peak_mb(step, device) / batch
+        return _peak_mb(step, device) / video.shape[0]
     except InputError as err:  # e.g. a plan whose training needs the labels
         log.info("no training step without labels: %s", err)
         return None
-    finally:
-        net.zero_grad(set_to_none=True)
-        net.eval()
 
 
 def _faster_precision(
