@@ -87,8 +87,7 @@ def drop_first(keys: Tensor, pos: Tensor, r: int, how: str, draws: Tensor | None
     B, m, _ = keys.shape
     if how == "tome":
         a, b = keys[:, ::2], keys[:, 1::2]  # (B, nA, hd), (B, nB, hd)
-        best = (a @ b.transpose(1, 2)).float().amax(-1)  # (B, nA): each A token's closest B token (float32:
-        # the same values; CPU reductions over bfloat16 run at a third of their float32 speed)
+        best = (a @ b.transpose(1, 2)).amax(-1)  # (B, nA): each A token's closest B token
         by_similarity = best.argsort(dim=1)  # (B, nA) ascending; the released code's sort, ties included
         odd = torch.arange(1, m, 2, device=keys.device).expand(B, -1)  # (B, nB)
         return torch.cat([odd, by_similarity * 2], 1)  # (B, m): the r most similar A tokens last
@@ -119,9 +118,6 @@ def accumulate(keys: Tensor, semantic: Tensor, first: Tensor, r: int) -> tuple[l
         accumulated redundancy A_t (B, m) of groups 1..G-1 (before the semantic weighting).
     """
     _, G, m, hd = keys.shape
-    # In float32 whatever the model's dtype: small products (m x m per group) whose softmax, sums and
-    # top-k run at a third of the speed in bfloat16 on CPU; float32 input is unchanged.
-    keys, semantic = keys.float(), semantic.float()
     kept, accumulated = [first[:, : m - r]], []
     # The first transition compares against all m keys of the first group (the released code's),
     # taken in the order the released code holds them and summed as it does (unit mass on each), so

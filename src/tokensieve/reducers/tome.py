@@ -104,10 +104,6 @@ def bipartite_matching(metric: Tensor, r: int, *, has_cls: bool = False) -> tupl
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]  # (B, [1 +] nA, c), (B, nB, c): A opens with the class token
         scores = a @ b.transpose(1, 2)  # (B, [1 +] nA, nB) cosine similarities
-        if scores.dtype in (torch.bfloat16, torch.float16):
-            # The same values in float32, where CPU reductions are vectorised: amax and argmax over a
-            # bfloat16 matrix cost 3x their float32 time, more than the conversion (videomae-s, 1568 tokens).
-            scores = scores.float()
         if has_cls:
             scores[:, 0] = float("-inf")  # the class token has no edge: it sorts last, never merges
         order = scores.amax(-1).argsort(-1, descending=True)  # (B, [1 +] nA): most similar edges first
