@@ -121,8 +121,8 @@ def patch_tokens(video: Tensor, proj: nn.Conv2d | nn.Conv3d) -> Tensor:
 
     The same sums as the convolution (its weight flattened in its (C, t, p, p) order), in another
     rounding order. Why: on CPU oneDNN's convolution runs these shapes far below its matrix product
-    (videomae-s, 16x224: 15 ms against 6 ms at batch 1 in bfloat16, 153 against 40 at batch 8; 48
-    against 32 ms at batch 1 in float32), and the embedding is a cost no token plan shrinks. Frames and
+    (videomae-s, 16x224: 6.8 ms against 1.6 at batch 1 in bfloat16, 51 against 13 at batch 8; 10.8
+    against 8.2 ms at batch 1 in float32), and the embedding is a cost no token plan shrinks. Frames and
     sides that the kernel does not divide fall back to the convolution (which drops the remainder), and so
     does training (autograd recording the weight): a matrix product's rounding can depend on how many rows
     it has, the convolution's does not depend on the batch, and training on 2 processes must give the
@@ -148,8 +148,9 @@ def patch_tokens(video: Tensor, proj: nn.Conv2d | nn.Conv3d) -> Tensor:
 RECEIVED_CHUNK = 2**20
 """Logits per chunk of `received_attention` (4 MB in float32): a clip's queries in chunks of this many
 logits over all heads and keys. Chunks of 2^22 logits over the whole batch (before) left `attention:keep=0.5`
-at efficiency 0.89 (batch 1) and 0.61-0.83 (batch 8) in float32 on videomae-s, and a fixed 25 MB of peak
-memory; per clip in chunks of 2^20 it is 1.01 and 0.96, and the peak is the unreduced model's."""
+at efficiency 0.82 in float32 (videomae-s, batch 1; 0.83 on videomae-b at batch 8) and 36 MB per clip more
+peak memory than the unreduced model at batch 1; per clip in chunks of 2^20 it is 0.98-1.06, and the peak
+is the unreduced model's (docs/design.md, performance)."""
 
 VARLEN = ("groups", "nested")
 """Kernels of `varlen_attention`: "groups" (SDPA once per set of clips of one length: a slice per clip,
