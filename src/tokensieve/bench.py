@@ -21,9 +21,11 @@ Method (the conventions of ToMe's and STA's benchmarks, made robust to drift on 
    no pair: its seconds' range over their median); above `BUSY_SPREAD` (15%) the rounds disagree
    more than a quiet machine lets them, and `busy_warning` says so (logged, and in the JSON).
 4. The reducers' own time (`reducer_share` of the forward) is read by forward hooks around each
-   reducer slot, in the same timed runs (on GPUs the hooks synchronise, which costs a little).
+   reducer slot, in the same timed runs (on CUDA they record events in the stream: no synchronisation).
 5. Peak memory per clip (`peak_mb`): one more, untimed forward per plan and batch size (CUDA's
-   allocator peak; elsewhere the peak of live tensor bytes, `peak_tensor_bytes`).
+   allocator peak; elsewhere the peak of live tensor bytes, `peak_tensor_bytes`); with `train_memory`,
+   that of one training step on a copy (`train_mb`).
+6. `compile` runs each plan through `compile_model`, `sdpa` allows one attention kernel alone.
 
 The baseline is the plan "none"; it is always measured (first) and reported, listed or not. bfloat16
 runs under `torch.autocast` or on a bfloat16 copy of the model, whichever is faster (`PRECISIONS`).
@@ -71,6 +73,7 @@ __all__ = [
     "BenchResult",
     "benchmark",
     "busy_warning",
+    "check_compilable",
     "compact_table",
     "compile_model",
     "format_table",
@@ -475,7 +478,7 @@ def benchmark(
         batch_size: clips per forward pass, or several batch sizes (one row per plan and size).
         dtype: "float32", "bfloat16" or "float16".
         precision: how a low-precision dtype runs (`PRECISIONS`): "autocast" (float32 weights under
-            `torch.autocast`), "weights" (a bfloat16 copy of the model; `model` is left as it is), or
+            `torch.autocast`), "weights" (a converted copy of the model; `model` is left as it is), or
             "auto" (default): both time the unreduced model at the first batch size (interleaved,
             after `warmup`), and the faster one runs everything; the results say which.
         threads: `torch.set_num_threads` for the duration; None keeps the current setting.
@@ -492,7 +495,7 @@ def benchmark(
             compiles; a compilation in a timed round is an error). The reducer share is not measured
             then (None).
         sdpa: the attention kernel `scaled_dot_product_attention` may use (`SDPA_BACKENDS`): "auto", or
-            one alone (an error from PyTorch when it cannot run these inputs on this device).
+            one alone (an `InputError` before anything is timed when it cannot run the model's heads here).
 
     Returns:
         One `BenchResult` per batch size and plan, grouped by batch size, each group baseline first.
@@ -560,16 +563,15 @@ def benchmark(
                 eager = [copy.deepcopy(net) for _ in specs]
                 installed = [apply(twin, spec) for twin, spec in zip(eager, specs, strict=True)]
                 nets: list[Callable[[Tensor], Tensor]] = [compile_model(twin) for twin in eager]
-                select = lambda i: None  # noqa: E731
-            else:
+            else:  # one model, its plans swapped between runs
                 installed = [apply(net, spec) for spec in specs]
                 eager = [net] * len(specs)
                 nets = list(eager)
-                select = lambda i: installed[i].install()  # noqa: E731
             current = [0]
 
             def install(i: int) -> None:
-                select(i)
+                if not compile:
+                    installed[i].install()
                 current[0] = i
 
             def run(video: Tensor) -> None:
@@ -640,6 +642,21 @@ def _check_kernel(sdpa: str, model: VideoBackbone, dtype: torch.dtype, device: t
         ) from None
 
 
+def check_compilable(model: VideoBackbone) -> None:
+    """An `InputError` unless `model`'s plan can run compiled: not an adaptive plan (per-clip budgets: its
+    token counts, so its shapes, change from batch to batch, and it reads them back from the device),
+    and no reducer that reads the labels (the oracle's gradient pass, LITE's training target)."""
+    if is_adaptive(model):
+        raise InputError(
+            f"{model.spec}: a per-clip budget changes its shapes per clip, so from batch to batch; compile "
+            "runs fixed-budget plans (run this one eagerly)"
+        )
+    if any(r.wants_labels for r in model.plan):
+        raise InputError(
+            f"{model.spec} reads the labels; compile runs plans without them (run this one eagerly)"
+        )
+
+
 def compile_model(model: VideoBackbone) -> Callable[[Tensor], Tensor]:
     """`model` (with its installed plan) compiled for inference: `torch.compile(model, dynamic=False)`,
     run with inductor's freezing (the weights become constants of the graph: on CPU the matrix products
@@ -651,14 +668,9 @@ def compile_model(model: VideoBackbone) -> Callable[[Tensor], Tensor]:
         logits = forward(video)            # under torch.inference_mode() or torch.no_grad()
 
     Raises:
-        InputError: an adaptive plan (per-clip budgets: its token counts, so its shapes, change from batch
-            to batch, and it reads them back from the device).
+        InputError: a plan `check_compilable` refuses.
     """
-    if is_adaptive(model):
-        raise InputError(
-            f"{model.spec}: a per-clip budget changes its shapes from batch to batch; compile runs "
-            "fixed-budget plans (run this one eagerly)"
-        )
+    check_compilable(model)
     graph = torch.compile(model, dynamic=False)
 
     def forward(video: Tensor) -> Tensor:
@@ -699,24 +711,25 @@ def _faster_precision(
     model: VideoBackbone, low: VideoBackbone, video: Tensor, *, warmup: int, device: torch.device
 ) -> str:
     """ "autocast" or "weights": which runs faster in `low`'s dtype on `video`, `model` (float32) under
-    autocast or `low` (its converted copy), by the median of 3 interleaved runs of each after `warmup`
-    (at least 1) of each."""
+    autocast or `low` (its converted copy), by the median of 3 interleaved rounds (`_timed_rounds`)
+    after `warmup` (at least 1)."""
     dtype = next(low.parameters()).dtype
-    low_video = video.to(dtype)
-    seconds: dict[str, list[float]] = {"autocast": [], "weights": []}
-    for r in range(max(1, warmup) + 3):
-        for name in seconds:
-            with (
-                torch.inference_mode(),
-                torch.autocast(device.type, dtype=dtype, enabled=name == "autocast"),
-            ):
-                _sync(device)
-                start = time.perf_counter()
-                (model if name == "autocast" else low)(video if name == "autocast" else low_video)
-                _sync(device)
-            if r >= max(1, warmup):
-                seconds[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
+    names = ("autocast", "weights")
+    runs = {"autocast": functools.partial(model, video), "weights": functools.partial(low, video.to(dtype))}
+    current = [names[0]]
+
+    def run() -> None:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype, enabled=current[0] == "autocast"),
+        ):
+            runs[current[0]]()
+
+    times, _ = _timed_rounds(
+        len(names), install=lambda i: current.__setitem__(0, names[i]), run=run, warmup=max(1, warmup),
+        repeats=3, device=device, label="autocast or converted weights", clock=_ReducerClock([], device),
+    )  # fmt: skip
+    median = {name: statistics.median(t) for name, t in zip(names, times, strict=True)}
     chosen = min(median, key=median.__getitem__)
     name = str(dtype).removeprefix("torch.")
     log.info("%s: %s (autocast %.1f ms, %s weights %.1f ms per batch of %d)", name,

@@ -108,7 +108,7 @@ def bench(
     precision: Annotated[
         str,
         typer.Option(
-            help="bfloat16 as autocast (float32 weights), weights (a bfloat16 copy), or auto: the faster."
+            help="bfloat16 or float16 as autocast (float32 weights), weights (a converted copy), or auto: the faster."
         ),
     ] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads; default torch's choice.", min=1)] = None,

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..bench import compile_model
+from ..bench import check_compilable, compile_model
 from ..data.clips import ClipDataset
 from ..data.datasets import Sample, VideoDataset
 from ..data.transforms import normalize
@@ -276,11 +276,8 @@ def evaluate(
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)
-    if compile and (is_adaptive(model) or any(r.wants_labels for r in model.plan)):
-        raise InputError(
-            f"compile runs fixed-budget plans without labels; {model.spec} "
-            f"{'changes its shapes per clip' if is_adaptive(model) else 'reads the labels'}: evaluate it eagerly"
-        )
+    if compile:
+        check_compilable(model)  # before any work
     device = next(model.parameters()).device
     world = setup(device)
     out = Path(out) if out is not None else None
