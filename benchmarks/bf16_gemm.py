@@ -10,6 +10,14 @@ batch 1, not at batch 8 (6272 rows), which is where `tokensieve bench --dtype bf
 run since), the curve is flatter (2.15 us per row at 784 rows, 1.51 at 1568; 2.53 and 1.71 unpacked) and
 random reaches 0.87 at batch 1; what is left of it is mostly fc2 (4C -> C).
 
+The second table splits the packed column by product. fc2 is oneDNN's choice, not a fixed cost of ours: its
+time per row doubles below 1024 rows at 2 threads (videomae-s: 0.99 us at 784 rows, 0.49 at 1024) and for
+width 768 a product of 784 rows takes as long as one of 1568. The kernel is the same (`brg_matmul` with AMX,
+ONEDNN_VERBOSE=1); what changes is how oneDNN splits the work between the threads, and with it the order of
+the sums (cutting the rows into tiles changes the result bits). Tiles of 256-384 rows run some of these
+shapes 1.4x faster and others slower, a pattern that moves with the width and the thread count: not a rule
+to ship (docs/design.md, "Performance on CPU").
+
 Times `torch.nn.functional.linear` for the four products of a block of width `--dim` (qkv: C -> 3C,
 proj: C -> C, fc1: C -> 4C, fc2: 4C -> C), median of `--repeats` runs after warm-up, per row count; and
 the blocks' `layers.Linear` in bfloat16, whose weight is packed once for oneDNN (`F.linear` has it
@@ -56,6 +64,7 @@ def main() -> None:
     shapes = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, 4 * C), "fc2": (4 * C, C)}
     table = Table("rows", "float32 us/row", "bfloat16 us/row", "bfloat16 packed us/row", "packed speed-up",
                   title=f"linear layers of one block, width {C}, {args.threads} threads (sum of qkv, proj, fc1, fc2)")  # fmt: skip
+    per_layer = Table("rows", *shapes, title="the same, bfloat16 packed, us per row of each product")
     for rows in args.rows:
         per_row = {}
         for dtype in (torch.float32, torch.bfloat16):
@@ -66,15 +75,17 @@ def main() -> None:
                 with torch.inference_mode():
                     total += seconds(lambda x=x, w=w, b=b: torch.nn.functional.linear(x, w, b), args.repeats)
             per_row[dtype] = 1e6 * total / rows
-        total = 0.0
-        for k, n in shapes.values():
+        layer_us = {}
+        for name, (k, n) in shapes.items():
             x, layer = torch.randn(rows, k, dtype=torch.bfloat16), Linear(k, n).to(torch.bfloat16)
             with torch.inference_mode():
-                total += seconds(lambda x=x, layer=layer: layer(x), args.repeats)
-        packed = 1e6 * total / rows
+                layer_us[name] = 1e6 * seconds(lambda x=x, layer=layer: layer(x), args.repeats) / rows
+        packed = sum(layer_us.values())
+        per_layer.add_row(str(rows), *(f"{v:.2f}" for v in layer_us.values()))
         table.add_row(str(rows), f"{per_row[torch.float32]:.2f}", f"{per_row[torch.bfloat16]:.2f}", f"{packed:.2f}",
                       f"{per_row[torch.float32] / packed:.2f}x")  # fmt: skip
     Console(width=110).print(table)
+    Console(width=110).print(per_layer)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,17 @@ def test_golden_pairs_and_sizes() -> None:
     assert PROP_ATTN not in dropped.aux
 
 
+def test_bfloat16_partner_is_the_first_best_in_a_tie() -> None:
+    """The partner search runs on the similarities converted (exactly) to float32: the three B tokens
+    have one key, so every edge ties three ways and the first B token wins, as with the released argmax,
+    in float32 and in bfloat16. A token 2 (key (-1, 0.2), cosine 0.196) has the best edge."""
+    keys = torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.2], [0.0, 1.0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        unm, src, dst = bipartite_matching(keys[None].to(dtype), 1)
+        assert src.tolist() == [[2]] and unm.tolist() == [[0, 1]], dtype  # A by best edge: 0.196, 0.0995, 0
+        assert dst.tolist() == [[0]], dtype
+
+
 def _at(degrees: float) -> list[float]:
     return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
 
