@@ -2,29 +2,19 @@
 any frame size, square or not, the patch divides; positions carried there as each original implementation
 does it, made once per grid and cached; plans checked against the clips' grid; FLOPs of the grid run.
 
-- At its own size a model is unchanged bit for bit: `OWN_SIZE` holds the outputs of every tiny preset
-  computed by the main branch before input sizes existed (commit 1665670, by `own_size_outputs` below, on
-  the CPU named in the file's metadata, 2 threads).
-- TimeSformer and ViViT against transformers at other sizes (the oracle, as in tests/test_hf.py).
-  transformers' TimeSformer interpolates its positions and time embeddings by itself, but its layers
-  reshape with `config.num_frames` and `config.image_size` (the width; the height is derived from the
-  token count): it runs end to end at another height alone. For another frame count or width the tests
-  tell its layers the clip's geometry through its config (`_geometry`), and its own embedding interpolates.
-  transformers' ViViT (`interpolate_pos_encoding=True`) treats the whole (T*H*W) table as one square image
-  and resizes it to one frame's grid, so it runs only on one temporal slice at a non-square size; there the
-  logits are compared, and for more slices our positions are compared slice by slice with its function.
-- VideoMAE: transformers refuses other sizes (a table fixed at construction); ours is made again for the
-  new token count, as VideoMAE's fine-tuning code does.
+At its own size a model is unchanged bit for bit: `OWN_SIZE` holds the outputs of every tiny preset
+computed by the main branch before input sizes existed (commit 1665670, by `own_size_outputs` below, on
+the CPU named in the file's metadata, 2 threads). Parity with transformers at other sizes: TimeSformer in
+tests/test_hf.py, ViViT in tests/test_vivit.py (transformers' VideoMAE refuses other sizes: its table is
+fixed at construction; ours is made again for the new token count, as VideoMAE's fine-tuning code does).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import io
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,19 +56,26 @@ def grid_of(name: str, frames: int, height: int, width: int) -> tuple[int, int, 
 
 
 # --------------------------------------------------------------------------- own size: unchanged
-def own_size_outputs() -> dict[str, Tensor]:
+def own_size_outputs(*, after_another_size: bool = False) -> dict[str, Tensor]:
     """Every tiny preset (random weights, seed 0) on a seeded batch of its own size: float32 logits and
-    features, and the logits of its bfloat16 copy. What `OWN_SIZE` stores from the main branch."""
+    features, and the logits of its bfloat16 copy. What `OWN_SIZE` stores from the main branch. With
+    `after_another_size`, each model (and its bfloat16 copy) first runs at 8 frames of 48x40, so its
+    resized positions are cached before the own-size forward."""
     out = {}
     for name in sorted(TINY):
         torch.manual_seed(0)
         model = ts.build(name).eval()
         cfg = model.config
-        video = clip(cfg.frames, cfg.size, cfg.size)
+        video, other = clip(cfg.frames, cfg.size, cfg.size), clip(8, 48, 40)
         with torch.no_grad():
+            if after_another_size:
+                model(other)
             out[name] = model(video)
             out[f"{name}/features"] = model.forward_features(video).x
-            out[f"{name}/bfloat16"] = model.to(torch.bfloat16)(video.bfloat16())
+            model = model.to(torch.bfloat16)
+            if after_another_size:
+                model(other.bfloat16())
+            out[f"{name}/bfloat16"] = model(video.bfloat16())
     return out
 
 
@@ -86,12 +83,8 @@ def test_a_model_at_its_own_size_is_unchanged_bit_for_bit() -> None:
     with safe_open(str(OWN_SIZE), "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
         made_on = f.metadata()["cpu_capability"]
-    assert sorted(stored) == sorted(own_size_outputs())  # every tiny preset is stored
-    # Other sizes first: their cached positions must not reach the own-size path.
-    for name in TINY:
-        with torch.no_grad():
-            ts.build(name).eval()(clip(8, 48, 40))
-    now = own_size_outputs()
+    now = own_size_outputs(after_another_size=True)
+    assert sorted(stored) == sorted(now)  # every tiny preset is stored
     for key, value in stored.items():
         if torch.backends.cpu.get_cpu_capability() == made_on:
             assert torch.equal(now[key], value), key
@@ -136,116 +129,6 @@ def test_grid_of() -> None:
     cfg = ts.PRESETS["videomae-b"]
     assert cfg.grid_of(16, 224) == cfg.grid == (8, 14, 14)
     assert cfg.grid_of(8, (160, 224)) == (4, 10, 14)
-
-
-# --------------------------------------------------------------------------- TimeSformer = transformers
-transformers = pytest.importorskip("transformers")
-from test_hf import TOL32, TOL64, max_diff, randomize, timesformer_config  # noqa: E402
-from test_vivit import hf64, hf_vivit, vivit_config  # noqa: E402
-
-
-@contextlib.contextmanager
-def _geometry(hf: nn.Module, frames: int, width: int) -> Iterator[None]:
-    """transformers' TimeSformer layers told the clip's frame count and width (they reshape with the
-    config's; its embedding interpolates positions and time embeddings from the parameters' shapes)."""
-    cfg = hf.config
-    before = cfg.num_frames, cfg.image_size
-    cfg.num_frames, cfg.image_size = frames, width
-    try:
-        yield
-    finally:
-        cfg.num_frames, cfg.image_size = before
-
-
-def _hf_timesformer() -> nn.Module:
-    return randomize(transformers.TimesformerForVideoClassification(timesformer_config()))
-
-
-def test_timesformer_at_another_height_matches_transformers_as_it_is() -> None:
-    """4 frames of 48x32 (grid 4 x 6 x 4): transformers interpolates (nearest) and runs unchanged."""
-    hf = _hf_timesformer()
-    video = clip(4, 48, 32)
-    with torch.no_grad():
-        ref = hf(pixel_values=video).logits
-        ours = ts.from_hf(hf)(video)
-    assert ref.std() > 0.05 and max_diff(ours, ref) < TOL32
-
-
-@pytest.mark.parametrize("size", [(6, 40, 48), (2, 24, 16), (8, 32, 32), (4, 40, 40)], ids=str)
-def test_timesformer_at_other_frame_counts_and_sizes_matches_transformers(size: tuple[int, int, int]) -> None:
-    hf = _hf_timesformer()
-    frames, _, width = size
-    for dtype, tol in ((torch.float32, TOL32), (torch.float64, TOL64)):
-        hf = hf.to(dtype)
-        ours = ts.from_hf(hf)
-        video = clip(*size, dtype=dtype)
-        with torch.no_grad(), _geometry(hf, frames, width):
-            ref = hf(pixel_values=video).logits
-        with torch.no_grad():
-            mine = ours(video)
-        assert ref.std() > 0.05 and max_diff(mine, ref) < tol, dtype
-
-
-def test_timesformer_embedding_equals_transformers_tokens_at_another_size() -> None:
-    """The embedded tokens themselves (positions and time embeddings resized), in transformers' space-major
-    order n*T + t: 6 frames of 40x24 against 4 of 32x32."""
-    hf = _hf_timesformer().double()
-    ours = ts.from_hf(hf)
-    video = clip(6, 40, 24, dtype=torch.float64)
-    with torch.no_grad():
-        ref = hf.timesformer.embeddings(video)  # (B, 1 + N, C): class token, then space-major
-        state = ours.embed(video, (6, 5, 3))
-    T, n = 6, 15
-    ref_patches = ref[:, 1:].reshape(2, n, T, -1).transpose(1, 2).reshape(2, T * n, -1)  # time-major
-    assert max_diff(state.x, ref_patches) < 1e-12
-    assert max_diff(state.cls, ref[:, :1]) < 1e-12
-
-
-# --------------------------------------------------------------------------- ViViT = transformers
-@pytest.mark.parametrize("variant", ["tubelet-2", "tubelet-1", "exact-gelu"])
-@pytest.mark.parametrize("size", [(48, 32), (16, 40)], ids=str)
-def test_vivit_at_other_sizes_matches_transformers_interpolation(variant: str, size: tuple[int, int]) -> None:
-    """One temporal slice (frames = tubelet), non-square frames: where transformers' `interpolate_pos_encoding`
-    runs (module docstring); bicubic, class slot apart."""
-    frames = 1 if variant == "tubelet-1" else 2
-    hf = hf_vivit(variant, num_frames=frames)
-    for to, tol in ((lambda m: m, TOL32), (hf64, TOL64)):
-        hf = to(hf)
-        dtype = next(hf.parameters()).dtype
-        video = clip(frames, *size, dtype=dtype)
-        with torch.no_grad():
-            ref = hf(pixel_values=video, interpolate_pos_encoding=True).logits
-            mine = ts.from_hf(hf)(video)
-        assert ref.std() > 0.05 and max_diff(mine, ref) < tol, dtype
-
-
-def test_vivit_positions_resize_every_slice_as_transformers_resizes_one() -> None:
-    """2 temporal slices at 48x40: each slice of ours equals transformers' `interpolate_pos_encoding` on a
-    one-slice model holding that slice's positions."""
-    hf = hf_vivit().double()  # 4 frames of 32x32, tubelet 2: grid 2 x 4 x 4
-    ours = ts.from_hf(hf)
-    table = ours.embed.positions((2, 6, 5)).view(2, 30, -1)  # (T, H*W, C)
-    positions = hf.vivit.embeddings.position_embeddings.detach()  # (1, 1 + 32, C)
-    one = transformers.models.vivit.modeling_vivit.VivitEmbeddings(vivit_config(num_frames=2)).double()
-    for t in range(2):
-        with torch.no_grad():
-            one.position_embeddings.copy_(
-                torch.cat([positions[:, :1], positions[:, 1 + 16 * t : 17 + 16 * t]], 1)
-            )
-            ref = one.interpolate_pos_encoding(torch.zeros(1, 31, 32, dtype=torch.float64), 48, 40)
-        assert max_diff(table[t], ref[0, 1:]) < 1e-12
-        assert torch.equal(ref[0, 0], positions[0, 0])  # the class slot is kept as it is
-
-
-def test_vivit_positions_over_time_are_linear_with_the_ends_kept() -> None:
-    """Scenic's zoom of order 1 over time: 2 slices -> 3 keeps both ends and puts their mean between;
-    -> 1 keeps the first."""
-    model = ts.build("vivit-tiny").double()  # grid 2 x 4 x 4
-    table = model.embed.pos_embed[0, 1:].detach().view(2, 16, -1)
-    three = model.embed.positions((3, 4, 4)).view(3, 16, -1)
-    assert torch.equal(three[0], table[0]) and torch.equal(three[2], table[1])
-    torch.testing.assert_close(three[1], (table[0] + table[1]) / 2, rtol=0, atol=1e-15)
-    assert torch.equal(model.embed.positions((1, 4, 4)), table[0])
 
 
 # --------------------------------------------------------------------------- VideoMAE and image ViTs
