@@ -106,9 +106,7 @@ class PositionCache(nn.Module):
         ):
             return make()
         stamp = tuple((id(s), s.data_ptr(), s._version) for s in sources)
-        memo: dict[Hashable, tuple[tuple[tuple[int, int, int], ...], R]] = self.__dict__.setdefault(
-            "_positions", {}
-        )
+        memo = self.__dict__.setdefault("_positions", {})  # key -> (stamp, value)
         hit = memo.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
