@@ -274,8 +274,8 @@ def test_timesformer_refuses_unequal_frames_and_padding() -> None:
         ((1, 4, 1, 32, 32), torch.float32, "expected 3 channels"),
         ((1, 3, 3, 32, 32), torch.float32, "divisible by the tubelet size 2"),
         ((1, 4, 3, 30, 30), torch.float32, "divisible by the patch size 8"),
-        ((1, 8, 3, 32, 32), torch.float32, r"built for 4 frames of 32x32 \(token grid \(2, 4, 4\)\)"),
-        ((1, 4, 3, 48, 48), torch.float32, r"got 4 frames of 48x48"),
+        ((1, 4, 3, 32, 36), torch.float32, r"frame size 32x36 must be divisible by the patch size 8"),
+        ((1, 0, 3, 32, 32), torch.float32, r"at least 2 frame\(s\) of at least 8x8 pixels, got 0 of 32x32"),
         ((1, 4, 3, 32, 32), torch.uint8, "expected a float video"),
     ],
 )

@@ -1,5 +1,6 @@
 """Conversion of transformers VideoMAE/TimeSformer models (`ts.from_hf`, `from_hf_state_dict`,
-`ts.load`); ViViT's in tests/test_vivit.py.
+`ts.load`), and TimeSformer at other input sizes; ViViT's in tests/test_vivit.py, the rest of other input
+sizes in tests/test_input_size.py.
 
 The oracle is transformers itself: tiny models with *every* parameter re-randomised (HF leaves
 time embeddings, biases and LayerNorm affines at 0/1, which would hide a mis-mapped tensor), eager
@@ -8,8 +9,9 @@ attention, compared logit for logit in float32 and float64.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,9 +71,17 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def clip(frames: int = 4, size: int = 32, *, batch: int = 2, seed: int = 1) -> Tensor:
+def clip(
+    frames: int = 4,
+    size: int | tuple[int, int] = 32,
+    *,
+    batch: int = 2,
+    seed: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    height, width = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, frames, 3, size, size, generator=g)  # (B, T, C, H, W)
+    return torch.randn(batch, frames, 3, height, width, generator=g).to(dtype)  # (B, T, C, H, W)
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:
@@ -494,11 +504,8 @@ BAD_INPUTS = {
     "channels-last": ((2, 4, 32, 32, 3), r"expected 3 channels at dim 2 of \(B, T, C, H, W\), got 32"),
     "tubelet": ((2, 3, 3, 32, 32), r"frames \(3\) must be divisible by the tubelet size 2"),
     "patch": ((2, 4, 3, 30, 30), r"frame size 30x30 must be divisible by the patch size 8"),
-    "positions": (
-        (2, 4, 3, 40, 40),
-        r"built for 4 frames of 32x32 \(token grid \(2, 4, 4\)\); got 4 frames of 40x40",
-    ),
-    "frames": ((2, 8, 3, 32, 32), r"built for 4 frames of 32x32 .* got 8 frames of 32x32"),
+    # Other frame counts and sizes run (positions carried to the grid): tests/test_input_size.py.
+    "empty": ((2, 0, 3, 32, 32), r"a clip needs at least 2 frame\(s\) of at least 8x8 pixels, got 0"),
 }
 
 
@@ -521,7 +528,7 @@ def test_converted_model_rejects_integer_video() -> None:
     [
         ((4, 3, 32, 32), r"expected a video batch of shape \(B, T, C, H, W\)"),
         ((2, 4, 4, 32, 32), r"expected 3 channels at dim 2"),
-        ((2, 2, 3, 32, 32), r"built for 4 frames of 32x32 \(token grid \(4, 4, 4\)\); got 2 frames"),
+        ((2, 4, 3, 32, 0), r"a clip needs at least 1 frame\(s\) of at least 8x8 pixels, got 4 of 32x0"),
         ((2, 4, 3, 36, 36), r"frame size 36x36 must be divisible by the patch size 8"),
     ],
 )
@@ -529,3 +536,54 @@ def test_converted_timesformer_rejects_bad_input(shape: tuple[int, ...], pattern
     ours = ts.from_hf(hf_classifier("timesformer"))
     with pytest.raises(ValueError, match=pattern):
         ours(torch.zeros(shape))
+
+
+# --------------------------------------------------------------------------- 7. other input sizes
+# transformers' TimeSformer interpolates its positions and time embeddings by itself (nearest), but its
+# layers reshape with `config.num_frames` and `config.image_size` (the width; the height is derived from
+# the token count): end to end it runs at another height alone. At another frame count or width the
+# tests tell its layers the clip's geometry through its config; its own embedding still interpolates.
+@contextlib.contextmanager
+def geometry(hf: nn.Module, frames: int, width: int) -> Iterator[None]:
+    """transformers' TimeSformer layers told the clip's frame count and width."""
+    cfg = hf.config
+    before = cfg.num_frames, cfg.image_size
+    cfg.num_frames, cfg.image_size = frames, width
+    try:
+        yield
+    finally:
+        cfg.num_frames, cfg.image_size = before
+
+
+def test_timesformer_at_another_height_matches_transformers_as_it_is() -> None:
+    """4 frames of 48x32 (grid 4 x 6 x 4): transformers interpolates and runs unchanged."""
+    hf = hf_classifier("timesformer")
+    video = clip(4, (48, 32))
+    ref = hf_logits(hf, video)
+    assert ref.std() > 0.05 and max_diff(our_logits(ts.from_hf(hf), video), ref) < TOL32
+
+
+@pytest.mark.parametrize("size", [(6, 40, 48), (2, 24, 16), (8, 32, 32), (4, 40, 40)], ids=str)
+def test_timesformer_at_other_frame_counts_and_sizes_matches_transformers(size: tuple[int, int, int]) -> None:
+    hf = hf_classifier("timesformer")
+    frames, height, width = size
+    for dtype, tol in ((torch.float32, TOL32), (torch.float64, TOL64)):
+        hf = hf.to(dtype)
+        video = clip(frames, (height, width), dtype=dtype)
+        with geometry(hf, frames, width):
+            ref = hf_logits(hf, video)
+        assert ref.std() > 0.05 and max_diff(our_logits(ts.from_hf(hf), video), ref) < tol, dtype
+
+
+def test_timesformer_embedding_equals_transformers_tokens_at_another_size() -> None:
+    """The embedded tokens themselves (positions and time embeddings resized), transformers' in its
+    space-major order n*T + t: 6 frames of 40x24 against 4 of 32x32."""
+    hf = hf_classifier("timesformer").double()
+    ours = ts.from_hf(hf)
+    video = clip(6, (40, 24), dtype=torch.float64)
+    T, n = 6, 5 * 3
+    with torch.no_grad():
+        ref = hf.timesformer.embeddings(video)  # (B, 1 + N, C): class token, then space-major
+        state = ours.embed(video, (T, 5, 3))
+    ref_patches = ref[:, 1:].reshape(2, n, T, -1).transpose(1, 2).reshape(2, T * n, -1)  # time-major
+    assert max_diff(state.x, ref_patches) < 1e-12 and max_diff(state.cls, ref[:, :1]) < 1e-12

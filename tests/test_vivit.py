@@ -267,10 +267,11 @@ def test_unsupported_config(changes: dict, pattern: str) -> None:
         from_hf_state_dict({}, vivit_config(**changes), "VivitForVideoClassification")
 
 
-def test_converted_vivit_rejects_other_grids() -> None:
+def test_converted_vivit_runs_at_other_grids_and_rejects_indivisible_ones() -> None:
+    """Other grids: positions resized as transformers and Scenic do (tests/test_input_size.py)."""
     ours = ts.from_hf(hf_vivit())
-    with pytest.raises(InputError, match=r"built for 4 frames of 32x32 \(token grid \(2, 4, 4\)\); got 8"):
-        ours(torch.zeros(1, 8, 3, 32, 32))
+    with torch.no_grad():
+        assert ours(torch.zeros(1, 8, 3, 48, 40)).shape == (1, NUM_LABELS)
     with pytest.raises(InputError, match=r"frames \(3\) must be divisible by the tubelet size 2"):
         ours(torch.zeros(1, 3, 3, 32, 32))
 
@@ -348,3 +349,38 @@ def test_reducers_run_on_a_converted_vivit(spec: str) -> None:
     assert state.x.shape[1] == expected
     if spec == "none":
         assert torch.equal(logits, our_logits(bare, video))
+
+
+# --------------------------------------------------------------------------- 8. other input sizes
+# transformers' `interpolate_pos_encoding` reshapes the whole T*H*W table into one square image of side
+# sqrt(T*H*W), resizes it to one frame's grid and returns the table unchanged for square frames: it runs
+# only on one temporal slice at a non-square size. There the logits are compared; for more slices, ours
+# slice by slice with its function (docs/design.md, "Input sizes").
+@pytest.mark.parametrize("variant", ["tubelet-2", "tubelet-1", "exact-gelu"])
+@pytest.mark.parametrize("size", [(48, 32), (16, 40)], ids=str)
+def test_other_sizes_match_transformers_interpolation(variant: str, size: tuple[int, int]) -> None:
+    """One temporal slice (frames = tubelet), non-square frames: bicubic, the class slot apart."""
+    frames = 1 if variant == "tubelet-1" else 2
+    hf = hf_vivit(variant, num_frames=frames)
+    for to, tol in ((lambda m: m, TOL32), (hf64, TOL64)):
+        hf = to(hf)
+        video = clip(frames, size, dtype=next(hf.parameters()).dtype)
+        with torch.no_grad():
+            ref = hf(pixel_values=video, interpolate_pos_encoding=True).logits
+        assert ref.std() > 0.05 and max_diff(our_logits(ts.from_hf(hf), video), ref) < tol
+
+
+def test_positions_resize_every_slice_as_transformers_resizes_one() -> None:
+    """2 temporal slices at 48x40: each slice of ours equals transformers' `interpolate_pos_encoding` on a
+    one-slice embedding holding that slice's positions."""
+    hf = hf_vivit().double()  # 4 frames of 32x32, tubelet 2: grid 2 x 4 x 4
+    table = ts.from_hf(hf).embed.positions((2, 6, 5)).view(2, 30, -1)  # (T, H*W, C)
+    positions = hf.vivit.embeddings.position_embeddings.detach()  # (1, 1 + 32, C)
+    one = transformers.models.vivit.modeling_vivit.VivitEmbeddings(vivit_config(num_frames=2)).double()
+    for t in range(2):
+        with torch.no_grad():
+            one.position_embeddings.copy_(
+                torch.cat([positions[:, :1], positions[:, 1 + 16 * t : 17 + 16 * t]], 1)
+            )
+            ref = one.interpolate_pos_encoding(torch.zeros(1, 31, 32, dtype=torch.float64), 48, 40)
+        assert max_diff(table[t], ref[0, 1:]) < 1e-12

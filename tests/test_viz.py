@@ -202,8 +202,8 @@ def test_save_refuses_what_it_cannot_write(tmp_path, image, name, message) -> No
     [
         (torch.zeros(2, 4, 3, 32, 32), r"one clip of shape \(T, C, H, W\)"),
         (torch.zeros(4, 3, 32, 32, dtype=torch.int32), "float clip"),
-        (torch.zeros(8, 3, 32, 32), "token grid"),
-        (torch.zeros(4, 3, 32, 32, dtype=torch.uint8)[..., :24], "token grid"),
+        (torch.zeros(3, 3, 32, 32), "divisible by the tubelet size 2"),  # other sizes the model runs at
+        (torch.zeros(4, 3, 32, 32, dtype=torch.uint8)[..., :28], "divisible by the patch size 8"),
     ],
 )
 def test_bad_clips_are_input_errors(clip: torch.Tensor, message: str) -> None:

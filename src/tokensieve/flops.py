@@ -214,7 +214,7 @@ def flops(
     model: nn.Module,
     *,
     frames: int | None = None,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
     video: Tensor | None = None,
     detail: bool = False,
 ) -> float | FlopCount:
@@ -223,8 +223,9 @@ def flops(
 
     Args:
         model: a tokensieve backbone (any module taking (B, T, C, H, W) works).
-        frames, size: clip length and frame side of a random batch-1 input; default the model's
-            configured input. Ignored when `video` is given.
+        frames, size: clip length and frame side (or (height, width)) of a random batch-1 input; default
+            the model's configured input. Any other the model runs at counts its own token grid (the
+            positions are carried to it: docs/design.md, "Input sizes"). Ignored when `video` is given.
         video: a real (B, T, C, H, W) batch to count on, for methods whose cost depends on content.
             Each clip is counted on its own, from the tokens it really keeps (padding of a ragged
             batch never counts): `FlopCount.per_clip` holds each clip's GFLOPs, the number returned
@@ -248,7 +249,8 @@ def flops(
             raise InputError("pass frames= and size= (or video=) for a model without a tokensieve config")
         param = next(model.parameters())
         channels = getattr(cfg, "channels", 3)
-        video = torch.randn(1, frames, channels, size, size, device=param.device, dtype=param.dtype)
+        height, width = (size, size) if isinstance(size, int) else size
+        video = torch.randn(1, frames, channels, height, width, device=param.device, dtype=param.dtype)
     installed = getattr(model, "__dict__", {}).get("installed")
     if video.device.type == "meta" and installed is not None and installed.adaptive:
         raise InputError(

@@ -183,7 +183,7 @@ def reduction_stages(model: VideoBackbone, video: Tensor, *, label: int | None =
     finally:
         for hook in hooks:
             hook.remove()
-    grid = model.config.grid
+    grid = model.config.grid_of(clip.shape[1], (clip.shape[3], clip.shape[4]))  # the clip's token grid
     every = np.arange(math.prod(grid)).reshape(grid)  # the patch embedding: one token per patch
     return [Stage("input", every.size, every, every.flatten()), *stages]
 
@@ -326,7 +326,7 @@ def draw(
     Args:
         stages: what to draw, one row (or panel) each.
         video: the clip, as `reduction_stages` takes it.
-        config: the model's config (grid, patch, tubelet, normalisation).
+        config: the model's config (patch, tubelet, normalisation); the token grid is the stages'.
         animate: False for one image: one row per stage, one column per temporal slice (its first
             frame). True for an animation: one image per frame of the clip, the stages side by side.
 
@@ -336,12 +336,12 @@ def draw(
     Image, ImageDraw = _pillow()
     if not stages:
         raise InputError("nothing to draw: no stages given")
-    frames = _display_frames(video, config)  # (T, S, S, 3)
-    T, H, W = config.grid
+    frames = _display_frames(video, config)  # (T, H, W, 3)
+    T, H, W = stages[0].owners.shape  # the token grid of the clip the stages were computed from
     if frames.shape[0] != T * config.tubelet or frames.shape[1:3] != (H * config.patch, W * config.patch):
         raise InputError(
-            f"expected {T * config.tubelet} frames of {H * config.patch}x{W * config.patch} for this model, "
-            f"got {frames.shape[0]} of {frames.shape[1]}x{frames.shape[2]}"
+            f"expected {T * config.tubelet} frames of {H * config.patch}x{W * config.patch} (the clip the "
+            f"stages were computed from), got {frames.shape[0]} of {frames.shape[1]}x{frames.shape[2]}"
         )
     scale = max(1, math.ceil(MIN_PANEL / (H * config.patch)))
     ph, pw = H * config.patch * scale, W * config.patch * scale  # panel size

@@ -74,10 +74,13 @@ class VideoBackbone(nn.Module):
 
     # ------------------------------------------------------------------ input
     def check_input(self, video: Tensor) -> tuple[int, int, int]:
-        """Validate a clip batch and return its token grid (T, H, W).
+        """Validate a clip batch and return its token grid (T, H, W): any frame count the tubelet divides
+        and any frame size (not necessarily square) the patch divides. At a grid other than the one the
+        positions are built for (`config.grid`), the embedding carries them there by the backbone's rule
+        (`backbones.positions`) and the installed plan is checked against the grid (`check_plan`).
 
         Raises:
-            ValueError: naming the expected layout when the shape does not fit the model.
+            InputError: naming the expected layout when the shape does not fit the model.
         """
         cfg = self.config
         if not isinstance(video, Tensor) or video.dim() != 5:
@@ -92,17 +95,18 @@ class VideoBackbone(nn.Module):
             raise InputError(
                 f"expected {cfg.channels} channels at dim 2 of (B, T, C, H, W), got {C} (shape {tuple(video.shape)})"
             )
-        if T % cfg.tubelet:
-            raise InputError(f"frames ({T}) must be divisible by the tubelet size {cfg.tubelet}")
-        if H % cfg.patch or W % cfg.patch:
-            raise InputError(f"frame size {H}x{W} must be divisible by the patch size {cfg.patch}")
-        grid = (T // cfg.tubelet, H // cfg.patch, W // cfg.patch)
-        if grid != cfg.grid:
-            raise InputError(
-                f"this model's positions are built for {cfg.frames} frames of {cfg.size}x{cfg.size} "
-                f"(token grid {cfg.grid}); got {T} frames of {H}x{W} (token grid {grid})"
-            )
-        return grid
+        return cfg.grid_of(T, (H, W))
+
+    def check_plan(self, grid: tuple[int, int, int]) -> None:
+        """Check the installed plan against clips of token grid `grid` (`InstalledPlan.steps_at`: once per
+        grid, then remembered; no data is read). The plan was checked against `config.grid` by `apply`.
+
+        Raises:
+            InputError: a reducer whose parameters or layout do not fit `grid`, naming what it needs.
+        """
+        installed = self.__dict__.get("installed")
+        if installed is not None:
+            installed.steps_at(grid)
 
     # ------------------------------------------------------------------ forward
     def forward_features(
@@ -118,7 +122,10 @@ class VideoBackbone(nn.Module):
             inputs: what reducers may read besides the tokens (`tokens.Inputs`: labels, the teacher's
                 results; the training loop passes them). Default: the clip alone.
         """
-        state = self.embed(video, self.check_input(video))
+        grid = self.check_input(video)
+        if grid != self.config.grid:
+            self.check_plan(grid)
+        state = self.embed(video, grid)
         state = state.with_aux(**{INPUTS: inputs if inputs is not None else Inputs(video)})
         if trace:
             state = track_sources(state)

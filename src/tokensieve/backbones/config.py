@@ -33,7 +33,8 @@ class BackboneConfig:
             models such as HaltingVT's), "timesformer" (divided space-time attention) or "vivit" (ViViT's
             model 1: joint attention, Conv3d tubelets, class token, learned positions over the whole
             sequence, the class token's included).
-        frames, size: input clip length and square frame side the positions are built for.
+        frames, size: input clip length and square frame side the positions are built for (`grid`); the
+            model runs at any other the tubelet and patch divide (`grid_of`).
         patch, tubelet: spatial patch side and temporal tubelet length (1 for per-frame patches; arch
             "videomae" and "vivit" only may have more).
         pool: "mean" (mean of tokens, then `fc_norm`), "first" (final norm, token 0: VideoMAE
@@ -105,6 +106,26 @@ class BackboneConfig:
         """(T, H, W) token grid of a `frames` x `size` x `size` clip."""
         side = self.size // self.patch
         return (self.frames // self.tubelet, side, side)
+
+    def grid_of(self, frames: int, size: int | tuple[int, int]) -> tuple[int, int, int]:
+        """(T, H, W) token grid of a clip of `frames` frames of `size` (a side, or (height, width)): any
+        frame count the tubelet divides and any frame size the patch divides (positions are carried to
+        the grid by each backbone's rule: docs/design.md, "Input sizes").
+
+        Raises:
+            InputError: a count or side the tubelet or patch does not divide, or smaller than it.
+        """
+        height, width = (size, size) if isinstance(size, int) else size
+        if frames % self.tubelet:
+            raise InputError(f"frames ({frames}) must be divisible by the tubelet size {self.tubelet}")
+        if height % self.patch or width % self.patch:
+            raise InputError(f"frame size {height}x{width} must be divisible by the patch size {self.patch}")
+        if frames < self.tubelet or min(height, width) < self.patch:
+            raise InputError(
+                f"a clip needs at least {self.tubelet} frame(s) of at least {self.patch}x{self.patch} pixels, "
+                f"got {frames} of {height}x{width}"
+            )
+        return (frames // self.tubelet, height // self.patch, width // self.patch)
 
     @property
     def divided_blocks(self) -> int:

@@ -13,6 +13,12 @@ breaks as soon as a reducer removes tokens. This block reshapes with the state's
 (`TokenState.frames` frames of equal token counts), so any reduction that keeps per-frame counts
 equal (frame selection, per-frame pruning) runs on it. Token slot j of every frame attends
 temporally to slot j of the other frames; with the full grid that is the same spatial position.
+
+Other input sizes: any frame count and frame size the patch divides, the spatial positions and the time
+embedding resized with "nearest" as transformers' TimeSformer (and the released code) resizes them
+(`FrameEmbed`, `backbones.positions`). NOTE: those resize only when the token count differs; a grid of the
+same count in another shape (7 x 28 patches for 14 x 14) is resized here too, where they would add the
+table in the wrong raster.
 """
 
 from __future__ import annotations
@@ -110,8 +116,8 @@ class TimeSformer(VideoBackbone):
         if config.arch != "timesformer":
             raise InputError(f"TimeSformer builds arch 'timesformer', got {config.arch!r}")
         super().__init__(config)
-        self.embed = FrameEmbed(
-            channels=config.channels, dim=config.dim, patch=config.patch, grid=config.grid
+        self.embed = FrameEmbed(  # transformers' (and the released) rule at other sizes: nearest
+            channels=config.channels, dim=config.dim, patch=config.patch, grid=config.grid, space="nearest"
         )
         self.blocks = make_blocks(config, DividedBlock, count=config.divided_blocks)
         init_weights(self.blocks)

@@ -11,6 +11,10 @@ Three layouts, chosen by `BackboneConfig.arch`:
 - "vivit" (Arnab et al., ViViT, arXiv:2103.15691, model 1 "spatio-temporal attention"): Conv3d tubelet
   embedding, class token, learned positions over the whole sequence [cls + T*H*W]; tanh-approximated
   GELU (`config.act`); classifier on the class token after the final norm.
+
+Every layout runs at any frame count the tubelet divides and any frame size the patch divides: the
+embeddings carry their positions to the clip's token grid by the original implementation's rule
+(`backbones.positions`, docs/design.md "Input sizes").
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from ..tokens import TokenState
 from .base import VideoBackbone, init_weights
 from .config import BackboneConfig
 from .layers import TILE_ROWS, Block, patch_tokens, sinusoid_table
+from .positions import PositionCache, SpaceMode, resize_space, resize_time
 
 __all__ = ["FrameEmbed", "TubeletEmbed", "VideoViT", "make_blocks"]
 
 
-class TubeletEmbed(nn.Module):
+class TubeletEmbed(PositionCache):
     """Conv3d over (tubelet, patch, patch) cubes plus positions: VideoMAE's fixed sin-cos table, or with
     `has_cls` (ViViT) a class token and learned positions over the whole sequence [cls + T*H*W], slot 0
-    the class token's."""
+    the class token's.
+
+    At a token grid other than `grid` (another frame count or frame size) the positions are VideoMAE's
+    table made for the new token count, or ViViT's learned ones resized (`positions`)."""
 
     def __init__(
         self,
@@ -45,6 +53,7 @@ class TubeletEmbed(nn.Module):
         has_cls: bool = False,
     ) -> None:
         super().__init__()
+        self.grid = tuple(grid)  # the token grid the positions are built for
         self.proj = nn.Conv3d(
             channels, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch)
         )
@@ -62,7 +71,7 @@ class TubeletEmbed(nn.Module):
 
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
         B = video.shape[0]
-        pos = self.positions()  # (N, C)
+        pos = self.positions(grid)  # (N, C)
         # On CPU, a few clips at a time (`TILE_ROWS` tokens): the projection's output and the position
         # add of a whole batch fall out of cache; each clip's tokens are the same either way. Not when
         # autograd records the embedding: the chunks are written in place (`out=`), which it does not take.
@@ -85,21 +94,53 @@ class TubeletEmbed(nn.Module):
             cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(B, -1, -1)  # (B, 1, C)
         return TokenState.from_grid(x, grid, cls_token=cls)
 
-    def positions(self) -> Tensor:
-        """(N, C) what the embedding adds to each patch token's projection, in time-major raster order."""
-        return self.pos_table if self.cls_token is None else self.pos_embed[0, 1:]
+    def positions(self, grid: tuple[int, int, int]) -> Tensor:
+        """(N, C) what the embedding adds to each patch token's projection on token grid `grid`, in
+        time-major raster order. At the built grid, the table itself; at another, VideoMAE's table made for
+        T*H*W positions, or ViViT's learned positions resized (bicubic per temporal slice, linear over
+        time: `positions` module), made once per grid (`PositionCache`)."""
+        grid = tuple(grid)
+        if grid == self.grid:
+            return self.pos_table if self.cls_token is None else self.pos_embed[0, 1:]
+        if self.cls_token is None:
+            table = self.pos_table
+            return self.cached((grid, table.dtype, table.device), (), lambda: self._sinusoid(grid))
+        table = self.pos_embed
+        return self.cached((grid, table.dtype, table.device), (table,), lambda: self._resized(grid))
+
+    def _sinusoid(self, grid: tuple[int, int, int]) -> Tensor:
+        """VideoMAE's table for the T*H*W positions of `grid`, on the built table's device."""
+        table = self.pos_table
+        return sinusoid_table(math.prod(grid), table.shape[1]).to(device=table.device, dtype=table.dtype)
+
+    def _resized(self, grid: tuple[int, int, int]) -> Tensor:
+        """ViViT's learned positions (class slot left out) carried to `grid`: (T'*H'*W', C)."""
+        T, H, W = self.grid
+        table = self.pos_embed[0, 1:].view(T, H, W, -1)  # (T, H, W, C)
+        if (H, W) != grid[1:]:
+            table = resize_space(table, grid[1:], "bicubic")  # (T, H', W', C)
+        if T != grid[0]:
+            table = resize_time(table.flatten(1, 2), grid[0], "linear")  # (T', H'*W', C)
+        return table.reshape(math.prod(grid), -1)  # (T'*H'*W', C)
 
 
-class FrameEmbed(nn.Module):
+class FrameEmbed(PositionCache):
     """Per-frame Conv2d patches, class token, spatial positions shared by frames (slot 0 for the
     class token, timm layout), learned time embedding.
 
-    Sums in the order of the TimeSformer reference: (patch + spatial position) + time embedding.
+    Sums in the order of the TimeSformer reference: (patch + spatial position) + time embedding. At a token
+    grid other than `grid`, the spatial positions are resized over H x W by `space` ("nearest":
+    TimeSformer's; "bicubic": timm's, for image-initialised joint models) and the time embedding with
+    "nearest" (TimeSformer's), the class token's slot kept as it is.
     """
 
-    def __init__(self, *, channels: int, dim: int, patch: int, grid: tuple[int, int, int]) -> None:
+    def __init__(
+        self, *, channels: int, dim: int, patch: int, grid: tuple[int, int, int], space: SpaceMode
+    ) -> None:
         super().__init__()
         T, H, W = grid
+        self.grid = tuple(grid)  # the token grid the positions are built for
+        self.space = space
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + H * W, dim))
@@ -110,16 +151,39 @@ class FrameEmbed(nn.Module):
 
     def forward(self, video: Tensor, grid: tuple[int, int, int]) -> TokenState:
         B, T = video.shape[:2]
+        space, time = self.tables(grid)  # (1, H*W, D), (1, T, D)
         x = patch_tokens(video, self.proj).flatten(0, 1).flatten(1, 2)  # (B*T, HW, D)
-        x = x + self.pos_embed[:, 1:]
-        x = x.view(B, T, -1, x.shape[-1]) + self.time_embed[:, :, None]  # (B, T, HW, D)
+        x = x + space
+        x = x.view(B, T, -1, x.shape[-1]) + time[:, :, None]  # (B, T, HW, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
         return TokenState.from_grid(x.flatten(1, 2), grid, cls_token=cls)
 
-    def positions(self) -> Tensor:
-        """(N, C) what the embedding adds to each patch token's projection (spatial position plus time
-        embedding), in time-major raster order."""
-        return (self.pos_embed[0, 1:] + self.time_embed[0, :, None]).flatten(0, 1)  # (T*H*W, C)
+    def tables(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        """(1, H*W, C) spatial positions (class slot left out) and (1, T, C) time embedding on token grid
+        `grid`: the parameters themselves at the built grid, else resized, once per grid (`PositionCache`)."""
+        grid = tuple(grid)
+        if grid == self.grid:
+            return self.pos_embed[:, 1:], self.time_embed
+        sources = (self.pos_embed, self.time_embed)
+        return self.cached(
+            (grid, self.pos_embed.dtype, self.pos_embed.device), sources, lambda: self._resized(grid)
+        )
+
+    def _resized(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        T, H, W = self.grid
+        space = self.pos_embed[:, 1:]  # (1, H*W, C)
+        if (H, W) != grid[1:]:
+            space = resize_space(space.view(1, H, W, -1), grid[1:], self.space).flatten(1, 2)  # (1, H'*W', C)
+        time = self.time_embed  # (1, T, C)
+        if T != grid[0]:
+            time = resize_time(time.transpose(0, 1), grid[0], "nearest").transpose(0, 1)  # (1, T', C)
+        return space, time
+
+    def positions(self, grid: tuple[int, int, int]) -> Tensor:
+        """(N, C) what the embedding adds to each patch token's projection on token grid `grid` (spatial
+        position plus time embedding), in time-major raster order."""
+        space, time = self.tables(grid)
+        return (space[0] + time[0, :, None]).flatten(0, 1)  # (T*H*W, C)
 
 
 def make_blocks(
@@ -148,7 +212,7 @@ class VideoViT(VideoBackbone):
         super().__init__(config)
         kw = {"channels": config.channels, "dim": config.dim, "patch": config.patch, "grid": config.grid}
         self.embed = (
-            FrameEmbed(**kw)
+            FrameEmbed(space="bicubic", **kw)  # timm's rule for image-initialised positions
             if config.arch == "vit-cls"
             else TubeletEmbed(tubelet=config.tubelet, has_cls=config.arch == "vivit", **kw)
         )

@@ -307,7 +307,7 @@ def _run(
     """Map the videos at `indices`, writing each one's record when its last view is done; returns
     (seconds in the oracle, views through it)."""
     cfg, device = model.config, next(model.parameters()).device
-    T, H, W = cfg.grid
+    T, H, W = cfg.grid_of(dataset.frames, dataset.size)  # the clips' token grid
     loader = DataLoader(_Todo(dataset, indices), batch_size=None, num_workers=workers,
                         prefetch_factor=2 if workers else None)  # fmt: skip
     queue: list[tuple[_Mapping, int]] = []  # (video, view) not yet through the oracle
@@ -363,7 +363,7 @@ def _run(
 def truth_masks(
     model: nn.Module, dataset: VideoDataset, truth: str | Path, ids: Iterable[str] | None = None
 ) -> dict[str, Tensor] | None:
-    """Each video's ground-truth foreground on the model's token grid: {id: (N,) the fraction of each
+    """Each video's ground-truth foreground on the clips' token grid: {id: (N,) the fraction of each
     token the object covers}, in time-major raster order like the maps; for the videos `ids` (default
     every video of `dataset`: give the mapped ones, a video that could not be read may have no truth).
 
@@ -392,10 +392,10 @@ def truth_masks(
     if dataset.resize != dataset.size:
         log.info("foreground recall needs the clip to cover the whole frame (resize = size); not measured")
         return None
-    grid = tuple(model.config.grid)
+    grid = model.config.grid_of(dataset.frames, dataset.size)  # the clips' token grid
     fine = tuple(first["mask"].shape)
     if any(f % g for f, g in zip(fine, grid, strict=True)):
-        log.info("the synthetic set's truth grid %s does not divide into the model's token grid %s; "
+        log.info("the synthetic set's truth grid %s does not divide into the clips' token grid %s; "
                  "foreground recall not measured", fine, grid)  # fmt: skip
         return None
     factor = tuple(f // g for f, g in zip(fine, grid, strict=True))

@@ -111,18 +111,20 @@ Progress = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------------------- budgets
-def token_ratio(model: nn.Module, spec: str | None) -> float:
-    """Mean over the blocks of the tokens each block processes, as a fraction of all tokens.
+def token_ratio(model: nn.Module, spec: str | None, grid: tuple[int, int, int] | None = None) -> float:
+    """Mean over the blocks of the tokens each block processes, as a fraction of all tokens, on clips of
+    token grid `grid` (default the model's own, `config.grid`).
 
     A reducer inside block p (between its attention and MLP) makes that block count the mean of the
     tokens its attention and its MLP see. Computed from the plan's schedule: no data, no forward.
 
     Raises:
-        InputError: the plan cannot run on `model` (as `apply` would say).
+        InputError: the plan cannot run on `model` at `grid` (as `apply` would say).
     """
-    T, H, W = model.config.grid
+    grid = tuple(grid or model.config.grid)
+    T, H, W = grid
     full, depth = T * H * W, len(model.blocks)
-    steps = schedule(model, make_plan(spec) if spec else [])
+    steps = schedule(model, make_plan(spec) if spec else [], grid)
     num, i, total = full, 0, 0.0
     for p in range(depth):
         while i < len(steps) and steps[i].site.position == p and not steps[i].inside:
@@ -141,9 +143,11 @@ def _with(base: str, key: str, value: float | int) -> str:
     return f"{method}:{','.join([*filter(None, args.split(',')), f'{key}={text}'])}"
 
 
-def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, float]:
+def spec_at_budget(
+    model: nn.Module, base: str, budget: float, grid: tuple[int, int, int] | None = None
+) -> tuple[str, float]:
     """The spec of method `base` (e.g. "sta" or "sta:balance=frame") whose token ratio comes closest
-    to `budget`, and that ratio.
+    to `budget`, and that ratio, on clips of token grid `grid` (default the model's own).
 
     Raises:
         InputError: the method has no budget parameter, cannot run on `model` at any setting, or its
@@ -161,16 +165,15 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
     def ratio(value: float | int) -> float | None:
         if value not in ratios:
             try:
-                ratios[value] = token_ratio(model, _with(base, key, value))
+                ratios[value] = token_ratio(model, _with(base, key, value), grid)
             except InputError:
                 ratios[value] = None
         return ratios[value]
 
     if cls.budget_removes:  # an int count of removed tokens: more removes more
-        T, H, W = model.config.grid
-        lo, hi = 0, T * H * W  # ratio(lo) is defined; find the largest valid value below hi
+        lo, hi = 0, math.prod(grid or model.config.grid)  # ratio(lo) is defined; the largest valid below hi
         if ratio(lo) is None:
-            raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, lo))}")
+            raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, lo), grid)}")
         while hi - lo > 1:  # valid values form a prefix 0..v (a larger r is refused once it is too large)
             mid = (lo + hi) // 2
             r = ratio(mid)
@@ -181,7 +184,7 @@ def spec_at_budget(model: nn.Module, base: str, budget: float) -> tuple[str, flo
         candidates: list[float | int] = [lo, lo + 1]
     else:  # a ratio in (0, 1]: more keeps more; the hundredths, which every paper's settings are
         if ratio(1.0) is None:
-            raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, 1.0))}")
+            raise InputError(f"{base} cannot run on this model: {_why(model, _with(base, key, 1.0), grid)}")
         candidates = [k / 100 for k in range(1, 101)]
     # The nearest ratio; among the values that give it, the roundest (keep=0.5 rather than 0.53).
     found = [
@@ -224,9 +227,9 @@ def _split_plus(base: str) -> tuple[str, list[str]]:
     return f"{method}:{plain}" if plain else method, [f"{k}={v}" for k, v in rest.items()]
 
 
-def _why(model: nn.Module, spec: str) -> str:
+def _why(model: nn.Module, spec: str, grid: tuple[int, int, int] | None = None) -> str:
     try:
-        token_ratio(model, spec)
+        token_ratio(model, spec, grid)
     except InputError as err:
         return str(err)
     return "no setting fits"
@@ -234,19 +237,21 @@ def _why(model: nn.Module, spec: str) -> str:
 
 # ---------------------------------------------------------------------------------------- GFLOPs
 class _Flops:
-    """GFLOPs per view of plans on a twin of the model on the meta device (counted, never computed)."""
+    """GFLOPs per view of plans on a twin of the model on the meta device (counted, never computed), on
+    clips of `frames` frames of `size` (default the model's own)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, frames: int | None = None, size: int | None = None) -> None:
         with torch.device("meta"):
             self.twin = _meta_twin(model)
         apply(self.twin, None)
+        self.frames, self.size = frames, size
         self.cache: dict[str, float] = {}
 
     def __call__(self, spec: str | None) -> float:
         key = spec or "none"
         if key not in self.cache:
             apply(self.twin, spec)
-            self.cache[key] = float(flops(self.twin))
+            self.cache[key] = float(flops(self.twin, frames=self.frames, size=self.size))
         return self.cache[key]
 
 
@@ -260,12 +265,18 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return _remove(twin, _removed_modules(model))
 
 
-def matched_random(model: nn.Module, target: float, count: Callable[[str | None], float]) -> str:
+def matched_random(
+    model: nn.Module,
+    target: float,
+    count: Callable[[str | None], float],
+    grid: tuple[int, int, int] | None = None,
+) -> str:
     """The `random` spec (without seed) whose GFLOPs per view (`count(spec)`) come closest to
     `target`: the fewest blocks before it (`at`) that come within `MATCH_TOLERANCE`, the nearest
-    token count there. On a backbone whose blocks need equal frames (divided space-time attention) it
+    token count there, on clips of token grid `grid` (default the model's own; `count` counts on the
+    same clips). On a backbone whose blocks need equal frames (divided space-time attention) it
     keeps the same count in every frame."""
-    T, H, W = model.config.grid
+    T, H, W = grid or model.config.grid
     full = T * H * W
     per_frame = frames_needed(model)
     unit = T if per_frame else 1  # tokens per step of the count
@@ -313,13 +324,13 @@ class Planned:
     views: int | None = None  # views the measured ratio and GFLOPs are means over (adaptive only)
 
 
-def _adaptive(model: nn.Module, spec: str) -> bool:
+def _adaptive(model: nn.Module, spec: str, grid: tuple[int, int, int] | None = None) -> bool:
     """Whether `spec` as given makes clips keep different counts (so it has no budget to set)."""
     try:
         reducers = make_plan(spec)
         for reducer in reducers:
             reducer.setup(model)  # as `apply` does: where some run depends on the model (halting)
-        return any(step.after.ragged for step in schedule(model, reducers))
+        return any(step.after.ragged for step in schedule(model, reducers, grid))
     except InputError:
         return False
 
@@ -367,16 +378,18 @@ def plan_settings(
     selectors: Mapping[str, Mapping[str, Tensor]] | None = None,
     seeds: int = SEEDS,
     count: Callable[[str | None], float] | None = None,
+    grid: tuple[int, int, int] | None = None,
 ) -> list[Planned]:
     """The settings of a sweep: "none", then every method at every budget, with its GFLOPs and its
-    matched random baseline (refused ones say why)."""
+    matched random baseline (refused ones say why), on clips of token grid `grid` (default the model's
+    own; `count` must count on the same clips: by default `_Flops` at `config.frames` x `config.size`)."""
     count = count or _Flops(model)
     settings = [Planned("none", None, spec="none", ratio=1.0, gflops=count(None))]
     for base in methods:
         if base.partition(":")[0].strip() == "none":
             continue
         method, given = _one_method(base)  # raises for an unknown method
-        adaptive = _adaptive(model, base.strip())
+        adaptive = _adaptive(model, base.strip(), grid)
         trained = (selectors or {}).get(weights_key(method, given))
         whole = REGISTRY[method].trains_backbone  # trained with the model: its weights are a whole model's
         untrained = (whole or _learned(base, model, as_given=adaptive)) and trained is None
@@ -391,7 +404,7 @@ def plan_settings(
                     if untrained:
                         raise InputError(missing)
                     plain, extra = _split_plus(base)  # the budget is set on the method's own schedule
-                    spec, _ = spec_at_budget(model, plain, budget)
+                    spec, _ = spec_at_budget(model, plain, budget, grid)
                     item.spec = spec.replace(method, f"{method}++", 1) + "".join(f",{a}" for a in extra)
                     if trained is not None:
                         _check_trained(model, item.spec, trained)
@@ -408,9 +421,9 @@ def plan_settings(
                     raise InputError(missing)
                 if whole and (misfit := _whole_misfit(model, base.strip(), trained)):
                     raise InputError(misfit)
-                item.spec, item.ratio = base.strip(), token_ratio(model, base.strip())
+                item.spec, item.ratio = base.strip(), token_ratio(model, base.strip(), grid)
                 item.budget, item.gflops = round(item.ratio, 2), count(item.spec)
-                item.random = matched_random(model, item.gflops, count)
+                item.random = matched_random(model, item.gflops, count, grid)
             except InputError as err:
                 item.spec, item.refused = None, str(err)
                 continue
@@ -433,7 +446,7 @@ def plan_settings(
                 item.refused = f"{missing}: train it (tokensieve train --plan {method}:...) and sweep the run"
                 continue
             try:
-                item.spec, item.ratio = spec_at_budget(model, base.strip(), budget)
+                item.spec, item.ratio = spec_at_budget(model, base.strip(), budget, grid)
                 item.gflops = count(item.spec)
                 if trained is not None:
                     _check_trained(model, item.spec, trained)
@@ -441,7 +454,7 @@ def plan_settings(
                 item.refused = str(err)
                 item.spec = None
                 continue
-            item.random = matched_random(model, item.gflops, count)
+            item.random = matched_random(model, item.gflops, count, grid)
             item.random_gflops = count(item.random)
             item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
     return settings
@@ -586,6 +599,7 @@ def sweep(
     if views is not None:
         dataset = dataset.with_views(views)
     check_fits(model, dataset)
+    grid = model.config.grid_of(dataset.frames, dataset.size)  # the clips' token grid: what plans run on
     if dataset.multilabel:
         raise InputError(
             "the sweep compares top-1 of single-label data; multi-label lists (mAP) are not supported yet: "
@@ -602,14 +616,16 @@ def sweep(
     for base in methods:  # bad names and parameters before anything runs
         method, given = _one_method(base)
         key = REGISTRY[method].budget
-        if key is not None and key in given and not _adaptive(model, base):
+        if key is not None and key in given and not _adaptive(model, base, grid):
             raise InputError(f"{base}: leave {key} out; the sweep sets it")
     kept = current_plan(model)
     apply(model, None)
     try:
         log.info("choosing the settings of %d methods at %d budgets and their random baselines",
                  len([m for m in methods if not m.startswith("none")]), len(set(budgets)))  # fmt: skip
-        settings = plan_settings(model, methods, sorted(set(budgets)), selectors=selectors, seeds=seeds)
+        count = _Flops(model, frames=dataset.frames, size=dataset.size)
+        settings = plan_settings(model, methods, sorted(set(budgets)), selectors=selectors, seeds=seeds,
+                                 count=count, grid=grid)  # fmt: skip
         return _sweep(model, dataset, settings, out=out, selectors=selectors, batch_size=batch_size,
                       workers=workers, truth=Path(truth) if truth is not None else None, speed=speed,
                       speed_batch=speed_batch or batch_size, progress=progress, model_name=model_name,
@@ -636,15 +652,16 @@ def _truth_fits(model: nn.Module, dataset: VideoDataset, truth: Path | None) -> 
         log.info("foreground recall needs one view per video covering the clip; not measured with %s views",
                  "x".join(map(str, dataset.views)))  # fmt: skip
         return False
-    if dataset.sampling != "dense" or dataset.stride != 1 or dataset.frames != cfg.frames:
+    if dataset.sampling != "dense" or dataset.stride != 1:
         log.info("foreground recall needs each clip to be its video's frames in order (dense, stride 1); "
                  "not measured")  # fmt: skip
         return False
     sample = load_truth(truth, dataset.records[0].id)
-    fits = tuple(sample["mask"].shape) == tuple(cfg.grid) and sample["patch"] == cfg.patch
+    grid = cfg.grid_of(dataset.frames, dataset.size)  # the clips' token grid
+    fits = tuple(sample["mask"].shape) == grid and sample["patch"] == cfg.patch
     if not fits or sample["tubelet"] != cfg.tubelet:
-        log.info("the synthetic set's truth masks (grid %s) do not match the model's token grid %s; "
-                 "foreground recall not measured", tuple(sample["mask"].shape), tuple(cfg.grid))  # fmt: skip
+        log.info("the synthetic set's truth masks (grid %s) do not match the clips' token grid %s; "
+                 "foreground recall not measured", tuple(sample["mask"].shape), grid)  # fmt: skip
         return False
     return True
 
@@ -687,7 +704,7 @@ def _sweep(
             return seconds, merged if merged is not None else list(read_done(results).values())
 
         decode, records = run(runs, runs)
-        if _match_adaptive(model, settings, records, seeds, math.prod(dataset.views)):
+        if _match_adaptive(model, dataset, settings, records, seeds):
             # A second pass: the random baselines matched to what the adaptive settings measured.
             more = sorted(
                 {canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs)
@@ -696,7 +713,7 @@ def _sweep(
                 runs = [*runs, *more]
                 again, records = run(more, runs)
                 decode = (decode[0] + again[0], decode[1] + again[1])
-        speeds = _speeds(model, settings, speed_batch) if speed and world.is_main else {}
+        speeds = _speeds(model, settings, speed_batch, dataset) if speed and world.is_main else {}
         table = _settings_table(settings, records, ids, speeds)
         picture = _examples(model, settings, dataset, selectors, out) if world.is_main and examples else {}
         waited, total = (sum(values) for values in zip(*gather(world, decode), strict=True))
@@ -716,13 +733,15 @@ def _sweep(
 
 def _match_adaptive(
     model: nn.Module,
+    dataset: VideoDataset,
     settings: Sequence[Planned],
     records: Sequence[dict[str, Any]],
     seeds: int,
-    per_video: int,
 ) -> bool:
     """Fill each adaptive setting's measured budget and GFLOPs (means over the views of its records)
-    and its random baseline matched to them. Returns whether any was filled."""
+    and its random baseline matched to them, on the dataset's clips. Returns whether any was filled."""
+    per_video = math.prod(dataset.views)
+    grid = model.config.grid_of(dataset.frames, dataset.size)
     count: _Flops | None = None
     filled = False
     for item in settings:
@@ -737,8 +756,8 @@ def _match_adaptive(
         item.gflops = sum(r["gflops"] for r in mine) / len(mine)
         item.ratio = sum(r["ratio"] for r in mine) / len(mine)
         item.budget = round(item.ratio, 2)
-        count = count or _Flops(model)
-        item.random = matched_random(model, item.gflops, count)
+        count = count or _Flops(model, frames=dataset.frames, size=dataset.size)
+        item.random = matched_random(model, item.gflops, count, grid)
         item.random_gflops = count(item.random)
         item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
         filled = True
@@ -866,8 +885,10 @@ def _measuring(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
     each block really took: a block whose MLP sees fewer tokens than its attention counts the mean)."""
     attention: list[Tensor] = []  # (v,) tokens at each block's attention
     mlp: dict[int, Tensor] = {}  # block -> (v,) tokens at its MLP, when a reducer runs in between
-    hooks = [block.register_forward_pre_hook(lambda _m, args: attention.append(args[0].num_tokens))
-             for block in model.blocks]  # fmt: skip
+    grids: list[tuple[int, int, int]] = []  # the clips' token grid, as the first block is given it
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: grids.append(args[0].grid))]
+    hooks += [block.register_forward_pre_hook(lambda _m, args: attention.append(args[0].num_tokens))
+              for block in model.blocks]  # fmt: skip
     for p, block in enumerate(model.blocks):
         if not isinstance(block.inner, nn.Identity):
             hooks.append(block.inner.register_forward_hook(
@@ -879,7 +900,7 @@ def _measuring(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
         for hook in hooks:
             hook.remove()
     per_block = torch.stack([(n + mlp.get(p, n)).double() / 2 for p, n in enumerate(attention)])  # (L, v)
-    T, H, W = model.config.grid
+    T, H, W = grids[0]
     views = attention[0].shape[0]
     into["gflops"] = counted.macs / views / 1e9
     into["ratio"] = float(per_block.mean() / (T * H * W))
@@ -917,7 +938,9 @@ def _examples(
 
 
 # ---------------------------------------------------------------------------------------- summary
-def _speeds(model: nn.Module, settings: Sequence[Planned], batch: int) -> dict[str, float]:
+def _speeds(
+    model: nn.Module, settings: Sequence[Planned], batch: int, dataset: VideoDataset
+) -> dict[str, float]:
     """Speed-up over the unreduced model of every plan run (one seed of each random baseline), measured
     in interleaved rounds in this process (`ts.benchmark`). Not of a plan that reads the labels (an
     oracle): it cannot run at inference, and its privileged pass would be timed with it. Nor of a method
@@ -929,7 +952,8 @@ def _speeds(model: nn.Module, settings: Sequence[Planned], batch: int) -> dict[s
     # Not timed: an oracle (labels), or a method whose cost depends on its trained whole model (HaltingVT)
     plans = [p for p in plans if not any(r.wants_labels or r.trains_backbone for r in make_plan(p))]
     log.info("measuring the speed of %d plans (batch %d)", len(plans), batch)
-    results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5)  # warns when busy
+    results = benchmark(model, plans=plans, batch_size=batch, warmup=2, repeats=5, frames=dataset.frames,
+                        size=dataset.size)  # warns when busy  # fmt: skip
     return {canonical(r.plan): r.speedup for r in results}
 
 

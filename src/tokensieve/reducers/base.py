@@ -83,7 +83,8 @@ def small_keep(keep: float, share: float) -> float:
 
 class Site(NamedTuple):
     """Where one call of a reducer runs: the `stage`-th of its `positions(depth)`, in a model of
-    `depth` blocks whose patch embedding makes the token `grid` (T, H, W)."""
+    `depth` blocks whose patch embedding makes the token `grid` (T, H, W) of the clips it runs on (the
+    model's own, or another input size's)."""
 
     stage: int
     position: int
@@ -228,7 +229,8 @@ class At(nn.Module):
 
     The reducer itself is registered once, in `model.plan`; this slot only refers to it (it is not a
     submodule), so the reducer's parameters appear once in the state dict however many places it
-    runs at.
+    runs at. On clips of another token grid than the model's own (`site.grid`) the reducer is given the
+    site of that grid (the plan was checked against it: `VideoBackbone.check_plan`).
     """
 
     def __init__(self, reducer: Reducer, site: Site) -> None:
@@ -237,7 +239,8 @@ class At(nn.Module):
         self.site = site
 
     def forward(self, state: TokenState) -> TokenState:
-        return self.reducer(state, self.site)
+        site = self.site if state.grid == self.site.grid else self.site._replace(grid=state.grid)
+        return self.reducer(state, site)
 
     def extra_repr(self) -> str:
         return f"{self.reducer.name}, stage={self.site.stage}"

@@ -127,7 +127,9 @@ class LITE(Reducer):
         """(B, N) the selector's logit for every token of `state` (right after the patch embedding)."""
         x = state.x
         if not self.pos:
-            x = x - self.model.embed.positions().to(x.dtype)[state.pos]  # (B, N, C): the projection alone
+            x = (
+                x - self.model.embed.positions(state.grid).to(x.dtype)[state.pos]
+            )  # (B, N, C): the projection alone
         return self.selector(x)
 
     def forward(self, state: TokenState, site: Site) -> TokenState:

@@ -220,9 +220,11 @@ def _where(site: Site, inside: bool) -> str:
     return "after the last block" if site.position == site.depth else f"before block {site.position}"
 
 
-def _place(reducer: Reducer, model: VideoBackbone, stage: int, p: int) -> tuple[int, Site]:
-    """The sort key (execution order) and site of one place of `reducer`, or an error naming the
-    valid positions."""
+def _place(
+    reducer: Reducer, model: VideoBackbone, stage: int, p: int, grid: tuple[int, int, int]
+) -> tuple[int, Site]:
+    """The sort key (execution order) and site of one place of `reducer` on clips of token grid `grid`, or
+    an error naming the valid positions."""
     depth = len(model.blocks)
     needs = reducer.needs_for(model)
     last = depth - 1 if reducer.inside else depth  # `depth`: after the last block, before the head
@@ -236,11 +238,15 @@ def _place(reducer: Reducer, model: VideoBackbone, stage: int, p: int) -> tuple[
             f"run at position 0; valid positions: {valid}"
         )
     # Execution order: before block p, then inside block p (between its attention and MLP).
-    return 2 * p + reducer.inside, Site(stage, p, depth, model.config.grid)
+    return 2 * p + reducer.inside, Site(stage, p, depth, grid)
 
 
-def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
-    """Where each reducer runs on `model`, in execution order, with the layouts it is given and leaves.
+def schedule(
+    model: VideoBackbone, reducers: list[Reducer], grid: tuple[int, int, int] | None = None
+) -> list[Step]:
+    """Where each reducer runs on `model`, in execution order, with the layouts it is given and leaves,
+    on clips of token grid `grid` (default the one the model's positions are built for, `config.grid`;
+    the model runs at others too: `VideoBackbone.check_plan`).
 
     Every check that does not need data happens here: positions inside the model, side results
     available, parameters that fit the token counts they will see, a ragged batch reaching only
@@ -251,15 +257,16 @@ def schedule(model: VideoBackbone, reducers: list[Reducer]) -> list[Step]:
         InputError: naming the reducer (or block) that cannot run and the one whose output it cannot take.
     """
     depth = len(model.blocks)
+    grid = tuple(model.config.grid if grid is None else grid)
     placed = [
         (key, order, reducer, site)
         for order, reducer in enumerate(reducers)
         for key, site in (
-            _place(reducer, model, stage, p) for stage, p in enumerate(reducer.positions(depth))
+            _place(reducer, model, stage, p, grid) for stage, p in enumerate(reducer.positions(depth))
         )
     ]
     placed.sort(key=lambda item: item[:2])  # execution order, then plan order (stable: stages in order)
-    layout = Layout.of_grid(model.config.grid)
+    layout = Layout.of_grid(grid)
     made_by = "the patch embedding"  # who left the current layout's kind, for the messages
     steps: list[Step] = []
     queue = iter(placed)
@@ -331,7 +338,8 @@ class InstalledPlan:
         model: the model it is installed into.
         spec: the plan's spec (None for the bare model).
         reducers: the reducers (`model.plan` while installed).
-        steps: `schedule`'s steps: where each reducer runs, with the layouts before and after.
+        steps: `schedule`'s steps: where each reducer runs, with the layouts before and after, on clips of
+            the model's own grid (`config.grid`); `steps_at(grid)` for another.
     """
 
     def __init__(
@@ -349,6 +357,31 @@ class InstalledPlan:
         self._slots, self._inner, self._records, self._readout_by = slots, inner, records, readout_by
         self._previous: InstalledPlan | None = None  # what `__exit__` puts back
         self._entered = False
+        self._at: dict[tuple[int, int, int], list[Step]] = {}  # `steps_at`'s schedules of other grids
+
+    def steps_at(self, grid: tuple[int, int, int]) -> list[Step]:
+        """`steps` on clips of token grid `grid` (another frame count or frame size): the plan checked
+        against that grid by `schedule` the first time, then remembered. Every reducer adapts to the grid
+        it is given (its `Site.grid`) or refuses it here.
+
+        Raises:
+            InputError: what a reducer (or block) needs that this grid does not give, with both grids.
+        """
+        grid = tuple(grid)
+        own = tuple(self.model.config.grid)
+        if grid == own or not self.reducers:
+            return self.steps
+        steps = self._at.get(grid)
+        if steps is None:
+            try:
+                steps = schedule(self.model, list(self.reducers), grid)
+            except InputError as error:
+                raise InputError(
+                    f"plan {self.spec!r} does not fit this input's token grid {grid} (the model's own is "
+                    f"{own}): {error}"
+                ) from None
+            self._at[grid] = steps
+        return steps
 
     @property
     def installed(self) -> bool:

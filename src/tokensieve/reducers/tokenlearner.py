@@ -149,12 +149,13 @@ class FuserPaper(_Fuser):
 
     def __init__(self, *, frames: int, tokens: int) -> None:
         super().__init__()
+        self.frames = frames
         self.mix = nn.Linear(frames * tokens, frames)
 
     def forward(self, y: Tensor, full: Tensor) -> Tensor:
         """(B, T*S, C) tokens after the block, (B, T*n, C) full-resolution tokens -> (B, T*n, C)."""
         B, N, C = full.shape
-        T = self.mix.out_features
+        T = self.frames
         o = self.mix(y.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
         return o.unsqueeze(2).expand(B, T, N // T, C).reshape(B, N, C)
 
@@ -252,10 +253,13 @@ class TokenLearner(Reducer):
                 f"tokenlearner: {why} and needs every frame whole, but it is given {layout.describe()}; "
                 "place it before the reduction that leaves it"
             )
-        if self.fuser == "paper" and layout.frames != T:
+        # fuser=paper's map is made for the slices of the model's own grid (`setup`; before it, the site's).
+        F_ = self.fuse.frames if isinstance(self.fuse, FuserPaper) else T
+        if self.fuser == "paper" and layout.frames != F_:
             raise InputError(
-                f"tokenlearner: fuser=paper maps the {T}x{self.tokens} learned tokens of every slice to {T} "
-                f"slices, but {layout.frames} slices reach it"
+                f"tokenlearner: fuser=paper maps the {F_}x{self.tokens} learned tokens of every slice to {F_} "
+                f"slices and needs {F_} slices (clips of this model's own frame count), but {layout.frames} "
+                "reach it"
             )
         return Layout(layout.frames * self.tokens, frames=layout.frames)
 
