@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import math
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ CONTRACT = {
     "random": ["random:keep=0.5", "random:keep=0.4,per_frame=true,at=1"],
     "uniform": ["uniform:keep=0.5"],
     "random_frames": ["random_frames:keep=0.5,at=1"],
+    "resize": ["resize:keep=0.5", "resize:keep=0.3,mode=bicubic+random:keep=0.5,at=1"],
     "attention": ["attention:keep=0.5", "attention:keep=0.3,per_frame=true,at=0", "attention:mass=0.6,at=0"],
     "tome": ["tome:r=6", "tome:r=4,mode=drop", "tome:r=5,schedule=decreasing,prop_attn=false"],
     "sta": ["sta:r=4", "sta:r=6,balance=frame,order=BFB", "sta:r=3,first=grid", "sta:r=3,first=random"],
@@ -78,6 +80,7 @@ IDENTITY: dict[str, str | None] = {
     "random": "random:keep=1,per_frame=true",
     "uniform": "uniform:keep=1",
     "random_frames": "random_frames:keep=1",
+    "resize": "resize:keep=1",
     "attention": "attention:keep=1,per_frame=true",
     "tome": "tome:r=0",
     "sta": "sta:r=0,balance=frame",
@@ -178,9 +181,18 @@ def test_states_are_valid_and_counts_as_declared(spec: str, name: str) -> None:
     model = _model(name, spec)
     seen = _trace(model)
     steps = schedule(model, list(model.plan))
+    embedded = model.embed.register_forward_hook(lambda _m, _a, state: seen.append((None, state)))
     with torch.no_grad():
         logits = model(tiny_video(name))
+    embedded.remove()
     assert logits.shape == (2, model.config.num_classes) and torch.isfinite(logits).all()
+    state = seen[0][1]  # the embedding's tokens: on the grid a step on the clip (resize) leaves
+    seen[:] = [(before, after) for before, after in seen if before is not None]  # (an oracle embeds again)
+    resized = [step for step in steps if step.reducer.resizes_input]
+    assert (
+        state.num_tokens.tolist() == [resized[0].tokens_out if resized else math.prod(model.config.grid)] * 2
+    )
+    steps = [step for step in steps if not step.reducer.resizes_input]  # the others run on tokens, in slots
     assert len(seen) == len(steps)
     for (before, after), step in zip(seen, steps, strict=True):
         after.check()

@@ -132,8 +132,9 @@ def test_pareto_front_hand_checked() -> None:
 
 # ----------------------------------------------------------------------------------- the report
 def _sweep() -> SweepReport:
-    """3 methods (random among them) x 2 budgets, one refused setting, the unreduced reference."""
-    beats, same, worse = BEATS, INDISTINGUISHABLE, WORSE
+    """3 methods (random among them) x 2 budgets, one refused setting, the resize baseline at one budget,
+    the unreduced reference. sta at 0.5 reads against resize (stronger there, 5% cheaper)."""
+    same, worse = INDISTINGUISHABLE, WORSE
     settings = [
         Setting("random", 0.5, "random:keep=0.5", gflops=0.0140, speedup=1.7, top1=0.70, top1_ci=(0.65, 0.75),
                 top5=0.90),
@@ -141,9 +142,14 @@ def _sweep() -> SweepReport:
                 top5=0.80),
         Setting("sta", 0.5, "sta:r=12", gflops=0.0141, speedup=1.5, top1=0.78, top1_ci=(0.74, 0.82), top5=0.94,
                 recall=0.9, random_spec="random:keep=0.51,at=0", random_gflops=0.0141, random_top1=0.71,
-                delta=0.07, delta_ci=(0.03, 0.11), verdict=beats),
+                resize_spec="resize:keep=0.510204", resize_gflops=0.0134, resize_top1=0.74, baseline="resize",
+                delta=0.04, delta_ci=(0.01, 0.07), verdict="beats resize"),
+        Setting("resize", 0.25, "resize:keep=0.255102", gflops=0.0070, speedup=3.1, top1=0.53,
+                top1_ci=(0.48, 0.58), top5=0.79, random_spec="random:keep=0.24,at=0", random_gflops=0.0070,
+                random_top1=0.545, baseline="random", delta=-0.015, delta_ci=(-0.05, 0.02), verdict=same),
         Setting("sta", 0.25, "sta:r=20", gflops=0.0075, speedup=2.2, top1=0.52, top1_ci=(0.47, 0.57), top5=0.8,
                 recall=0.7, random_spec="random:keep=0.26,at=0", random_gflops=0.0075, random_top1=0.555,
+                resize_spec="resize:keep=0.255102", resize_gflops=0.0070, resize_top1=0.53, baseline="random",
                 delta=-0.035, delta_ci=(-0.07, 0.005), verdict=same),
         Setting("tome", 0.5, "tome:r=8", gflops=0.0139, speedup=1.3, top1=0.66, top1_ci=(0.61, 0.71), top5=0.88,
                 random_spec="random:keep=0.49,at=0", random_gflops=0.0139, random_top1=0.695, delta=-0.035,
@@ -181,7 +187,7 @@ def test_write_report_markdown(tmp_path: Path) -> None:
     assert budgets == ["Budget 0.5 (50% of tokens kept)", "Budget 0.25 (25% of tokens kept)"]  # descending
     first, second = (tables[b] for b in budgets)
     assert [r[0] for r in first] == ["sta", "random", "tome"]  # by top-1, best first
-    assert [r[0] for r in second] == ["random", "sta"]  # tome refused: no row
+    assert [r[0] for r in second] == ["random", "resize", "sta"]  # tome refused: no row
     sta = first[0]
     assert sta[1] == "`sta:r=12`"
     assert sta[2:] == [
@@ -191,16 +197,19 @@ def test_write_report_markdown(tmp_path: Path) -> None:
         "1.50x",
         "90.0",
         "71.0",
-        "+7.0 [+3.0, +11.0]",
-        BEATS,
+        "74.0 (-5% GFLOPs)",  # the nearest frame size is 5% cheaper: said in its cell
+        "+4.0 [+1.0, +7.0]",  # against resize, the stronger baseline
+        "beats resize",
     ]
     assert first[1][-1] == "baseline" and first[1][6] == "-"  # random: no recall, no verdict of its own
     assert first[2][-2:] == ["-3.5 [-6.0, -1.0]", WORSE]
-    assert second[0][4] == "0.00715" and second[1][-1] == INDISTINGUISHABLE
+    assert second[0][4] == "0.00715" and second[2][-1] == INDISTINGUISHABLE
+    assert second[2][8] == "53.0 (-7% GFLOPs)" and second[1][8] == "-"  # resize has no resize baseline
     assert "- tome: refused — r=30 merges more tokens than a block holds (at most 16)" in md
     assert md.index("refused —") > md.index("Budget 0.25")
     summary = md[md.index("## Summary") :]
-    assert f"- **sta**: {BEATS} at 0.5; {INDISTINGUISHABLE} at 0.25." in summary
+    assert f"- **sta**: beats resize at 0.5; {INDISTINGUISHABLE} at 0.25." in summary
+    assert f"- **resize**: {INDISTINGUISHABLE} at 0.25." in summary  # resize is a method against random
     assert f"- **tome**: {WORSE} at 0.5; refused at 0.25." in summary
     assert "**random**" not in summary and "**none**" not in summary
     assert "![sta](examples/sta.png)" in md
@@ -275,14 +284,17 @@ def test_terminal_table_renders_every_setting() -> None:
     text = console.export_text(clear=False)
     for method in ("none", "random", "sta", "tome"):
         assert method in text
-    for word in (BEATS, INDISTINGUISHABLE, WORSE, "refused"):
+    for word in ("beats resize", INDISTINGUISHABLE, WORSE, "refused"):
         assert word in text
     assert text.index("none") < text.index("0.5") < text.index("0.25")
     lines = text.splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 120
     styled = console.export_html(inline_styles=True)  # rich's standard green, yellow and red
-    for colour, word in (("#008000", BEATS), ("#808000", INDISTINGUISHABLE), ("#800000", WORSE)):
+    for colour, word in (("#008000", "beats resize"), ("#808000", INDISTINGUISHABLE), ("#800000", WORSE)):
         assert re.search(f"color: {colour}[^>]*>{word} *<", styled), word
+    narrow = Console(record=True, width=80, file=io.StringIO())
+    narrow.print(terminal_table(_sweep(), wide=False))
+    assert "beats rs" in narrow.export_text()  # beats resize, in 80 columns
 
 
 def test_a_random_baseline_off_by_more_than_half_a_percent_is_marked(tmp_path: Path) -> None:

@@ -125,6 +125,8 @@ class VideoBackbone(nn.Module):
         grid = self.check_input(video)
         if grid != self.config.grid:
             self.check_plan(grid)
+        if self.plan and self.plan[0].resizes_input:  # `resize`: the model runs on the resized clip
+            video, grid = self.plan[0].resize_clip(video, self.config.patch), self.plan[0].input_grid(grid)
         state = self.embed(video, grid)
         state = state.with_aux(**{INPUTS: inputs if inputs is not None else Inputs(video)})
         if trace:

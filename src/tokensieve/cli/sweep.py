@@ -192,8 +192,9 @@ def sweep_command(
     wide = screen.width >= 120
     screen.print(terminal_table(report, title=f"{model} on {data}", wide=wide))
     if not wide:
-        console.print("verdict: the 95% interval of Δ is above 0 (beats random), holds 0 (n.s.: not significant) "
-                      "or is below 0 (worse)", highlight=False, soft_wrap=True)  # fmt: skip
+        console.print("verdict: the 95% interval of Δ, against the stronger of random tokens and resize (\"rs\": the "
+                      "model on smaller frames) at the same GFLOPs, is above 0 (beats), holds 0 (n.s.: not "
+                      "significant) or is below 0 (worse)", highlight=False, soft_wrap=True)  # fmt: skip
     if any(s.views is not None for s in report.settings):
         console.print("‡ adaptive: each clip keeps its own number of tokens; the budget and GFLOPs are the "
                       "means measured over the views it ran, and random is matched to them", highlight=False,

@@ -2,13 +2,14 @@
 
     ci = paired_bootstrap_ci(method_correct, random_correct)      # 95% interval of the mean difference
     verdict(ci)                                                   # "beats random", ...
+    verdict(ci, against="resize")                                 # "beats resize", ...
     write_report(SweepReport(settings, header, examples), Path("sweep"))
     Console().print(terminal_table(report))
 
 The sweep engine (`tokensieve sweep`) evaluates every token-reduction method at a grid of budgets and
-fills one `Setting` per (method, budget), comparing it with the `random` baseline at matched GFLOPs
-over `RANDOM_SEEDS` seeds. This module holds what it hands over and what is computed and written
-from it; it never runs a model.
+fills one `Setting` per (method, budget), comparing it with the stronger of two baselines at matched
+GFLOPs: `random` (over `RANDOM_SEEDS` seeds) and `resize` (the model on smaller frames). This module
+holds what it hands over and what is computed and written from it; it never runs a model.
 
 Statistics (numpy, deterministic given `seed`):
 - `bootstrap_ci(values)`: percentile bootstrap interval of the mean of per-video numbers (0/1
@@ -23,8 +24,8 @@ Statistics (numpy, deterministic given `seed`):
   indices (mean(a[idx]) - mean(b[idx]) = mean((a - b)[idx])): what the two have in common (the easy
   and the hard videos) cancels, so strongly correlated results give a much tighter interval than
   two independent ones would.
-- `verdict(ci)`: "beats random" when the interval lies above 0, "worse than random" below, else
-  "indistinguishable".
+- `verdict(ci, against)`: "beats random" when the interval lies above 0, "worse than random" below,
+  else "indistinguishable" (with `against="resize"`: "beats resize", "worse than resize").
 
 `write_report` writes `report.md` (header, reading guide, the plot, the unreduced reference, one
 table per budget from the mildest (most tokens kept) to the strongest, rows by top-1 descending,
@@ -61,6 +62,7 @@ __all__ = [
     "INDISTINGUISHABLE",
     "LEVEL",
     "RANDOM_SEEDS",
+    "RESIZE",
     "WORSE",
     "Setting",
     "SweepReport",
@@ -70,6 +72,7 @@ __all__ = [
     "pareto_front",
     "terminal_table",
     "verdict",
+    "verdict_kind",
     "write_report",
 ]
 
@@ -87,8 +90,9 @@ CHUNK_ELEMENTS = 1 << 22
 BEATS, INDISTINGUISHABLE, WORSE = "beats random", "indistinguishable", "worse than random"
 """The three verdicts, in the order the summary lists them."""
 
-REFERENCE, BASELINE = "none", "random"
-"""The unreduced model's method name, and the baseline every method is compared with."""
+REFERENCE, BASELINE, RESIZE = "none", "random", "resize"
+"""The unreduced model's method name, the baseline every method is compared with, and the second
+baseline (the model on smaller frames): a method's verdict reads against the stronger of the two."""
 
 ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
 
@@ -170,12 +174,20 @@ def paired_bootstrap_ci(
     return _interval(a_ - b_, level, samples, seed)
 
 
-def verdict(ci: tuple[float, float]) -> str:
-    """`BEATS` if the interval of (method - random) is above 0, `WORSE` if below, else `INDISTINGUISHABLE`."""
+def verdict(ci: tuple[float, float], against: str = BASELINE) -> str:
+    """`BEATS` if the interval of (method - random) is above 0, `WORSE` if below, else `INDISTINGUISHABLE`;
+    against another baseline, "beats <it>" and "worse than <it>"."""
     low, high = ci
     if not low <= high:  # also NaN
         raise InputError(f"verdict: an interval (low, high) with low <= high, got {ci}")
-    return BEATS if low > 0 else WORSE if high < 0 else INDISTINGUISHABLE
+    return f"beats {against}" if low > 0 else f"worse than {against}" if high < 0 else INDISTINGUISHABLE
+
+
+def verdict_kind(text: str) -> str:
+    """`BEATS`, `INDISTINGUISHABLE` or `WORSE`: which of the three a verdict is, whatever its baseline."""
+    return (
+        BEATS if text.startswith("beats ") else WORSE if text.startswith("worse than ") else INDISTINGUISHABLE
+    )
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -219,8 +231,13 @@ class Setting:
         random_spec: the matched random baseline, seed-free (e.g. "random:keep=0.4219,at=0").
         random_gflops: its GFLOPs per view; random_speedup: its measured speed-up (one seed timed).
         random_top1: its top-1, the mean over its `RANDOM_SEEDS` seeds.
-        delta, delta_ci: top1 - random_top1 and its paired interval (`paired_bootstrap_ci`).
-        verdict: `verdict(delta_ci)`; None for `random` itself and for `none`.
+        resize_spec, resize_gflops, resize_speedup, resize_top1: the same of the matched `resize` baseline
+            (the frame size, in whole patches, whose GFLOPs come closest; one run, it draws nothing); None
+            for `random`, `resize` and `none`, and where the model cannot run smaller frames.
+        baseline: which of the two `delta` and `verdict` read against: the one with the higher top-1 on
+            the same videos (`random` on a tie, and for `resize` itself).
+        delta, delta_ci: top1 minus that baseline's top-1 and its paired interval (`paired_bootstrap_ci`).
+        verdict: `verdict(delta_ci, baseline)`; None for `random` itself and for `none`.
         views: for an adaptive method (each clip keeps its own count: `attention:mass=0.9`), the number
             of views its budget (the measured mean token ratio) and GFLOPs are means over; else None.
     """
@@ -239,6 +256,11 @@ class Setting:
     random_gflops: float | None = None
     random_speedup: float | None = None
     random_top1: float | None = None
+    resize_spec: str | None = None
+    resize_gflops: float | None = None
+    resize_speedup: float | None = None
+    resize_top1: float | None = None
+    baseline: str | None = None
     delta: float | None = None
     delta_ci: tuple[float, float] | None = None
     verdict: str | None = None
@@ -325,9 +347,12 @@ def _reference(settings: Iterable[Setting]) -> Setting | None:
 # ------------------------------------------------------------------------------------ report.md
 _GUIDE = (
     "**How to read this.** Every method ran at every budget (the target share of tokens kept). "
-    "Its verdict compares it with dropping tokens at random at the same cost: the matched `random` plan "
-    "keeps as many tokens as needed to cost the method's GFLOPs, runs with {seeds} seeds, and its per-video "
-    "correctness is averaged over them. Δ is the method's top-1 minus that baseline's, in percentage points, "
+    "Its verdict compares it with the stronger of two plain baselines at the same cost. The matched `random` "
+    "plan drops tokens at random, as many as needed to cost the method's GFLOPs; it runs with {seeds} seeds and "
+    "its per-video correctness is averaged over them. The matched `resize` plan runs the model on smaller "
+    "frames (antialiased, positions interpolated), the size in whole patches whose GFLOPs come closest (its "
+    "cell gives the GFLOPs difference when above 0.5%). Δ is the method's top-1 minus the stronger baseline's "
+    "(the one with the higher top-1 on the same videos; the verdict names it), in percentage points, "
     "with the paired bootstrap {level:.0%} interval over the same videos (both resampled with the same "
     "video indices). *{beats}* means the whole interval is above 0, *{worse}* entirely below; "
     "*{same}* means that on this many videos the difference cannot be told from zero. Top-1 intervals "
@@ -343,12 +368,22 @@ MATCHED = 0.005
 marks a setting where the token granularity did not allow it."""
 
 
-def _mismatch(s: Setting) -> float | None:
-    """The relative GFLOPs difference of `s`'s random baseline when above `MATCHED`, else None."""
-    if s.random_gflops is None or not s.gflops:
+def _mismatch(s: Setting, baseline: str = BASELINE) -> float | None:
+    """The relative GFLOPs difference of `s`'s matched `baseline` ("random" or "resize") when above
+    `MATCHED`, else None."""
+    matched = getattr(s, f"{baseline}_gflops")
+    if matched is None or not s.gflops:
         return None
-    off = s.random_gflops / s.gflops - 1
+    off = matched / s.gflops - 1
     return off if abs(off) > MATCHED else None
+
+
+def _resize_cell(s: Setting) -> str:
+    """The resize baseline's top-1, with its GFLOPs difference to the setting's when above `MATCHED`."""
+    off = _mismatch(s, RESIZE)
+    return _pct(s.resize_top1) + (
+        "" if off is None or s.resize_top1 is None else f" ({100 * off:+.0f}% GFLOPs)"
+    )
 
 
 def _budget_section(budget: float, rows: list[Setting]) -> list[str]:
@@ -358,8 +393,8 @@ def _budget_section(budget: float, rows: list[Setting]) -> list[str]:
     if ran:
         lines += [
             f"| method | plan | top-1 % [{LEVEL:.0%} CI] | top-5 % | GFLOPs | speed-up | fg recall % "
-            f"| random top-1 % | Δ vs random, points [{LEVEL:.0%} CI] | verdict |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            f"| random top-1 % | resize top-1 % | Δ vs the stronger, points [{LEVEL:.0%} CI] | verdict |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         notes = []
         for s in ran:
@@ -383,7 +418,7 @@ def _budget_section(budget: float, rows: list[Setting]) -> list[str]:
                 gflops += " ‡"
             cells = (
                 _md(s.method), plan, _pct_ci(s.top1, s.top1_ci), _pct(s.top5), gflops,
-                _speedup(s.speedup), _pct(s.recall), rand, _points_ci(s.delta, s.delta_ci),
+                _speedup(s.speedup), _pct(s.recall), rand, _resize_cell(s), _points_ci(s.delta, s.delta_ci),
                 s.verdict or ("baseline" if s.method == BASELINE else "-"),
             )  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
@@ -402,7 +437,9 @@ def _summary(settings: Sequence[Setting]) -> list[str]:
         mine = sorted((s for s in settings if s.method == method and s.budget is not None),
                       key=lambda s: -(s.budget or 0))  # fmt: skip
         parts = []
-        for name in (BEATS, INDISTINGUISHABLE, WORSE):
+        named = dict.fromkeys(s.verdict for s in mine if s.verdict is not None)  # "beats resize", ...
+        order = (BEATS, INDISTINGUISHABLE, WORSE)
+        for name in sorted(named, key=lambda v: (order.index(verdict_kind(v)), v)):
             budgets = [_budget(s.budget) for s in mine if s.verdict == name and s.budget is not None]
             if budgets:
                 parts.append(f"{name} at {', '.join(budgets)}")
@@ -478,6 +515,7 @@ _STYLES: dict[str, tuple[str, str]] = {
     "stts": ("tab:red", "D"),
     "uniform": ("tab:purple", "v"),
     "random_frames": ("tab:brown", "P"),
+    RESIZE: ("0.45", "s"),
     "halting": ("tab:cyan", "h"),
     "tokenlearner": ("gold", ">"),  # not "*": that is the unreduced model's
 }
@@ -494,11 +532,13 @@ def method_style(method: str) -> tuple[str, str]:
     return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], _SPARE_MARKERS[h % len(_SPARE_MARKERS)]
 
 
-def _random_curve(settings: Sequence[Setting], *, x_of: str = "gflops") -> list[tuple[float, float]]:
-    """(GFLOPs or speed-up, top-1) of the random baseline: its own settings and every matched point,
-    sorted."""
-    own = [(getattr(s, x_of), s.top1) for s in settings if s.method == BASELINE]
-    matched = [(getattr(s, f"random_{x_of}"), s.random_top1) for s in settings]
+def _baseline_curve(
+    settings: Sequence[Setting], baseline: str = BASELINE, *, x_of: str = "gflops"
+) -> list[tuple[float, float]]:
+    """(GFLOPs or speed-up, top-1) of a baseline ("random" or "resize"): its own settings and every
+    matched point, sorted."""
+    own = [(getattr(s, x_of), s.top1) for s in settings if s.method == baseline and s.refused is None]
+    matched = [(getattr(s, f"{baseline}_{x_of}"), getattr(s, f"{baseline}_top1")) for s in settings]
     return sorted({(x, y) for x, y in own + matched if x is not None and y is not None})
 
 
@@ -528,7 +568,7 @@ def _panel(ax: Axes, settings: Sequence[Setting], *, x_of: str) -> None:
     curve, the reference star and the front."""
     speed = x_of == "speedup"
     points: list[tuple[float, float]] = []
-    methods = dict.fromkeys(s.method for s in settings if s.method not in (REFERENCE, BASELINE))
+    methods = dict.fromkeys(s.method for s in settings if s.method not in (REFERENCE, BASELINE, RESIZE))
     for method in methods:
         rows = sorted(
             (s for s in settings if s.method == method and s.refused is None), key=lambda s: -(s.budget or 0)
@@ -542,11 +582,14 @@ def _panel(ax: Axes, settings: Sequence[Setting], *, x_of: str) -> None:
         ax.errorbar(xs, ys, yerr=_yerr(rows), color=colour, marker=marker, ms=6, lw=1.6, elinewidth=0.7, capsize=2,
                     label=method, zorder=3)  # fmt: skip
         points += zip(xs, ys, strict=True)
-    curve = _random_curve(settings, x_of=x_of)
-    if curve:
-        ax.plot([x for x, _ in curve], [100 * y for _, y in curve], "k--", marker=".", lw=1.2, zorder=2,
-                label="random")  # fmt: skip
-        points += [(x, 100 * y) for x, y in curve]
+    for baseline, style, label in ((BASELINE, dict(color="k", ls="--", marker="."), "random"),
+                                   (RESIZE, dict(color="0.45", ls="-.", marker="s", ms=4), "resize (smaller frames)")):  # fmt: skip
+        curve = _baseline_curve(settings, baseline, x_of=x_of)
+        if curve:
+            ax.plot(
+                [x for x, _ in curve], [100 * y for _, y in curve], lw=1.2, zorder=2, label=label, **style
+            )
+            points += [(x, 100 * y) for x, y in curve]
     ref = _reference(settings)
     if ref is not None and ref.top1 is not None:
         x = (ref.speedup or 1.0) if speed else ref.gflops
@@ -584,7 +627,7 @@ def _plot(settings: Sequence[Setting]) -> bytes:
     for ax in (left, right):
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, h)
-    last = ("random", "unreduced", "Pareto front")  # methods first, then the references
+    last = ("random", "resize (smaller frames)", "unreduced", "Pareto front")  # methods, then the references
     labels = [k for k in entries if k not in last] + [k for k in last if k in entries]
     fig.subplots_adjust(left=0.05, right=0.86, bottom=0.1, top=0.92, wspace=0.2)
     if labels:
@@ -609,14 +652,21 @@ def refused_lines(settings: Sequence[Setting]) -> list[str]:
 
 
 SHORT_VERDICTS = {BEATS: "beats", INDISTINGUISHABLE: "n.s.", WORSE: "worse"}
-"""Verdicts in the narrow terminal table: "n.s." = not significant (indistinguishable from random)."""
+"""Verdicts in the narrow terminal table by kind (`verdict_kind`), " rs" added when the baseline is resize
+("beats rs"); "n.s." = not significant (indistinguishable from the baseline)."""
+
+
+def _short(text: str) -> str:
+    if text in ("baseline", "-"):
+        return text
+    return SHORT_VERDICTS[verdict_kind(text)] + (" rs" if text.endswith(RESIZE) else "")
 
 
 def terminal_table(report: SweepReport, *, title: str | None = None, wide: bool = True) -> Table:
     """One compact `rich` table of every setting: the reference first, then one section per budget
     (descending), rows by top-1 descending, refused settings dimmed (`refused_lines` says why); verdicts
-    green (beats random), yellow (indistinguishable) or red (worse). Plans are in report.md.
-    Not `wide` (for 80 columns): top-1 without its interval, no random top-1 column, and the verdicts
+    green (beats the stronger baseline), yellow (indistinguishable) or red (worse). Plans are in report.md.
+    Not `wide` (for 80 columns): top-1 without its interval, no baseline top-1 columns, and the verdicts
     of `SHORT_VERDICTS`."""
     from rich.text import Text
 
@@ -631,21 +681,23 @@ def terminal_table(report: SweepReport, *, title: str | None = None, wide: bool 
         table.add_column("fg\nrecall", justify="right", no_wrap=True)
     if wide:
         table.add_column("random\ntop-1", justify="right", no_wrap=True)
-    table.add_column(f"Δ vs random, points\n[{LEVEL:.0%} CI]", justify="right", no_wrap=True)
+        table.add_column("resize\ntop-1", justify="right", no_wrap=True)
+    table.add_column(f"Δ vs baseline, points\n[{LEVEL:.0%} CI]", justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
-    numbers = 3 + recall + wide  # the numeric columns before Δ
+    numbers = 3 + recall + 2 * wide  # the numeric columns before Δ
 
     def add(s: Setting, budget: str, *, end: bool) -> None:
         if s.refused is not None:
             table.add_row(budget, s.method, *["-"] * numbers, "-", "refused", style="dim", end_section=end)
             return
         shown = s.verdict or ("baseline" if s.method == BASELINE else "-")
-        label = shown if wide else SHORT_VERDICTS.get(shown, shown)
+        label = shown if wide else _short(shown)
         table.add_row(
             budget, s.method + (" ‡" if s.views is not None else ""),
             _pct_ci(s.top1, s.top1_ci) if wide else _pct(s.top1), _gflops(s.gflops),
-            _speedup(s.speedup), *([_pct(s.recall)] if recall else []), *([_pct(s.random_top1)] if wide else []),
-            _points_ci(s.delta, s.delta_ci), Text(label, style=_VERDICT_STYLES.get(shown, "")), end_section=end,
+            _speedup(s.speedup), *([_pct(s.recall)] if recall else []),
+            *([_pct(s.random_top1), _pct(s.resize_top1)] if wide else []), _points_ci(s.delta, s.delta_ci),
+            Text(label, style=_VERDICT_STYLES.get(verdict_kind(shown), "") if s.verdict else ""), end_section=end,
         )  # fmt: skip
 
     ref = _reference(report.settings)

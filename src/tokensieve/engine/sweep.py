@@ -70,10 +70,21 @@ from ..reducers.plan import (
     weights_key,
 )  # fmt: skip
 from ..reducers.plan import plan as make_plan
+from ..reducers.resize import resized_sides
 from ..tokens import Inputs, TokenState, covered
 from .distributed import World, barrier, gather, on_main, setup
 from .evaluate import _Todo, check_fits, hash_tensors, label_tensor, model_checksum, top5_entries
-from .report import MATCHED, RANDOM_SEEDS, Setting, SweepReport, bootstrap_ci, paired_bootstrap_ci, verdict
+from .report import (
+    BASELINE,
+    MATCHED,
+    RANDOM_SEEDS,
+    RESIZE,
+    Setting,
+    SweepReport,
+    bootstrap_ci,
+    paired_bootstrap_ci,
+    verdict,
+)
 from .results import Provenance, RecordWriter, merge, read_done, record_key, start_run
 
 __all__ = [
@@ -83,6 +94,7 @@ __all__ = [
     "SEEDS",
     "Planned",
     "matched_random",
+    "matched_resize",
     "plan_settings",
     "spec_at_budget",
     "sweep",
@@ -306,6 +318,33 @@ def matched_random(
     return best[1]
 
 
+def matched_resize(
+    model: nn.Module,
+    target: float,
+    count: Callable[[str | None], float],
+    grid: tuple[int, int, int] | None = None,
+) -> str | None:
+    """The `resize` spec whose GFLOPs per view (`count(spec)`) come closest to `target` without exceeding it
+    by more than `MATCH_TOLERANCE`: of every frame size `resize:keep=` can give (each side within a patch of
+    the aspect-preserving size, `resized_sides`), the nearest in GFLOPs at or below that (the cheapest if
+    none is). None when the model cannot run smaller frames. Why never above: sizes come in whole patches,
+    so the match is coarse (the report gives the difference), and a baseline must not win a verdict by
+    spending more than the method."""
+    _, H, W = grid or model.config.grid
+    sizes = {resized_sides(H, W, h * w / (H * W)) for h in range(1, H + 1) for w in range(1, W + 1)}
+    specs = [f"resize:keep={h * w / (H * W):.6g}" for h, w in sorted(sizes) if (h, w) != (H, W)]
+    costs = {}
+    for spec in specs:
+        try:
+            costs[spec] = count(spec)
+        except InputError:  # a backbone that cannot run another size
+            return None
+    within = [s for s in costs if costs[s] <= target * (1 + MATCH_TOLERANCE)]
+    if not within:
+        return min(costs, key=costs.__getitem__, default=None)
+    return max(within, key=costs.__getitem__)
+
+
 # ---------------------------------------------------------------------------------------- settings
 @dataclass
 class Planned:
@@ -320,6 +359,8 @@ class Planned:
     random: str | None = None  # matched random spec, without seed
     random_gflops: float | None = None
     seeds: list[str] = field(default_factory=list)  # the matched random specs run, one per seed
+    resize: str | None = None  # matched resize spec (the model on smaller frames): None for random, resize
+    resize_gflops: float | None = None
     adaptive: bool = False  # each clip keeps its own count: ratio and gflops are measured as it runs
     views: int | None = None  # views the measured ratio and GFLOPs are means over (adaptive only)
 
@@ -423,12 +464,9 @@ def plan_settings(
                     raise InputError(misfit)
                 item.spec, item.ratio = base.strip(), token_ratio(model, base.strip(), grid)
                 item.budget, item.gflops = round(item.ratio, 2), count(item.spec)
-                item.random = matched_random(model, item.gflops, count, grid)
+                _match(item, model, count, grid, seeds)
             except InputError as err:
                 item.spec, item.refused = None, str(err)
-                continue
-            item.random_gflops = count(item.random)
-            item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
             continue
         if adaptive:  # one setting; its budget and GFLOPs are measured as it runs
             item = Planned(base.strip(), None, spec=base.strip(), adaptive=True)
@@ -454,10 +492,29 @@ def plan_settings(
                 item.refused = str(err)
                 item.spec = None
                 continue
-            item.random = matched_random(model, item.gflops, count, grid)
-            item.random_gflops = count(item.random)
-            item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
+            _match(item, model, count, grid, seeds)
     return settings
+
+
+def _match(
+    item: Planned, model: nn.Module, count: Callable[[str | None], float], grid: tuple[int, int, int] | None,
+    seeds: int,
+) -> None:  # fmt: skip
+    """Fill `item`'s baselines matched to its GFLOPs: random (with its seeds) and resize (except for the
+    baselines themselves)."""
+    assert item.gflops is not None
+    item.random = matched_random(model, item.gflops, count, grid)
+    item.random_gflops = count(item.random)
+    item.resize = item.resize_gflops = None
+    item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
+    if item.method.partition(":")[0].strip() not in ("random", "resize"):
+        item.resize = matched_resize(model, item.gflops, count, grid)
+        item.resize_gflops = None if item.resize is None else count(item.resize)
+
+
+def _baselines(item: Planned) -> list[str]:
+    """The baseline plans `item` is compared with: its random seeds, then its resize plan if any."""
+    return [*item.seeds, *([item.resize] if item.resize else [])]
 
 
 def canonical(spec: str) -> str:
@@ -674,7 +731,7 @@ def _sweep(
 ) -> SweepReport:  # fmt: skip
     device = next(model.parameters()).device
     world = setup(device)
-    runs = sorted({canonical(s) for item in settings if item.spec for s in [item.spec, *item.seeds]})
+    runs = sorted({canonical(s) for item in settings if item.spec for s in [item.spec, *_baselines(item)]})
     provenance = Provenance(
         model=model_name, checksum=_checksum(model, selectors), plan=SWEEP_PLAN, views=dataset.views,
         frames=dataset.frames, size=dataset.size, resize=dataset.resize, sampling=dataset.sampling,
@@ -707,7 +764,7 @@ def _sweep(
         if _match_adaptive(model, dataset, settings, records, seeds):
             # A second pass: the random baselines matched to what the adaptive settings measured.
             more = sorted(
-                {canonical(s) for item in settings if item.adaptive for s in item.seeds} - set(runs)
+                {canonical(s) for item in settings if item.adaptive for s in _baselines(item)} - set(runs)
             )
             if more:  # (each may already be a setting of the first pass)
                 runs = [*runs, *more]
@@ -757,9 +814,7 @@ def _match_adaptive(
         item.ratio = sum(r["ratio"] for r in mine) / len(mine)
         item.budget = round(item.ratio, 2)
         count = count or _Flops(model, frames=dataset.frames, size=dataset.size)
-        item.random = matched_random(model, item.gflops, count, grid)
-        item.random_gflops = count(item.random)
-        item.seeds = [f"{item.random},seed={s}" for s in range(seeds)]
+        _match(item, model, count, grid, seeds)
         filled = True
     return filled
 
@@ -859,11 +914,13 @@ def _run_batch(
                 given = Inputs(x[take], label_tensor([batch[i].labels for i in who.tolist()], cfg.num_classes,
                                                      multilabel=False).to(device))  # fmt: skip
             measured: dict[str, float] = {}
+            # Recall of kept tokens, on the truth's grid: not of a plan that runs another size (resize).
+            traced = truth is not None and not any(r.resizes_input for r in net.plan)
             with torch.no_grad() if adaptive else torch.inference_mode():
                 with _measuring(net, measured) if adaptive else contextlib.nullcontext():
-                    state = net.forward_features(x[take], trace=truth is not None, inputs=given)
+                    state = net.forward_features(x[take], trace=traced, inputs=given)
                     probs = net.forward_head(state).float().softmax(-1).cpu()  # (v, K)
-                recall = _recall(state, truth[who].to(device)).cpu() if truth is not None else None
+                recall = _recall(state, truth[who].to(device)).cpu() if traced else None
             for i in group:
                 video, mine = batch[i], who == i
                 record: dict[str, Any] = {
@@ -948,7 +1005,10 @@ def _speeds(
     which random pixels are not (benchmarks/halting.py measures it)."""
     from ..bench import benchmark
 
-    plans = list(dict.fromkeys(s for item in settings if item.spec for s in (item.spec, *item.seeds[:1])))
+    resized = ([item.resize] if item.resize else [] for item in settings)
+    plans = list(dict.fromkeys(
+        s for item, size in zip(settings, resized, strict=True) if item.spec for s in (item.spec, *item.seeds[:1], *size)
+    ))  # fmt: skip
     # Not timed: an oracle (labels), or a method whose cost depends on its trained whole model (HaltingVT)
     plans = [p for p in plans if not any(r.wants_labels or r.trains_backbone for r in make_plan(p))]
     log.info("measuring the speed of %d plans (batch %d)", len(plans), batch)
@@ -974,7 +1034,8 @@ def _settings_table(
     ids: Sequence[str],
     speeds: Mapping[str, float],
 ) -> list[Setting]:
-    """Metrics of every setting over the videos every one of its runs (itself, its random seeds) has."""
+    """Metrics of every setting over the videos every one of its runs (itself, its random seeds, its resize
+    baseline) has; Δ and the verdict against the baseline with the higher top-1 on them (random on a tie)."""
     hits = _correct(records)
     recalls = {(r["id"], r["setting"]): r.get("recall") for r in records if r.get("status") == "ok"}
     table = []
@@ -983,7 +1044,8 @@ def _settings_table(
             table.append(Setting(item.method, item.budget, None, refused=item.refused))
             continue
         own, seeds = canonical(item.spec), [canonical(s) for s in item.seeds]
-        videos = [i for i in ids if all((i, s) in hits for s in (own, *seeds))]
+        resized = [canonical(item.resize)] if item.resize else []
+        videos = [i for i in ids if all((i, s) in hits for s in (own, *seeds, *resized))]
         if not videos:
             table.append(Setting(item.method, item.budget, item.spec, refused="no video could be evaluated"))
             continue
@@ -1001,9 +1063,17 @@ def _settings_table(
             )  # (n,) mean of seeds
             row.update(random_spec=item.random, random_gflops=item.random_gflops, random_top1=float(rand.mean()),
                        random_speedup=speeds.get(seeds[0]))  # fmt: skip
+            against, base = BASELINE, rand
+            if resized:
+                size = torch.tensor([hits[(i, resized[0])][0] for i in videos])  # (n,)
+                row.update(resize_spec=item.resize, resize_gflops=item.resize_gflops, resize_top1=float(size.mean()),
+                           resize_speedup=speeds.get(resized[0]))  # fmt: skip
+                if size.mean() > rand.mean():
+                    against, base = RESIZE, size
             if item.method.partition(":")[0] != "random":
-                ci = paired_bootstrap_ci(top1, rand)
-                row.update(delta=float((top1 - rand).mean()), delta_ci=ci, verdict=verdict(ci))
+                ci = paired_bootstrap_ci(top1, base)
+                row.update(baseline=against, delta=float((top1 - base).mean()), delta_ci=ci,
+                           verdict=verdict(ci, against))  # fmt: skip
         table.append(Setting(item.method, item.budget, item.spec, views=item.views, **row))
     return table
 

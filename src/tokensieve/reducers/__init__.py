@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     oracle,
     random,
     random_frames,
+    resize,
     sta,
     stts,
     tokenlearner,

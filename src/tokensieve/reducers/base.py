@@ -134,6 +134,10 @@ class Reducer(nn.Module):
     halting zeroes it once halted); every other reducer passes it on untouched."""
     overrides_readout: ClassVar[bool] = False
     """True: the model's head reads `readout(state, model)` instead of its configured pooling."""
+    resizes_input: ClassVar[bool] = False
+    """True: it works on the clip before the patch embedding (`resize`): the backbone hands the clip to
+    `resize_clip` and embeds what it returns, and `input_grid` says the token grid that makes, so `schedule`
+    gives every later step that grid. It must be the plan's first method (`schedule` refuses otherwise)."""
     budget: ClassVar[str | None] = None
     """The spec parameter that sets how many tokens the method keeps (`tokensieve sweep` sets it from a
     target token ratio): a keep ratio in (0, 1], more keeping more, or with `budget_removes` a count of
@@ -182,6 +186,14 @@ class Reducer(nn.Module):
         raise NotImplementedError
 
     def forward(self, state: TokenState, site: Site) -> TokenState:
+        raise NotImplementedError
+
+    def input_grid(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The token grid the model runs at on clips that make `grid` (only if `resizes_input`)."""
+        raise NotImplementedError
+
+    def resize_clip(self, video: Tensor, patch: int) -> Tensor:
+        """The clip (B, T, C, H, W) the model embeds instead of `video` (only if `resizes_input`)."""
         raise NotImplementedError
 
     def teach(self, teacher: VideoBackbone, inputs: Inputs) -> Any:

@@ -258,11 +258,19 @@ def schedule(
     """
     depth = len(model.blocks)
     grid = tuple(model.config.grid if grid is None else grid)
+    resizers = [r for r in reducers if r.resizes_input]
+    if resizers and (len(resizers) > 1 or reducers[0] is not resizers[0]):
+        raise InputError(
+            f"{resizers[-1].name} changes the clip before the patch embedding, so it must be the plan's first "
+            f"method, and only one per plan (got {' + '.join(r.name for r in reducers)})"
+        )
+    embedded = resizers[0].input_grid(grid) if resizers else grid  # the grid the later steps see
     placed = [
         (key, order, reducer, site)
         for order, reducer in enumerate(reducers)
         for key, site in (
-            _place(reducer, model, stage, p, grid) for stage, p in enumerate(reducer.positions(depth))
+            _place(reducer, model, stage, p, grid if reducer.resizes_input else embedded)
+            for stage, p in enumerate(reducer.positions(depth))
         )
     ]
     placed.sort(key=lambda item: item[:2])  # execution order, then plan order (stable: stages in order)
@@ -502,6 +510,8 @@ def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
     inner: list[list[nn.Module]] = [[] for _ in range(depth)]
     record: list[set[str]] = [set() for _ in range(depth)]
     for step in steps:
+        if step.reducer.resizes_input:  # it works on the clip (`VideoBackbone.forward_features`): no slot
+            continue
         p = step.site.position
         (inner if step.inside else before)[p].append(At(step.reducer, step.site))
         # The attention that records: block p's own for an inside reducer, else block p - 1's.
