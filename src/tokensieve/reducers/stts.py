@@ -170,9 +170,9 @@ class SpatioTemporalSelection(Reducer):
 
     # ------------------------------------------------------------------ plan hooks
     def setup(self, model: VideoBackbone) -> None:
-        dim = model.config.dim
+        width = model.config.width  # the tokens' width before each block (MViT's grows by stage)
         self.selections = nn.ModuleList(
-            _Selection(kind, p, ratio, 2 * dim if kind == "T" and self.pool == "meanmax" else dim)
+            _Selection(kind, p, ratio, (2 if kind == "T" and self.pool == "meanmax" else 1) * width(p))
             for kind, p, ratio in self.specs
         )
         for m in self.selections.modules():  # the backbone's init: trunc-normal(0.02), zero biases
@@ -199,14 +199,15 @@ class SpatioTemporalSelection(Reducer):
             k = round(ratio * frames)
             if k < 1:
                 raise InputError(f"stts: T{site.position}={ratio} of {frames} frames keeps no frame")
-            return Layout(k * n, frames=k, whole=layout.whole)
-        _, H, W = site.grid
-        if n != H * W:
+            return Layout(k * n, frames=k, whole=layout.whole, frame_grid=layout.frame_grid)
+        if layout.frame_grid is None:
             raise InputError(
-                f"stts: S{site.position} needs whole frames of {H}x{W} tokens, but frames hold {n} tokens here"
+                f"stts: S{site.position} needs a grid of tokens in every frame (the whole frame or an anchor), "
+                f"but frames hold {n} tokens here, not in a grid"
             )
+        H, W = layout.frame_grid
         P, *_ = anchor_grid(H, W, ratio, self.stride)
-        return Layout(frames * P * P, frames=frames, whole=P == H == W)
+        return Layout(frames * P * P, frames=frames, whole=layout.whole and P == H == W, frame_grid=(P, P))
 
     # ------------------------------------------------------------------ forward
     @property
@@ -261,11 +262,11 @@ class SpatioTemporalSelection(Reducer):
     def _spatial(self, state: TokenState, selection: _Selection, site: Site) -> TokenState:
         x = state.per_frame()  # (B, F, n, C)
         B, F_, n, C = x.shape
-        _, H, W = state.grid
-        if n != H * W:
+        if state.frame_grid is None:
             raise InputError(
-                f"stts: spatial selection needs whole frames of {H}x{W} tokens, got {n} per frame"
+                f"stts: spatial selection needs a grid of tokens in every frame, got {n} per frame"
             )
+        H, W = state.frame_grid  # the patch grid, an anchor of it, or MViT's pooled grid
         P, s, _, Gw = anchor_grid(H, W, selection.ratio, self.stride)
         frames = x.reshape(B * F_, n, C)  # (B*F, H*W, C), raster order
         token_scores = selection.scorer(frames).view(B * F_, 1, H, W)  # raw: normalised after pooling
@@ -277,7 +278,7 @@ class SpatioTemporalSelection(Reducer):
         cols = (best % Gw * s).view(-1, 1, 1) + torch.arange(P, device=best.device).view(1, 1, P)
         idx = (rows * W + cols).view(B, F_, P * P)  # (B, F, P*P) within each frame
         idx = (idx + torch.arange(F_, device=idx.device).view(1, F_, 1) * n).view(B, F_ * P * P)
-        kept = state.gather(idx, frames=F_)
+        kept = state.gather(idx, frames=F_, frame_grid=(P, P))
         if not self.soft:
             return kept
         Y = self._soft_topk(anchor_scores, 1, state, site)  # (B*F, 1, G)

@@ -1,0 +1,210 @@
+"""MViT v1 (backbones/mvit.py): sizes and grids of MViT-B, logits against a forward written here from
+the paper's and pySlowFast's description with plain torch operations, and which plans it takes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.backbones.config import preset
+from tokensieve.errors import InputError
+
+
+# ------------------------------------------------------------------ the reference forward
+def _pool(t: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int, int], thw: tuple[int, int, int],
+          norm: tuple[torch.Tensor, torch.Tensor], eps: float) -> tuple[torch.Tensor, tuple[int, int, int]]:  # fmt: skip
+    """One head's tokens (B, 1 + T*H*W, hd): the class token around a depthwise 3x3x3 convolution
+    (padding 1), then LayerNorm over the head width."""
+    B, _, hd = t.shape
+    cube = t[:, 1:].transpose(1, 2).reshape(B, hd, *thw)
+    out = F.conv3d(cube, weight, stride=stride, padding=1, groups=hd)
+    pooled = torch.cat([t[:, :1], out.flatten(2).transpose(1, 2)], 1)
+    return F.layer_norm(pooled, (hd,), *norm, eps=eps), tuple(out.shape[2:])
+
+
+def reference_logits(
+    model: ts.VideoBackbone, video: torch.Tensor, frames_kept: list[int] | None = None
+) -> torch.Tensor:
+    """The logits of `model`'s weights computed the way the MViT paper and pySlowFast describe the
+    network, one token, head and block at a time. `frames_kept`: temporal slices kept right after the
+    embedding (a frame-selection plan); the later convolutions treat them as adjacent."""
+    cfg = model.config
+    P = dict(model.named_parameters())
+    t, p = cfg.tubelet, cfg.patch
+    grid = F.conv3d(video.transpose(1, 2), P["embed.proj.weight"], P["embed.proj.bias"], stride=(t, p, p),
+                    padding=(t - 1, p - 1, p - 1))  # fmt: skip
+    B, _, T, H, W = grid.shape
+    tokens = [
+        grid[:, :, ti, hi, wi] + P["embed.pos_embed_spatial"][0, hi * W + wi] + P["embed.pos_embed_temporal"][0, ti]
+        for ti in range(T) for hi in range(H) for wi in range(W)
+    ]  # fmt: skip
+    x = torch.stack(tokens, 1)  # (B, T*H*W, C), time-major
+    if frames_kept is not None:
+        x = torch.cat([x[:, f * H * W : (f + 1) * H * W] for f in frames_kept], 1)
+        T = len(frames_kept)
+    x = torch.cat([(P["embed.cls_token"] + P["embed.pos_embed_class"]).expand(B, 1, -1), x], 1)
+    thw = (T, H, W)
+    hd = cfg.dim // cfg.heads  # every head is this wide
+    kv = list(cfg.kv_stride)
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        dim = x.shape[-1]
+        pools_q = i in cfg.stages
+        if pools_q:  # a new stage: kv stride halved spatially
+            kv = [kv[0], max(kv[1] // 2, 1), max(kv[2] // 2, 1)]
+        pools_kv = cfg.kv_pool == "all" or kv != [1, 1, 1]
+        xn = F.layer_norm(x, (dim,), P[b + "norm1.weight"], P[b + "norm1.bias"], eps=cfg.eps)
+        q, k, v = (xn @ P[b + "attn.qkv.weight"].T + P[b + "attn.qkv.bias"]).split(dim, -1)
+        heads, new_thw = [], thw
+        for h in range(dim // hd):
+            qh, kh, vh = (z[..., h * hd : (h + 1) * hd] for z in (q, k, v))
+            if pools_q:
+                qh, new_thw = _pool(qh, P[b + "attn.pool_q.weight"], (1, 2, 2), thw,
+                                    (P[b + "attn.norm_q.weight"], P[b + "attn.norm_q.bias"]), cfg.pool_eps)  # fmt: skip
+            if pools_kv:
+                kh, _ = _pool(kh, P[b + "attn.pool_k.weight"], tuple(kv), thw,
+                              (P[b + "attn.norm_k.weight"], P[b + "attn.norm_k.bias"]), cfg.pool_eps)  # fmt: skip
+                vh, _ = _pool(vh, P[b + "attn.pool_v.weight"], tuple(kv), thw,
+                              (P[b + "attn.norm_v.weight"], P[b + "attn.norm_v.bias"]), cfg.pool_eps)  # fmt: skip
+            weights = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(hd), -1)
+            heads.append(weights @ vh)
+        y = torch.cat(heads, -1) @ P[b + "attn.proj.weight"].T + P[b + "attn.proj.bias"]
+        if pools_q:  # max-pooled skip: kernel (1, 3, 3), stride (1, 2, 2), padding (0, 1, 1)
+            cube = x[:, 1:].transpose(1, 2).reshape(B, dim, *thw)
+            pooled = F.max_pool3d(cube, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+            x = torch.cat([x[:, :1], pooled.flatten(2).transpose(1, 2)], 1)
+        x = x + y
+        thw = new_thw
+        xn = F.layer_norm(x, (dim,), P[b + "norm2.weight"], P[b + "norm2.bias"], eps=cfg.eps)
+        hidden = F.gelu(xn @ P[b + "mlp.fc1.weight"].T + P[b + "mlp.fc1.bias"])
+        out = hidden @ P[b + "mlp.fc2.weight"].T + P[b + "mlp.fc2.bias"]
+        if out.shape[-1] != dim:  # the stage's last block widens the normed tokens for the skip too
+            x = xn @ P[b + "proj.weight"].T + P[b + "proj.bias"]
+        x = x + out
+    final = F.layer_norm(x, (x.shape[-1],), P["norm.weight"], P["norm.bias"], eps=cfg.eps)
+    return final[:, 0] @ P["head.weight"].T + P["head.bias"]
+
+
+def _model(**changes: object) -> ts.VideoBackbone:
+    torch.manual_seed(0)
+    model = ts.build("mvit-tiny", **changes).double().eval()
+    with torch.no_grad():  # norms and biases away from their init, so that a mix-up shows
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"kv_pool": "strided"}, {"pool_eps": 1e-6}, {"frames": 4, "size": 40}],
+    ids=["kv-pool-all", "kv-pool-strided", "pool-eps-1e-6", "2x10x10-grid"],
+)
+def test_logits_equal_the_reference_forward(changes: dict) -> None:
+    model = _model(**changes)
+    cfg = model.config
+    video = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, dtype=torch.float64)
+    with torch.no_grad():
+        ours, ref = model(video), reference_logits(model, video)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()  # and the comparison is not vacuous
+    assert ref.std() > 0
+
+
+def test_the_pooling_norms_epsilon_matters() -> None:
+    """The same weights under the other checkpoint family's epsilon give other logits, well beyond the
+    tolerance of the comparison above: the option is not decorative."""
+    video = torch.randn(2, 8, 3, 32, 32, dtype=torch.float64)
+    base, other = _model(), _model(pool_eps=1e-6)
+    other.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert (other(video) - base(video)).abs().max() > 1e-8
+
+
+def test_frame_selection_before_block_0_convolves_the_kept_slices_as_adjacent() -> None:
+    """`uniform:keep=0.5` keeps slices 1 and 3 of 4 (segment centres); the pooling then runs on them."""
+    model = _model()
+    video = torch.randn(2, 8, 3, 32, 32, dtype=torch.float64)
+    ts.apply(model, "uniform:keep=0.5")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(video), reference_logits(model, video, frames_kept=[1, 3]), rtol=0, atol=1e-10
+        )
+
+
+# ------------------------------------------------------------------ MViT-B
+def test_mvit_b_size_and_grid_per_block() -> None:
+    """36.6 M parameters (torchvision's mvit_v1_b: 36,610,672); the grid before each block (§1.1's table)."""
+    with torch.device("meta"):
+        model = ts.build("mvit-b-16x4")
+        zoo = ts.build("mvit-b-16x4", kv_pool="strided")  # the original zoo file: no kv pool at blocks 14, 15
+    assert model.num_params == 36_610_672
+    assert model.num_params - zoo.num_params == 2 * 2 * (96 * 27 + 2 * 96)  # two convs and norms, two blocks
+    sides = [56, 56, 28, 28] + [14] * 11 + [7, 7]  # before block 0..15, after the last
+    assert model.grids() == [(8, s, s) for s in sides]
+    widths = [96, 192, 192, 384] + [384] * 10 + [768, 768, 768]
+    assert [model.config.width(p) for p in range(17)] == widths
+    assert [model.config.heads_at(p) for p in range(16)] == [1, 2, 2] + [4] * 11 + [8, 8]
+    kv_grids = []
+    for p, block in enumerate(model.blocks):
+        stride = block.attn.kv_stride
+        kv_grids.append(tuple((n - 1) // s + 1 for n, s in zip((8, sides[p], sides[p]), stride, strict=True)))
+    # §1.1: 8x7x7, 8x14x14, 8x7x7, 8x14x14, 8x7x7 (blocks 4-13), 8x14x14, 8x7x7
+    seven, fourteen = (8, 7, 7), (8, 14, 14)
+    assert kv_grids == [seven, fourteen, seven, fourteen] + [seven] * 10 + [fourteen, seven]
+    assert [b.attn.kv_stride for b in zoo.blocks[14:]] == [None, None]
+    with torch.device("meta"):
+        assert ts.build("mvit-b-32x3").grids()[0] == (16, 56, 56)
+
+
+def test_pooled_tokens_stand_for_their_cells() -> None:
+    """After the query pooling, a token sits at the centre of its convolution window in the patch grid
+    and stands for the s x s cell of tokens there: sizes add up to the clip, positions index the grid."""
+    model = ts.build("mvit-tiny").eval()
+    with torch.no_grad():
+        state = model.forward_features(tiny_video("mvit-tiny"), trace=True)
+    state.check()
+    assert state.frame_grid == (2, 2) and state.frames == 4
+    assert state.size[0].tolist() == [16.0] * 16  # 4 x 4 patches each
+    assert state.pos[0, :4].tolist() == [0, 4, 32, 36]  # (0, 0), (0, 4), (4, 0), (4, 4) of frame 0
+    assert bool(ts.tokens.covered(state).all())
+
+
+# ------------------------------------------------------------------ plans
+@pytest.mark.parametrize(
+    "spec", ["random:keep=0.5", "tome:r=4", "sta:r=4", "attention:keep=0.5", "lite:keep=0.5",
+             "tokenlearner:at=1,tokens=4", "halting:beta=0", "random:keep=0.5,per_frame=true,at=2"],
+)  # fmt: skip
+def test_per_token_methods_are_refused_with_the_grid_requirement(spec: str) -> None:
+    with pytest.raises(InputError, match=r"MViT block \d \(attention pooled over each frame's grid\) needs a full "
+                       r"\(or cropped\) grid of tokens in every frame") as error:  # fmt: skip
+        ts.apply(ts.build("mvit-tiny"), spec)
+    assert "\n" not in str(error.value)
+
+
+def test_whole_frame_methods_and_reductions_after_the_last_block_run() -> None:
+    model = ts.build("mvit-tiny").eval()
+    video = tiny_video("mvit-tiny")
+    for spec, tokens in [("uniform:keep=0.5", [128]), ("random_frames:keep=0.5,at=2", [32]), ("random:keep=0.5,at=5", [8])]:  # fmt: skip
+        installed = ts.apply(model, spec)
+        assert [step.tokens_out for step in installed.steps] == tokens
+        assert model(video).shape == (2, 10)
+    # Inside the last block no grid is needed after it, but MViT's attention records nothing per token.
+    with pytest.raises(InputError, match="needs cls_attn recorded by the attention before it, which MViT's"):
+        ts.apply(model, "attention:keep=0.5,at=4")
+
+
+def test_config_checks() -> None:
+    with pytest.raises(InputError, match="stages sets MViT's pooling stages"):
+        preset("joint-tiny", stages=(1,))
+    with pytest.raises(InputError, match=r"stages must be increasing blocks in 1\.\.depth-1"):
+        preset("mvit-tiny", stages=(3, 1))
+    with pytest.raises(InputError, match="kv_pool must be one of all, strided"):
+        preset("mvit-tiny", kv_pool="none")
+    with pytest.raises(InputError, match="qkv_bias must be 'qkv' or 'none'"):
+        preset("mvit-tiny", qkv_bias="qv")
