@@ -3,14 +3,19 @@ the paper's and pySlowFast's description with plain torch operations, and which 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import tokensieve as ts
 from conftest import tiny_video
+from tokensieve.backbones.checkpoint import CheckpointMismatchError
 from tokensieve.backbones.config import preset
 from tokensieve.errors import InputError
 
@@ -208,3 +213,115 @@ def test_config_checks() -> None:
         preset("mvit-tiny", kv_pool="none")
     with pytest.raises(InputError, match="qkv_bias must be 'qkv' or 'none'"):
         preset("mvit-tiny", qkv_bias="qv")
+
+
+# ------------------------------------------------------------------ checkpoints
+def _slowfast_names(state: dict[str, torch.Tensor], *, separate_qkv: bool = False) -> dict[str, torch.Tensor]:
+    """Our tensors under pySlowFast's names (the layout STTS saves), q/k/v fused or separate."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("embed.proj."):
+            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("embed."):
+            out[key.removeprefix("embed.")] = value  # cls_token, pos_embed_spatial, ...
+        elif key.startswith("head."):
+            out["head.projection." + key.rsplit(".", 1)[1]] = value
+        elif separate_qkv and ".attn.qkv." in key:
+            for part, third in zip("qkv", value.chunk(3), strict=True):
+                out[key.replace(".attn.qkv.", f".attn.{part}.")] = third
+        else:
+            out[key] = value
+    return out
+
+
+def _torchvision_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors under torchvision's `mvit_v1_b` names and shapes."""
+    renames = [
+        (r"^embed\.proj\.", "conv_proj."), (r"^embed\.cls_token$", "pos_encoding.class_token"),
+        (r"^embed\.pos_embed_spatial$", "pos_encoding.spatial_pos"),
+        (r"^embed\.pos_embed_temporal$", "pos_encoding.temporal_pos"),
+        (r"^embed\.pos_embed_class$", "pos_encoding.class_pos"), (r"\.attn\.proj\.", ".attn.project.0."),
+        (r"\.attn\.pool_([qkv])\.weight$", r".attn.pool_\1.pool.weight"),
+        (r"\.attn\.norm_([qkv])\.", r".attn.pool_\1.norm_act.0."), (r"\.mlp\.fc1\.", ".mlp.0."),
+        (r"\.mlp\.fc2\.", ".mlp.3."), (r"^(blocks\.\d+)\.proj\.", r"\1.project."), (r"^head\.", "head.1."),
+    ]  # fmt: skip
+    out = {}
+    for key, value in state.items():
+        name = key
+        for pattern, target in renames:
+            name = re.sub(pattern, target, name)
+        if name.startswith("pos_encoding."):  # (1, n, C) -> (n, C); the class tensors (1, 1, C) -> (C,)
+            value = value[0, 0] if value.shape[1] == 1 else value[0]
+        out[name] = value
+    return out
+
+
+def _slowfast_file(path: Path, state: dict[str, torch.Tensor], kv_stride: list[int] | None) -> Path:
+    mvit = {"POOL_KVQ_KERNEL": [3, 3, 3], "POOL_Q_STRIDE": [[1, 1, 2, 2], [3, 1, 2, 2]], "DROPPATH_RATE": 0.0}
+    if kv_stride is not None:
+        mvit["POOL_KV_STRIDE_ADAPTIVE"] = kv_stride
+    cfg = yaml.safe_dump({"DATA": {"NUM_FRAMES": 8}, "MVIT": mvit})  # as yacs' CfgNode.dump() writes it
+    torch.save({"epoch": 3, "model_state": state, "optimizer_state": {"state": {}}, "cfg": cfg}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("layout", "changes"),
+    [
+        ("slowfast", {}),
+        ("slowfast-separate-qkv", {}),
+        ("slowfast", {"kv_pool": "strided"}),  # the original pySlowFast zoo file: no kv pool at stride 1
+        ("torchvision", {"pool_eps": 1e-6}),
+    ],
+)
+def test_checkpoints_load_back_with_equal_logits(layout: str, changes: dict, tmp_path: Path) -> None:
+    model = _model(**changes).float()
+    state = model.state_dict()
+    path = tmp_path / "model.pyth"
+    load_changes = {}
+    if layout == "torchvision":
+        torch.save(_torchvision_names(state), path)
+        load_changes = {"kv_stride": (1, 4, 4)}  # not in the tensors; torchvision's own is MViT-B's (1, 8, 8)
+    else:
+        names = _slowfast_names(state, separate_qkv=layout.endswith("separate-qkv"))
+        _slowfast_file(path, names, kv_stride=[1, 4, 4])
+    loaded = ts.load(path, **load_changes)
+    assert type(loaded) is ts.MViT and not loaded.training
+    # Read off the tensors (and the cfg's kv stride and stochastic depth; torchvision's: MViT-B's 0.2).
+    expected = model.config if layout != "torchvision" else dataclasses.replace(model.config, drop_path=0.2)
+    assert loaded.config == expected
+    assert loaded.config.pool_eps == (1e-6 if layout == "torchvision" else 1e-5)
+    video = tiny_video("mvit-tiny")
+    with torch.no_grad():
+        assert torch.equal(loaded(video), model(video))
+
+
+def test_the_kv_stride_comes_from_the_cfg(tmp_path: Path) -> None:
+    model = _model().float()
+    names = _slowfast_names(model.state_dict())
+    assert ts.load(_slowfast_file(tmp_path / "a.pyth", names, kv_stride=[1, 2, 2])).config.kv_stride == (
+        1,
+        2,
+        2,
+    )
+    assert ts.load(_slowfast_file(tmp_path / "b.pyth", names, kv_stride=None)).config.kv_stride == (1, 8, 8)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_listing_every_key(tmp_path: Path) -> None:
+    names = _slowfast_names(_model().float().state_dict())
+    del names["blocks.2.mlp.fc1.bias"]
+    names["blocks.2.attn.rel_pos_h"] = torch.zeros(3, 8)  # MViTv2's relative positions
+    names["blocks.1.attn.proj.weight"] = torch.zeros(16, 15)
+    with pytest.raises(CheckpointMismatchError) as error:
+        ts.load(_slowfast_file(tmp_path / "bad.pyth", names, kv_stride=[1, 4, 4]))
+    message = str(error.value)
+    for expected in ("missing keys (1)", "blocks.2.mlp.fc1.bias", "unexpected keys (1)", "blocks.2.attn.rel_pos_h",
+                     "shape mismatches (1)", "blocks.1.attn.proj.weight: checkpoint (16, 15) vs model (16, 16)"):  # fmt: skip
+        assert expected in message
+
+
+def test_variants_we_do_not_build_are_refused_by_name(tmp_path: Path) -> None:
+    names = _slowfast_names(_model().float().state_dict())
+    names["blocks.0.attn.pool_k.weight"] = torch.zeros(8, 1, 1, 9, 9)  # MViT-B-24: kernel s + 1
+    with pytest.raises(InputError, match=r"pools with kernels .*3x3x3 pooling only"):
+        ts.load(_slowfast_file(tmp_path / "b24.pyth", names, kv_stride=[1, 4, 4]))
