@@ -33,11 +33,12 @@ def _pool(t: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int, int], t
 
 
 def reference_logits(
-    model: ts.VideoBackbone, video: torch.Tensor, frames_kept: list[int] | None = None
+    model: ts.VideoBackbone, video: torch.Tensor, frames_kept: list[int] | None = None, select=None
 ) -> torch.Tensor:
     """The logits of `model`'s weights computed the way the MViT paper and pySlowFast describe the
     network, one token, head and block at a time. `frames_kept`: temporal slices kept right after the
-    embedding (a frame-selection plan); the later convolutions treat them as adjacent."""
+    embedding (a frame-selection plan); the later convolutions treat them as adjacent. `select(i, x, thw)
+    -> (x, thw)`: a selection before block i (STTS's)."""
     cfg = model.config
     P = dict(model.named_parameters())
     t, p = cfg.tubelet, cfg.patch
@@ -57,6 +58,8 @@ def reference_logits(
     hd = cfg.dim // cfg.heads  # every head is this wide
     kv = list(cfg.kv_stride)
     for i in range(cfg.depth):
+        if select is not None:
+            x, thw = select(i, x, thw)
         b = f"blocks.{i}."
         dim = x.shape[-1]
         pools_q = i in cfg.stages
@@ -140,6 +143,89 @@ def test_frame_selection_before_block_0_convolves_the_kept_slices_as_adjacent() 
         torch.testing.assert_close(
             model(video), reference_logits(model, video, frames_kept=[1, 3]), rtol=0, atol=1e-10
         )
+
+
+# ------------------------------------------------------------------ STTS on MViT
+def _predictor(P: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """The released `PredictorLG` on candidates (B, L, D): LayerNorm, Linear(D, D), GELU; the first half of
+    the channels per candidate, the mean of the second half over the candidates; an MLP to one score."""
+    D = x.shape[-1]
+    h = F.layer_norm(x, (D,), P[prefix + "in_conv.0.weight"], P[prefix + "in_conv.0.bias"], eps=1e-5)
+    h = F.gelu(h @ P[prefix + "in_conv.1.weight"].T + P[prefix + "in_conv.1.bias"])
+    h = torch.cat([h[..., : D // 2], h[..., D // 2 :].mean(1, keepdim=True).expand(-1, x.shape[1], -1)], -1)
+    for j in (0, 2):
+        h = F.gelu(h @ P[prefix + f"out_conv.{j}.weight"].T + P[prefix + f"out_conv.{j}.bias"])
+    return (h @ P[prefix + "out_conv.4.weight"].T + P[prefix + "out_conv.4.bias"])[..., 0]
+
+
+def _min_max(s: torch.Tensor) -> torch.Tensor:
+    low, high = s.min(-1, keepdim=True).values, s.max(-1, keepdim=True).values
+    return (s - low) / (high - low + 1e-5)
+
+
+def released_stts(model: ts.VideoBackbone, picks: dict[int, tuple[str, int, int]]):  # type: ignore[no-untyped-def]
+    """STTS's evaluation path as its `PatchNet` runs it (`tpool`, `spatch`), for `reference_logits`:
+    picks = {block: ("T", K frames, selection index) or ("S", anchor side P, selection index)}."""
+    P = dict(model.named_parameters())
+
+    def select(
+        i: int, x: torch.Tensor, thw: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        if i not in picks:
+            return x, thw
+        kind, k, index = picks[i]
+        prefix = f"plan.0.selections.{index}.scorer."
+        B, _, C = x.shape
+        T, H, W = thw
+        frames = x[:, 1:].reshape(B, T, H * W, C)
+        if kind == "T":
+            scores = _min_max(_predictor(P, prefix, torch.cat([frames.mean(2), frames.max(2).values], -1)))
+            idx = scores.topk(k, -1).indices.sort(-1).values
+            kept = torch.stack([frames[b, idx[b]] for b in range(B)])  # (B, K, H*W, C)
+            return torch.cat([x[:, :1], kept.flatten(1, 2)], 1), (k, H, W)
+        stride = max((H - k) // 2, 1)
+        crops = []
+        for b in range(B):
+            for t in range(T):
+                scores = _predictor(P, prefix, frames[b, t][None])  # (1, H*W)
+                anchors = F.unfold(scores.view(1, 1, H, W), k, stride=stride).mean(1)  # (1, G)
+                best = int(_min_max(anchors).argmax())
+                windows = F.unfold(frames[b, t].T.reshape(1, C, H, W), k, stride=stride)  # (1, C*k*k, G)
+                crops.append(windows[0, :, best].view(C, k * k).T)  # (k*k, C), raster order in the window
+        kept = torch.stack(crops).view(B, T * k * k, C)
+        return torch.cat([x[:, :1], kept], 1), (T, k, k)
+
+    return select
+
+
+STTS_TINY = "stts:T0=0.5,S2=0.6,pool=meanmax,anchor_pool=mean,scorer=released"
+"""On mvit-tiny: 2 of the 4 slices before block 0; before block 2 (4x4 grid, width 16) one 3x3 anchor per
+frame (int(16 * 0.6) = 9 tokens), stride max((4 - 3) // 2, 1) = 1: four anchors; block 3 pools 3x3 to 2x2."""
+
+
+def _stts_model() -> ts.VideoBackbone:
+    model = _model()
+    ts.apply(model, STTS_TINY)
+    with (
+        torch.no_grad()
+    ):  # scorers with spread-out scores, so that each clip picks its own frames and anchors
+        for param in model.plan.parameters():
+            param.copy_(torch.randn_like(param))
+    return model.eval()
+
+
+def test_stts_on_mvit_equals_the_released_selection_then_the_reference() -> None:
+    model = _stts_model()
+    video = torch.randn(4, 8, 3, 32, 32, dtype=torch.float64)
+    layouts = [(s.after.tokens, s.after.frame_grid) for s in model.installed.steps]
+    assert layouts == [(128, (8, 8)), (18, (3, 3))]
+    with torch.no_grad():
+        ours = model(video)
+        ref = reference_logits(model, video, select=released_stts(model, {0: ("T", 2, 0), 2: ("S", 3, 1)}))
+        kept = model.forward_features(video, trace=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    kept.check()
+    assert len({tuple(row) for row in kept.pos.tolist()}) > 1  # the clips chose differently
 
 
 # ------------------------------------------------------------------ MViT-B
@@ -318,6 +404,42 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_listing_every_key(tmp_path:
     for expected in ("missing keys (1)", "blocks.2.mlp.fc1.bias", "unexpected keys (1)", "blocks.2.attn.rel_pos_h",
                      "shape mismatches (1)", "blocks.1.attn.proj.weight: checkpoint (16, 15) vs model (16, 16)"):  # fmt: skip
         assert expected in message
+
+
+def _stts_file(path: Path, model: ts.VideoBackbone) -> Path:
+    """`model` (with `STTS_TINY`) saved as STTS saves its MViT: the selectors under their released names."""
+    state = model.state_dict()
+    names = _slowfast_names({k: v for k, v in state.items() if not k.startswith("plan.")})
+    for key, value in state.items():
+        if key.startswith("plan.0.selections."):
+            index, rest = key.removeprefix("plan.0.selections.").split(".scorer.")
+            prefix = "time_score_predictor.0." if index == "0" else "space_score_predictor.0."
+            names[prefix + "score_network." + rest] = value
+    mvit = {
+        "POOL_KV_STRIDE_ADAPTIVE": [1, 4, 4], "DROPPATH_RATE": 0.0, "TIME_PRUNING_LOC": [0], "TIME_LEFT_RATIO": [0.5],
+        "TIME_SCORE": "tpool", "SPACE_PRUNING_LOC": [2], "SPACE_LEFT_RATIO": [0.6], "SPACE_SCORE": "spatch",
+        "SIGMA": 0.1,
+    }  # fmt: skip
+    torch.save({"epoch": 1, "model_state": names, "cfg": yaml.safe_dump({"MVIT": mvit})}, path)
+    return path
+
+
+def test_an_stts_checkpoint_loads_with_its_selectors_as_a_plan(tmp_path: Path) -> None:
+    model = _stts_model().float()
+    loaded = ts.load(_stts_file(tmp_path / "stts.pyth", model))
+    assert loaded.spec == STTS_TINY + ",sigma=0.1"
+    video = tiny_video("mvit-tiny", batch=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(video), model(video))
+
+
+def test_an_stts_checkpoint_without_its_places_is_refused(tmp_path: Path) -> None:
+    path = _stts_file(tmp_path / "stts.pyth", _stts_model().float())
+    ckpt = torch.load(path)
+    ckpt["cfg"] = yaml.safe_dump({"MVIT": {"POOL_KV_STRIDE_ADAPTIVE": [1, 4, 4]}})
+    torch.save(ckpt, path)
+    with pytest.raises(InputError, match="holds STTS selectors, but its cfg names no TIME_PRUNING_LOC"):
+        ts.load(path)
 
 
 def test_variants_we_do_not_build_are_refused_by_name(tmp_path: Path) -> None:

@@ -21,6 +21,12 @@ original pySlowFast MViT-B 16x4 zoo file does not). Not in the tensors: the firs
 cfg's `POOL_KV_STRIDE_ADAPTIVE`, else MViT-B's (1, 8, 8)) and the pooling norms' epsilon (pySlowFast
 and STTS build them with LayerNorm's default 1e-5, torchvision with 1e-6). NOTE: STTS's released
 evaluation head applies a softmax; ours returns logits.
+
+An STTS checkpoint also holds its trained selectors, `time_score_predictor.{j}.score_network.*` and
+`space_score_predictor.{j}.score_network.*` (the released `PredictorLG`): they become an installed `stts`
+plan (`stts_spec`) with the released scorer, frame descriptor and anchor pooling, at the places and
+ratios of the cfg's `TIME_PRUNING_LOC`/`TIME_LEFT_RATIO` and `SPACE_PRUNING_LOC`/`SPACE_LEFT_RATIO`; the
+temporal ratio is written K / T with the released K = int(T * ratio).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ __all__ = [
     "is_slowfast",
     "is_torchvision",
     "read_cfg",
+    "stts_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -232,8 +239,78 @@ def _check_supported(state: Mapping[str, Tensor], mvit: Mapping[str, Any]) -> No
         raise InputError(f"this MViT pools queries at strides {strides}; tokensieve builds (1, 2, 2) only")
 
 
-def _build(config: BackboneConfig, state: Mapping[str, Tensor], unmatched: list[str], source: str) -> MViT:
+PREDICTORS = {"T": "time_score_predictor.", "S": "space_score_predictor."}
+"""The prefixes of STTS's selectors in its checkpoints, by kind of selection."""
+
+
+def stts_spec(cfg: Mapping[str, Any], frames: int, *, source: str) -> str:
+    """The `stts` plan an STTS checkpoint's cfg describes, its selections in the cfg's order.
+
+    Args:
+        cfg: the checkpoint's config (`read_cfg`).
+        frames: temporal slices after the patch embedding (`config.grid[0]`).
+
+    Raises:
+        InputError: no pruning places in the cfg, ratios that do not pair with them, another scorer than
+            the released `tpool` / `spatch`, or a temporal ratio that keeps no slice.
+    """
+    mvit = cfg.get("MVIT") or {}
+    entries = []
+    for kind, what, score in (("T", "TIME", "tpool"), ("S", "SPACE", "spatch")):
+        places, ratios = mvit.get(f"{what}_PRUNING_LOC") or [], mvit.get(f"{what}_LEFT_RATIO") or []
+        if len(places) != len(ratios):
+            raise InputError(
+                f"{source}: its cfg gives {what}_PRUNING_LOC {places} but {what}_LEFT_RATIO {ratios}"
+            )
+        if places and mvit.get(f"{what}_SCORE") != score:
+            raise InputError(
+                f"{source}: {what}_SCORE {mvit.get(f'{what}_SCORE')!r}; tokensieve runs STTS's {score!r}"
+            )
+        for place, ratio in zip(places, ratios, strict=True):
+            if kind == "T":  # the released count, K = int(T * ratio), as the ratio K / T
+                kept = int(frames * float(ratio))
+                if kept < 1:
+                    raise InputError(f"{source}: TIME_LEFT_RATIO {ratio} of {frames} slices keeps none")
+                ratio, frames = kept / frames, kept
+            entries.append(f"{kind}{int(place)}={float(ratio)!r}")
+    if not entries:
+        raise InputError(
+            f"{source} holds STTS selectors, but its cfg names no TIME_PRUNING_LOC / SPACE_PRUNING_LOC to "
+            "run them at"
+        )
+    sigma = float(mvit.get("SIGMA", 0.1))
+    return f"stts:{','.join(entries)},pool=meanmax,anchor_pool=mean,scorer=released,sigma={sigma!r}"
+
+
+def _selector_keys(model: MViT, predictors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """STTS's selector tensors under the names of the installed plan's scorers: the j-th temporal (spatial)
+    predictor is the j-th T (S) selection in the order of its places."""
+    (reducer,) = model.plan
+    slots = {kind: [i for i, s in enumerate(reducer.selections) if s.kind == kind] for kind in PREDICTORS}
+    out = {}
+    for key, value in predictors.items():
+        kind = next(k for k, prefix in PREDICTORS.items() if key.startswith(prefix))
+        j, _, rest = key.removeprefix(PREDICTORS[kind]).partition(".")
+        rest = rest.removeprefix("score_network.")
+        index = slots[kind][int(j)] if j.isdigit() and int(j) < len(slots[kind]) else f"{kind}{j}?"
+        out[f"plan.0.selections.{index}.scorer.{rest}"] = value  # an unknown one stays unexpected
+    return out
+
+
+def _build(
+    config: BackboneConfig,
+    state: Mapping[str, Tensor],
+    unmatched: list[str],
+    source: str,
+    spec: str | None = None,
+    predictors: Mapping[str, Tensor] | None = None,
+) -> MViT:
     model = MViT(config)
+    if spec is not None:
+        from ..reducers import apply  # (the reducers import the backbones)
+
+        apply(model, spec)
+        state = {**state, **_selector_keys(model, predictors or {})}
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:  # before copying, so float64 weights are not rounded through float32
         model = model.to(dtype=dtypes.pop())
@@ -242,20 +319,28 @@ def _build(config: BackboneConfig, state: Mapping[str, Tensor], unmatched: list[
 
 
 def from_slowfast(ckpt: Mapping[str, Any], *, source: str, **config_changes: Any) -> MViT:
-    """The MViT of a pySlowFast / STTS checkpoint (`is_slowfast`).
+    """The MViT of a pySlowFast / STTS checkpoint (`is_slowfast`), with STTS's selectors installed as an
+    `stts` plan when it holds them.
 
     Raises:
         InputError: a model this backbone does not build, a config it cannot read.
         CheckpointMismatchError: missing, unexpected and mis-shaped tensors, all listed.
     """
-    state, unmatched = remap(_strip_module(ckpt["model_state"]), SLOWFAST_RULES)
+    model_state = _strip_module(ckpt["model_state"])
+    predictors = {
+        k: model_state.pop(k) for k in list(model_state) if k.startswith(tuple(PREDICTORS.values()))
+    }
+    state, unmatched = remap(model_state, SLOWFAST_RULES)
     cfg = read_cfg(ckpt.get("cfg"), source)
     if "kv_stride" not in config_changes and "POOL_KV_STRIDE_ADAPTIVE" not in (cfg.get("MVIT") or {}):
         log.info(
             "%s carries no POOL_KV_STRIDE_ADAPTIVE: MViT-B's (1, 8, 8) assumed (pass kv_stride=)", source
         )
     config = config_from_state(state, pool_eps=SLOWFAST_EPS, cfg=cfg, **config_changes)
-    return _build(config, state, unmatched, f"{source} (pySlowFast MViT checkpoint)")
+    spec = stts_spec(cfg, config.grid[0], source=source) if predictors else None
+    if spec is not None:
+        log.info("%s: its STTS selectors run as the plan %s", source, spec)
+    return _build(config, state, unmatched, f"{source} (pySlowFast MViT checkpoint)", spec, predictors)
 
 
 def from_torchvision(state: Mapping[str, Tensor], *, source: str, **config_changes: Any) -> MViT:

@@ -92,6 +92,34 @@ class Scorer(nn.Module):
         return self.score(torch.cat([f_l, f_g], -1)).squeeze(-1)  # (B, L)
 
 
+class ReleasedScorer(nn.Module):
+    """The released code's scorer (`PredictorLG`, `scorer=released`), to run its trained weights: LayerNorm,
+    Linear(D, D) and GELU; the first D/2 channels are each candidate's local features, the mean of the
+    last D/2 over the candidates their context; then Linear(D, D/2), GELU, Linear(D/2, D/4), GELU,
+    Linear(D/4, 1). Raw scores, as `Scorer`. Submodule names are the released ones (`in_conv`, `out_conv`)."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 1),
+        )
+
+    def forward(self, q: Tensor) -> Tensor:
+        """(B, L, D) candidates -> (B, L) raw scores (not normalised)."""
+        f = self.in_conv(q)  # (B, L, D)
+        half = f.shape[-1] // 2
+        f_g = f[..., half:].mean(1, keepdim=True).expand(-1, f.shape[1], -1)  # (B, L, D - D/2)
+        return self.out_conv(torch.cat([f[..., :half], f_g], -1)).squeeze(-1)  # (B, L)
+
+
+SCORERS = {"paper": Scorer, "released": ReleasedScorer}
+
+
 def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, int, int, int]:
     """(P, stride, anchors down, anchors across) for keeping ~`ratio` of an H x W grid."""
     P = math.isqrt(int(H * W * ratio))
@@ -107,10 +135,10 @@ def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, 
 class _Selection(nn.Module):
     """One `T<p>` or `S<p>` selection: its kind, place, ratio and scorer."""
 
-    def __init__(self, kind: str, position: int, ratio: float, dim: int) -> None:
+    def __init__(self, kind: str, position: int, ratio: float, dim: int, scorer: str = "paper") -> None:
         super().__init__()
         self.kind, self.position, self.ratio = kind, position, ratio
-        self.scorer = Scorer(dim=dim)
+        self.scorer = SCORERS[scorer](dim=dim)
 
 
 @register("stts")
@@ -119,6 +147,7 @@ class SpatioTemporalSelection(Reducer):
 
     pattern_parameters: ClassVar[dict[str, type]] = {r"T\d+": float, r"S\d+": float}
     budget = "T0"  # the sweep varies the frames kept before block 0
+    trained_with = ("scorer",)  # another network: weights trained for one never run as the other
 
     def __init__(
         self,
@@ -129,6 +158,7 @@ class SpatioTemporalSelection(Reducer):
         anchor_pool: Literal["max", "mean"] = "max",
         stride: int = 0,
         jacobian: Literal["diagonal", "full"] = "diagonal",
+        scorer: Literal["paper", "released"] = "paper",
         **selections: float,
     ) -> None:
         super().__init__()
@@ -144,6 +174,8 @@ class SpatioTemporalSelection(Reducer):
             raise InputError(f"stts: jacobian must be one of {', '.join(JACOBIANS)}; got {jacobian!r}")
         if stride < 0:
             raise InputError(f"stts: stride must be >= 0 (0: the released code's rule), got {stride}")
+        if scorer not in SCORERS:
+            raise InputError(f"stts: scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
         chosen = []
         for key, ratio in selections.items():
             if not re.fullmatch(r"[TS]\d+", key):
@@ -164,7 +196,7 @@ class SpatioTemporalSelection(Reducer):
         self.specs = [(kind, p, ratio) for p, _, kind, ratio in sorted(chosen)]  # temporal first at a place
         self.samples, self.sigma, self.pool, self.anchor_pool = samples, sigma, pool, anchor_pool
         self.stride = stride or None
-        self.jacobian = jacobian
+        self.jacobian, self.scorer = jacobian, scorer
         self.current_sigma = sigma  # set every training step by `on_train_step`
         self.selections = nn.ModuleList()  # filled by `setup`, once the model's width is known
 
@@ -172,7 +204,9 @@ class SpatioTemporalSelection(Reducer):
     def setup(self, model: VideoBackbone) -> None:
         width = model.config.width  # the tokens' width before each block (MViT's grows by stage)
         self.selections = nn.ModuleList(
-            _Selection(kind, p, ratio, (2 if kind == "T" and self.pool == "meanmax" else 1) * width(p))
+            _Selection(
+                kind, p, ratio, (2 if kind == "T" and self.pool == "meanmax" else 1) * width(p), self.scorer
+            )
             for kind, p, ratio in self.specs
         )
         for m in self.selections.modules():  # the backbone's init: trunc-normal(0.02), zero biases
@@ -290,5 +324,5 @@ class SpatioTemporalSelection(Reducer):
         picks = ", ".join(f"{kind}{p}={ratio}" for kind, p, ratio in self.specs)
         return (
             f"{picks}, samples={self.samples}, sigma={self.sigma}, pool={self.pool}, "
-            f"anchor_pool={self.anchor_pool}, jacobian={self.jacobian}"
+            f"anchor_pool={self.anchor_pool}, jacobian={self.jacobian}, scorer={self.scorer}"
         )
