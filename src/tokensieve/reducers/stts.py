@@ -12,14 +12,16 @@ Scorer (Sec. 3.2, Eq. 2-3), on L candidates q (frames or tokens) of width D:
     s'  = (s - min s) / (max s - min s + 1e-5)    min-max over the candidates that compete (`min_max`)
 NOTE(paper): the paper does not give the layers; like the released code we put a LayerNorm first,
 use one Linear+GELU for MLP_1 and Linear(D, D/2)+GELU, Linear(D/2, D/4)+GELU, Linear(D/4, 1) for
-MLP_2. The released code instead maps D -> D and splits the channels into local and global halves.
+MLP_2. The released code instead maps D -> D and splits the channels into local and global halves:
+`scorer=released` (`ReleasedScorer`) runs that network, for its trained weights. Each scorer has the
+width of the tokens at its block (MViT's grows by stage).
 
 Temporal selection (Eq. 5-6): frame descriptors by max-pooling over each frame's tokens (`pool=max`,
 the paper; `pool=meanmax` concatenates mean and max pooling as the released code does), scores s,
 min-max over the frames, Y = Top-K(s') in (B, K, T), kept frames z = Y x, in time order.
 K = round(ratio * T).
 Spatial selection (Eq. 7): token scores within each frame (context = the frame's mean), reshaped to
-the H x W grid; anchors are the P x P windows at stride s, P = floor(sqrt(ratio * H * W)),
+the frame's H x W grid (`TokenState.frame_grid`: the patch grid, MViT's pooled grid, an earlier anchor); anchors are the P x P windows at stride s, P = floor(sqrt(ratio * H * W)),
 s = max((H - P) // 2, 1) unless `stride` is given (the released code's rule), G = ((H-P)/s+1)((W-P)/s+1)
 anchors (the paper's formula omits the +1); anchor score = max over its tokens' raw scores s
 (`anchor_pool=max`, the paper; `mean`, the released code), then min-max over the anchors of the
