@@ -16,7 +16,7 @@ from tokensieve.backbones import build_from_config, layers
 from tokensieve.backbones.config import preset
 from tokensieve.backbones.layers import Attention, patch_tokens, sinusoid_table
 from tokensieve.errors import InputError
-from tokensieve.tokens import CLS_ATTN, KEYS, TokenState
+from tokensieve.tokens import CLS_ATTN, KEYS, Layout, TokenState
 
 TINY = [name for name in ts.PRESETS if name.endswith("-tiny")]  # haltingvt-tiny: divided, then joint blocks
 
@@ -102,7 +102,11 @@ def test_forward_shapes_and_state(name: str) -> None:
     state = model.forward_features(video)
     state.check()
     cfg = model.config
-    assert state.grid == cfg.grid and state.x.shape == (2, math.prod(cfg.grid), cfg.dim)
+    layout = Layout.of_grid(cfg.grid)  # walked through what each block declares it does (MViT pools)
+    for p in range(cfg.depth):
+        layout = model.layout_after(p, layout)
+    assert state.grid == cfg.grid and state.x.shape == (2, layout.tokens, cfg.width(cfg.depth))
+    assert (state.frames, state.frame_grid) == (layout.frames, layout.frame_grid)
     assert (state.cls is not None) == cfg.has_cls
     assert model(video).shape == (2, cfg.num_classes)
 

@@ -64,7 +64,105 @@ def test_vivit_closed_form() -> None:
     assert fc.gflops == pytest.approx(451.81, abs=0.01)
 
 
-@pytest.mark.parametrize("name", ["videomae-tiny", "timesformer-tiny", "joint-tiny", "vivit-tiny"])
+def mvit_closed_form(frames: int, strided_kv: bool = False) -> tuple[int, list[int]]:
+    """MViT-B multiply-adds from the architecture (hierarchical.md §4.3), norms included (5 per element):
+    (total, per block). N counts the class token; primes are pooled patch tokens without it."""
+    T, side, C, kv = frames // 2, 56, 96, 8
+    total = T * side * side * C * (3 * 3 * 7 * 7)  # patch embedding
+    blocks = []
+    for i in range(16):
+        stage = i in (1, 3, 14)
+        if stage:
+            kv = max(kv // 2, 1)
+        C_out = 2 * C if i + 1 in (1, 3, 14) else C
+        N = T * side * side + 1
+        q_side = (side - 1) // 2 + 1 if stage else side
+        Nq_ = T * q_side * q_side
+        Nq = Nq_ + 1
+        pools_kv = kv > 1 or not strided_kv
+        Nk_ = T * ((side - 1) // kv + 1) ** 2 if pools_kv else N - 1
+        Nk = Nk_ + 1
+        macs = 5 * N * C + 3 * N * C * C  # norm1, qkv
+        if stage:
+            macs += 27 * Nq_ * C + 5 * Nq * C  # q pooling conv and its norm
+        if pools_kv:
+            macs += 2 * (27 * Nk_ * C + 5 * Nk * C)  # k and v pooling
+        macs += 2 * Nq * Nk * C + Nq * C * C + 5 * Nq * C  # attention, proj, norm2
+        macs += 4 * Nq * C * C + 4 * Nq * C * C_out + (Nq * C * C_out if C_out != C else 0)  # MLP, widening
+        blocks.append(macs)
+        side, C = q_side, C_out
+    return total + sum(blocks) + 5 * C + C * 400, blocks  # final norm (class token), classifier
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "ours", "fvcore", "without_norms"),
+    # hierarchical.md §1.3/§4.1, fvcore 0.1.5 on STTS's MViT (kv pools at every block) and on the original
+    # pySlowFast config (none at blocks 14, 15); torchvision's mvit_v1_b `_ops` = 70.599 (no norms).
+    [
+        ("mvit-b-16x4", {}, "70.80", "70.80", "70.599"),
+        ("mvit-b-16x4", {"kv_pool": "strided"}, "70.71", "70.71", "70.52"),
+        ("mvit-b-32x3", {}, "170.36", "170.37", "169.96"),
+    ],
+)
+def test_mvit_gflops_match_fvcore(
+    name: str, changes: dict, ours: str, fvcore: str, without_norms: str
+) -> None:
+    """To the digits given. Our final norm runs on the class token alone (the only token read), the
+    released model's on every token: 5 x 768 multiply-adds per patch token more there (32x3: 0.003 G, so
+    fvcore's 170.367 against our 170.364). Without norms the two are equal."""
+    fc = ts.flops(meta_model(name, **changes), detail=True)
+    assert f"{fc.gflops:.2f}" == ours
+    released_final_norm = 5 * 768 * ts.PRESETS[name].grid[0] * 7 * 7
+    assert f"{(fc.macs + released_final_norm) / 1e9:.2f}" == fvcore
+    no_norms = (fc.macs - fc.by_op["norm"]) / 1e9
+    assert f"{no_norms:.{len(without_norms.split('.')[1])}f}" == without_norms
+    assert fc.by_op["conv"] > 0  # the patch embedding and every pooling convolution
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"), [("mvit-b-16x4", {}), ("mvit-b-16x4", {"kv_pool": "strided"}), ("mvit-b-32x3", {})]
+)
+def test_mvit_closed_form(name: str, changes: dict) -> None:
+    """The count equals the formula exactly; per block, the formula gives fvcore's split (§1.3)."""
+    fc = ts.flops(meta_model(name, **changes), detail=True)
+    total, blocks = mvit_closed_form(ts.PRESETS[name].frames, strided_kv=bool(changes))
+    assert fc.macs == total
+    if name == "mvit-b-16x4" and not changes:
+        fvcore = [6.08, 8.72, 5.13, 6.82] + [3.27] * 9 + [4.65, 5.90, 3.04]
+        assert [round(m / 1e9, 2) for m in blocks] == fvcore
+
+
+@pytest.mark.parametrize(
+    ("T0", "S4", "frames", "side", "fvcore", "without_norms"),
+    # hierarchical.md §1.3: STTS's five released MViT configs (TIME/SPACE_LEFT_RATIO), fvcore on its code.
+    [
+        (0.875, 0.863, 7, 13, "56.39", "56.21"),
+        (0.75, 0.863, 6, 13, "47.21", "47.06"),
+        (0.625, 0.863, 5, 13, "38.46", "38.34"),
+        (0.5, 0.7367, 4, 12, "26.95", "26.86"),
+        (0.375, 0.6174, 3, 11, "18.46", "18.39"),
+    ],
+)
+def test_stts_on_mvit_gflops_match_fvcore(
+    T0: float, S4: float, frames: int, side: int, fvcore: str, without_norms: str
+) -> None:
+    """With the released scorer, descriptor and anchor pooling. The released model's final norm runs on
+    every token (ours on the class token: the logits are the same), 5 * 768 per token fvcore counts
+    besides; added here, the count gives fvcore's number to the digit (the 56.39 row: 56.3842 without)."""
+    model = meta_model("mvit-b-16x4")
+    installed = ts.apply(model, f"stts:T0={T0},S4={S4},pool=meanmax,anchor_pool=mean,scorer=released")
+    assert [s.after.frames for s in installed.steps] == [frames, frames]
+    assert installed.steps[1].after.frame_grid == (side, side)
+    fc = ts.flops(model, detail=True)
+    released_final_norm = 5 * 768 * frames * ((side - 1) // 2 + 1) ** 2  # the patch tokens' rows
+    assert f"{(fc.macs + released_final_norm) / 1e9:.2f}" == fvcore
+    assert f"{(fc.macs - fc.by_op['norm']) / 1e9:.2f}" == without_norms
+    assert fc.share("reducers.4") > 0.002  # the spatial scorer on frames x 196 tokens of width 384 counts
+
+
+@pytest.mark.parametrize(
+    "name", ["videomae-tiny", "timesformer-tiny", "joint-tiny", "vivit-tiny", "mvit-tiny"]
+)
 def test_agrees_with_torch_flop_counter(name: str) -> None:
     """Cross-check on CPU, where SDPA runs its fused CPU kernel (which torch 2.13 cannot count)."""
     register_cpu_sdpa_formula()

@@ -47,7 +47,11 @@ CONTRACT = {
     "attention": ["attention:keep=0.5", "attention:keep=0.3,per_frame=true,at=0", "attention:mass=0.6,at=0"],
     "tome": ["tome:r=6", "tome:r=4,mode=drop", "tome:r=5,schedule=decreasing,prop_attn=false"],
     "sta": ["sta:r=4", "sta:r=6,balance=frame,order=BFB", "sta:r=3,first=grid", "sta:r=3,first=random"],
-    "stts": ["stts:T0=0.5", "stts:T1=0.5,S2=0.6,pool=meanmax,anchor_pool=mean", "stts:S0=0.6,samples=50"],
+    "stts": [
+        "stts:T0=0.5",
+        "stts:T1=0.5,S2=0.6,pool=meanmax,anchor_pool=mean,scorer=released",
+        "stts:S0=0.6,samples=50",
+    ],
     # label=pred: the contract runs without labels (the true-label oracle: tests/test_lite.py)
     "oracle": [
         "oracle:keep=0.5,label=pred",

@@ -272,7 +272,11 @@ def test_bad_specs(spec: str, message: str) -> None:
     [
         ("videomae-tiny", "stts:T0=0.2", "keeps no frame"),
         ("videomae-tiny", "random:keep=0.5+stts:S1=0.5", "needs the same number of tokens in every frame"),
-        ("videomae-tiny", "stts:S1=0.5,S2=0.5", "needs whole frames of 4x4 tokens"),
+        (
+            "videomae-tiny",
+            "random:keep=0.5,per_frame=true+stts:S1=0.5",
+            "needs a grid of tokens in every frame",
+        ),
     ],
 )
 def test_bad_plans_fail_at_apply(name: str, spec: str, message: str) -> None:

@@ -147,7 +147,8 @@ class Inputs(NamedTuple):
 Need = Literal["tokens", "frames", "grid"]
 """What a block (or reducer) needs of the tokens it is given: any tokens, ragged batches included
 ("tokens"); the same count in every frame of a dense batch ("frames": divided space-time attention);
-or every frame's full H x W grid in raster order ("grid": pooling and windowed attention)."""
+or a rectangular grid of tokens in every frame, in raster order: the whole frame or a crop of it
+("grid": MViT's pooling attention, windowed attention; `Layout.frame_grid`)."""
 
 
 class Layout(NamedTuple):
@@ -160,6 +161,9 @@ class Layout(NamedTuple):
             per-frame counts differ (always for a ragged batch).
         ragged: clips of a batch may hold different counts (a padding mask, `compact`).
         whole: every one of the `frames` frames holds its full H x W grid, in raster order.
+        frame_grid: (h, w) when every one of the `frames` frames holds an h x w grid of tokens in raster
+            order (`TokenState.frame_grid`): the patch grid, a crop of it (STTS's anchors) or a pooled
+            grid (MViT); None when the frames are not such grids.
         budgets: per-clip budgets are set (an `adaptive` reducer ran): the keep-based selection next
             keeps a different share of each clip, and leaves the batch ragged.
     """
@@ -169,12 +173,13 @@ class Layout(NamedTuple):
     ragged: bool = False
     whole: bool = False
     budgets: bool = False
+    frame_grid: tuple[int, int] | None = None
 
     @classmethod
     def of_grid(cls, grid: tuple[int, int, int]) -> Layout:
         """The layout the patch embedding makes: every cell of `grid`, frame by frame."""
         T, H, W = grid
-        return cls(T * H * W, frames=T, whole=True)
+        return cls(T * H * W, frames=T, whole=True, frame_grid=(H, W))
 
     @property
     def kind(self) -> str:
@@ -185,7 +190,9 @@ class Layout(NamedTuple):
         """Whether a block or reducer needing `need` can take tokens laid out like this."""
         if need == "tokens":
             return True
-        return not self.ragged and self.frames is not None and (need == "frames" or self.whole)
+        if self.ragged or self.frames is None:
+            return False
+        return need == "frames" or self.frame_grid is not None
 
     def describe(self) -> str:
         if self.ragged:
@@ -193,13 +200,14 @@ class Layout(NamedTuple):
         if self.frames is None:
             return f"{self.tokens} tokens per clip, unequal between frames"
         whole = ", every frame whole" if self.whole else ""
-        return f"{self.tokens} tokens per clip in {self.frames} frames of {self.tokens // self.frames}{whole}"
+        grid = f" ({self.frame_grid[0]}x{self.frame_grid[1]})" if self.frame_grid is not None else ""
+        return f"{self.tokens} tokens per clip in {self.frames} frames of {self.tokens // self.frames}{grid}{whole}"
 
 
 NEEDS: dict[str, str] = {
     "tokens": "tokens",
     "frames": "the same number of tokens in every frame of every clip",
-    "grid": "every frame's full grid of tokens",
+    "grid": "a full (or cropped) grid of tokens in every frame",
 }
 """What each `Need` asks for, as error messages say it."""
 
@@ -224,6 +232,10 @@ class TokenState:
         frames: number of frames the tokens are laid out in when every frame holds the same count,
             in order (frame-major: tokens `[j * n, (j + 1) * n)` belong to the j-th kept frame);
             None when per-frame counts differ. Divided space-time attention needs it.
+        frame_grid: (h, w) when each of the `frames` frames holds an h x w grid of tokens in raster order
+            (the patch grid, a rectangular crop of it, or MViT's pooled grid); None otherwise, and
+            meaningless while `frames` is None. Pooling attention needs it; a `gather` sets it only when
+            the caller says so.
         aux: side results recorded by a block for the next reducer (`KEYS`, `CLS_ATTN`) and state
             a method carries across layers. Entries named in `TOKEN_AUX` are per token.
     """
@@ -237,6 +249,7 @@ class TokenState:
     frames: int | None = None
     aux: Mapping[str, Any] = field(default_factory=dict)
     lengths: tuple[int, ...] | None = None
+    frame_grid: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -255,7 +268,7 @@ class TokenState:
         if N != T * H * W:
             raise ValueError(f"expected {T}*{H}*{W}={T * H * W} tokens for grid {grid}, got {N}")
         pos = torch.arange(N, device=x.device).expand(B, N)  # (B, N)
-        return cls(x=x, pos=pos, grid=(T, H, W), cls=cls_token, frames=T)
+        return cls(x=x, pos=pos, grid=(T, H, W), cls=cls_token, frames=T, frame_grid=(H, W))
 
     def replace(self, **changes: Any) -> TokenState:
         """A copy with some fields changed (`dataclasses.replace`)."""
@@ -315,13 +328,17 @@ class TokenState:
         return self.x.view(B, -1, n, C)  # (B, F, n, C)
 
     # ------------------------------------------------------------------ index ops
-    def gather(self, idx: Tensor, *, frames: int | None = None) -> TokenState:
+    def gather(
+        self, idx: Tensor, *, frames: int | None = None, frame_grid: tuple[int, int] | None = None
+    ) -> TokenState:
         """Keep tokens by index; every per-token field follows.
 
         Args:
             idx: (B, K) long indices into the token axis (0 <= idx < N).
             frames: the frame layout of the result (`frames` of the output state). None unless the
                 caller guarantees K/frames tokens per frame in frame order.
+            frame_grid: the (h, w) grid each of those frames holds in raster order (`frame_grid` of
+                the output state); None unless the caller guarantees it.
 
         Returns:
             A state with K tokens.
@@ -341,6 +358,7 @@ class TokenState:
             frames=frames,
             aux=aux,
             lengths=None,
+            frame_grid=frame_grid if frames is not None else None,
         )
 
     def merge(
@@ -351,6 +369,7 @@ class TokenState:
         dst_idx: Tensor,
         *,
         frames: int | None = None,
+        frame_grid: tuple[int, int] | None = None,
     ) -> TokenState:
         """Merge tokens size-weighted; every per-token field follows, as in `gather`.
 
@@ -373,7 +392,7 @@ class TokenState:
             src_idx: (B, r) indices of the tokens merged away.
             dst_idx: (B, r) for each of `src_idx`, the position in `into_idx` (0 <= . < D) of the
                 token it merges into; several may share one.
-            frames: the frame layout of the result, as in `gather`.
+            frames, frame_grid: the frame layout of the result, as in `gather`.
 
         Returns:
             A state of U + D tokens.
@@ -381,7 +400,7 @@ class TokenState:
         B, N, _ = self.x.shape
         U, D = keep_idx.shape[1], into_idx.shape[1]
         kept = torch.cat([keep_idx, into_idx], 1)  # (B, U + D)
-        out = self.without_records().gather(kept, frames=frames)  # (B, U + D, ...): records not carried
+        out = self.without_records().gather(kept, frames=frames, frame_grid=frame_grid)  # records not carried
         size = self.size if self.size is not None else self.x.new_ones(B, N)
         src_s = size.gather(1, src_idx)  # (B, r)
         dst_s = size.gather(1, into_idx)  # (B, D)
@@ -443,6 +462,9 @@ class TokenState:
             assert bool(((frame_of == first) | ~grid_cells).all()), (
                 "a frame slot mixes tokens of several frames"
             )
+        if self.frame_grid is not None and self.frames is not None:  # meaningless without frames
+            h, w = self.frame_grid
+            assert N == self.frames * h * w, f"{N} tokens are not {self.frames} frames of {h}x{w}"
         for k, v in self.aux.items():
             if k in TOKEN_AUX and v is not None:
                 assert v.shape[:2] == (B, N), (

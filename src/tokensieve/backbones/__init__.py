@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from .base import VideoBackbone
 from .config import PRESETS, BackboneConfig, preset
+from .mvit import MViT
 from .timesformer import TimeSformer
 from .videovit import VideoViT
 
 __all__ = [
     "PRESETS",
     "BackboneConfig",
+    "MViT",
     "TimeSformer",
     "VideoBackbone",
     "VideoViT",
@@ -22,6 +24,7 @@ _ARCHS: dict[str, type[VideoBackbone]] = {
     "vit-cls": VideoViT,
     "timesformer": TimeSformer,
     "vivit": VideoViT,
+    "mvit": MViT,
 }
 
 

@@ -7,9 +7,10 @@ the last block, before the head), `blocks[p].inner` between the attention and th
 bare model holds `nn.Identity()` in every slot; `tokensieve.apply` puts a plan's reducers there (and
 the reducers themselves in `plan`).
 
-Each backbone declares what its blocks need of the tokens (`need`: any tokens, equal frames, the full
-grid), which `apply` checks every plan against. A ragged batch (clips holding different counts, a
-padding mask) runs packed by default (`ragged`).
+Each backbone declares what its blocks need of the tokens (`need`: any tokens, equal frames, a grid
+in every frame) and what they do to the layout (`layout_after`: MViT's pooling shrinks the grid), which
+`apply` checks every plan against. A ragged batch (clips holding different counts, a padding mask)
+runs packed by default (`ragged`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..rng import clip_keys
-from ..tokens import CLIP_KEY, INPUTS, Inputs, Need, TokenState, track_sources
+from ..tokens import CLIP_KEY, INPUTS, Inputs, Layout, Need, TokenState, track_sources
 from .config import BackboneConfig
 from .layers import RAGGED, Block, run_packed
 
@@ -35,11 +36,17 @@ class VideoBackbone(nn.Module):
     blocks: nn.ModuleList
     block_need: ClassVar[tuple[Need, str]] = ("tokens", "joint attention")
     """What every block needs of its tokens (`tokens.Need`) and why, as `need` reports it."""
+    can_record: ClassVar[bool] = True
+    """Whether its blocks' attention can record per-token side results (`KEYS`, `CLS_ATTN`,
+    `ATTN_RECEIVED`) for the reducer after it; `apply` refuses a plan that needs them otherwise."""
+    any_size: ClassVar[bool] = True
+    """False: it runs only at the grid its positions are built for (MViT); `apply` refuses a plan that
+    changes the clip's size (`resize`)."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
-        C = config.dim
+        C = config.width(config.depth)  # the tokens' width after the last block
         # Readout: mean pooling + fc_norm (VideoMAE), or final norm + one token.
         mean_pool = config.pool == "mean"
         self.norm = nn.Identity() if mean_pool else nn.LayerNorm(C, eps=config.eps)
@@ -58,6 +65,12 @@ class VideoBackbone(nn.Module):
     def need(self, position: int) -> tuple[Need, str]:
         """What block `position` needs of the tokens it is given, and why (for error messages)."""
         return self.block_need
+
+    def layout_after(self, position: int, layout: Layout) -> Layout:
+        """The layout of the tokens after block `position`'s attention (and after the whole block) given
+        `layout` before it: the same, except where a block pools its tokens (MViT). `apply` walks plans
+        with it, so every reducer and block is checked against the grid it will really see."""
+        return layout
 
     @property
     def ragged(self) -> Literal["packed", "padded"]:

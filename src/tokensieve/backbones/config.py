@@ -17,9 +17,11 @@ KINETICS_MEAN = (0.45, 0.45, 0.45)  # TimeSformer's normalisation
 KINETICS_STD = (0.225, 0.225, 0.225)
 HALF = (0.5, 0.5, 0.5)  # HaltingVT's and ViViT's normalisation: mean = std = 127.5 on 0-255 pixels
 
-Arch = Literal["videomae", "vit-cls", "timesformer", "vivit"]
-ARCHS = ("videomae", "vit-cls", "timesformer", "vivit")
+Arch = Literal["videomae", "vit-cls", "timesformer", "vivit", "mvit"]
+ARCHS = ("videomae", "vit-cls", "timesformer", "vivit", "mvit")
 Pool = Literal["mean", "first", "cls"]
+KvPool = Literal["all", "strided"]
+KV_POOLS = ("all", "strided")
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,15 @@ class BackboneConfig:
             positions shared by frames plus a learned time embedding: image-initialised joint
             models such as HaltingVT's), "timesformer" (divided space-time attention) or "vivit" (ViViT's
             model 1: joint attention, Conv3d tubelets, class token, learned positions over the whole
-            sequence, the class token's included).
+            sequence, the class token's included) or "mvit" (MViT v1: overlapping Conv3d patches, class
+            token, separable learned positions, pooling attention in stages; `backbones/mvit.py`).
         frames, size: input clip length and square frame side the positions are built for (`grid`); the
             model runs at any other the tubelet and patch divide (`grid_of`).
         patch, tubelet: spatial patch side and temporal tubelet length (1 for per-frame patches; arch
-            "videomae" and "vivit" only may have more).
+            "videomae", "vivit" and "mvit" only may have more). For "mvit" they are the patch
+            convolution's strides (its kernel is 2 * stride - 1: MViT-B's 3x7x7 at stride 2x4x4).
+        dim, heads, mlp_dim: width, heads and MLP width of the blocks; for "mvit" those of the first
+            stage (each later stage doubles all three: `width`, `heads_at`).
         pool: "mean" (mean of tokens, then `fc_norm`), "first" (final norm, token 0: VideoMAE
             without mean pooling) or "cls" (final norm, class token).
         qkv_bias: "qv" for VideoMAE (no key bias), "qkv" for timm/TimeSformer, "none".
@@ -47,6 +53,16 @@ class BackboneConfig:
         mean, std: per-channel normalisation the weights expect (inputs in [0, 1] before it).
         divided: arch "timesformer" only: how many leading blocks use divided space-time attention, the
             later ones joint attention over every token (HaltingVT: 2, its Glimpser stage); None: all.
+        stages: arch "mvit" only: the blocks that start a new stage (MViT-B: 1, 3, 14). Such a block pools
+            its queries at stride (1, 2, 2) (its skip connection by a max-pool), and has twice the
+            previous stage's width and heads (the block before it widens the tokens in its MLP).
+        kv_stride: arch "mvit": the key/value pooling stride of the first stage (MViT-B: (1, 8, 8)),
+            divided by 2 spatially at each stage (at least 1), as pySlowFast's `POOL_KV_STRIDE_ADAPTIVE`.
+        kv_pool: arch "mvit": "all" (every block pools keys and values with its 3x3x3 convolution, also
+            at stride 1: STTS and torchvision) or "strided" (only blocks whose kv stride exceeds 1: the
+            original pySlowFast config of the MViT-B 16x4 zoo file).
+        pool_eps: arch "mvit": LayerNorm epsilon after each pooling convolution (pySlowFast and STTS: 1e-5,
+            torchvision: 1e-6; a checkpoint keeps its source's).
     """
 
     arch: Arch
@@ -71,6 +87,10 @@ class BackboneConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     divided: int | None = None
+    stages: tuple[int, ...] = ()
+    kv_stride: tuple[int, int, int] = (1, 1, 1)
+    kv_pool: KvPool = "all"
+    pool_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         has_cls = self.arch != "videomae"
@@ -100,6 +120,24 @@ class BackboneConfig:
             raise InputError(f"divided sets TimeSformer's divided blocks; arch {self.arch!r} has none")
         if self.divided is not None and not 0 <= self.divided <= self.depth:
             raise InputError(f"divided must be in 0..depth ({self.depth}), got {self.divided}")
+        if self.stages and self.arch != "mvit":
+            raise InputError(f"stages sets MViT's pooling stages; arch {self.arch!r} has none")
+        if list(self.stages) != sorted(set(self.stages)) or not all(0 < s < self.depth for s in self.stages):
+            raise InputError(
+                f"stages must be increasing blocks in 1..depth-1 ({self.depth - 1}), got {self.stages}"
+            )
+        if len(self.kv_stride) != 3 or min(self.kv_stride) < 1:
+            raise InputError(f"kv_stride must be three strides >= 1 (t, h, w), got {self.kv_stride}")
+        if self.kv_pool not in KV_POOLS:
+            raise InputError(f"kv_pool must be one of {', '.join(KV_POOLS)}, got {self.kv_pool!r}")
+        if self.arch == "mvit" and self.qkv_bias == "qv":
+            raise InputError(
+                "arch 'mvit' has a bias on all of q, k and v or on none: qkv_bias must be 'qkv' or 'none'"
+            )
+        if self.arch == "mvit" and self.mlp_dim % self.dim:
+            raise InputError(
+                f"arch 'mvit' widens its MLP by a ratio: mlp_dim ({self.mlp_dim}) must be a multiple of dim"
+            )
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -138,6 +176,15 @@ class BackboneConfig:
     def has_cls(self) -> bool:
         return self.arch != "videomae"
 
+    def width(self, position: int) -> int:
+        """Channels of the tokens before block `position` (`depth`: after the last block): `dim`, doubled
+        at each MViT stage started by then."""
+        return self.dim * 2 ** sum(s <= position for s in self.stages)
+
+    def heads_at(self, block: int) -> int:
+        """Attention heads of `block` (their width stays dim / heads)."""
+        return self.heads * self.width(block) // self.dim
+
 
 def _videomae(dim: int, depth: int, heads: int) -> BackboneConfig:
     # NOTE: block eps 1e-6 as in the original VideoMAE code; the hub configs say 1e-12 and a
@@ -158,6 +205,12 @@ _TINY = {
     "patch": 8,
     "num_classes": 10,
 }
+
+# MViT-B (Fan et al. 2021) as STTS fine-tunes it: 16 blocks, stages at 1, 3, 14; pySlowFast's stochastic depth.
+_MVIT_B = {
+    "arch": "mvit", "size": 224, "patch": 4, "tubelet": 2, "dim": 96, "depth": 16, "heads": 1, "mlp_dim": 384,
+    "stages": (1, 3, 14), "kv_stride": (1, 8, 8), "drop_path": 0.2, "mean": KINETICS_MEAN, "std": KINETICS_STD,
+}  # fmt: skip
 
 PRESETS: dict[str, BackboneConfig] = {
     "videomae-s": _videomae(384, 12, 6),
@@ -190,12 +243,21 @@ PRESETS: dict[str, BackboneConfig] = {
         arch="vivit", frames=32, size=224, tubelet=2, dim=768, depth=12, heads=12, mlp_dim=3072,
         act="gelu_tanh", mean=HALF, std=HALF,
     ),
+    # MViT-B 16x4 (8 x 56 x 56 tokens) and 32x3 (16 temporal slices: the MViT paper's 16-block 32x3).
+    "mvit-b-16x4": BackboneConfig(frames=16, **_MVIT_B),
+    "mvit-b-32x3": BackboneConfig(frames=32, **_MVIT_B),
     # Tiny presets for tests: a few thousand parameters, clips of 4 frames of 32x32.
     "videomae-tiny": BackboneConfig(arch="videomae", tubelet=2, pool="mean", qkv_bias="qv", **_TINY),
     "timesformer-tiny": BackboneConfig(arch="timesformer", **_TINY),
     "joint-tiny": BackboneConfig(arch="vit-cls", **_TINY),
     "haltingvt-tiny": BackboneConfig(arch="timesformer", **{**_TINY, "depth": 4}, divided=2),
     "vivit-tiny": BackboneConfig(arch="vivit", tubelet=2, act="gelu_tanh", **_TINY),
+    # MViT-B's shape in small: 8 frames of 32x32 -> 4 x 8 x 8 tokens, pooled to 4x4 at block 1, 2x2 at block 3,
+    # then a block that does not pool (the last block's query pooling would only shape tokens nobody reads).
+    "mvit-tiny": BackboneConfig(
+        arch="mvit", frames=8, size=32, patch=4, tubelet=2, dim=8, depth=5, heads=1, mlp_dim=32, stages=(1, 3),
+        kv_stride=(1, 4, 4), num_classes=10, mean=KINETICS_MEAN, std=KINETICS_STD,
+    ),
 }  # fmt: skip
 
 

@@ -4,8 +4,8 @@
 `TimesformerForVideoClassification`, `TimesformerModel`, `VivitForVideoClassification` or `VivitModel`;
 `from_hf_state_dict(state, config, kind)` converts one's state dict (e.g. read from a hub file);
 `load(hub_id_or_dir)` loads one through transformers first, and is also `ts.load` for tokensieve's own
-saved models and training runs (`saved.py` reads those) and for the released HaltingVT checkpoints
-(`mmaction.py`). Both generations of parameter names are accepted: VideoMAE's `q_bias`/`v_bias` (hub
+saved models and training runs (`saved.py` reads those), for the released HaltingVT checkpoints
+(`mmaction.py`) and for MViT checkpoints of pySlowFast, STTS and torchvision (`mvit_weights.py`). Both generations of parameter names are accepted: VideoMAE's `q_bias`/`v_bias` (hub
 files, transformers 4.x and early 5.x) and `query.bias`/`value.bias` (transformers >= 5.x in memory);
 ViViT's `encoder.layer.i.attention.attention.query` (hub files) and `layers.i.attention.q_proj`
 (transformers >= 5.x in memory). Every key and shape is checked; a mismatch raises an error that lists
@@ -273,6 +273,8 @@ def load(name_or_path: str | Path, *, revision: str | None = None, **config_chan
     - a released HaltingVT checkpoint file (mmaction2/mmengine, `backbone.model.` keys): its bare
       backbone, the config read off the tensors (`mmaction.py`; pass `heads=` for a width that is not
       a multiple of 64); the equivalent `halting:` plan is logged, for `ts.apply`;
+    - an MViT v1 checkpoint file: pySlowFast's or STTS's (`model_state`, optionally `cfg`) or the state
+      dict of torchvision's `mvit_v1_b`, the config read off the tensors (`mvit_weights.py`);
     - otherwise a transformers checkpoint, a hub id or a `save_pretrained` folder, loaded through
       transformers. The normalisation it expects (`image_mean`/`image_std` of its preprocessor
       config, when present) is carried in the returned model's config.

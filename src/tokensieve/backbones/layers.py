@@ -560,15 +560,17 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """Linear -> GELU (exact, or `act="gelu_tanh"` its tanh approximation) -> Linear, with optional
-    dropout."""
+    dropout. Its output has `out` channels (default `dim`: MViT's widens the tokens at a stage's end)."""
 
-    def __init__(self, *, dim: int, hidden: int, act: Act = "gelu", drop: float = 0.0) -> None:
+    def __init__(
+        self, *, dim: int, hidden: int, act: Act = "gelu", drop: float = 0.0, out: int | None = None
+    ) -> None:
         super().__init__()
         if act not in ACTS:
             raise InputError(f"act must be one of {', '.join(ACTS)}, got {act!r}")
         self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
-        self.fc2 = Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim if out is None else out)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

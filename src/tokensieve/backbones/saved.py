@@ -19,8 +19,9 @@ reads such a file and turns a truncated, corrupt or foreign one into one `InputE
 the file.
 
 A released HaltingVT checkpoint (mmaction2 1.x, saved by mmengine: `state_dict` with `backbone.model.`
-keys) given as a file loads as its bare backbone through `mmaction.py`; the file is read once and
-what it holds decides.
+keys) given as a file loads as its bare backbone through `mmaction.py`, an MViT checkpoint of
+pySlowFast / STTS (`model_state`) or torchvision (`mvit_v1_b`'s state dict) through `mvit_weights.py`;
+the file is read once and what it holds decides.
 
 `save` writes into a temporary folder beside the target and renames it into place, so a kill never
 leaves a half-written model; it refuses a target that holds anything but a saved model.
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..reducers import apply
-from . import build_from_config, mmaction
+from . import build_from_config, mmaction, mvit_weights
 from .base import VideoBackbone
 from .checkpoint import fit_problems, load_checked
 from .config import BackboneConfig
@@ -205,8 +206,9 @@ def load_local(path: Path, **config_changes: Any) -> VideoBackbone:
 
     Args:
         path: a folder written by `save`, its `tokensieve.json` or `model.safetensors`; a run folder
-            holding `last.pt`; a checkpoint file of a run (`last.pt`, `step-*.pt`); or a released
-            HaltingVT checkpoint (mmaction2/mmengine, `mmaction.py`).
+            holding `last.pt`; a checkpoint file of a run (`last.pt`, `step-*.pt`); a released
+            HaltingVT checkpoint (mmaction2/mmengine, `mmaction.py`); or an MViT checkpoint of pySlowFast,
+            STTS or torchvision (`mvit_weights.py`).
         **config_changes: `BackboneConfig` fields to override (e.g. `frames`); the weights must
             still fit.
 
@@ -235,6 +237,10 @@ def load_local(path: Path, **config_changes: Any) -> VideoBackbone:
     ckpt = _read_torch(file, foreign=mmaction.is_checkpoint)
     if mmaction.is_checkpoint(ckpt):
         return mmaction.from_checkpoint(ckpt, source=str(file), **config_changes)
+    if mvit_weights.is_slowfast(ckpt):
+        return mvit_weights.from_slowfast(ckpt, source=str(file), **config_changes)
+    if mvit_weights.is_torchvision(ckpt):
+        return mvit_weights.from_torchvision(ckpt, source=str(file), **config_changes)
     ckpt = _check_run(ckpt, file)
     config = _config(ckpt["backbone"], config_changes, file)
     return _assemble(config, ckpt["spec"], [], ckpt["model"], source=str(file))

@@ -421,11 +421,11 @@ def frame_count(keep: float, layout: Layout, method: str) -> Layout:
     """The `count` of a whole-frame selection keeping `keep_count(keep, frames)` frames."""
     n = per_frame_count(layout, method)
     k = keep_count(keep, layout.frames)
-    return Layout(k * n, frames=k, whole=layout.whole)
+    return Layout(k * n, frames=k, whole=layout.whole, frame_grid=layout.frame_grid)
 
 
 def keep_frames(state: TokenState, frame_idx: Tensor) -> TokenState:
-    """Keep whole frames (temporal slices) by index.
+    """Keep whole frames (temporal slices) by index; each keeps its grid (`frame_grid`).
 
     Args:
         frame_idx: (B, K) indices into the state's `frames`, ascending to keep time order.
@@ -435,4 +435,4 @@ def keep_frames(state: TokenState, frame_idx: Tensor) -> TokenState:
     if K == state.frames:
         return state
     idx = (frame_idx.unsqueeze(-1) * n + torch.arange(n, device=frame_idx.device)).view(B, K * n)  # (B, K*n)
-    return state.gather(idx, frames=K)
+    return state.gather(idx, frames=K, frame_grid=state.frame_grid)

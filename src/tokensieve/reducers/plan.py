@@ -264,6 +264,11 @@ def schedule(
             f"{resizers[-1].name} changes the clip before the patch embedding, so it must be the plan's first "
             f"method, and only one per plan (got {' + '.join(r.name for r in reducers)})"
         )
+    if resizers and not model.any_size:
+        raise InputError(
+            f"{resizers[0].name} changes the clip's size, and {type(model).__name__} runs only at the size its "
+            "positions are built for"
+        )
     embedded = resizers[0].input_grid(grid) if resizers else grid  # the grid the later steps see
     placed = [
         (key, order, reducer, site)
@@ -286,9 +291,10 @@ def schedule(
                 if not layout.fits(need):
                     raise InputError(
                         f"{type(model).__name__} block {p} ({what}) needs {NEEDS[need]}, but {made_by} leaves "
-                        f"{layout.describe()}; use a method or mode that keeps them (per_frame=true, "
-                        "balance=frame), or place it after that block"
+                        f"{layout.describe()}; {_HINTS[need]}"
                     )
+                # What the block itself does to the tokens (MViT's pooling), before the reducers inside it.
+                layout = model.layout_after(p, layout)
             stale_by = None  # a reducer at this place whose output lacks the attention's records
             while upcoming is not None and upcoming[0] == 2 * p + inside:
                 _, _, reducer, site = upcoming
@@ -318,7 +324,8 @@ def schedule(
                     if made_by == "the patch embedding":
                         raise
                     raise InputError(f"{error} ({made_by} leaves {layout.describe()})") from None
-                if after.kind != layout.kind or after.budgets:
+                lost_grid = layout.frame_grid is not None and after.frame_grid is None
+                if after.kind != layout.kind or after.budgets or lost_grid:
                     made_by = f"{reducer.name} ({step_where})"
                 steps.append(Step(reducer, site, inside, layout, after))
                 layout = after
@@ -328,7 +335,23 @@ def schedule(
             f"{made_by} sets per-clip budgets, but no method after it uses them; follow it with a method "
             "that keeps a share of each clip (adaptive+lite:keep=0.5, or lite++:keep=0.5)"
         )
+    # After the layouts, so that a plan a backbone's grid refuses is told so first.
+    for step in steps:
+        needs = step.reducer.needs_for(model)
+        if needs and not model.can_record:
+            raise InputError(
+                f"{step.reducer.name} ({step.where}) needs {', '.join(sorted(needs))} recorded by the attention "
+                f"before it, which {type(model).__name__}'s attention does not record (it pools its keys)"
+            )
     return steps
+
+
+_HINTS = {
+    "frames": "use a method or mode that keeps them (per_frame=true, balance=frame), or place it after that block",
+    "grid": "before such a block only whole frames may go (uniform, random_frames, stts), or reduce after the "
+    "last block",
+}
+"""What to do when a block's `Need` is not met, as the error says it."""
 
 
 class InstalledPlan:

@@ -12,14 +12,16 @@ Scorer (Sec. 3.2, Eq. 2-3), on L candidates q (frames or tokens) of width D:
     s'  = (s - min s) / (max s - min s + 1e-5)    min-max over the candidates that compete (`min_max`)
 NOTE(paper): the paper does not give the layers; like the released code we put a LayerNorm first,
 use one Linear+GELU for MLP_1 and Linear(D, D/2)+GELU, Linear(D/2, D/4)+GELU, Linear(D/4, 1) for
-MLP_2. The released code instead maps D -> D and splits the channels into local and global halves.
+MLP_2. The released code instead maps D -> D and splits the channels into local and global halves:
+`scorer=released` (`ReleasedScorer`) runs that network, for its trained weights. Each scorer has the
+width of the tokens at its block (MViT's grows by stage).
 
 Temporal selection (Eq. 5-6): frame descriptors by max-pooling over each frame's tokens (`pool=max`,
 the paper; `pool=meanmax` concatenates mean and max pooling as the released code does), scores s,
 min-max over the frames, Y = Top-K(s') in (B, K, T), kept frames z = Y x, in time order.
 K = round(ratio * T).
 Spatial selection (Eq. 7): token scores within each frame (context = the frame's mean), reshaped to
-the H x W grid; anchors are the P x P windows at stride s, P = floor(sqrt(ratio * H * W)),
+the frame's H x W grid (`TokenState.frame_grid`: the patch grid, MViT's pooled grid, an earlier anchor); anchors are the P x P windows at stride s, P = floor(sqrt(ratio * H * W)),
 s = max((H - P) // 2, 1) unless `stride` is given (the released code's rule), G = ((H-P)/s+1)((W-P)/s+1)
 anchors (the paper's formula omits the +1); anchor score = max over its tokens' raw scores s
 (`anchor_pool=max`, the paper; `mean`, the released code), then min-max over the anchors of the
@@ -92,6 +94,34 @@ class Scorer(nn.Module):
         return self.score(torch.cat([f_l, f_g], -1)).squeeze(-1)  # (B, L)
 
 
+class ReleasedScorer(nn.Module):
+    """The released code's scorer (`PredictorLG`, `scorer=released`), to run its trained weights: LayerNorm,
+    Linear(D, D) and GELU; the first D/2 channels are each candidate's local features, the mean of the
+    last D/2 over the candidates their context; then Linear(D, D/2), GELU, Linear(D/2, D/4), GELU,
+    Linear(D/4, 1). Raw scores, as `Scorer`. Submodule names are the released ones (`in_conv`, `out_conv`)."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 1),
+        )
+
+    def forward(self, q: Tensor) -> Tensor:
+        """(B, L, D) candidates -> (B, L) raw scores (not normalised)."""
+        f = self.in_conv(q)  # (B, L, D)
+        half = f.shape[-1] // 2
+        f_g = f[..., half:].mean(1, keepdim=True).expand(-1, f.shape[1], -1)  # (B, L, D - D/2)
+        return self.out_conv(torch.cat([f[..., :half], f_g], -1)).squeeze(-1)  # (B, L)
+
+
+SCORERS = {"paper": Scorer, "released": ReleasedScorer}
+
+
 def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, int, int, int]:
     """(P, stride, anchors down, anchors across) for keeping ~`ratio` of an H x W grid."""
     P = math.isqrt(int(H * W * ratio))
@@ -107,10 +137,10 @@ def anchor_grid(H: int, W: int, ratio: float, stride: int | None) -> tuple[int, 
 class _Selection(nn.Module):
     """One `T<p>` or `S<p>` selection: its kind, place, ratio and scorer."""
 
-    def __init__(self, kind: str, position: int, ratio: float, dim: int) -> None:
+    def __init__(self, kind: str, position: int, ratio: float, dim: int, scorer: str = "paper") -> None:
         super().__init__()
         self.kind, self.position, self.ratio = kind, position, ratio
-        self.scorer = Scorer(dim=dim)
+        self.scorer = SCORERS[scorer](dim=dim)
 
 
 @register("stts")
@@ -119,6 +149,7 @@ class SpatioTemporalSelection(Reducer):
 
     pattern_parameters: ClassVar[dict[str, type]] = {r"T\d+": float, r"S\d+": float}
     budget = "T0"  # the sweep varies the frames kept before block 0
+    trained_with = ("scorer",)  # another network: weights trained for one never run as the other
 
     def __init__(
         self,
@@ -129,6 +160,7 @@ class SpatioTemporalSelection(Reducer):
         anchor_pool: Literal["max", "mean"] = "max",
         stride: int = 0,
         jacobian: Literal["diagonal", "full"] = "diagonal",
+        scorer: Literal["paper", "released"] = "paper",
         **selections: float,
     ) -> None:
         super().__init__()
@@ -144,6 +176,8 @@ class SpatioTemporalSelection(Reducer):
             raise InputError(f"stts: jacobian must be one of {', '.join(JACOBIANS)}; got {jacobian!r}")
         if stride < 0:
             raise InputError(f"stts: stride must be >= 0 (0: the released code's rule), got {stride}")
+        if scorer not in SCORERS:
+            raise InputError(f"stts: scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
         chosen = []
         for key, ratio in selections.items():
             if not re.fullmatch(r"[TS]\d+", key):
@@ -164,15 +198,17 @@ class SpatioTemporalSelection(Reducer):
         self.specs = [(kind, p, ratio) for p, _, kind, ratio in sorted(chosen)]  # temporal first at a place
         self.samples, self.sigma, self.pool, self.anchor_pool = samples, sigma, pool, anchor_pool
         self.stride = stride or None
-        self.jacobian = jacobian
+        self.jacobian, self.scorer = jacobian, scorer
         self.current_sigma = sigma  # set every training step by `on_train_step`
         self.selections = nn.ModuleList()  # filled by `setup`, once the model's width is known
 
     # ------------------------------------------------------------------ plan hooks
     def setup(self, model: VideoBackbone) -> None:
-        dim = model.config.dim
+        width = model.config.width  # the tokens' width before each block (MViT's grows by stage)
         self.selections = nn.ModuleList(
-            _Selection(kind, p, ratio, 2 * dim if kind == "T" and self.pool == "meanmax" else dim)
+            _Selection(
+                kind, p, ratio, (2 if kind == "T" and self.pool == "meanmax" else 1) * width(p), self.scorer
+            )
             for kind, p, ratio in self.specs
         )
         for m in self.selections.modules():  # the backbone's init: trunc-normal(0.02), zero biases
@@ -199,14 +235,15 @@ class SpatioTemporalSelection(Reducer):
             k = round(ratio * frames)
             if k < 1:
                 raise InputError(f"stts: T{site.position}={ratio} of {frames} frames keeps no frame")
-            return Layout(k * n, frames=k, whole=layout.whole)
-        _, H, W = site.grid
-        if n != H * W:
+            return Layout(k * n, frames=k, whole=layout.whole, frame_grid=layout.frame_grid)
+        if layout.frame_grid is None:
             raise InputError(
-                f"stts: S{site.position} needs whole frames of {H}x{W} tokens, but frames hold {n} tokens here"
+                f"stts: S{site.position} needs a grid of tokens in every frame (the whole frame or an anchor), "
+                f"but frames hold {n} tokens here, not in a grid"
             )
+        H, W = layout.frame_grid
         P, *_ = anchor_grid(H, W, ratio, self.stride)
-        return Layout(frames * P * P, frames=frames, whole=P == H == W)
+        return Layout(frames * P * P, frames=frames, whole=layout.whole and P == H == W, frame_grid=(P, P))
 
     # ------------------------------------------------------------------ forward
     @property
@@ -261,11 +298,11 @@ class SpatioTemporalSelection(Reducer):
     def _spatial(self, state: TokenState, selection: _Selection, site: Site) -> TokenState:
         x = state.per_frame()  # (B, F, n, C)
         B, F_, n, C = x.shape
-        _, H, W = state.grid
-        if n != H * W:
+        if state.frame_grid is None:
             raise InputError(
-                f"stts: spatial selection needs whole frames of {H}x{W} tokens, got {n} per frame"
+                f"stts: spatial selection needs a grid of tokens in every frame, got {n} per frame"
             )
+        H, W = state.frame_grid  # the patch grid, an anchor of it, or MViT's pooled grid
         P, s, _, Gw = anchor_grid(H, W, selection.ratio, self.stride)
         frames = x.reshape(B * F_, n, C)  # (B*F, H*W, C), raster order
         token_scores = selection.scorer(frames).view(B * F_, 1, H, W)  # raw: normalised after pooling
@@ -277,7 +314,7 @@ class SpatioTemporalSelection(Reducer):
         cols = (best % Gw * s).view(-1, 1, 1) + torch.arange(P, device=best.device).view(1, 1, P)
         idx = (rows * W + cols).view(B, F_, P * P)  # (B, F, P*P) within each frame
         idx = (idx + torch.arange(F_, device=idx.device).view(1, F_, 1) * n).view(B, F_ * P * P)
-        kept = state.gather(idx, frames=F_)
+        kept = state.gather(idx, frames=F_, frame_grid=(P, P))
         if not self.soft:
             return kept
         Y = self._soft_topk(anchor_scores, 1, state, site)  # (B*F, 1, G)
@@ -289,5 +326,5 @@ class SpatioTemporalSelection(Reducer):
         picks = ", ".join(f"{kind}{p}={ratio}" for kind, p, ratio in self.specs)
         return (
             f"{picks}, samples={self.samples}, sigma={self.sigma}, pool={self.pool}, "
-            f"anchor_pool={self.anchor_pool}, jacobian={self.jacobian}"
+            f"anchor_pool={self.anchor_pool}, jacobian={self.jacobian}, scorer={self.scorer}"
         )
