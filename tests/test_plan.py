@@ -68,7 +68,7 @@ def test_parse_converts_to_annotated_types(probe: type[Reducer]) -> None:
     [
         (
             "nope",
-            "valid methods: adaptive, attention, glimpser, halting, lite, none, oracle, probe, random, random_frames, sta, stts, tokenlearner, tome, uniform",
+            "valid methods: adaptive, attention, glimpser, halting, lite, none, oracle, probe, random, random_frames, resize, sta, stts, tokenlearner, tome, uniform",
         ),
         ("probe:depth=3", r"no parameter 'depth'; valid: probe: at=1, scale=1.0, hard=False, mode='a'"),
         ("probe:at", "expected key=value"),
