@@ -4,6 +4,8 @@ matched at or below a setting's GFLOPs, and the verdict read against the stronge
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,9 @@ def test_the_verdict_reads_against_the_stronger_baseline() -> None:
     weak = _records("resize:keep=0.5", [i < 10 for i in range(n)])  # now random is the stronger
     (row,) = _settings_table([item], own + rand + weak, [f"v{i}" for i in range(n)], {})
     assert row.baseline == "random" and row.delta == pytest.approx(0.4) and row.verdict == "beats random"
+    far = dataclasses.replace(item, resize_gflops=0.85)  # 15% cheaper: shown, not compared
+    (row,) = _settings_table([far], own + rand + size, [f"v{i}" for i in range(n)], {})
+    assert row.resize_top1 == 0.75 and row.baseline == "random" and row.verdict == "beats random"
     tie = _records("sta:r=2", [i < 30 for i in range(n)])  # equal to resize on every video
     (row,) = _settings_table([item], tie + rand + size, [f"v{i}" for i in range(n)], {})
     assert row.delta == 0 and row.verdict == INDISTINGUISHABLE

@@ -79,6 +79,7 @@ from .report import (
     MATCHED,
     RANDOM_SEEDS,
     RESIZE,
+    RESIZE_MATCHED,
     Setting,
     SweepReport,
     bootstrap_ci,
@@ -1035,7 +1036,8 @@ def _settings_table(
     speeds: Mapping[str, float],
 ) -> list[Setting]:
     """Metrics of every setting over the videos every one of its runs (itself, its random seeds, its resize
-    baseline) has; Δ and the verdict against the baseline with the higher top-1 on them (random on a tie)."""
+    baseline) has; Δ and the verdict against the baseline with the higher top-1 on them (random on a tie, or
+    when the resize size costs more than `RESIZE_MATCHED` less than the setting)."""
     hits = _correct(records)
     recalls = {(r["id"], r["setting"]): r.get("recall") for r in records if r.get("status") == "ok"}
     table = []
@@ -1068,7 +1070,11 @@ def _settings_table(
                 size = torch.tensor([hits[(i, resized[0])][0] for i in videos])  # (n,)
                 row.update(resize_spec=item.resize, resize_gflops=item.resize_gflops, resize_top1=float(size.mean()),
                            resize_speedup=speeds.get(resized[0]))  # fmt: skip
-                if size.mean() > rand.mean():
+                near = (
+                    item.resize_gflops is not None
+                    and item.resize_gflops >= (1 - RESIZE_MATCHED) * item.gflops
+                )
+                if near and size.mean() > rand.mean():  # a size much cheaper than the setting is not matched
                     against, base = RESIZE, size
             if item.method.partition(":")[0] != "random":
                 ci = paired_bootstrap_ci(top1, base)
