@@ -538,3 +538,20 @@ def test_eval_ctrl_c_says_how_to_resume(synth: Path, tmp_path: Path, monkeypatch
     assert again.exit_code == 0, again.output
     assert "resuming: 2 of 6 videos already done, 4 to do" in again.stderr
     assert json.loads(again.stdout)["done_before"] == 2
+
+
+def test_eval_at_another_clip_size_says_positions_are_interpolated(synth: Path) -> None:
+    """--frames/--size: the model (4 frames of 32x32) runs 6 frames of 40x40 with its positions carried
+    there, says so in one line, and counts the GFLOPs of those clips; sizes its patch does not divide
+    are one error line."""
+    import tokensieve as ts
+
+    result = _eval(synth, None, "--frames", "6", "--size", "40", "--json")
+    assert result.exit_code == 0, result.output
+    assert 'interpolated to the dataset\'s 6x40 (docs/design.md, "Input sizes")' in result.stderr
+    assert json.loads(result.stdout)["gflops_per_view"] == pytest.approx(
+        ts.flops(ts.build("videomae-tiny"), frames=6, size=40)
+    )
+    bad = _eval(synth, None, "--size", "36")
+    assert bad.exit_code == 2
+    _one_error_line(bad, "frame size 36x36 must be divisible by the patch size 8")

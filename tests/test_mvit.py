@@ -457,3 +457,14 @@ def test_mvit_runs_only_at_its_own_size() -> None:
         model(torch.randn(1, 8, 3, 40, 32))
     with pytest.raises(ts.InputError, match=r"resize changes the clip's size, and MViT runs only at"):
         ts.apply(model, "resize:keep=0.5")
+
+
+def test_an_evaluation_at_another_clip_size_is_refused_for_mvit() -> None:
+    from types import SimpleNamespace
+
+    from tokensieve.engine.evaluate import check_fits
+
+    data = SimpleNamespace(frames=8, size=40, num_classes=None)
+    with pytest.raises(ts.InputError, match=r"the dataset makes 8x40 clips but MViT runs only at 8x32"):
+        check_fits(ts.build("mvit-tiny"), data)
+    check_fits(ts.build("videomae-tiny"), data)  # any other backbone takes it

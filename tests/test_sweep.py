@@ -373,3 +373,21 @@ def test_a_method_without_budget_whose_cost_is_fixed_runs_once_at_its_own_gflops
     assert zero.budget == round(token_ratio(model, "glimpser:keep=0.5"), 2) and zero.random_gflops is not None
     assert zero.views is None and zero.verdict is not None  # measured once, not per clip
     assert bad.spec is None and bad.refused == "halting: at=9 is not a block of this 4-block model"
+
+
+def test_a_sweep_at_another_input_size_plans_for_its_clips(synthetic: Path, tmp_path: Path) -> None:
+    """Clips of 48x48 (6x6 = 36 tokens per frame on a model built for 32x32, 16 per frame): the settings
+    are chosen, counted, checked and timed on the clips' grid, so STA's r may exceed what a frame of the
+    model's own size holds; each record equals a plain evaluation at that size."""
+    model = _model()
+    dataset = VideoDataset(read_list(synthetic / "list.txt"), frames=4, size=48, stride=1, num_classes=4)
+    report = sweep(model, dataset, out=tmp_path, methods=["sta"], budgets=[0.6], workers=0, batch_size=4,
+                   speed=True, seeds=1)  # fmt: skip
+    (sta,) = [s for s in report.settings if s.method == "sta"]
+    r = int(sta.spec.split("r=")[1].split(",")[0])
+    assert sta.refused is None and r >= 16  # too many for a 4x4 frame: refused at the model's own grid
+    with pytest.raises(InputError, match="not smaller than the 16 tokens"):
+        ts.apply(_model(), sta.spec)
+    alone = ts.evaluate(ts.apply(_model(), sta.spec, grid=(2, 6, 6)).model, dataset, workers=0, batch_size=3)
+    assert sta.top1 == pytest.approx(alone.top1) and sta.speedup is not None
+    assert sta.gflops == pytest.approx(ts.flops(ts.apply(_model(), sta.spec, grid=(2, 6, 6)).model, size=48))

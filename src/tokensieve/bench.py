@@ -524,6 +524,7 @@ def benchmark(
     device = param.device
     frames = frames or model.config.frames
     size = size or model.config.size
+    grid = model.config.grid_of(frames, size)  # the plans are checked for these clips (`apply(grid=)`)
 
     original, was_training = current_plan(model), model.training
     model.eval()
@@ -536,7 +537,7 @@ def benchmark(
             sample = _random_video(model, batch=1, frames=frames, size=size, device=device)
             gflops: list[float] = []
             for spec in specs:
-                apply(model, spec)
+                apply(model, spec, grid=grid)
                 log.info("counting GFLOPs of plan %r", spec)
                 gflops.append(float(flops(model, video=sample)))
             net = model
@@ -561,10 +562,10 @@ def benchmark(
                     accumulated_recompile_limit=max(graphs, torch._dynamo.config.accumulated_recompile_limit),
                 ))  # fmt: skip
                 eager = [copy.deepcopy(net) for _ in specs]
-                installed = [apply(twin, spec) for twin, spec in zip(eager, specs, strict=True)]
+                installed = [apply(twin, spec, grid=grid) for twin, spec in zip(eager, specs, strict=True)]
                 nets: list[Callable[[Tensor], Tensor]] = [compile_model(twin) for twin in eager]
             else:  # one model, its plans swapped between runs
-                installed = [apply(net, spec) for spec in specs]
+                installed = [apply(net, spec, grid=grid) for spec in specs]
                 eager = [net] * len(specs)
                 nets = list(eager)
             current = [0]

@@ -19,8 +19,10 @@ from ..bench import (
 from ..engine.results import read_done
 from ..errors import InputError
 from .common import (
+    FramesOption,
     JsonOption,
     ModelOption,
+    SizeOption,
     UsageError,
     app,
     check_dtype,
@@ -71,6 +73,8 @@ def eval_command(
     workers: Annotated[int, typer.Option(help="Decoding processes.", min=0)] = 2,
     dtype: Annotated[str, typer.Option(help=f"Compute dtype: {' or '.join(DTYPES)} (autocast).")] = "float32",
     strict: Annotated[bool, typer.Option(help="Exit with code 1 if any video fails to load.")] = False,
+    frames: FramesOption = None,
+    size: SizeOption = None,
     compile: Annotated[
         bool,
         typer.Option(
@@ -87,7 +91,7 @@ def eval_command(
     """
     from ..data.datasets import VideoDataset, load_records
     from ..engine.distributed import setup
-    from ..engine.evaluate import evaluate
+    from ..engine.evaluate import check_fits, evaluate
 
     with usage_errors():
         check_dtype(dtype)
@@ -99,9 +103,10 @@ def eval_command(
         if not records:
             raise UsageError(f"{data} lists no videos: nothing to evaluate")
         dataset = VideoDataset(
-            records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
-            stride=stride, num_classes=len(names) if names else None, class_names=names,
+            records, frames=frames or net.config.frames, size=size or net.config.size, views=chosen,
+            sampling=sampling, stride=stride, num_classes=len(names) if names else None, class_names=names,
         )  # fmt: skip
+        check_fits(net, dataset)
         world = setup(next(net.parameters()).device)
         hint = lambda: _resume_hint(out, records)  # noqa: E731
         with resumable_run("eval", show=world.is_main, resume_hint=hint) as (bar, update):

@@ -17,7 +17,9 @@ from rich.markup import escape
 from ..assets import DEFAULT, is_builtin
 from ..errors import InputError
 from .common import (
+    FramesOption,
     JsonOption,
+    SizeOption,
     UsageError,
     app,
     check_sampling,
@@ -118,6 +120,8 @@ def sweep_command(
         bool, typer.Option(help="Measure each plan's speed-up over the unreduced model.")
     ] = True,
     examples: Annotated[bool, typer.Option(help="Draw one example of each method's kept tokens.")] = True,
+    frames: FramesOption = None,
+    size: SizeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Every method at every budget on a model and dataset, each against random tokens at the same
@@ -156,7 +160,7 @@ def sweep_command(
         if truth is None and (data.parent / MANIFEST).is_file():
             truth = data.parent
         dataset = VideoDataset(
-            records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
+            records, frames=frames or net.config.frames, size=size or net.config.size, views=chosen, sampling=sampling,
             stride=stride or (1 if truth is not None else 4), num_classes=len(names) if names else None,
             class_names=names,
         )  # fmt: skip

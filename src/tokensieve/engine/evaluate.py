@@ -137,13 +137,23 @@ def summarize(
 
 # ---------------------------------------------------------------------------------------- running
 def check_fits(model: torch.nn.Module, dataset: VideoDataset | ClipDataset) -> None:
-    """Refuse a dataset whose clips or classes do not fit the model, saying how to build it."""
+    """Refuse a dataset whose clips or classes do not fit the model, saying how to build it. Clips of
+    another length or size run with the model's positions carried to their grid (docs/design.md, "Input
+    sizes"; logged once) where the tubelet and patch divide them and the backbone runs at any size."""
     cfg = model.config
     if (dataset.frames, dataset.size) != (cfg.frames, cfg.size):
-        raise InputError(
-            f"the dataset makes {dataset.frames}x{dataset.size} clips but the model expects "
-            f"{cfg.frames}x{cfg.size}; build the dataset with frames={cfg.frames}, size={cfg.size}"
-        )
+        own = f"{cfg.frames}x{cfg.size}"
+        if not getattr(model, "any_size", True):
+            raise InputError(
+                f"the dataset makes {dataset.frames}x{dataset.size} clips but {type(model).__name__} runs only "
+                f"at {own}; build the dataset with frames={cfg.frames}, size={cfg.size}"
+            )
+        try:
+            cfg.grid_of(dataset.frames, dataset.size)
+        except InputError as err:
+            raise InputError(f"the dataset makes {dataset.frames}x{dataset.size} clips: {err}") from None
+        log.info('the model\'s positions are built for %s clips; they are interpolated to the dataset\'s %dx%d '
+                 '(docs/design.md, "Input sizes")', own, dataset.frames, dataset.size)  # fmt: skip
     if dataset.num_classes is not None and dataset.num_classes > cfg.num_classes:
         raise InputError(
             f"the dataset has {dataset.num_classes} classes but the model predicts {cfg.num_classes}"
@@ -341,7 +351,10 @@ def _evaluate(
         log.info("GFLOPs per view: %.3f, the mean over the %d views run (the plan's cost depends on the clip)",
                  gflops, clips)  # fmt: skip
     else:
-        gflops, gflops_views = float(flops(model)), 0
+        gflops, gflops_views = (
+            float(flops(model, frames=dataset.frames, size=dataset.size)),
+            0,
+        )  # of its clips
     errors = tuple(f"{r['id']}: {r['error']}" for r in records if r["status"] == "failed")[:20]
     return EvalSummary(
         videos=len(dataset), evaluated=summary["evaluated"], failed=summary["failed"], top1=summary["top1"],

@@ -258,12 +258,14 @@ class _Flops:
             self.twin = _meta_twin(model)
         apply(self.twin, None)
         self.frames, self.size = frames, size
+        cfg = self.twin.config
+        self.grid = cfg.grid_of(frames or cfg.frames, size or cfg.size)
         self.cache: dict[str, float] = {}
 
     def __call__(self, spec: str | None) -> float:
         key = spec or "none"
         if key not in self.cache:
-            apply(self.twin, spec)
+            apply(self.twin, spec, grid=self.grid)
             self.cache[key] = float(flops(self.twin, frames=self.frames, size=self.size))
         return self.cache[key]
 
@@ -401,9 +403,11 @@ def _check_trained(model: nn.Module, spec: str, trained: Mapping[str, Tensor]) -
         )
 
 
-def _whole_misfit(model: nn.Module, spec: str, weights: Mapping[str, Tensor]) -> str | None:
+def _whole_misfit(
+    model: nn.Module, spec: str, weights: Mapping[str, Tensor], grid: tuple[int, int, int] | None = None
+) -> str | None:
     """Why whole-model `weights` do not fit `model` with `spec` installed (names or shapes), or None."""
-    with apply(model, spec):
+    with apply(model, spec, grid=grid):
         wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in weights.items()}
     if wanted == given:
@@ -457,11 +461,11 @@ def plan_settings(
             item = Planned(base.strip(), None)
             settings.append(item)
             try:
-                with apply(model, base.strip()):  # refused as `apply` would say
+                with apply(model, base.strip(), grid=grid):  # refused as `apply` would say
                     pass
                 if untrained:
                     raise InputError(missing)
-                if whole and (misfit := _whole_misfit(model, base.strip(), trained)):
+                if whole and (misfit := _whole_misfit(model, base.strip(), trained, grid)):
                     raise InputError(misfit)
                 item.spec, item.ratio = base.strip(), token_ratio(model, base.strip(), grid)
                 item.budget, item.gflops = round(item.ratio, 2), count(item.spec)
@@ -474,7 +478,7 @@ def plan_settings(
             if untrained:
                 item.spec, item.refused = None, missing
             elif whole:
-                item.refused = _whole_misfit(model, base.strip(), trained)
+                item.refused = _whole_misfit(model, base.strip(), trained, grid)
                 item.spec = None if item.refused else item.spec
             settings.append(item)
             continue
@@ -546,19 +550,23 @@ class _Video:
 
 
 def _install_all(
-    model: nn.Module, specs: Sequence[str], selectors: Mapping[str, Mapping[str, Tensor]]
+    model: nn.Module,
+    specs: Sequence[str],
+    selectors: Mapping[str, Mapping[str, Tensor]],
+    grid: tuple[int, int, int] | None = None,
 ) -> dict[str, InstalledPlan]:
     """Install each plan once (learned reducers get their trained weights); the installed plans are
     swapped in with `install()`, without re-initialising anything. A plan of a method trained with the
     whole model (`Reducer.trains_backbone`: HaltingVT) runs on a copy of the model holding those weights:
-    its installed plan's `model` is that copy."""
+    its installed plan's `model` is that copy. Each is checked for clips of token grid `grid` (default
+    the model's own)."""
     states = {}
     for spec in specs:
         whole = _whole_model_key(spec)
         if whole is not None:
-            states[spec] = _install_whole(model, spec, selectors[whole])
+            states[spec] = _install_whole(model, spec, selectors[whole], grid)
             continue
-        states[spec] = apply(model, None if spec == "none" else spec)
+        states[spec] = apply(model, None if spec == "none" else spec, grid=grid)
         misfits = load_trained(model, selectors)
         assert not misfits, f"{spec}: planning let through trained weights that do not fit ({misfits})"
     return states
@@ -571,7 +579,9 @@ def _whole_model_key(spec: str | None) -> str | None:
     return next((weights_key(m, given) for m, given in parse(spec) if REGISTRY[m].trains_backbone), None)
 
 
-def _install_whole(model: nn.Module, spec: str, weights: Mapping[str, Tensor]) -> InstalledPlan:
+def _install_whole(
+    model: nn.Module, spec: str, weights: Mapping[str, Tensor], grid: tuple[int, int, int] | None = None
+) -> InstalledPlan:
     """`spec` installed on a copy of `model` (bare, in its mode) that then takes the whole-model `weights`."""
     kept = current_plan(model)
     apply(model, None)
@@ -579,7 +589,7 @@ def _install_whole(model: nn.Module, spec: str, weights: Mapping[str, Tensor]) -
         copy = deepcopy(model)
     finally:
         kept.install()
-    installed = apply(copy, spec)
+    installed = apply(copy, spec, grid=grid)
     copy.load_state_dict(weights)
     return installed
 
@@ -845,7 +855,7 @@ def _run(
     kept = current_plan(model)
     was_training = model.training
     model.eval()  # first: the reducers `_install_all` creates take the model's mode
-    states = _install_all(model, runs, selectors)
+    states = _install_all(model, runs, selectors, model.config.grid_of(dataset.frames, dataset.size))
     loader = DataLoader(_Todo(dataset, mine), batch_size=None, num_workers=workers,
                         prefetch_factor=2 if workers else None)  # fmt: skip
     writer = RecordWriter(results, world.rank, provenance)
@@ -977,6 +987,7 @@ def _examples(
     if first is None:
         return {}
     clip, labels = first.views[0], first.record.labels
+    grid = model.config.grid_of(dataset.frames, dataset.size)
     chosen: dict[str, Planned] = {}
     for method in dict.fromkeys(item.method for item in settings if item.method != "none"):
         ran = sorted((s for s in settings if s.method == method and s.spec), key=lambda s: s.budget or 0.0)
@@ -986,7 +997,7 @@ def _examples(
     try:
         for method, item in chosen.items():
             assert item.spec is not None
-            net = _install_all(model, [item.spec], selectors)[item.spec].model
+            net = _install_all(model, [item.spec], selectors, grid)[item.spec].model
             path = f"examples/{re.sub(r'[^A-Za-z0-9_.=-]+', '_', method)}.png"  # "attention:mass=0.9" too
             viz.save(viz.kept_tokens(net, clip, label=labels[0] if labels else None), out / path)
             paths[method] = path

@@ -383,8 +383,10 @@ class InstalledPlan:
         inner: tuple[nn.Module, ...],
         records: tuple[frozenset[str], ...],
         readout_by: Reducer | None,
+        grid: tuple[int, int, int] | None = None,
     ) -> None:
         self.model, self.spec, self.reducers, self.steps = model, spec, reducers, steps
+        self.grid = tuple(model.config.grid if grid is None else grid)  # the token grid `steps` are of
         self._slots, self._inner, self._records, self._readout_by = slots, inner, records, readout_by
         self._previous: InstalledPlan | None = None  # what `__exit__` puts back
         self._entered = False
@@ -399,7 +401,7 @@ class InstalledPlan:
             InputError: what a reducer (or block) needs that this grid does not give, with both grids.
         """
         grid = tuple(grid)
-        own = tuple(self.model.config.grid)
+        own = self.grid
         if grid == own or not self.reducers:
             return self.steps
         steps = self._at.get(grid)
@@ -408,7 +410,7 @@ class InstalledPlan:
                 steps = schedule(self.model, list(self.reducers), grid)
             except InputError as error:
                 raise InputError(
-                    f"plan {self.spec!r} does not fit this input's token grid {grid} (the model's own is "
+                    f"plan {self.spec!r} does not fit this input's token grid {grid} (it was installed for "
                     f"{own}): {error}"
                 ) from None
             self._at[grid] = steps
@@ -496,7 +498,9 @@ def is_adaptive(model: VideoBackbone) -> bool:
     return installed is not None and installed.adaptive
 
 
-def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
+def apply(
+    model: VideoBackbone, spec: str | None, *, grid: tuple[int, int, int] | None = None
+) -> InstalledPlan:
     """Install a reduction plan into `model` (in place), replacing any plan installed before.
 
     The reducers become `model.plan` (so learned ones train, save and load with the model); each
@@ -507,6 +511,8 @@ def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
     Args:
         model: a tokensieve backbone.
         spec: a plan spec, or None / "none" to remove reduction.
+        grid: the token grid (T, H, W) of the clips the plan is for, when not the model's own
+            (`config.grid`): the plan is checked against it here (against any other at its first forward).
 
     Returns:
         The `InstalledPlan` (its `model` is `model`): `remove()` / `install()` swap it out and back,
@@ -522,7 +528,7 @@ def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
     for reducer in reducers:
         reducer.setup(model)  # learned reducers size their parameters to the model
         reducer.train(model.training)  # a new reducer follows the model's train/eval mode
-    steps = schedule(model, reducers)  # raises before anything is changed
+    steps = schedule(model, reducers, grid)  # raises before anything is changed
     readers = [r for r in reducers if r.overrides_readout]
     if len(readers) > 1:
         raise InputError(
@@ -544,7 +550,7 @@ def apply(model: VideoBackbone, spec: str | None) -> InstalledPlan:
     installed = InstalledPlan(
         model, None if spec is None else spec.strip(), nn.ModuleList(reducers).train(model.training), steps,
         tuple(map(_slot, before)), tuple(map(_slot, inner)), tuple(map(frozenset, record)),
-        readers[0] if readers else None,
+        readers[0] if readers else None, grid,
     )  # fmt: skip
     if not previous._entered:  # only a plan inside a `with` block will put back its own predecessor
         previous._previous = None
