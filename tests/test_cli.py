@@ -555,3 +555,17 @@ def test_eval_at_another_clip_size_says_positions_are_interpolated(synth: Path) 
     bad = _eval(synth, None, "--size", "36")
     assert bad.exit_code == 2
     _one_error_line(bad, "frame size 36x36 must be divisible by the patch size 8")
+
+
+def test_flops_and_bench_of_a_saved_model_at_another_size(tmp_path: Path) -> None:
+    """A saved model keeps the size its learned positions were made for; --size runs it at another, its
+    positions interpolated (it used to be rebuilt at that size and refuse its own checkpoint)."""
+    import tokensieve as ts
+
+    saved = ts.save(ts.build("joint-tiny"), tmp_path / "saved")
+    doc = _json(["flops", "--model", str(saved), "--size", "40", "-p", "random:keep=0.5", "--json"])
+    assert doc["size"] == 40 and doc["results"][0]["gflops"] == pytest.approx(
+        ts.flops(ts.build("joint-tiny"), size=40)
+    )
+    doc = _json(["bench", "--model", str(saved), "--size", "40", "--repeats", "1", "--warmup", "0", "--json"])
+    assert [r["plan"] for r in doc["results"]] == ["none"]

@@ -145,7 +145,9 @@ def resolve_model(
     """A preset (built on the meta device when `meta`), or a model `ts.load` reads: a saved model
     (`ts.save`), a training run's folder or its `last.pt`, a transformers checkpoint folder or hub id.
 
-    Presets get the random weights of seed 0: the same in every run and in every torchrun process.
+    Presets get the random weights of seed 0: the same in every run and in every torchrun process, and
+    are built for `frames` x `size` when given. A loaded model keeps the size its weights were made for:
+    the caller runs it at `frames` x `size` (its positions carried there: docs/design.md, "Input sizes").
     `num_classes` sizes a preset's classifier; a loaded model keeps its own. Loading errors become
     one usage error; anything else is a bug and keeps its traceback.
     """
@@ -158,7 +160,7 @@ def resolve_model(
         raise UsageError("--num-classes sets the classifier of a preset; a loaded model keeps its own")
     path = Path(name)
     if is_builtin(name):
-        return load(name, **changes)
+        return load(name)
     if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
         # "runs/stts2" when runs/ is a folder here: a mistyped local path, not a hub id to look up.
         raise UsageError(f"no such model: {name} (not a file or folder; {path.parts[0]}/ is a local folder)")
@@ -170,7 +172,7 @@ def resolve_model(
             "(its folder or last.pt), a local checkpoint directory or hub id"
         )
     try:
-        return load(name, **changes)
+        return load(name)
     except InputError:
         raise  # names the file and the problem already
     except (OSError, ImportError) as err:  # offline, missing files, no transformers

@@ -187,19 +187,23 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------------- flops
-def _count(net: VideoBackbone, spec: str, *, real: Callable[[], VideoBackbone]) -> FlopCount:
-    """FLOPs of `net` under a plan. A model on the meta device counts instantly (even ViT-H); a method
-    whose shapes depend on the content cannot run there, and is counted on `real()` instead."""
+def _count(
+    net: VideoBackbone, spec: str, *, real: Callable[[], VideoBackbone], frames: int | None, size: int | None
+) -> FlopCount:
+    """FLOPs of `net` under a plan on clips of `frames` x `size` (default its own). A model on the meta
+    device counts instantly (even ViT-H); a method whose shapes depend on the content cannot run there,
+    and is counted on `real()` instead."""
+    grid = net.config.grid_of(frames or net.config.frames, size or net.config.size)
     if next(net.parameters()).device.type == "meta":
         with torch.device("meta"):  # the plan's own parameters, if any, go to meta too
-            installed = apply(net, spec)
+            installed = apply(net, spec, grid=grid)
         try:
             if not installed.adaptive:  # a per-clip cost needs real content
-                return flops(installed.model, detail=True)
+                return flops(installed.model, detail=True, frames=frames, size=size)
         except (NotImplementedError, RuntimeError) as err:
             log.info("plan %r cannot be counted on the meta device (%s); counting on a real model", spec, err)
         net = real()
-    return flops(apply(net, spec).model, detail=True)
+    return flops(apply(net, spec, grid=grid).model, detail=True, frames=frames, size=size)
 
 
 @app.command("flops")
@@ -222,7 +226,7 @@ def flops_command(
             adaptive = []
             for spec in specs:
                 status.update(f"{escape(model)}: counting {escape(spec)}")
-                counts[spec] = _count(net, spec, real=real)
+                counts[spec] = _count(net, spec, real=real, frames=frames, size=size)
                 if is_adaptive(net):
                     adaptive.append(spec)
     cfg = net.config
@@ -239,11 +243,11 @@ def flops_command(
         for spec, c in counts.items()
     ]
     if as_json:
-        echo_json({"model": model, "frames": cfg.frames, "size": cfg.size, "results": rows})
+        echo_json({"model": model, "frames": frames or cfg.frames, "size": size or cfg.size, "results": rows})
         return
     console = Console()
     console.print(
-        f"[bold]{escape(model)}, {cfg.frames}x{cfg.size}[/bold]: GFLOPs per clip "
+        f"[bold]{escape(model)}, {frames or cfg.frames}x{size or cfg.size}[/bold]: GFLOPs per clip "
         "(multiply-add = 1 FLOP, attention included)"
     )
     totals = compact_table("plan", num_column("GFLOPs"), num_column("ratio"))

@@ -175,8 +175,8 @@ def oracle_command(
         if truth is None and (data.parent / MANIFEST).is_file():
             truth = data.parent
         dataset = VideoDataset(
-            records, frames=net.config.frames, size=net.config.size, views=chosen, sampling=sampling,
-            stride=stride or (1 if truth is not None else 4), num_classes=len(names) if names else None,
+            records, frames=frames or net.config.frames, size=size or net.config.size, views=chosen,
+            sampling=sampling, stride=stride or (1 if truth is not None else 4), num_classes=len(names) if names else None,
             class_names=names,
         )  # fmt: skip
         world = setup(next(net.parameters()).device)
