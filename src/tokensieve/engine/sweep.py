@@ -328,14 +328,18 @@ def matched_resize(
     grid: tuple[int, int, int] | None = None,
 ) -> str | None:
     """The `resize` spec whose GFLOPs per view (`count(spec)`) come closest to `target` without exceeding it
-    by more than `MATCH_TOLERANCE`: of every frame size `resize:keep=` can give (each side within a patch of
-    the aspect-preserving size, `resized_sides`), the nearest in GFLOPs at or below that (the cheapest if
-    none is). None when the model cannot run smaller frames. Why never above: sizes come in whole patches,
-    so the match is coarse (the report gives the difference), and a baseline must not win a verdict by
-    spending more than the method."""
+    by more than `MATCH_TOLERANCE`: of every frame size `resize:keep=` gives (each side within a patch of the
+    aspect-preserving size, `resized_sides`; written as the share of tokens that gives it back), the
+    costliest at or below that. None when none is, or the model cannot run smaller frames. Why never above:
+    sizes come in whole patches, so the match is coarse (the report gives the difference), and a baseline
+    must not win a verdict by spending more than the method."""
     _, H, W = grid or model.config.grid
-    sizes = {resized_sides(H, W, h * w / (H * W)) for h in range(1, H + 1) for w in range(1, W + 1)}
-    specs = [f"resize:keep={h * w / (H * W):.6g}" for h, w in sorted(sizes) if (h, w) != (H, W)]
+    specs = []
+    for h in range(1, H + 1):
+        for w in range(1, W + 1):
+            keep = f"{h * w / (H * W):.6g}"
+            if (h, w) != (H, W) and resized_sides(H, W, float(keep)) == (h, w):
+                specs.append(f"resize:keep={keep}")
     costs = {}
     for spec in specs:
         try:
@@ -343,9 +347,7 @@ def matched_resize(
         except InputError:  # a backbone that cannot run another size
             return None
     within = [s for s in costs if costs[s] <= target * (1 + MATCH_TOLERANCE)]
-    if not within:
-        return min(costs, key=costs.__getitem__, default=None)
-    return max(within, key=costs.__getitem__)
+    return max(within, key=costs.__getitem__, default=None)
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -11,8 +11,9 @@ time positions).
 The size: the token grid H x W (patches per side) becomes h x w with each side within one patch of the
 aspect-preserving H sqrt(keep) x W sqrt(keep), h in {floor, ceil} of it and w likewise, choosing the
 count h w closest to keep H W (ties: the shape closer to the original aspect, then the larger, then the
-taller). On
-16x224 (14 x 14 patches) keep=0.5 gives 10 x 10 patches, 160 x 160 pixels, 100 tokens per frame of 196.
+taller). On 16x224 (14 x 14 patches) keep=0.5 gives 10 x 10 patches, 160 x 160 pixels, 100 tokens per
+frame of 196. `keep` counts tokens, as every method's does; the GFLOPs fall faster (attention is
+quadratic in the tokens): 0.447 of videomae-b's at keep=0.5 (docs/methods.md).
 """
 
 from __future__ import annotations
