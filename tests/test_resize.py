@@ -132,3 +132,15 @@ def test_the_verdict_reads_against_the_stronger_baseline() -> None:
     tie = _records("sta:r=2", [i < 30 for i in range(n)])  # equal to resize on every video
     (row,) = _settings_table([item], tie + rand + size, [f"v{i}" for i in range(n)], {})
     assert row.delta == 0 and row.verdict == INDISTINGUISHABLE
+
+
+def test_a_measured_token_ratio_is_a_share_of_the_clips_grid() -> None:
+    """What the sweep measures for a plan as it runs (`_measuring`, used for adaptive plans): with resize
+    first, the tokens the blocks take (2 x 3 x 3) over the clip's grid (2 x 4 x 4), not the resized one."""
+    from tokensieve.engine.sweep import _measuring
+
+    model = ts.apply(ts.build("videomae-tiny").eval(), "resize:keep=0.5").model
+    measured: dict[str, float] = {}
+    with torch.no_grad(), _measuring(model, measured, (2, 4, 4)):
+        model(tiny_video("videomae-tiny"))
+    assert measured["ratio"] == 18 / 32 and measured["gflops"] == pytest.approx(ts.flops(model))

@@ -930,7 +930,8 @@ def _run_batch(
             # Recall of kept tokens, on the truth's grid: not of a plan that runs another size (resize).
             traced = truth is not None and not any(r.resizes_input for r in net.plan)
             with torch.no_grad() if adaptive else torch.inference_mode():
-                with _measuring(net, measured) if adaptive else contextlib.nullcontext():
+                clips = cfg.grid_of(x.shape[1], tuple(x.shape[-2:]))  # before any plan resizes them
+                with _measuring(net, measured, clips) if adaptive else contextlib.nullcontext():
                     state = net.forward_features(x[take], trace=traced, inputs=given)
                     probs = net.forward_head(state).float().softmax(-1).cpu()  # (v, K)
                 recall = _recall(state, truth[who].to(device)).cpu() if traced else None
@@ -949,16 +950,15 @@ def _run_batch(
 
 
 @contextlib.contextmanager
-def _measuring(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
-    """Measure one video's forward (all its views): `into` gets "gflops" (per view, the mean over its
-    views) and "ratio" (the token ratio `token_ratio` computes from a schedule, here from the tokens
-    each block really took: a block whose MLP sees fewer tokens than its attention counts the mean)."""
+def _measuring(model: nn.Module, into: dict[str, float], grid: tuple[int, int, int]) -> Iterator[None]:
+    """Measure one video's forward (all its views, clips of token grid `grid`): `into` gets "gflops" (per
+    view, the mean over its views) and "ratio" (the token ratio `token_ratio` computes from a schedule,
+    here from the tokens each block really took, as a share of the clips' grid, whatever a plan did to
+    the clip first (resize): a block whose MLP sees fewer tokens than its attention counts the mean)."""
     attention: list[Tensor] = []  # (v,) tokens at each block's attention
     mlp: dict[int, Tensor] = {}  # block -> (v,) tokens at its MLP, when a reducer runs in between
-    grids: list[tuple[int, int, int]] = []  # the clips' token grid, as the first block is given it
-    hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: grids.append(args[0].grid))]
-    hooks += [block.register_forward_pre_hook(lambda _m, args: attention.append(args[0].num_tokens))
-              for block in model.blocks]  # fmt: skip
+    hooks = [block.register_forward_pre_hook(lambda _m, args: attention.append(args[0].num_tokens))
+             for block in model.blocks]  # fmt: skip
     for p, block in enumerate(model.blocks):
         if not isinstance(block.inner, nn.Identity):
             hooks.append(block.inner.register_forward_hook(
@@ -970,7 +970,7 @@ def _measuring(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
         for hook in hooks:
             hook.remove()
     per_block = torch.stack([(n + mlp.get(p, n)).double() / 2 for p, n in enumerate(attention)])  # (L, v)
-    T, H, W = grids[0]
+    T, H, W = grid
     views = attention[0].shape[0]
     into["gflops"] = counted.macs / views / 1e9
     into["ratio"] = float(per_block.mean() / (T * H * W))
