@@ -109,13 +109,13 @@ class BackboneConfig:
             raise InputError(
                 f"arch {self.arch!r} reads out its class token: pool must be 'cls', got {self.pool!r}"
             )
-        if not has_cls and self.pool not in ("mean", "first"):
-            raise InputError(
-                f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}"
-            )
         if self.arch == "swin" and self.pool != "mean":
             raise InputError(
                 f"arch 'swin' reads out the mean of its tokens: pool must be 'mean', got {self.pool!r}"
+            )
+        if not has_cls and self.pool not in ("mean", "first"):
+            raise InputError(
+                f"arch 'videomae' has no class token: pool must be 'mean' or 'first', got {self.pool!r}"
             )
         if self.arch in ("vit-cls", "timesformer") and self.tubelet != 1:
             raise InputError(
@@ -134,7 +134,9 @@ class BackboneConfig:
         if self.divided is not None and not 0 <= self.divided <= self.depth:
             raise InputError(f"divided must be in 0..depth ({self.depth}), got {self.divided}")
         if self.stages and self.arch not in ("mvit", "swin"):
-            raise InputError(f"stages sets MViT's and Swin's stages; arch {self.arch!r} has none")
+            raise InputError(
+                f"stages sets MViT's pooling stages and Swin's merging stages; arch {self.arch!r} has none"
+            )
         if len(self.window) != 3 or min(self.window) < 1:
             raise InputError(f"window must be three sizes >= 1 (t, h, w), got {self.window}")
         if self.arch == "swin" and (self.qkv_bias == "qv" or self.act != "gelu"):

@@ -130,7 +130,10 @@ def _shift_mask(padded: Grid, window: Grid, shift: Grid, device: torch.device) -
 def shift_mask(padded: Grid, window: Grid, shift: Grid, device: torch.device) -> Tensor:
     """(nW, V, V) the additive mask of shifted windows on a padded grid: `MASK_VALUE` between tokens that
     come from different regions of the cyclically shifted grid, 0 elsewhere (padding is not masked).
-    Cached per grid; made outside inference mode so that a training forward may use it too."""
+    Cached per grid; made outside inference mode so that a training forward may use it too (a compiled
+    forward makes it in its graph: dynamo does not keep Python caches)."""
+    if torch.compiler.is_compiling():
+        return _shift_mask.__wrapped__(padded, window, shift, device)
     with torch.inference_mode(False), torch.no_grad():
         return _shift_mask(padded, window, shift, device)
 
@@ -299,6 +302,7 @@ class Swin3D(VideoBackbone):
 
     block_need = ("grid", "shifted-window attention over each frame's grid")
     can_record = False
+    no_records_why = "it attends within windows and has no class token"
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch != "swin":
@@ -332,7 +336,9 @@ class Swin3D(VideoBackbone):
     def forward_head(self, state: TokenState) -> Tensor:
         if self.readout_by is not None:
             return super().forward_head(state)
-        feat = _mean_tokens(state.replace(x=self.norm(state.x)))  # (B, C)
+        # NOTE: a plain mean, as released: `size` counts the patches a merged token covers, fewer at an odd
+        # side's edge, and weighting by it would move the logits. (No reducer that merges runs on Swin.)
+        feat = _mean_tokens(state.replace(x=self.norm(state.x), size=None))  # (B, C)
         return self.head(self.head_drop(feat))
 
     def layout_after(self, position: int, layout: Layout) -> Layout:
