@@ -251,3 +251,85 @@ def test_whole_frame_methods_and_reductions_after_the_last_block_run() -> None:
         match=r"needs attn_received recorded by the attention before it, which Swin3D.s attention does not record \(it attends within windows",
     ):
         ts.apply(model, "attention:keep=0.5,at=4")
+
+
+# ------------------------------------------------------------------ checkpoints
+def _released_names(model: ts.VideoBackbone, layout: str) -> dict[str, torch.Tensor]:
+    """`model`'s tensors under the names of a released layout, written here from the released key lists
+    (hierarchical.md §3.3-3.4): "original" (Video Swin / mmaction2 0.x, in mmcv's `state_dict`), "mmaction1"
+    (the final norm is `norm3`) or "torchvision" (`features.{2s}` / `features.{2s+1}`, `mlp.0/3`)."""
+    cfg = model.config
+    starts = (0, *cfg.stages)
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            stage = sum(s <= int(i) for s in cfg.stages)
+            j = int(i) - starts[stage]
+            if rest.startswith("downsample."):
+                stage, rest = stage - 1, rest.removeprefix("downsample.")
+                key = (
+                    f"features.{2 * stage + 1}.{rest}"
+                    if layout == "torchvision"
+                    else f"backbone.layers.{stage}.downsample.{rest}"
+                )
+            elif layout == "torchvision":
+                rest = rest.replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+                key = f"features.{2 * stage}.{j}.{rest}"
+            else:
+                key = f"backbone.layers.{stage}.blocks.{j}.{rest}"
+        elif layout == "torchvision":
+            key = key.replace("embed.", "patch_embed.")
+        else:
+            norm = "backbone.norm3." if layout == "mmaction1" else "backbone.norm."
+            key = key.replace("embed.", "backbone.patch_embed.").replace("head.", "cls_head.fc_cls.")
+            key = norm + key.removeprefix("norm.") if key.startswith("norm.") else key
+        out[key] = value
+    for i, block in enumerate(model.blocks):  # the released files carry the index buffer too
+        stage = sum(s <= i for s in cfg.stages)
+        j = i - starts[stage]
+        index = block.attn.relative_position_index
+        out[f"features.{2 * stage}.{j}.attn.relative_position_index" if layout == "torchvision"
+            else f"backbone.layers.{stage}.blocks.{j}.attn.relative_position_index"] = index  # fmt: skip
+    return out if layout == "torchvision" else {"meta": {}, "state_dict": out}
+
+
+@pytest.mark.parametrize("layout", ["original", "mmaction1", "torchvision"])
+@pytest.mark.parametrize("changes", [{}, {"window": (4, 2, 2), "qkv_bias": "none", "num_classes": 7}])
+def test_checkpoints_load_back_with_equal_logits(layout: str, changes: dict, tmp_path) -> None:
+    model = _model(**changes)
+    path = tmp_path / "swin.pth"
+    torch.save(_released_names(model, layout), path)
+    loaded = ts.load(path)
+    assert isinstance(loaded, ts.Swin3D) and loaded.config.window == model.config.window
+    assert loaded.config.stages == model.config.stages and loaded.config.heads == model.config.heads
+    video = tiny_video("swin3d-tiny").double()
+    with torch.no_grad():
+        assert torch.equal(loaded(video), model(video))
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_listing_every_key(tmp_path) -> None:
+    from tokensieve.backbones.checkpoint import CheckpointMismatchError
+
+    ckpt = _released_names(_model(), "original")
+    state = ckpt["state_dict"]
+    del state["backbone.layers.1.blocks.0.mlp.fc2.bias"]
+    state["backbone.layers.0.blocks.1.attn.extra"] = torch.zeros(1)
+    state["backbone.layers.0.downsample.norm.weight"] = torch.zeros(5)
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError) as error:
+        ts.load(tmp_path / "bad.pth")
+    message = str(error.value)
+    assert "missing keys (1)" in message and "blocks.2.mlp.fc2.bias" in message
+    assert "unexpected keys (1)" in message and "backbone.layers.0.blocks.1.attn.extra" in message
+    assert "shape mismatches (1)" in message and "blocks.2.downsample.norm.weight: checkpoint (5,)" in message
+
+
+def test_a_relative_position_index_of_another_window_is_refused(tmp_path) -> None:
+    state = _released_names(_model(), "torchvision")
+    state["features.0.1.attn.relative_position_index"] = state[
+        "features.0.1.attn.relative_position_index"
+    ].flip(0)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(InputError, match="block 1's relative position index is not that of window"):
+        ts.load(tmp_path / "odd.pth")
