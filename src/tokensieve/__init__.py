@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from . import assets, data, metrics, ops, rng, viz
-from .backbones import PRESETS, BackboneConfig, MViT, TimeSformer, VideoBackbone, VideoViT, build
+from .backbones import PRESETS, BackboneConfig, MViT, Swin3D, TimeSformer, VideoBackbone, VideoViT, build
 from .backbones.hf import from_hf, load
 from .backbones.image_init import load_image_weights
 from .backbones.saved import save
@@ -36,6 +36,7 @@ __all__ = [
     "BackboneConfig",
     "InputError",
     "MViT",
+    "Swin3D",
     "TimeSformer",
     "TokenState",
     "VideoBackbone",

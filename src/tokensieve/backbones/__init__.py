@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import VideoBackbone
 from .config import PRESETS, BackboneConfig, preset
 from .mvit import MViT
+from .swin import Swin3D
 from .timesformer import TimeSformer
 from .videovit import VideoViT
 
@@ -12,6 +13,7 @@ __all__ = [
     "PRESETS",
     "BackboneConfig",
     "MViT",
+    "Swin3D",
     "TimeSformer",
     "VideoBackbone",
     "VideoViT",
@@ -25,6 +27,7 @@ _ARCHS: dict[str, type[VideoBackbone]] = {
     "timesformer": TimeSformer,
     "vivit": VideoViT,
     "mvit": MViT,
+    "swin": Swin3D,
 }
 
 

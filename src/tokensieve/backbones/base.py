@@ -39,6 +39,8 @@ class VideoBackbone(nn.Module):
     can_record: ClassVar[bool] = True
     """Whether its blocks' attention can record per-token side results (`KEYS`, `CLS_ATTN`,
     `ATTN_RECEIVED`) for the reducer after it; `apply` refuses a plan that needs them otherwise."""
+    no_records_why: ClassVar[str] = ""
+    """Why not, where `can_record` is False (for the error message)."""
     any_size: ClassVar[bool] = True
     """False: it runs only at the grid its positions are built for (MViT); `apply` refuses a plan that
     changes the clip's size (`resize`)."""

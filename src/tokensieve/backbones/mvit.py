@@ -329,6 +329,7 @@ class MViT(VideoBackbone):
 
     block_need = ("grid", "attention pooled over each frame's grid")
     can_record = False
+    no_records_why = "it pools its keys"
     any_size = False
 
     def __init__(self, config: BackboneConfig) -> None:

@@ -20,8 +20,9 @@ the file.
 
 A released HaltingVT checkpoint (mmaction2 1.x, saved by mmengine: `state_dict` with `backbone.model.`
 keys) given as a file loads as its bare backbone through `mmaction.py`, an MViT checkpoint of
-pySlowFast / STTS (`model_state`) or torchvision (`mvit_v1_b`'s state dict) through `mvit_weights.py`;
-the file is read once and what it holds decides.
+pySlowFast / STTS (`model_state`) or torchvision (`mvit_v1_b`'s state dict) through `mvit_weights.py`,
+a Video Swin checkpoint (original / mmaction2 `backbone.layers.`, torchvision's `swin3d_*` state dict)
+through `swin_weights.py`; the file is read once and what it holds decides.
 
 `save` writes into a temporary folder beside the target and renames it into place, so a kill never
 leaves a half-written model; it refuses a target that holds anything but a saved model.
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..reducers import apply
-from . import build_from_config, mmaction, mvit_weights
+from . import build_from_config, mmaction, mvit_weights, swin_weights
 from .base import VideoBackbone
 from .checkpoint import fit_problems, load_checked
 from .config import BackboneConfig
@@ -234,7 +235,11 @@ def load_local(path: Path, **config_changes: Any) -> VideoBackbone:
         raise InputError(
             f"{file}: a .safetensors file loads as a model only inside a folder with {CONFIG_FILE}"
         )
-    ckpt = _read_torch(file, foreign=mmaction.is_checkpoint)
+    ckpt = _read_torch(file, foreign=lambda obj: mmaction.is_checkpoint(obj) or swin_weights.is_mmaction(obj))
+    if swin_weights.is_mmaction(ckpt):
+        return swin_weights.from_mmaction(ckpt, source=str(file), **config_changes)
+    if swin_weights.is_torchvision(ckpt):
+        return swin_weights.from_torchvision(ckpt, source=str(file), **config_changes)
     if mmaction.is_checkpoint(ckpt):
         return mmaction.from_checkpoint(ckpt, source=str(file), **config_changes)
     if mvit_weights.is_slowfast(ckpt):

@@ -341,7 +341,7 @@ def schedule(
         if needs and not model.can_record:
             raise InputError(
                 f"{step.reducer.name} ({step.where}) needs {', '.join(sorted(needs))} recorded by the attention "
-                f"before it, which {type(model).__name__}'s attention does not record (it pools its keys)"
+                f"before it, which {type(model).__name__}'s attention does not record ({model.no_records_why})"
             )
     return steps
 

@@ -1,0 +1,335 @@
+"""Video Swin (backbones/swin.py): logits against a window attention written here with loops over windows,
+heads and tokens, sizes and grids of the presets, and which plans it takes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokensieve as ts
+from conftest import tiny_video
+from tokensieve.backbones.swin import window_and_shift
+from tokensieve.errors import InputError
+
+
+# ------------------------------------------------------------------ the reference forward
+def _window_attention(
+    y: torch.Tensor, P: dict, pre: str, heads: int, full: tuple[int, int, int], shifted: bool,
+    mask_padding: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Video Swin's (shifted) window attention on normalised tokens y (B, T, H, W, C), one window, head
+    and token pair at a time, as the paper and the released code describe it:
+    - along an axis no longer than the window, the window is the axis and there is no shift;
+    - the grid is zero-padded at its end to a multiple of the window; padded tokens take part (unmasked,
+      unless `mask_padding`, the negative control);
+    - a shifted block moves the windows by half a window: window position r holds the token at
+      (r + s) mod (padded side); two tokens of a window of which one wrapped round the end along some axis
+      (and the other did not) get -100 added to their logit;
+    - the relative position bias: token m of the window (raster order) is given the coordinates of the
+      m-th token of the *full* window (the released code slices the full window's index table)."""
+    B, T, H, W, C = y.shape
+    hd = C // heads
+    sizes = (T, H, W)
+    win = [n if n <= w else w for n, w in zip(sizes, full, strict=True)]
+    shift = [0 if n <= w or not shifted else w // 2 for n, w in zip(sizes, full, strict=True)]
+    padded = [math.ceil(n / w) * w for n, w in zip(sizes, win, strict=True)]
+    ypad = y.new_zeros(B, *padded, C)
+    ypad[:, :T, :H, :W] = y
+    qkv = ypad @ P[pre + "qkv.weight"].T + P[pre + "qkv.bias"]  # every token, padded ones too
+    out = torch.zeros_like(ypad)
+    table = P[pre + "relative_position_bias_table"]
+    ft, fh, fw = full
+    V = math.prod(win)
+
+    def full_coords(m: int) -> tuple[int, int, int]:
+        return (m // (fh * fw), (m // fw) % fh, m % fw)
+
+    for start in itertools.product(*(range(0, n, w) for n, w in zip(padded, win, strict=True))):
+        cells = list(
+            itertools.product(*(range(a, a + w) for a, w in zip(start, win, strict=True)))
+        )  # window positions r
+        source = [tuple((r + s) % n for r, s, n in zip(cell, shift, padded, strict=True)) for cell in cells]
+        wrapped = [
+            tuple(s > 0 and r >= n - s for r, s, n in zip(cell, shift, padded, strict=True)) for cell in cells
+        ]
+        real = [all(o < n for o, n in zip(src, sizes, strict=True)) for src in source]
+        rows = []
+        for h in range(heads):
+            q = torch.stack([qkv[:, t, i, j, h * hd : (h + 1) * hd] for t, i, j in source], 1)  # (B, V, hd)
+            k = torch.stack([qkv[:, t, i, j, C + h * hd : C + (h + 1) * hd] for t, i, j in source], 1)
+            v = torch.stack([qkv[:, t, i, j, 2 * C + h * hd : 2 * C + (h + 1) * hd] for t, i, j in source], 1)
+            logits = q @ k.transpose(1, 2) / math.sqrt(hd)  # (B, V, V)
+            extra = torch.zeros(V, V, dtype=y.dtype)
+            for m, n in itertools.product(range(V), range(V)):
+                (a, b, c), (d, e, f) = full_coords(m), full_coords(n)
+                row = (
+                    (a - d + ft - 1) * (2 * fh - 1) * (2 * fw - 1)
+                    + (b - e + fh - 1) * (2 * fw - 1)
+                    + (c - f + fw - 1)
+                )
+                extra[m, n] = table[row, h]
+                if wrapped[m] != wrapped[n]:
+                    extra[m, n] -= 100.0
+                if mask_padding and not real[n]:
+                    extra[m, n] = -math.inf
+            rows.append(torch.softmax(logits + extra, -1) @ v)  # (B, V, hd)
+        mixed = torch.cat(rows, -1) @ P[pre + "proj.weight"].T + P[pre + "proj.bias"]  # (B, V, C)
+        for idx, (t, i, j) in enumerate(source):
+            out[:, t, i, j] = mixed[:, idx]
+    return out[:, :T, :H, :W]
+
+
+def _merge(x: torch.Tensor, P: dict, pre: str, eps: float) -> torch.Tensor:
+    """Patch merging, token by token: (0,0), (1,0), (0,1), (1,1) of each 2x2 cell (zeros beyond the grid)."""
+    B, T, H, W, C = x.shape
+    h2, w2 = (H + 1) // 2, (W + 1) // 2
+    out = x.new_zeros(B, T, h2, w2, 4 * C)
+    for i, j in itertools.product(range(h2), range(w2)):
+        parts = []
+        for di, dj in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            a, b = 2 * i + di, 2 * j + dj
+            parts.append(x[:, :, a, b] if a < H and b < W else x.new_zeros(B, T, C))
+        out[:, :, i, j] = torch.cat(parts, -1)
+    normed = F.layer_norm(out, (4 * C,), P[pre + "norm.weight"], P[pre + "norm.bias"], eps=eps)
+    return normed @ P[pre + "reduction.weight"].T
+
+
+def reference_logits(
+    model: ts.VideoBackbone,
+    video: torch.Tensor,
+    frames_kept: list[int] | None = None,
+    mask_padding: bool = False,
+) -> torch.Tensor:
+    """The logits of `model`'s weights computed as the Video Swin paper and the released code describe the
+    network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent)."""
+    cfg = model.config
+    P = dict(model.named_parameters())
+    eps, t, p = cfg.eps, cfg.tubelet, cfg.patch
+    x = F.conv3d(video.transpose(1, 2), P["embed.proj.weight"], P["embed.proj.bias"], stride=(t, p, p))
+    x = x.permute(0, 2, 3, 4, 1)  # (B, T, H, W, C)
+    x = F.layer_norm(x, (cfg.dim,), P["embed.norm.weight"], P["embed.norm.bias"], eps=eps)
+    if frames_kept is not None:
+        x = x[:, frames_kept]
+    stage, first = 0, 0
+    for i in range(cfg.depth):
+        pre = f"blocks.{i}."
+        if i in cfg.stages:
+            x = _merge(x, P, pre + "downsample.", eps)
+            stage, first = stage + 1, i
+        C = x.shape[-1]
+        y = F.layer_norm(x, (C,), P[pre + "norm1.weight"], P[pre + "norm1.bias"], eps=eps)
+        shifted = (i - first) % 2 == 1
+        x = x + _window_attention(
+            y, P, pre + "attn.", cfg.heads * 2**stage, cfg.window, shifted, mask_padding
+        )
+        y = F.layer_norm(x, (C,), P[pre + "norm2.weight"], P[pre + "norm2.bias"], eps=eps)
+        hidden = F.gelu(y @ P[pre + "mlp.fc1.weight"].T + P[pre + "mlp.fc1.bias"])
+        x = x + hidden @ P[pre + "mlp.fc2.weight"].T + P[pre + "mlp.fc2.bias"]
+    x = F.layer_norm(x, (x.shape[-1],), P["norm.weight"], P["norm.bias"], eps=eps)
+    return x.mean((1, 2, 3)) @ P["head.weight"].T + P["head.bias"]
+
+
+def _model(**changes: object) -> ts.VideoBackbone:
+    torch.manual_seed(0)
+    model = ts.build("swin3d-tiny", **changes).double().eval()
+    with torch.no_grad():  # nothing at its init value (zero biases, unit norms would hide a swap)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+# ------------------------------------------------------------------ logits
+@pytest.mark.parametrize(
+    ("changes", "clip"),
+    [
+        (
+            {},
+            None,
+        ),  # 4x8x8 (padded to 4x9x9), 4x4x4 (padded to 4x6x6), 4x2x2 (window shrunk to 2x2, no shift)
+        ({"size": 24}, None),  # 6x6 unpadded; 3x3 = the window: spatial shift 0, temporal shift 1
+        ({"window": (4, 4, 4)}, None),  # T = 4 = the window: no temporal shift; 8x8 shifted by 2
+        ({"frames": 12, "size": 36}, None),  # 6x9x9 -> merged from odd sides 5x5 (padded to 6x6) -> 3x3
+        ({}, (4, 40, 24)),  # another clip size (any_size): 2x10x6, a single temporal window
+    ],
+)
+def test_logits_equal_the_reference_forward(changes: dict, clip: tuple[int, int, int] | None) -> None:
+    model = _model(**changes)
+    cfg = model.config
+    frames, height, width = clip or (cfg.frames, cfg.size, cfg.size)
+    video = torch.randn(2, frames, 3, height, width, dtype=torch.float64)
+    with torch.no_grad():
+        ours, theirs = model(video), reference_logits(model, video)
+    assert (ours - theirs).abs().max() < 1e-10
+
+
+def test_the_shift_and_the_unmasked_padding_matter() -> None:
+    """Negative controls: the reference without shifted windows, or with the padded tokens masked out,
+    is told apart from the model (so the equality above tests both)."""
+    model = _model()
+    video = tiny_video("swin3d-tiny").double()
+    with torch.no_grad():
+        ours = model(video)
+        assert (reference_logits(model, video, mask_padding=True) - ours).abs().max() > 1e-6
+        for block in model.blocks:
+            block.attn.shift = (0, 0, 0)
+        assert (reference_logits(model, video) - model(video)).abs().max() > 1e-6
+
+
+def test_frame_selection_windows_the_kept_slices_as_adjacent() -> None:
+    model = _model()
+    video = tiny_video("swin3d-tiny").double()
+    ts.apply(model, "uniform:keep=0.5")
+    with torch.no_grad():
+        state = model.forward_features(video)
+        kept = sorted(set((state.pos[0] // 64).tolist()))  # pos indexes the 4x8x8 patch grid
+        assert len(kept) == 2 and state.frames == 2 and state.frame_grid == (2, 2)
+        assert (model(video) - reference_logits(model, video, frames_kept=kept)).abs().max() < 1e-10
+
+
+# ------------------------------------------------------------------ sizes and grids
+def test_swin_sizes_grids_and_windows() -> None:
+    with torch.device("meta"):
+        model = ts.build("swin3d-b")
+    assert model.num_params == 88_048_984  # torchvision's swin3d_b
+    grids = model.grids()
+    assert grids[0] == grids[2] == (16, 56, 56) and grids[3] == grids[4] == (16, 28, 28)
+    assert grids[5] == grids[22] == (16, 14, 14) and grids[23] == grids[24] == (16, 7, 7)
+    assert [model.config.width(p) for p in (0, 2, 3, 4, 5, 22, 23, 24)] == [
+        128,
+        128,
+        256,
+        256,
+        512,
+        512,
+        1024,
+        1024,
+    ]
+    assert [b.attn.heads for b in model.blocks][::2] == [4, 8] + [16] * 9 + [32]
+    assert [b.merges for b in model.blocks].count(True) == 3
+    assert [any(b.attn.shift) for b in model.blocks] == [False, True] * 12
+    assert window_and_shift((16, 7, 7), (8, 7, 7), (4, 3, 3)) == ((8, 7, 7), (4, 0, 0))
+    assert window_and_shift((6, 56, 56), (8, 7, 7), (4, 3, 3)) == ((6, 7, 7), (0, 3, 3))
+
+
+def test_config_checks() -> None:
+    with pytest.raises(InputError, match="arch 'swin' reads out the mean of its tokens"):
+        ts.build("swin3d-tiny", pool="cls")
+    with pytest.raises(InputError, match="window must be three sizes"):
+        ts.build("swin3d-tiny", window=(2, 0, 3))
+    with pytest.raises(InputError, match="frame size 30x30 must be divisible by the patch size 4"):
+        ts.build("swin3d-tiny")(torch.randn(1, 8, 3, 30, 30))
+
+
+# ------------------------------------------------------------------ plans
+@pytest.mark.parametrize(
+    "spec", ["random:keep=0.5", "tome:r=4", "sta:r=4", "attention:keep=0.5", "lite:keep=0.5",
+             "tokenlearner:at=1,tokens=4", "halting:beta=0", "random:keep=0.5,per_frame=true,at=2"],
+)  # fmt: skip
+def test_per_token_methods_are_refused_with_the_grid_requirement(spec: str) -> None:
+    with pytest.raises(InputError, match=r"Swin3D block \d \(shifted-window attention over each frame's grid\) "
+                       r"needs a full \(or cropped\) grid of tokens in every frame") as error:  # fmt: skip
+        ts.apply(ts.build("swin3d-tiny"), spec)
+    assert "\n" not in str(error.value)
+
+
+def test_whole_frame_methods_and_reductions_after_the_last_block_run() -> None:
+    model = ts.build("swin3d-tiny").eval()
+    video = tiny_video("swin3d-tiny")
+    for spec, tokens in [
+        ("uniform:keep=0.5", [128]), ("random_frames:keep=0.5,at=2", [128]), ("stts:T0=0.5", [128]),
+        ("random:keep=0.5,at=5", [8]),
+    ]:  # fmt: skip
+        installed = ts.apply(model, spec)
+        assert [step.tokens_out for step in installed.steps] == tokens
+        assert model(video).shape == (2, 10)
+    with pytest.raises(
+        InputError,
+        match=r"needs attn_received recorded by the attention before it, which Swin3D.s attention does not record \(it attends within windows",
+    ):
+        ts.apply(model, "attention:keep=0.5,at=4")
+
+
+# ------------------------------------------------------------------ checkpoints
+def _released_names(model: ts.VideoBackbone, layout: str) -> dict[str, torch.Tensor]:
+    """`model`'s tensors under the names of a released layout, written here from the released key lists
+    (hierarchical.md §3.3-3.4): "original" (Video Swin / mmaction2 0.x, in mmcv's `state_dict`), "mmaction1"
+    (the final norm is `norm3`) or "torchvision" (`features.{2s}` / `features.{2s+1}`, `mlp.0/3`)."""
+    cfg = model.config
+    starts = (0, *cfg.stages)
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            stage = sum(s <= int(i) for s in cfg.stages)
+            j = int(i) - starts[stage]
+            if rest.startswith("downsample."):
+                stage, rest = stage - 1, rest.removeprefix("downsample.")
+                key = (
+                    f"features.{2 * stage + 1}.{rest}"
+                    if layout == "torchvision"
+                    else f"backbone.layers.{stage}.downsample.{rest}"
+                )
+            elif layout == "torchvision":
+                rest = rest.replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+                key = f"features.{2 * stage}.{j}.{rest}"
+            else:
+                key = f"backbone.layers.{stage}.blocks.{j}.{rest}"
+        elif layout == "torchvision":
+            key = key.replace("embed.", "patch_embed.")
+        else:
+            norm = "backbone.norm3." if layout == "mmaction1" else "backbone.norm."
+            key = key.replace("embed.", "backbone.patch_embed.").replace("head.", "cls_head.fc_cls.")
+            key = norm + key.removeprefix("norm.") if key.startswith("norm.") else key
+        out[key] = value
+    for i, block in enumerate(model.blocks):  # the released files carry the index buffer too
+        stage = sum(s <= i for s in cfg.stages)
+        j = i - starts[stage]
+        index = block.attn.relative_position_index
+        out[f"features.{2 * stage}.{j}.attn.relative_position_index" if layout == "torchvision"
+            else f"backbone.layers.{stage}.blocks.{j}.attn.relative_position_index"] = index  # fmt: skip
+    return out if layout == "torchvision" else {"meta": {}, "state_dict": out}
+
+
+@pytest.mark.parametrize("layout", ["original", "mmaction1", "torchvision"])
+@pytest.mark.parametrize("changes", [{}, {"window": (4, 2, 2), "qkv_bias": "none", "num_classes": 7}])
+def test_checkpoints_load_back_with_equal_logits(layout: str, changes: dict, tmp_path) -> None:
+    model = _model(**changes)
+    path = tmp_path / "swin.pth"
+    torch.save(_released_names(model, layout), path)
+    loaded = ts.load(path)
+    assert isinstance(loaded, ts.Swin3D) and loaded.config.window == model.config.window
+    assert loaded.config.stages == model.config.stages and loaded.config.heads == model.config.heads
+    video = tiny_video("swin3d-tiny").double()
+    with torch.no_grad():
+        assert torch.equal(loaded(video), model(video))
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_listing_every_key(tmp_path) -> None:
+    from tokensieve.backbones.checkpoint import CheckpointMismatchError
+
+    ckpt = _released_names(_model(), "original")
+    state = ckpt["state_dict"]
+    del state["backbone.layers.1.blocks.0.mlp.fc2.bias"]
+    state["backbone.layers.0.blocks.1.attn.extra"] = torch.zeros(1)
+    state["backbone.layers.0.downsample.norm.weight"] = torch.zeros(5)
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatchError) as error:
+        ts.load(tmp_path / "bad.pth")
+    message = str(error.value)
+    assert "missing keys (1)" in message and "blocks.2.mlp.fc2.bias" in message
+    assert "unexpected keys (1)" in message and "backbone.layers.0.blocks.1.attn.extra" in message
+    assert "shape mismatches (1)" in message and "blocks.2.downsample.norm.weight: checkpoint (5,)" in message
+
+
+def test_a_relative_position_index_of_another_window_is_refused(tmp_path) -> None:
+    state = _released_names(_model(), "torchvision")
+    state["features.0.1.attn.relative_position_index"] = state[
+        "features.0.1.attn.relative_position_index"
+    ].flip(0)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(InputError, match="block 1's relative position index is not that of window"):
+        ts.load(tmp_path / "odd.pth")
