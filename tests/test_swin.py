@@ -103,9 +103,11 @@ def reference_logits(
     video: torch.Tensor,
     frames_kept: list[int] | None = None,
     mask_padding: bool = False,
+    select=None,  # type: ignore[no-untyped-def]
 ) -> torch.Tensor:
     """The logits of `model`'s weights computed as the Video Swin paper and the released code describe the
-    network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent)."""
+        network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent); `select`: any
+    selection there (clip by clip)."""
     cfg = model.config
     P = dict(model.named_parameters())
     eps, t, p = cfg.eps, cfg.tubelet, cfg.patch
@@ -114,6 +116,8 @@ def reference_logits(
     x = F.layer_norm(x, (cfg.dim,), P["embed.norm.weight"], P["embed.norm.bias"], eps=eps)
     if frames_kept is not None:
         x = x[:, frames_kept]
+    if select is not None:  # (B, T, H, W, C) -> (B, T', H', W', C): a selection before stage 0
+        x = select(x)
     stage, first = 0, 0
     for i in range(cfg.depth):
         pre = f"blocks.{i}."
@@ -349,29 +353,49 @@ def _predictor(P: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def released_stts_swin(
-    model: ts.VideoBackbone, predictor: dict, video: torch.Tensor, ratio: float
-) -> torch.Tensor:
-    """STTS's released Swin evaluation path (`time_pruning_loc=[0]`, `time_score='tpool'`): the patch embedding
-    (conv, LayerNorm), then `PatchNet` on its (B, C, T, H, W) output: each slice's mean and max over its tokens,
-    concatenated, scored by `PredictorLG(2C)` (weights `predictor`, released names without
+    model: ts.VideoBackbone, predictors: dict, video: torch.Tensor, ratio: float, space: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """STTS's released Swin evaluation path (`time_pruning_loc=[0]`, `time_score='tpool'`; with `space`, also
+    `space_pruning_loc=[0]`, `space_score='spatch'`), then the rest of Video Swin (`reference_logits`).
+
+    `PatchNet` on the patch embedding's (B, C, T, H, W) output: each slice's mean and max over its tokens,
+    concatenated, scored by `PredictorLG(2C)` (`predictors["T"]`: weights under the released names without
     `backbone.time_score_predictor.0.score_network.`), min-max over the slices, the K = int(T * ratio) best in
-    time order; then the rest of Video Swin on the kept slices (`reference_logits`, one clip at a time)."""
-    cfg = model.config
-    P = dict(model.named_parameters())
-    t, p = cfg.tubelet, cfg.patch
-    x = F.conv3d(video.transpose(1, 2), P["embed.proj.weight"], P["embed.proj.bias"], stride=(t, p, p))
-    x = x.permute(0, 2, 3, 4, 1)  # (B, T, H, W, C)
-    x = F.layer_norm(x, (cfg.dim,), P["embed.norm.weight"], P["embed.norm.bias"], eps=cfg.eps)
-    tokens = x.flatten(2, 3)  # (B, T, H*W, C)
-    scores = _predictor(predictor, "", torch.cat([tokens.mean(2), tokens.max(2).values], -1))  # (B, T)
-    low, high = scores.min(-1, keepdim=True).values, scores.max(-1, keepdim=True).values
-    scores = (scores - low) / (high - low + 1e-5)
-    k = int(x.shape[1] * ratio)
-    kept = scores.topk(k, -1).indices.sort(-1).values  # (B, K)
-    logits = [
-        reference_logits(model, video[b : b + 1], frames_kept=kept[b].tolist()) for b in range(len(video))
-    ]
-    return torch.cat(logits), kept
+    time order. Spatial (`predictors["S"]`, `PredictorLG(C)`): in every kept slice, each token's score, the mean
+    over each P x P anchor (P = int(sqrt(int(H * W * space))), stride max((H - P) // 2, 1), as `F.unfold`
+    lays them out), min-max over the anchors, the best one's P x P tokens. Returns the logits and the kept
+    slices (B, K)."""
+    kept_slices = []
+
+    def select(x: torch.Tensor) -> torch.Tensor:
+        B, T, H, W, C = x.shape
+        tokens = x.flatten(2, 3)  # (B, T, H*W, C)
+        scores = _predictor(
+            predictors["T"], "", torch.cat([tokens.mean(2), tokens.max(2).values], -1)
+        )  # (B, T)
+        kept = _min_max(scores).topk(int(T * ratio), -1).indices.sort(-1).values  # (B, K)
+        kept_slices.append(kept)
+        x = torch.stack([x[b, kept[b]] for b in range(B)])  # (B, K, H, W, C)
+        if space is None:
+            return x
+        P = math.isqrt(int(H * W * space))
+        stride = max((H - P) // 2, 1)
+        crops = []
+        for b, t in itertools.product(range(B), range(x.shape[1])):
+            token_scores = _predictor(predictors["S"], "", x[b, t].reshape(1, H * W, C))  # (1, H*W)
+            anchors = F.unfold(token_scores.view(1, 1, H, W), P, stride=stride).mean(1)  # (1, G)
+            best = int(_min_max(anchors).topk(1, -1).indices)
+            windows = F.unfold(x[b, t].permute(2, 0, 1)[None], P, stride=stride)  # (1, C*P*P, G)
+            crops.append(windows[0, :, best].view(C, P, P).permute(1, 2, 0))  # (P, P, C)
+        return torch.stack(crops).view(B, -1, P, P, C)
+
+    logits = reference_logits(model, video, select=select)
+    return logits, kept_slices[0]
+
+
+def _min_max(s: torch.Tensor) -> torch.Tensor:
+    low, high = s.min(-1, keepdim=True).values, s.max(-1, keepdim=True).values
+    return (s - low) / (high - low + 1e-5)
 
 
 STTS_SWIN_CONFIG = """model = dict(
@@ -405,9 +429,9 @@ optimizer = dict(type='AdamW', lr=0.0003, betas=(0.9, 0.999), weight_decay=0.05)
 on swin3d-tiny's 4 slices, K = int(4 * 0.7) = 2 (where rounding would keep 3)."""
 
 
-def _stts_swin_model() -> ts.VideoBackbone:
+def _stts_swin_model(space: str = "") -> ts.VideoBackbone:
     model = _model()
-    ts.apply(model, "stts:T0=0.5,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05")
+    ts.apply(model, f"stts:T0=0.5{space},pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05")
     with torch.no_grad():  # a scorer with spread-out scores, so that each clip picks its own slices
         for param in model.plan.parameters():
             param.copy_(torch.randn_like(param))
@@ -420,19 +444,18 @@ def _stts_swin_file(path, model: ts.VideoBackbone, config: str | None = STTS_SWI
     ckpt = _released_names(model, "original")
     state = ckpt["state_dict"]
     for key in [k for k in state if k.startswith("plan.")]:
-        rest = key.removeprefix("plan.0.selections.0.scorer.")
-        state["backbone.time_score_predictor.0.score_network." + rest] = state.pop(key)
+        index, rest = key.removeprefix("plan.0.selections.").split(".scorer.")
+        what = "time" if model.plan[0].selections[int(index)].kind == "T" else "space"
+        state[f"backbone.{what}_score_predictor.0.score_network." + rest] = state.pop(key)
     ckpt["meta"] = {"mmcv_version": "1.3.8", "epoch": 10} | ({"config": config} if config is not None else {})
     torch.save(ckpt, path)
     return path
 
 
-def _released_predictor(model: ts.VideoBackbone) -> dict:
-    return {
-        k.removeprefix("plan.0.selections.0.scorer."): v
-        for k, v in model.named_parameters()
-        if k.startswith("plan.0.selections.0.scorer.")
-    }
+def _released_predictors(model: ts.VideoBackbone) -> dict:
+    """The plan's scorers' weights by kind ("T", "S"), under the released `PredictorLG` names."""
+    (reducer,) = model.plan
+    return {s.kind: dict(s.scorer.named_parameters()) for s in reducer.selections}
 
 
 def test_an_stts_swin_checkpoint_equals_the_released_evaluation_path(tmp_path) -> None:
@@ -440,12 +463,12 @@ def test_an_stts_swin_checkpoint_equals_the_released_evaluation_path(tmp_path) -
     loaded = ts.load(_stts_swin_file(tmp_path / "stts_swin.pth", model))
     assert isinstance(loaded, ts.Swin3D) and loaded.config.frames == 8 and loaded.config.size == 32
     assert loaded.spec == "stts:T0=0.5,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05"
-    predictor = _released_predictor(loaded)
-    assert all(torch.equal(v, _released_predictor(model)[k]) for k, v in predictor.items())
+    predictors = _released_predictors(loaded)
+    assert all(torch.equal(v, _released_predictors(model)["T"][k]) for k, v in predictors["T"].items())
     video = torch.randn(4, 8, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         ours = loaded(video)
-        theirs, kept = released_stts_swin(loaded, predictor, video, 0.7)
+        theirs, kept = released_stts_swin(loaded, predictors, video, 0.7)
         state = loaded.forward_features(video)
     assert (
         kept.shape == (4, 2) and len({tuple(row) for row in kept.tolist()}) > 1
@@ -504,3 +527,36 @@ def test_an_stts_swin_checkpoint_that_does_not_fit_is_one_error(tmp_path) -> Non
     assert "missing keys (2)" in message and "plan.0.selections.0.scorer.out_conv.4.bias" in message
     assert "blocks.2.mlp.fc2.bias" in message
     assert "shape mismatches (1)" in message and "plan.0.selections.0.scorer.in_conv.1.weight" in message
+
+
+def test_stts_spatial_anchors_on_swin_equal_the_released_spatch_path(tmp_path) -> None:
+    """The spatial form (implemented in the released code, used by no released config): after the temporal
+    selection, one 5x5 anchor per kept slice of the 8x8 grid (int(64 * 0.4) = 25 tokens, stride 1, 16 anchors);
+    the windows (3x3) pad 5x5 to 6x6 as released, the merge pads 5x5 to 6x6 -> 3x3 = the window: no shift."""
+    config = STTS_SWIN_CONFIG.replace(
+        "time_score='tpool',", "time_score='tpool',\n        space_pruning_loc=[0],\n        space_left_ratio=[0.4],"
+        "\n        space_score='spatch',"
+    )  # fmt: skip
+    model = _stts_swin_model(",S0=0.4")
+    loaded = ts.load(_stts_swin_file(tmp_path / "stts_s0.pth", model, config))
+    assert loaded.spec == "stts:T0=0.5,S0=0.4,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05"
+    assert [(s.after.tokens, s.after.frame_grid) for s in loaded.installed.steps] == [
+        (128, (8, 8)),
+        (50, (5, 5)),
+    ]
+    assert loaded.grids()[-1] == (
+        4,
+        2,
+        2,
+    )  # the bare model's grids: the plan's are (2, 5, 5), (2, 3, 3), (2, 2, 2)
+    video = torch.randn(3, 8, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ours = loaded(video)
+        theirs, _ = released_stts_swin(loaded, _released_predictors(loaded), video, 0.7, space=0.4)
+        state = loaded.forward_features(video, trace=True)
+    state.check()
+    anchors = {tuple((state.pos.view(3, 2, -1)[b, t, 0] % 64).tolist() for t in range(2)) for b in range(3)}
+    assert len(anchors) > 1  # the clips' slices chose different anchors
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        assert torch.equal(ours, model(video))

@@ -20,6 +20,14 @@ classes, qkv bias and the window (the one whose relative position index is the f
 from the bias table's rows: 8x7x7 or 16x7x7). Not in the tensors: the clip size, which the model does not
 depend on (`any_size`). The relative position index is a buffer we build from the window; a file whose
 index is another is refused.
+
+STTS's Swin (same layout) also holds its selectors, `backbone.time_score_predictor.{j}.score_network.*` (and
+`space_score_predictor`, the spatial form no released config uses): they become an installed `stts` plan with
+the released scorer (`mvit_weights.selection_spec`, `selector_keys`, shared with STTS's MViT). Places, ratios
+and `sigma` come from the config mmaction2 0.x saves as `meta["config"]` (mmcv's `pretty_text`, parsed by
+`read_config`, never run), with STTS's `num_frames` / `image_size`; a file without it takes
+`time_left_ratio=` / `space_left_ratio=` (place: stage 0). Only stage 0 is reproduced: STTS selects before a
+later stage on the merged tokens, where our slot runs before the merge.
 """
 
 from __future__ import annotations
