@@ -103,9 +103,11 @@ def reference_logits(
     video: torch.Tensor,
     frames_kept: list[int] | None = None,
     mask_padding: bool = False,
+    select=None,  # type: ignore[no-untyped-def]
 ) -> torch.Tensor:
     """The logits of `model`'s weights computed as the Video Swin paper and the released code describe the
-    network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent)."""
+        network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent); `select`: any
+    selection there (clip by clip)."""
     cfg = model.config
     P = dict(model.named_parameters())
     eps, t, p = cfg.eps, cfg.tubelet, cfg.patch
@@ -114,6 +116,8 @@ def reference_logits(
     x = F.layer_norm(x, (cfg.dim,), P["embed.norm.weight"], P["embed.norm.bias"], eps=eps)
     if frames_kept is not None:
         x = x[:, frames_kept]
+    if select is not None:  # (B, T, H, W, C) -> (B, T', H', W', C): a selection before stage 0
+        x = select(x)
     stage, first = 0, 0
     for i in range(cfg.depth):
         pre = f"blocks.{i}."
@@ -333,3 +337,226 @@ def test_a_relative_position_index_of_another_window_is_refused(tmp_path) -> Non
     torch.save(state, tmp_path / "odd.pth")
     with pytest.raises(InputError, match="block 1's relative position index is not that of window"):
         ts.load(tmp_path / "odd.pth")
+
+
+# ------------------------------------------------------------------ STTS's Swin checkpoints
+def _predictor(P: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """STTS's released `PredictorLG` on candidates (B, L, D): LayerNorm, Linear(D, D), GELU; the first half of
+    the channels per candidate, the mean of the second half over the candidates; an MLP to one raw score."""
+    D = x.shape[-1]
+    h = F.layer_norm(x, (D,), P[prefix + "in_conv.0.weight"], P[prefix + "in_conv.0.bias"], eps=1e-5)
+    h = F.gelu(h @ P[prefix + "in_conv.1.weight"].T + P[prefix + "in_conv.1.bias"])
+    h = torch.cat([h[..., : D // 2], h[..., D // 2 :].mean(1, keepdim=True).expand(-1, x.shape[1], -1)], -1)
+    for j in (0, 2):
+        h = F.gelu(h @ P[prefix + f"out_conv.{j}.weight"].T + P[prefix + f"out_conv.{j}.bias"])
+    return (h @ P[prefix + "out_conv.4.weight"].T + P[prefix + "out_conv.4.bias"])[..., 0]
+
+
+def released_stts_swin(
+    model: ts.VideoBackbone, predictors: dict, video: torch.Tensor, ratio: float, space: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """STTS's released Swin evaluation path (`time_pruning_loc=[0]`, `time_score='tpool'`; with `space`, also
+    `space_pruning_loc=[0]`, `space_score='spatch'`), then the rest of Video Swin (`reference_logits`).
+
+    `PatchNet` on the patch embedding's (B, C, T, H, W) output: each slice's mean and max over its tokens,
+    concatenated, scored by `PredictorLG(2C)` (`predictors["T"]`: weights under the released names without
+    `backbone.time_score_predictor.0.score_network.`), min-max over the slices, the K = int(T * ratio) best in
+    time order. Spatial (`predictors["S"]`, `PredictorLG(C)`): in every kept slice, each token's score, the mean
+    over each P x P anchor (P = int(sqrt(int(H * W * space))), stride max((H - P) // 2, 1), as `F.unfold`
+    lays them out), min-max over the anchors, the best one's P x P tokens. Returns the logits and the kept
+    slices (B, K)."""
+    kept_slices = []
+
+    def select(x: torch.Tensor) -> torch.Tensor:
+        B, T, H, W, C = x.shape
+        tokens = x.flatten(2, 3)  # (B, T, H*W, C)
+        scores = _predictor(
+            predictors["T"], "", torch.cat([tokens.mean(2), tokens.max(2).values], -1)
+        )  # (B, T)
+        kept = _min_max(scores).topk(int(T * ratio), -1).indices.sort(-1).values  # (B, K)
+        kept_slices.append(kept)
+        x = torch.stack([x[b, kept[b]] for b in range(B)])  # (B, K, H, W, C)
+        if space is None:
+            return x
+        P = math.isqrt(int(H * W * space))
+        stride = max((H - P) // 2, 1)
+        crops = []
+        for b, t in itertools.product(range(B), range(x.shape[1])):
+            token_scores = _predictor(predictors["S"], "", x[b, t].reshape(1, H * W, C))  # (1, H*W)
+            anchors = F.unfold(token_scores.view(1, 1, H, W), P, stride=stride).mean(1)  # (1, G)
+            best = int(_min_max(anchors).topk(1, -1).indices)
+            windows = F.unfold(x[b, t].permute(2, 0, 1)[None], P, stride=stride)  # (1, C*P*P, G)
+            crops.append(windows[0, :, best].view(C, P, P).permute(1, 2, 0))  # (P, P, C)
+        return torch.stack(crops).view(B, -1, P, P, C)
+
+    logits = reference_logits(model, video, select=select)
+    return logits, kept_slices[0]
+
+
+def _min_max(s: torch.Tensor) -> torch.Tensor:
+    low, high = s.min(-1, keepdim=True).values, s.max(-1, keepdim=True).values
+    return (s - low) / (high - low + 1e-5)
+
+
+STTS_SWIN_CONFIG = """model = dict(
+    type='Recognizer3D',
+    backbone=dict(
+        type='SwinTransformer3D',
+        patch_size=(2, 4, 4),
+        embed_dim=8,
+        depths=[2, 2, 1],
+        num_heads=[1, 2, 4],
+        window_size=(2, 3, 3),
+        mlp_ratio=2.0,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.2,
+        patch_norm=True,
+        num_frames=8,
+        image_size=32,
+        time_pruning_loc=[0],
+        time_left_ratio=[0.7],
+        time_score='tpool',
+        pretrained2d=False),
+    cls_head=dict(type='I3DHead', in_channels=32, num_classes=10, spatial_type='avg', dropout_ratio=0.5),
+    test_cfg=dict(average_clips='prob', max_testing_views=2))
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_bgr=False)
+optimizer = dict(type='AdamW', lr=0.0003, betas=(0.9, 0.999), weight_decay=0.05)
+"""
+"""A tiny STTS Swin config as mmcv's `cfg.pretty_text` writes it (mmaction2 0.x saves it as `meta["config"]`):
+on swin3d-tiny's 4 slices, K = int(4 * 0.7) = 2 (where rounding would keep 3)."""
+
+
+def _stts_swin_model(space: str = "") -> ts.VideoBackbone:
+    model = _model()
+    ts.apply(model, f"stts:T0=0.5{space},pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05")
+    with torch.no_grad():  # a scorer with spread-out scores, so that each clip picks its own slices
+        for param in model.plan.parameters():
+            param.copy_(torch.randn_like(param))
+    return model.eval()
+
+
+def _stts_swin_file(path, model: ts.VideoBackbone, config: str | None = STTS_SWIN_CONFIG):  # type: ignore[no-untyped-def]
+    """`model` saved as STTS's Swin saves it (mmcv: `meta` with the config text, `state_dict` in mmaction2 0.x
+    names, the temporal predictor under `backbone.time_score_predictor.0.score_network.`)."""
+    ckpt = _released_names(model, "original")
+    state = ckpt["state_dict"]
+    for key in [k for k in state if k.startswith("plan.")]:
+        index, rest = key.removeprefix("plan.0.selections.").split(".scorer.")
+        what = "time" if model.plan[0].selections[int(index)].kind == "T" else "space"
+        state[f"backbone.{what}_score_predictor.0.score_network." + rest] = state.pop(key)
+    ckpt["meta"] = {"mmcv_version": "1.3.8", "epoch": 10} | ({"config": config} if config is not None else {})
+    torch.save(ckpt, path)
+    return path
+
+
+def _released_predictors(model: ts.VideoBackbone) -> dict:
+    """The plan's scorers' weights by kind ("T", "S"), under the released `PredictorLG` names."""
+    (reducer,) = model.plan
+    return {s.kind: dict(s.scorer.named_parameters()) for s in reducer.selections}
+
+
+def test_an_stts_swin_checkpoint_equals_the_released_evaluation_path(tmp_path) -> None:
+    model = _stts_swin_model()
+    loaded = ts.load(_stts_swin_file(tmp_path / "stts_swin.pth", model))
+    assert isinstance(loaded, ts.Swin3D) and loaded.config.frames == 8 and loaded.config.size == 32
+    assert loaded.spec == "stts:T0=0.5,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05"
+    predictors = _released_predictors(loaded)
+    assert all(torch.equal(v, _released_predictors(model)["T"][k]) for k, v in predictors["T"].items())
+    video = torch.randn(4, 8, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ours = loaded(video)
+        theirs, kept = released_stts_swin(loaded, predictors, video, 0.7)
+        state = loaded.forward_features(video)
+    assert (
+        kept.shape == (4, 2) and len({tuple(row) for row in kept.tolist()}) > 1
+    )  # the clips chose differently
+    assert torch.equal((state.pos.view(4, -1)[:, ::4] // 64).unique(dim=1), kept)  # slices in time order
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        assert torch.equal(ours, model(video))
+
+
+def test_an_stts_swin_checkpoint_without_a_config_takes_its_ratio_from_a_keyword(tmp_path) -> None:
+    model = _stts_swin_model()
+    path = _stts_swin_file(tmp_path / "bare.pth", model, config=None)
+    with pytest.raises(InputError, match="holds STTS selectors, but its config names no time_pruning_loc"):
+        ts.load(path)
+    loaded = ts.load(path, time_left_ratio=0.7, frames=8, size=32)
+    assert loaded.spec == "stts:T0=0.5,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05"
+    video = tiny_video("swin3d-tiny", batch=3).double()
+    with torch.no_grad():
+        assert torch.equal(loaded(video), model(video))
+    with pytest.raises(InputError, match="holds no STTS selectors: time_left_ratio= apply"):
+        ts.load(_stts_swin_file(tmp_path / "plain.pth", _model()), time_left_ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("time_pruning_loc=[0]", "time_pruning_loc=[1]"), "STTS selects before Swin stage 1.*only stage 0"),
+        (("time_score='tpool'", "time_score='tconv'"), "time_score 'tconv'; tokensieve runs STTS's 'tpool'"),
+        (("time_left_ratio=[0.7]", "time_left_ratio=[0.7, 0.5]"), "gives time_pruning_loc \\[0\\] but"),
+        (("model = dict(", "model = dict(x=import_this(), "), "time_score_predictor|selector"),
+    ],
+)
+def test_stts_swin_configs_we_do_not_run_are_refused(edit: tuple[str, str], message: str, tmp_path) -> None:
+    path = _stts_swin_file(tmp_path / "odd.pth", _stts_swin_model(), STTS_SWIN_CONFIG.replace(*edit))
+    if "import_this" in edit[1]:  # a call that is not dict(...) reads as None; the rest still loads
+        assert ts.load(path).spec.startswith("stts:T0=0.5,")
+        return
+    with pytest.raises(InputError, match=message):
+        ts.load(path)
+
+
+def test_an_stts_swin_checkpoint_that_does_not_fit_is_one_error(tmp_path) -> None:
+    from tokensieve.backbones.checkpoint import CheckpointMismatchError
+
+    path = _stts_swin_file(tmp_path / "bad.pth", _stts_swin_model())
+    ckpt = torch.load(path)
+    state = ckpt["state_dict"]
+    del state["backbone.time_score_predictor.0.score_network.out_conv.4.bias"]
+    state["backbone.time_score_predictor.0.score_network.in_conv.1.weight"] = torch.zeros(3, 3)
+    del state["backbone.layers.1.blocks.0.mlp.fc2.bias"]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointMismatchError) as error:
+        ts.load(path)
+    message = str(error.value)
+    assert "missing keys (2)" in message and "plan.0.selections.0.scorer.out_conv.4.bias" in message
+    assert "blocks.2.mlp.fc2.bias" in message
+    assert "shape mismatches (1)" in message and "plan.0.selections.0.scorer.in_conv.1.weight" in message
+
+
+def test_stts_spatial_anchors_on_swin_equal_the_released_spatch_path(tmp_path) -> None:
+    """The spatial form (implemented in the released code, used by no released config): after the temporal
+    selection, one 5x5 anchor per kept slice of the 8x8 grid (int(64 * 0.4) = 25 tokens, stride 1, 16 anchors);
+    the windows (3x3) pad 5x5 to 6x6 as released, the merge pads 5x5 to 6x6 -> 3x3 = the window: no shift."""
+    config = STTS_SWIN_CONFIG.replace(
+        "time_score='tpool',", "time_score='tpool',\n        space_pruning_loc=[0],\n        space_left_ratio=[0.4],"
+        "\n        space_score='spatch',"
+    )  # fmt: skip
+    model = _stts_swin_model(",S0=0.4")
+    loaded = ts.load(_stts_swin_file(tmp_path / "stts_s0.pth", model, config))
+    assert loaded.spec == "stts:T0=0.5,S0=0.4,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05"
+    assert [(s.after.tokens, s.after.frame_grid) for s in loaded.installed.steps] == [
+        (128, (8, 8)),
+        (50, (5, 5)),
+    ]
+    assert loaded.grids()[-1] == (
+        4,
+        2,
+        2,
+    )  # the bare model's grids: the plan's are (2, 5, 5), (2, 3, 3), (2, 2, 2)
+    video = torch.randn(3, 8, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ours = loaded(video)
+        theirs, _ = released_stts_swin(loaded, _released_predictors(loaded), video, 0.7, space=0.4)
+        state = loaded.forward_features(video, trace=True)
+    state.check()
+    anchors = {tuple((state.pos.view(3, 2, -1)[b, t, 0] % 64).tolist() for t in range(2)) for b in range(3)}
+    assert len(anchors) > 1  # the clips' slices chose different anchors
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        assert torch.equal(ours, model(video))

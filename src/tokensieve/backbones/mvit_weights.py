@@ -35,12 +35,13 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import InputError
+from .base import VideoBackbone
 from .checkpoint import load_checked, remap
 from .config import PRESETS, BackboneConfig
 from .mvit import POOL_KERNEL, MViT
@@ -54,6 +55,8 @@ __all__ = [
     "is_slowfast",
     "is_torchvision",
     "read_cfg",
+    "selection_spec",
+    "selector_keys",
     "stts_spec",
 ]
 
@@ -244,45 +247,68 @@ PREDICTORS = {"T": "time_score_predictor.", "S": "space_score_predictor."}
 
 
 def stts_spec(cfg: Mapping[str, Any], frames: int, *, source: str) -> str:
-    """The `stts` plan an STTS checkpoint's cfg describes, its selections in the cfg's order.
+    """The `stts` plan an STTS MViT checkpoint's cfg describes, its selections in the cfg's order.
 
     Args:
         cfg: the checkpoint's config (`read_cfg`).
         frames: temporal slices after the patch embedding (`config.grid[0]`).
 
     Raises:
-        InputError: no pruning places in the cfg, ratios that do not pair with them, another scorer than
-            the released `tpool` / `spatch`, or a temporal ratio that keeps no slice.
+        InputError: see `selection_spec`.
     """
-    mvit = cfg.get("MVIT") or {}
+    return selection_spec(cfg.get("MVIT") or {}, frames, source=source, name=str.upper, sigma=0.1)
+
+
+def selection_spec(
+    settings: Mapping[str, Any],
+    frames: int,
+    *,
+    source: str,
+    name: Callable[[str], str],
+    sigma: float,
+    block: Callable[[int], int] = int,
+    called: str = "cfg",
+) -> str:
+    """The `stts` plan of STTS's selection settings, under the names `name` gives them (MViT's cfg:
+    `TIME_PRUNING_LOC`; Swin's backbone config: `time_pruning_loc`), its selections in their order.
+
+    Args:
+        settings: the settings (`{name}_pruning_loc`, `_left_ratio`, `_score` for time and space, `sigma`).
+        frames: temporal slices after the patch embedding.
+        name: the settings' spelling of a lower-case name (`str.upper`, `str`).
+        sigma: the released default, for settings without one.
+        block: our block of a released place (raises `InputError` for a place we do not reproduce).
+        called: what the messages call the settings.
+
+    Raises:
+        InputError: no pruning places, ratios that do not pair with them, another scorer than the released
+            `tpool` / `spatch`, a temporal ratio that keeps no slice, or a place `block` refuses.
+    """
     entries = []
-    for kind, what, score in (("T", "TIME", "tpool"), ("S", "SPACE", "spatch")):
-        places, ratios = mvit.get(f"{what}_PRUNING_LOC") or [], mvit.get(f"{what}_LEFT_RATIO") or []
+    for kind, what, score in (("T", "time", "tpool"), ("S", "space", "spatch")):
+        loc, left, scored = (name(f"{what}_{part}") for part in ("pruning_loc", "left_ratio", "score"))
+        places, ratios = settings.get(loc) or [], settings.get(left) or []
         if len(places) != len(ratios):
-            raise InputError(
-                f"{source}: its cfg gives {what}_PRUNING_LOC {places} but {what}_LEFT_RATIO {ratios}"
-            )
-        if places and mvit.get(f"{what}_SCORE") != score:
-            raise InputError(
-                f"{source}: {what}_SCORE {mvit.get(f'{what}_SCORE')!r}; tokensieve runs STTS's {score!r}"
-            )
+            raise InputError(f"{source}: its {called} gives {loc} {places} but {left} {ratios}")
+        if places and settings.get(scored) != score:
+            raise InputError(f"{source}: {scored} {settings.get(scored)!r}; tokensieve runs STTS's {score!r}")
         for place, ratio in zip(places, ratios, strict=True):
             if kind == "T":  # the released count, K = int(T * ratio), as the ratio K / T
                 kept = int(frames * float(ratio))
                 if kept < 1:
-                    raise InputError(f"{source}: TIME_LEFT_RATIO {ratio} of {frames} slices keeps none")
+                    raise InputError(f"{source}: {left} {ratio} of {frames} slices keeps none")
                 ratio, frames = kept / frames, kept
-            entries.append(f"{kind}{int(place)}={float(ratio)!r}")
+            entries.append(f"{kind}{block(int(place))}={float(ratio)!r}")
     if not entries:
         raise InputError(
-            f"{source} holds STTS selectors, but its cfg names no TIME_PRUNING_LOC / SPACE_PRUNING_LOC to "
-            "run them at"
+            f"{source} holds STTS selectors, but its {called} names no {name('time_pruning_loc')} / "
+            f"{name('space_pruning_loc')} to run them at"
         )
-    sigma = float(mvit.get("SIGMA", 0.1))
+    sigma = float(settings.get(name("sigma"), sigma))
     return f"stts:{','.join(entries)},pool=meanmax,anchor_pool=mean,scorer=released,sigma={sigma!r}"
 
 
-def _selector_keys(model: MViT, predictors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def selector_keys(model: VideoBackbone, predictors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """STTS's selector tensors under the names of the installed plan's scorers: the j-th temporal (spatial)
     predictor is the j-th T (S) selection in the order of its places."""
     (reducer,) = model.plan
@@ -310,7 +336,7 @@ def _build(
         from ..reducers import apply  # (the reducers import the backbones)
 
         apply(model, spec)
-        state = {**state, **_selector_keys(model, predictors or {})}
+        state = {**state, **selector_keys(model, predictors or {})}
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:  # before copying, so float64 weights are not rounded through float32
         model = model.to(dtype=dtypes.pop())

@@ -20,27 +20,44 @@ classes, qkv bias and the window (the one whose relative position index is the f
 from the bias table's rows: 8x7x7 or 16x7x7). Not in the tensors: the clip size, which the model does not
 depend on (`any_size`). The relative position index is a buffer we build from the window; a file whose
 index is another is refused.
+
+STTS's Swin (same layout) also holds its selectors, `backbone.time_score_predictor.{j}.score_network.*` (and
+`space_score_predictor`, the spatial form no released config uses): they become an installed `stts` plan with
+the released scorer (`mvit_weights.selection_spec`, `selector_keys`, shared with STTS's MViT). Places, ratios
+and `sigma` come from the config mmaction2 0.x saves as `meta["config"]` (mmcv's `pretty_text`, parsed by
+`read_config`, never run), with STTS's `num_frames` / `image_size`; a file without it takes
+`time_left_ratio=` / `space_left_ratio=` (place: stage 0). Only stage 0 is reproduced: STTS selects before a
+later stage on the merged tokens, where our slot runs before the merge.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError
+from . import mvit_weights
 from .checkpoint import load_checked
 from .config import PRESETS, BackboneConfig
 from .swin import Swin3D, relative_position_index
 
-__all__ = ["config_from_state", "from_mmaction", "from_torchvision", "is_mmaction", "is_torchvision"]
+__all__ = [
+    "config_from_state",
+    "from_mmaction",
+    "from_torchvision",
+    "is_mmaction",
+    "is_torchvision",
+    "read_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +200,13 @@ def config_from_state(
 
 
 def _build(
-    state: dict[str, Tensor], unmatched: list[str], indices: dict[int, Tensor], source: str, **changes: Any
+    state: dict[str, Tensor],
+    unmatched: list[str],
+    indices: dict[int, Tensor],
+    source: str,
+    stts: Mapping[str, Any] | None = None,
+    predictors: Mapping[str, Tensor] | None = None,
+    **changes: Any,
 ) -> Swin3D:
     config = config_from_state(state, indices, source=source, **changes)
     model = Swin3D(config)
@@ -197,6 +220,16 @@ def _build(
                 raise InputError(
                     f"{source}: block {block}'s relative position index is not that of window {config.window}"
                 )
+    if predictors:
+        from ..reducers import apply  # (the reducers import the backbones)
+
+        spec = mvit_weights.selection_spec(
+            stts or {}, config.grid[0], source=source, name=str, sigma=STTS_SIGMA, block=_stts_block(source),
+            called="config",
+        )  # fmt: skip
+        log.info("%s: its STTS selectors run as the plan %s", source, spec)
+        apply(model, spec)
+        state = {**state, **mvit_weights.selector_keys(model, predictors)}
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:  # before copying, so float64 weights are not rounded through float32
         model = model.to(dtype=dtypes.pop())
@@ -204,17 +237,127 @@ def _build(
     return model.eval()
 
 
-def from_mmaction(ckpt: Mapping[str, Any], *, source: str, **config_changes: Any) -> Swin3D:
-    """The Video Swin of an original / mmaction2 0.x or 1.x checkpoint (`is_mmaction`).
+# ---------------------------------------------------------------------------------------- STTS's selectors
+STTS_SIGMA = 0.05
+"""The released Swin backbone's default `sigma` (training noise only)."""
+STTS_RATIOS = ("time_left_ratio", "space_left_ratio")
+"""Keywords of `from_mmaction` that give the ratios of a file whose config does not."""
+
+
+def _stts_block(source: str) -> Callable[[int], int]:
+    def block(stage: int) -> int:
+        if stage != 0:
+            raise InputError(
+                f"{source}: STTS selects before Swin stage {stage}, on the tokens its patch merging made; "
+                "tokensieve's slot there runs before the merge (other tokens, another width): only stage 0, "
+                "the place of every released config, is reproduced"
+            )
+        return 0
+
+    return block
+
+
+def read_config(text: Any, source: str) -> dict[str, Any]:
+    """The `model` settings of an mmcv config's text (`cfg.pretty_text`, which mmaction2 0.x saves as the
+    checkpoint's `meta["config"]`), or {} when there is none. The text is parsed, never run: only literals
+    and `dict(...)` calls are read (anything else in a value reads as None).
 
     Raises:
-        InputError: a window or config this backbone cannot read.
+        InputError: the text is not Python.
+    """
+    if not isinstance(text, str):
+        return {}
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as err:
+        raise InputError(
+            f"{source}: its meta config is not an mmcv config ({err.msg}, line {err.lineno})"
+        ) from err
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "model" for t in node.targets
+        ):
+            model = _literal(node.value)
+            return model if isinstance(model, dict) else {}
+    return {}
+
+
+def _literal(node: ast.AST) -> Any:
+    """The value of a literal or `dict(...)` expression; None for anything else."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        return {
+            _literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True) if k is not None
+        }
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _literal(node.operand)
+        return -value if isinstance(value, (int, float)) else None
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "dict"
+        and not node.args
+    ):
+        return {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None}
+    return None
+
+
+def _stts_settings(
+    backbone: Mapping[str, Any], predictors: Mapping[str, Tensor], ratios: Mapping[str, Any], source: str
+) -> dict[str, Any]:
+    """The selection settings: the file's backbone config, its ratios replaced by the keywords given
+    (`time_left_ratio=`, `space_left_ratio=`); a kind of selector the config does not place runs at stage 0
+    (every released config's place) with the `tpool` / `spatch` scorer its keys imply."""
+    settings = dict(backbone)
+    for what, score in (("time", "tpool"), ("space", "spatch")):
+        ratio = ratios.get(f"{what}_left_ratio")
+        held = any(k.startswith(mvit_weights.PREDICTORS[what[0].upper()]) for k in predictors)
+        if ratio is None:
+            continue
+        if not held:
+            raise InputError(f"{source}: {what}_left_ratio= given, but the file holds no {what} selector")
+        settings[f"{what}_left_ratio"] = list(ratio) if isinstance(ratio, (list, tuple)) else [ratio]
+        if not settings.get(f"{what}_pruning_loc"):
+            settings[f"{what}_pruning_loc"] = [0]
+            settings.setdefault(f"{what}_score", score)
+    return settings
+
+
+def from_mmaction(ckpt: Mapping[str, Any], *, source: str, **config_changes: Any) -> Swin3D:
+    """The Video Swin of an original / mmaction2 0.x or 1.x checkpoint (`is_mmaction`); an STTS checkpoint's
+    selectors (`backbone.time_score_predictor.0.score_network.*`, `backbone.space_score_predictor.*`) run as
+    an installed `stts` plan (see the module docstring).
+
+    Args:
+        config_changes: `BackboneConfig` fields to override; for an STTS checkpoint also `time_left_ratio=` /
+            `space_left_ratio=` (a ratio, or one per selector), which replace its config's (and are needed
+            when the file carries no config).
+
+    Raises:
+        InputError: a window or config this backbone cannot read; STTS selectors without their ratios, or at
+            a place other than stage 0.
         CheckpointMismatchError: missing, unexpected and mis-shaped tensors, all listed.
     """
     state = ckpt.get("state_dict", ckpt)
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    selectors = tuple("backbone." + p for p in mvit_weights.PREDICTORS.values())
+    predictors = {k.removeprefix("backbone."): state.pop(k) for k in list(state) if k.startswith(selectors)}
+    ratios = {k: config_changes.pop(k) for k in STTS_RATIOS if k in config_changes}
+    meta = ckpt.get("meta") if "state_dict" in ckpt else None
+    backbone = read_config(meta.get("config") if isinstance(meta, dict) else None, source).get("backbone")
+    backbone = backbone if isinstance(backbone, dict) else {}
+    if ratios and not predictors:
+        raise InputError(f"{source} holds no STTS selectors: {', '.join(ratios)}= apply to STTS checkpoints")
+    stts = _stts_settings(backbone, predictors, ratios, source) if predictors else None
+    for ours, theirs in (("frames", "num_frames"), ("size", "image_size")):  # STTS's fork sets them
+        if predictors and ours not in config_changes and isinstance(backbone.get(theirs), int):
+            config_changes[ours] = backbone[theirs]
     mapped, unmatched, indices = _rename(state, MMACTION_BLOCKS, MMACTION_MERGES, MMACTION_FIXED)
-    return _build(mapped, unmatched, indices, f"{source} (Video Swin checkpoint)", **config_changes)
+    source = f"{source} (Video Swin checkpoint)"
+    return _build(mapped, unmatched, indices, source, stts, predictors, **config_changes)
 
 
 def from_torchvision(state: Mapping[str, Tensor], *, source: str, **config_changes: Any) -> Swin3D:
