@@ -114,8 +114,8 @@ class VideoBackbone(nn.Module):
 
     def check_plan(self, grid: tuple[int, int, int]) -> None:
         """Check the installed plan against clips of token grid `grid` (`InstalledPlan.steps_at`: once per
-        grid, then remembered; no data is read). `apply` checked it against the grid it was installed for
-        (`config.grid` unless given), and `forward_features` calls this at any other.
+        grid, then remembered; no data is read; at the grid `apply` checked it against, `config.grid` unless
+        given, nothing to do). `forward_features` calls it for every batch.
 
         Raises:
             InputError: a reducer whose parameters or layout do not fit `grid`, naming what it needs.
@@ -139,9 +139,7 @@ class VideoBackbone(nn.Module):
                 results; the training loop passes them). Default: the clip alone.
         """
         grid = self.check_input(video)
-        installed = self.__dict__.get("installed")
-        if installed is not None and grid != installed.grid:  # another grid than the plan was checked for
-            self.check_plan(grid)
+        self.check_plan(grid)  # nothing to do at the grid the plan was installed for
         if self.plan and self.plan[0].resizes_input:  # `resize`: the model runs on the resized clip
             video, grid = self.plan[0].resize_clip(video, self.config.patch), self.plan[0].input_grid(grid)
         state = self.embed(video, grid)

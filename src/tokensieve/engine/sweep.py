@@ -1019,9 +1019,8 @@ def _speeds(
     which random pixels are not (benchmarks/halting.py measures it)."""
     from ..bench import benchmark
 
-    resized = ([item.resize] if item.resize else [] for item in settings)
-    plans = list(dict.fromkeys(
-        s for item, size in zip(settings, resized, strict=True) if item.spec for s in (item.spec, *item.seeds[:1], *size)
+    plans = list(dict.fromkeys(  # each setting, one seed of its random baseline, its resize baseline
+        s for item in settings if item.spec for s in (item.spec, *item.seeds[:1], *filter(None, [item.resize]))
     ))  # fmt: skip
     # Not timed: an oracle (labels), or a method whose cost depends on its trained whole model (HaltingVT)
     plans = [p for p in plans if not any(r.wants_labels or r.trains_backbone for r in make_plan(p))]
