@@ -102,9 +102,9 @@ def test_forward_shapes_and_state(name: str) -> None:
     state = model.forward_features(video)
     state.check()
     cfg = model.config
-    layout = Layout.of_grid(cfg.grid)  # walked through what each block declares it does (MViT pools)
+    layout = Layout.of_grid(cfg.grid)  # walked through what each block declares it does (MViT, Swin pool)
     for p in range(cfg.depth):
-        layout = model.layout_after(p, layout)
+        layout = model.layout_leaving(p, model.layout_after(p, layout))
     assert state.grid == cfg.grid and state.x.shape == (2, layout.tokens, cfg.width(cfg.depth))
     assert (state.frames, state.frame_grid) == (layout.frames, layout.frame_grid)
     assert (state.cls is not None) == cfg.has_cls

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 import tokensieve as ts
 from conftest import tiny_video
-from tokensieve.backbones.swin import window_and_shift
+from test_flops import meta_model
+from tokensieve.backbones.swin import nearest_fill, window_and_shift
 from tokensieve.errors import InputError
+from tokensieve.reducers.sta import accumulate, drop_first
 
 
 # ------------------------------------------------------------------ the reference forward
@@ -98,16 +100,73 @@ def _merge(x: torch.Tensor, P: dict, pre: str, eps: float) -> torch.Tensor:
     return normed @ P[pre + "reduction.weight"].T
 
 
+def _nearest_kept(kept: torch.Tensor) -> torch.Tensor:
+    """For a (T, H, W) bool mask of kept cells: (T, H, W, 2) the (row, column) of the kept cell of the same
+    slice nearest to each cell (itself when kept; among equally near ones, the first in raster order)."""
+    T, H, W = kept.shape
+    out = torch.zeros(T, H, W, 2, dtype=torch.long)
+    for t, i, j in itertools.product(range(T), range(H), range(W)):
+        best = None
+        for a, b in itertools.product(range(H), range(W)):  # raster order: a strict < keeps the first
+            if kept[t, a, b] and (best is None or (a - i) ** 2 + (b - j) ** 2 < best[0]):
+                best = ((a - i) ** 2 + (b - j) ** 2, a, b)
+        out[t, i, j] = torch.tensor(best[1:])
+    return out
+
+
+def _filled(x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, H, W, C) with every dropped cell holding its nearest kept cell's value."""
+    if kept is None:
+        return x
+    out = x.clone()
+    for b in range(x.shape[0]):
+        near = _nearest_kept(kept[b])
+        for t, i, j in itertools.product(*(range(n) for n in kept.shape[1:])):
+            out[b, t, i, j] = x[b, t, near[t, i, j, 0], near[t, i, j, 1]]
+    return out
+
+
+def _sta_keep(
+    x: torch.Tensor, y: torch.Tensor, P: dict, pre: str, heads: int, r: int, backward: bool
+) -> torch.Tensor:
+    """STA on Swin's merged tokens x (B, T, H, W, C), their next block's norm1 output y: the keys of that
+    block, averaged over the heads, and the semantic score of x, per temporal slice, dropping r cells of each
+    slice with STA's own functions (tested against the released code in test_sta.py). (B, T, H, W) kept."""
+    B, T, H, W, C = x.shape
+    k = y @ P[pre + "qkv.weight"][C : 2 * C].T + P[pre + "qkv.bias"][C : 2 * C]
+    keys = F.normalize(k.view(B, T, H * W, heads, C // heads).mean(3), dim=-1)  # (B, T, HW, hd)
+    act = x.abs().sum(-1).view(B, T, H * W)
+    semantic = (act - act.amin(-1, keepdim=True)) / (act.amax(-1, keepdim=True) - act.amin(-1, keepdim=True))
+    if backward:
+        keys, semantic = keys.flip(1), semantic.flip(1)
+    pos = torch.arange(H * W).expand(B, -1)
+    first = drop_first(keys[:, 0], pos, r, "tome")
+    kept_idx, _ = accumulate(keys, semantic, first, r)
+    if backward:
+        kept_idx.reverse()
+    kept = torch.zeros(B, T, H * W, dtype=torch.bool)
+    for t, idx in enumerate(kept_idx):
+        kept[:, t].scatter_(1, idx, True)
+    return kept.view(B, T, H, W)
+
+
 def reference_logits(
     model: ts.VideoBackbone,
     video: torch.Tensor,
     frames_kept: list[int] | None = None,
     mask_padding: bool = False,
     select=None,  # type: ignore[no-untyped-def]
+    select_stage: int = 0,
+    sta: int | None = None,
+    fill: bool = True,
 ) -> torch.Tensor:
     """The logits of `model`'s weights computed as the Video Swin paper and the released code describe the
-        network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent); `select`: any
-    selection there (clip by clip)."""
+    network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent); `select`: any
+    selection there (clip by clip), or before stage `select_stage` (after the merging that ends the stage
+    before, as the released loop `x = select(x); x = layers[i](x)` does); `sta`: STA's r, as its paper describes it on Swin (§4.1): after the
+    merging of each of the first three stages, r, 1.5r/4 and 2r/16 cells of every temporal slice dropped (F-B-F),
+    each dropped cell filled with its nearest kept token of the same slice in the window attention and in the
+    merging (the copies' outputs discarded), the mean over the kept tokens at the end."""
     cfg = model.config
     P = dict(model.named_parameters())
     eps, t, p = cfg.eps, cfg.tubelet, cfg.patch
@@ -116,25 +175,41 @@ def reference_logits(
     x = F.layer_norm(x, (cfg.dim,), P["embed.norm.weight"], P["embed.norm.bias"], eps=eps)
     if frames_kept is not None:
         x = x[:, frames_kept]
-    if select is not None:  # (B, T, H, W, C) -> (B, T', H', W', C): a selection before stage 0
+    if select is not None and select_stage == 0:  # (B, T, H, W, C) -> (B, T', H', W', C)
         x = select(x)
     stage, first = 0, 0
+    kept = None  # (B, T, H, W) the cells STA keeps, None while none is dropped
     for i in range(cfg.depth):
         pre = f"blocks.{i}."
         if i in cfg.stages:
-            x = _merge(x, P, pre + "downsample.", eps)
-            stage, first = stage + 1, i
+            x = _merge(_filled(x, kept), P, f"blocks.{i - 1}.downsample.", eps)
+            stage, first, kept = stage + 1, i, None
+            if select is not None and select_stage == stage:
+                x = select(x)
         C = x.shape[-1]
         y = F.layer_norm(x, (C,), P[pre + "norm1.weight"], P[pre + "norm1.bias"], eps=eps)
+        if sta is not None and i in cfg.stages[:3]:
+            r = (sta, sta * 3 // 8, sta // 8)[stage - 1]
+            kept = _sta_keep(x, y, P, pre + "attn.", cfg.heads * 2**stage, r, backward=stage == 2)
         shifted = (i - first) % 2 == 1
-        x = x + _window_attention(
-            y, P, pre + "attn.", cfg.heads * 2**stage, cfg.window, shifted, mask_padding
+        attended = _window_attention(
+            _filled(y, kept if fill else None),
+            P,
+            pre + "attn.",
+            cfg.heads * 2**stage,
+            cfg.window,
+            shifted,
+            mask_padding,
         )
+        x = x + attended  # at the dropped cells x is not read again: the next uses fill them
         y = F.layer_norm(x, (C,), P[pre + "norm2.weight"], P[pre + "norm2.bias"], eps=eps)
         hidden = F.gelu(y @ P[pre + "mlp.fc1.weight"].T + P[pre + "mlp.fc1.bias"])
         x = x + hidden @ P[pre + "mlp.fc2.weight"].T + P[pre + "mlp.fc2.bias"]
     x = F.layer_norm(x, (x.shape[-1],), P["norm.weight"], P["norm.bias"], eps=eps)
-    return x.mean((1, 2, 3)) @ P["head.weight"].T + P["head.bias"]
+    if kept is None:
+        return x.mean((1, 2, 3)) @ P["head.weight"].T + P["head.bias"]
+    pooled = torch.stack([x[b][kept[b]].mean(0) for b in range(x.shape[0])])  # the kept tokens' mean
+    return pooled @ P["head.weight"].T + P["head.bias"]
 
 
 def _model(**changes: object) -> ts.VideoBackbone:
@@ -194,26 +269,78 @@ def test_frame_selection_windows_the_kept_slices_as_adjacent() -> None:
         assert (model(video) - reference_logits(model, video, frames_kept=kept)).abs().max() < 1e-10
 
 
+# ------------------------------------------------------------------ STA on Swin
+@pytest.mark.parametrize(
+    ("changes", "r"),
+    [
+        ({}, 6),  # 4x4x4 after the first merging (6 of 16 cells of each slice dropped), 4x2x2 (2 of 4)
+        ({"frames": 12, "size": 36}, 8),  # 6x5x5, windows padded to 6x6 (8 of 25), 6x3x3 (3 of 9)
+        (
+            {"window": (4, 2, 2)},
+            4,
+        ),  # 2x2 windows: every window has holes; shift on all axes (4 of 16, 1 of 4)
+    ],
+)
+def test_sta_on_swin_equals_the_papers_description_written_out(changes: dict, r: int) -> None:
+    model = _model(**changes)
+    cfg = model.config
+    video = torch.randn(2, cfg.frames, 3, cfg.size, cfg.size, dtype=torch.float64)
+    installed = ts.apply(model, f"sta:r={r}")
+    assert [s.site.position for s in installed.steps] == list(cfg.stages)
+    with torch.no_grad():
+        ours, theirs = model(video), reference_logits(model, video, sta=r)
+        assert (ours - theirs).abs().max() < 1e-10
+        # Negative control: windows holding the dropped cells' stale values instead of copies differ.
+        assert (reference_logits(model, video, sta=r, fill=False) - ours).abs().max() > 1e-6
+        ts.apply(model, None)
+        assert (model(video) - ours).abs().max() > 1e-6
+
+
+def test_sta_on_swin_fills_with_the_nearest_kept_cell() -> None:
+    # One 3x4 slice keeping cells 0, 3 and 10 (raster): hand-checked nearest kept cells, ties to the first.
+    slot = torch.tensor([[0, 3, 10]])
+    fill = nearest_fill(slot, (1, 3, 4))
+    #  cell:  0  1  2  3 | 4  5  6  7 | 8  9 10 11
+    assert fill.tolist() == [[0, 0, 1, 1, 0, 0, 2, 1, 0, 2, 2, 2]]
+    # Two slices, the second's tokens listed out of raster order: indices follow the tokens.
+    slot = torch.tensor([[1, 2, 7, 4]])  # slice 0 keeps cells 1, 2; slice 1 keeps 3 (7 - 4) and 0
+    assert nearest_fill(slot, (2, 2, 2)).tolist() == [[0, 0, 1, 0, 3, 3, 3, 2]]
+
+
+@pytest.mark.parametrize(
+    ("name", "ours", "paper"),
+    [
+        ("swin3d-t", ("69.30", "62.46", "55.63"), (68, 61, 54)),
+        ("swin3d-s", ("122.85", "107.85", "92.84"), (121, 106, 91)),
+        ("swin3d-b", ("204.83", "178.19", "151.54"), (202, 176, 149)),
+    ],
+)
+def test_sta_on_swin_gflops_next_to_the_paper(name: str, ours: tuple, paper: tuple) -> None:
+    """STA's Video Swin rows (its Table 3, r = 192 / 256 / 320, 32x224): attention on whole windows (the
+    copies too), every linear layer on the kept tokens, as its §4.1 describes. Ours also count the keys STA
+    reads (the next block's key projection of every merged token, `keys`: 2.49 G on Swin-B, 1.41 on T/S);
+    without them every row is the paper's, to the unit it publishes."""
+    model = meta_model(name)
+    for r, want, published in zip((192, 256, 320), ours, paper, strict=True):
+        ts.apply(model, f"sta:r={r}")
+        count = ts.flops(model, detail=True)
+        assert f"{count.gflops:.2f}" == want
+        assert round(count.gflops - count.by_module["keys"] / 1e9) == published
+
+
 # ------------------------------------------------------------------ sizes and grids
 def test_swin_sizes_grids_and_windows() -> None:
     with torch.device("meta"):
         model = ts.build("swin3d-b")
     assert model.num_params == 88_048_984  # torchvision's swin3d_b
     grids = model.grids()
-    assert grids[0] == grids[2] == (16, 56, 56) and grids[3] == grids[4] == (16, 28, 28)
-    assert grids[5] == grids[22] == (16, 14, 14) and grids[23] == grids[24] == (16, 7, 7)
-    assert [model.config.width(p) for p in (0, 2, 3, 4, 5, 22, 23, 24)] == [
-        128,
-        128,
-        256,
-        256,
-        512,
-        512,
-        1024,
-        1024,
-    ]
+    # Grids before each block: a stage's patch merging ends its last block (blocks 1, 3, 21).
+    assert grids[0] == grids[1] == (16, 56, 56) and grids[2] == grids[3] == (16, 28, 28)
+    assert grids[4] == grids[21] == (16, 14, 14) and grids[22] == grids[24] == (16, 7, 7)
+    widths = [model.config.width(p) for p in (0, 1, 2, 3, 4, 21, 22, 24)]
+    assert widths == [128, 128, 256, 256, 512, 512, 1024, 1024]
     assert [b.attn.heads for b in model.blocks][::2] == [4, 8] + [16] * 9 + [32]
-    assert [b.merges for b in model.blocks].count(True) == 3
+    assert [p for p, b in enumerate(model.blocks) if b.merges] == [1, 3, 21]
     assert [any(b.attn.shift) for b in model.blocks] == [False, True] * 12
     assert window_and_shift((16, 7, 7), (8, 7, 7), (4, 3, 3)) == ((8, 7, 7), (4, 0, 0))
     assert window_and_shift((6, 56, 56), (8, 7, 7), (4, 3, 3)) == ((6, 7, 7), (0, 3, 3))
@@ -230,7 +357,7 @@ def test_config_checks() -> None:
 
 # ------------------------------------------------------------------ plans
 @pytest.mark.parametrize(
-    "spec", ["random:keep=0.5", "tome:r=4", "sta:r=4", "attention:keep=0.5", "lite:keep=0.5",
+    "spec", ["random:keep=0.5", "tome:r=4", "attention:keep=0.5", "lite:keep=0.5",
              "tokenlearner:at=1,tokens=4", "halting:beta=0", "random:keep=0.5,per_frame=true,at=2"],
 )  # fmt: skip
 def test_per_token_methods_are_refused_with_the_grid_requirement(spec: str) -> None:
@@ -244,7 +371,7 @@ def test_whole_frame_methods_and_reductions_after_the_last_block_run() -> None:
     model = ts.build("swin3d-tiny").eval()
     video = tiny_video("swin3d-tiny")
     for spec, tokens in [
-        ("uniform:keep=0.5", [128]), ("random_frames:keep=0.5,at=2", [128]), ("stts:T0=0.5", [128]),
+        ("uniform:keep=0.5", [128]), ("random_frames:keep=0.5,at=2", [32]), ("stts:T0=0.5", [128]),
         ("random:keep=0.5,at=5", [8]),
     ]:  # fmt: skip
         installed = ts.apply(model, spec)
@@ -270,8 +397,8 @@ def _released_names(model: ts.VideoBackbone, layout: str) -> dict[str, torch.Ten
             _, i, rest = key.split(".", 2)
             stage = sum(s <= int(i) for s in cfg.stages)
             j = int(i) - starts[stage]
-            if rest.startswith("downsample."):
-                stage, rest = stage - 1, rest.removeprefix("downsample.")
+            if rest.startswith("downsample."):  # the stage's last block
+                rest = rest.removeprefix("downsample.")
                 key = (
                     f"features.{2 * stage + 1}.{rest}"
                     if layout == "torchvision"
@@ -326,7 +453,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_listing_every_key(tmp_path)
     message = str(error.value)
     assert "missing keys (1)" in message and "blocks.2.mlp.fc2.bias" in message
     assert "unexpected keys (1)" in message and "backbone.layers.0.blocks.1.attn.extra" in message
-    assert "shape mismatches (1)" in message and "blocks.2.downsample.norm.weight: checkpoint (5,)" in message
+    assert "shape mismatches (1)" in message and "blocks.1.downsample.norm.weight: checkpoint (5,)" in message
 
 
 def test_a_relative_position_index_of_another_window_is_refused(tmp_path) -> None:
@@ -353,10 +480,15 @@ def _predictor(P: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def released_stts_swin(
-    model: ts.VideoBackbone, predictors: dict, video: torch.Tensor, ratio: float, space: float | None = None
+    model: ts.VideoBackbone,
+    predictors: dict,
+    video: torch.Tensor,
+    ratio: float,
+    space: float | None = None,
+    stage: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """STTS's released Swin evaluation path (`time_pruning_loc=[0]`, `time_score='tpool'`; with `space`, also
-    `space_pruning_loc=[0]`, `space_score='spatch'`), then the rest of Video Swin (`reference_logits`).
+    """STTS's released Swin evaluation path (`time_pruning_loc=[stage]`, `time_score='tpool'`; with `space`,
+    also `space_pruning_loc=[0]`, `space_score='spatch'`), in Video Swin (`reference_logits`).
 
     `PatchNet` on the patch embedding's (B, C, T, H, W) output: each slice's mean and max over its tokens,
     concatenated, scored by `PredictorLG(2C)` (`predictors["T"]`: weights under the released names without
@@ -389,7 +521,7 @@ def released_stts_swin(
             crops.append(windows[0, :, best].view(C, P, P).permute(1, 2, 0))  # (P, P, C)
         return torch.stack(crops).view(B, -1, P, P, C)
 
-    logits = reference_logits(model, video, select=select)
+    logits = reference_logits(model, video, select=select, select_stage=stage)
     return logits, kept_slices[0]
 
 
@@ -429,9 +561,9 @@ optimizer = dict(type='AdamW', lr=0.0003, betas=(0.9, 0.999), weight_decay=0.05)
 on swin3d-tiny's 4 slices, K = int(4 * 0.7) = 2 (where rounding would keep 3)."""
 
 
-def _stts_swin_model(space: str = "") -> ts.VideoBackbone:
+def _stts_swin_model(space: str = "", at: int = 0) -> ts.VideoBackbone:
     model = _model()
-    ts.apply(model, f"stts:T0=0.5{space},pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05")
+    ts.apply(model, f"stts:T{at}=0.5{space},pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05")
     with torch.no_grad():  # a scorer with spread-out scores, so that each clip picks its own slices
         for param in model.plan.parameters():
             param.copy_(torch.randn_like(param))
@@ -479,6 +611,21 @@ def test_an_stts_swin_checkpoint_equals_the_released_evaluation_path(tmp_path) -
         assert torch.equal(ours, model(video))
 
 
+def test_an_stts_swin_checkpoint_selecting_before_a_later_stage_equals_the_released_path(tmp_path) -> None:
+    """`time_pruning_loc=[1]`: STTS scores the slices of the tokens stage 0's patch merging made (width 16
+    here), which our slot before stage 1's first block (block 2) holds."""
+    model = _stts_swin_model(at=2)
+    config = STTS_SWIN_CONFIG.replace("time_pruning_loc=[0]", "time_pruning_loc=[1]")
+    loaded = ts.load(_stts_swin_file(tmp_path / "stts_swin_s1.pth", model, config))
+    assert loaded.spec == "stts:T2=0.5,pool=meanmax,anchor_pool=mean,scorer=released,sigma=0.05"
+    video = torch.randn(4, 8, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ours = loaded(video)
+        theirs, kept = released_stts_swin(loaded, _released_predictors(loaded), video, 0.7, stage=1)
+    assert kept.shape == (4, 2) and len({tuple(row) for row in kept.tolist()}) > 1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
 def test_an_stts_swin_checkpoint_without_a_config_takes_its_ratio_from_a_keyword(tmp_path) -> None:
     model = _stts_swin_model()
     path = _stts_swin_file(tmp_path / "bare.pth", model, config=None)
@@ -496,7 +643,10 @@ def test_an_stts_swin_checkpoint_without_a_config_takes_its_ratio_from_a_keyword
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("time_pruning_loc=[0]", "time_pruning_loc=[1]"), "STTS selects before Swin stage 1.*only stage 0"),
+        (
+            ("time_pruning_loc=[0]", "time_pruning_loc=[3]"),
+            "STTS selects before Swin stage 3, but the model has 3",
+        ),
         (("time_score='tpool'", "time_score='tconv'"), "time_score 'tconv'; tokensieve runs STTS's 'tpool'"),
         (("time_left_ratio=[0.7]", "time_left_ratio=[0.7, 0.5]"), "gives time_pruning_loc \\[0\\] but"),
         (("model = dict(", "model = dict(x=import_this(), "), "time_score_predictor|selector"),

@@ -144,11 +144,12 @@ class Inputs(NamedTuple):
     teacher: Mapping[str, Any] = {}
 
 
-Need = Literal["tokens", "frames", "grid"]
+Need = Literal["tokens", "frames", "grid", "windows"]
 """What a block (or reducer) needs of the tokens it is given: any tokens, ragged batches included
 ("tokens"); the same count in every frame of a dense batch ("frames": divided space-time attention);
-or a rectangular grid of tokens in every frame, in raster order: the whole frame or a crop of it
-("grid": MViT's pooling attention, windowed attention; `Layout.frame_grid`)."""
+a rectangular grid of tokens in every frame, in raster order: the whole frame or a crop of it
+("grid": MViT's pooling attention; `Layout.frame_grid`); or such a grid, or one with holes the block
+fills in (`Layout.holes`: "windows", Video Swin's window attention under STA)."""
 
 
 class Layout(NamedTuple):
@@ -166,6 +167,9 @@ class Layout(NamedTuple):
             grid (MViT); None when the frames are not such grids.
         budgets: per-clip budgets are set (an `adaptive` reducer ran): the keep-based selection next
             keeps a different share of each clip, and leaves the batch ragged.
+        holes: (h, w) when every one of the `frames` frames holds the same number of cells of an h x w
+            grid, the rest dropped (`Reducer.leaves_holes`: STA on Video Swin), which a block needing
+            "windows" fills in (`backbones.swin.Holes`); None otherwise.
     """
 
     tokens: int
@@ -174,6 +178,7 @@ class Layout(NamedTuple):
     whole: bool = False
     budgets: bool = False
     frame_grid: tuple[int, int] | None = None
+    holes: tuple[int, int] | None = None
 
     @classmethod
     def of_grid(cls, grid: tuple[int, int, int]) -> Layout:
@@ -192,6 +197,8 @@ class Layout(NamedTuple):
             return True
         if self.ragged or self.frames is None:
             return False
+        if need == "windows" and self.holes is not None:
+            return True
         return need == "frames" or self.frame_grid is not None
 
     def describe(self) -> str:
@@ -201,6 +208,8 @@ class Layout(NamedTuple):
             return f"{self.tokens} tokens per clip, unequal between frames"
         whole = ", every frame whole" if self.whole else ""
         grid = f" ({self.frame_grid[0]}x{self.frame_grid[1]})" if self.frame_grid is not None else ""
+        if self.holes is not None:
+            grid = f" (cells of {self.holes[0]}x{self.holes[1]})"
         return f"{self.tokens} tokens per clip in {self.frames} frames of {self.tokens // self.frames}{grid}{whole}"
 
 
@@ -208,6 +217,7 @@ NEEDS: dict[str, str] = {
     "tokens": "tokens",
     "frames": "the same number of tokens in every frame of every clip",
     "grid": "a full (or cropped) grid of tokens in every frame",
+    "windows": "a full (or cropped) grid of tokens in every frame, or one with holes its windows fill (STA)",
 }
 """What each `Need` asks for, as error messages say it."""
 

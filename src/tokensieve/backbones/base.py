@@ -36,11 +36,15 @@ class VideoBackbone(nn.Module):
     blocks: nn.ModuleList
     block_need: ClassVar[tuple[Need, str]] = ("tokens", "joint attention")
     """What every block needs of its tokens (`tokens.Need`) and why, as `need` reports it."""
-    can_record: ClassVar[bool] = True
-    """Whether its blocks' attention can record per-token side results (`KEYS`, `CLS_ATTN`,
-    `ATTN_RECEIVED`) for the reducer after it; `apply` refuses a plan that needs them otherwise."""
+    records: ClassVar[frozenset[str] | None] = None
+    """The side results its blocks' attention can record for the reducer after it (`KEYS`, `CLS_ATTN`,
+    ...), None for every one; `apply` refuses a plan that needs another."""
     no_records_why: ClassVar[str] = ""
-    """Why not, where `can_record` is False (for the error message)."""
+    """Why not the others (for the error message)."""
+    records_ahead: ClassVar[bool] = False
+    """True: what a reducer needs is recorded by the block *after* its slot, on the tokens the slot is given,
+    before the reducer runs (Video Swin: the merged tokens of a new stage have met no attention yet); the
+    backbone's `_slot` does it. False: by the block before (the reducer reads what that block saw)."""
     any_size: ClassVar[bool] = True
     """False: it runs only at the grid its positions are built for (MViT); `apply` refuses a plan that
     changes the clip's size (`resize`)."""
@@ -69,9 +73,14 @@ class VideoBackbone(nn.Module):
         return self.block_need
 
     def layout_after(self, position: int, layout: Layout) -> Layout:
-        """The layout of the tokens after block `position`'s attention (and after the whole block) given
-        `layout` before it: the same, except where a block pools its tokens (MViT). `apply` walks plans
-        with it, so every reducer and block is checked against the grid it will really see."""
+        """The layout of the tokens after block `position`'s attention given `layout` before it: the same,
+        except where a block pools its tokens (MViT). `apply` walks plans with it and `layout_leaving`, so
+        every reducer and block is checked against the grid it will really see."""
+        return layout
+
+    def layout_leaving(self, position: int, layout: Layout) -> Layout:
+        """The layout block `position` hands on, given `layout` after its attention and the reducers inside
+        it: the same, except where a block ends by merging its tokens (Video Swin's patch merging)."""
         return layout
 
     @property
@@ -152,11 +161,16 @@ class VideoBackbone(nn.Module):
         while (
             p < depth
         ):  # a reducer slot, then its block (or a run of blocks a ragged batch goes through packed)
-            state = self.reducers[p](state)
+            state = self._slot(p, state)
             end = self._packed_run(p, state)
             state = run_packed(self.blocks[p:end], state) if end > p + 1 else self.blocks[p](state)
             p = end
         return self.reducers[depth](state)
+
+    def _slot(self, p: int, state: TokenState) -> TokenState:
+        """The reducer slot before block `p` (a backbone may add to it: Video Swin records ahead and fills
+        the holes it leaves)."""
+        return self.reducers[p](state)
 
     def _packed_run(self, p: int, state: TokenState) -> int:
         """The end (exclusive) of the blocks from `p` a ragged batch goes through as one packed run

@@ -197,10 +197,8 @@ class BackboneConfig:
 
     def width(self, position: int) -> int:
         """Channels of the tokens before block `position` (`depth`: after the last block): `dim`, doubled
-        at each stage started by then. MViT widens the tokens in the block before a stage, Swin in the
-        patch merging that opens a stage's first block (so before that block they are not wide yet)."""
-        if self.arch == "swin":
-            return self.dim * 2 ** sum(s < position for s in self.stages)
+        at each stage started by then (MViT widens the tokens in the block before a stage, Swin in the
+        patch merging that ends the stage before)."""
         return self.dim * 2 ** sum(s <= position for s in self.stages)
 
     def heads_at(self, block: int) -> int:

@@ -213,7 +213,7 @@ class MultiScaleBlock(nn.Module):
     MLP, which widens the tokens to `dim_out` at a stage's end (`proj` then widens the skip too).
 
     `inner` is a reducer slot between the attention and the MLP, as in `layers.Block`; `record` is always
-    empty (`MViT.can_record` is False: pooled keys are not one per token)."""
+    empty (`MViT.records` is empty: pooled keys are not one per token)."""
 
     def __init__(
         self,
@@ -328,7 +328,7 @@ class MViT(VideoBackbone):
     """Multiscale Vision Transformer v1; see the module docstring."""
 
     block_need = ("grid", "attention pooled over each frame's grid")
-    can_record = False
+    records = frozenset()
     no_records_why = "it pools its keys"
     any_size = False
 

@@ -18,13 +18,25 @@ axis and the shift 0 (Swin-B's last stage, 16x7x7: windows 8x7x7, shift (4, 0, 0
 bias of a smaller window is the top-left corner of the full window's table, as released (exact for a
 window shortened in time, the first axis; the released arrangement for one shortened in space).
 
-Stages (`config.stages`, Swin-B: blocks 2, 4, 22): the patch merging opens a stage's first block (the
-released code closes the previous stage with it: `layers.{s}.downsample`), so the reducer slot before
-that block sees the previous stage's grid and width, and `layout_after` declares the merge. The blocks
-need every frame's full (or cropped) grid of tokens (`need`: "grid"): whole-frame selection runs (the kept
-slices are windowed as if adjacent, as STTS's released temporal selection does), per-token methods are
-refused at `apply`. The merge is, for the bookkeeping, MViT's query pooling at stride 2 (`pooled_state`):
-merged token (i, j) takes the place of token (2i, 2j) and stands for its 2x2 cell.
+Stages (`config.stages`, Swin-B: blocks 2, 4, 22 start stages 1-3): the patch merging ends a stage's last
+block, as the released code ends the stage with it (`layers.{s}.downsample`), so the reducer slot before a
+stage's first block holds the merged tokens (where STTS's released "before stage s" selects) and
+`layout_leaving` declares the merge. The merge is, for the bookkeeping, MViT's query pooling at stride 2
+(`pooled_state`): merged token (i, j) takes the place of token (2i, 2j) and stands for its 2x2 cell.
+
+Plans (need "windows"): every frame's full (or cropped) grid of tokens, so whole-frame selection runs (the kept
+slices are windowed as if adjacent, as STTS's released temporal selection does); or such a grid with holes,
+which only STA leaves (`Reducer.leaves_holes`; STA's paper, §4.1: "we compensate for the discarded token with
+the nearest kept tokens when computing the window attention and speed up the rest of the process, such as
+the linear projection"). A slot that leaves holes gets `aux[HOLES]` (`make_holes`): each kept token's cell and,
+for every cell, the token standing there (itself, or the nearest kept token of its temporal slice,
+`nearest_fill`). The attention runs qkv on the kept tokens, fills every window place from them (the copies'
+queries, keys and values are their sources'), attends over whole windows as usual and keeps the kept
+tokens' outputs; the projection, the norms and the MLP run on the kept tokens; the merging at the stage's
+end fills the holes for good (`fill_holes`) and merges the full grid; a final stage with holes is read out
+as the mean of its kept tokens. Other per-token methods are refused at `apply`. What a slot's reducers need
+is recorded ahead (`records_ahead`: the merged tokens have met no attention yet): STA's keys are the next
+block's key projection of the tokens it is given (`AheadKeys`, named `keys` in GFLOPs).
 
 Input sizes (`any_size`): any clip whose frame count the tubelet and frame sides the patch divide, as the
 released model takes them: there are no absolute positions to carry, and the windows pad.
@@ -34,29 +46,37 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..tokens import Layout, TokenState
+from ..tokens import KEYS, SOURCE_MAP, TOKEN_AUX, Layout, TokenState
 from .base import VideoBackbone, _mean_tokens, init_weights
 from .config import BackboneConfig
 from .layers import Linear, Mlp, drop_path
 from .mvit import frame_grid, pooled_side, pooled_state
 
 __all__ = [
+    "HOLES",
     "MASK_VALUE",
+    "AheadKeys",
+    "Holes",
     "PatchMerging",
     "Swin3D",
     "SwinBlock",
     "SwinEmbed",
     "WindowAttention",
+    "fill_holes",
+    "make_holes",
     "merge_patches",
+    "nearest_fill",
     "relative_position_index",
     "shift_mask",
     "window_and_shift",
+    "window_cells",
     "window_partition",
     "window_reverse",
 ]
@@ -147,6 +167,121 @@ def merge_patches(x: Tensor) -> Tensor:
     return torch.cat(parts, -1)  # (B, T, H'/2, W'/2, 4C)
 
 
+HOLES = "swin_holes"
+"""`aux[HOLES]`: the `Holes` of a state whose frames hold only some cells of their grid (STA on Swin)."""
+
+
+class Holes(NamedTuple):
+    """What Video Swin's blocks need to run on a state with holes: the cells of the full grid each token
+    holds and, for every cell, the token standing there (itself, or the nearest kept one), made once when a
+    reducer leaves the holes (`make_holes`) and valid until the stage's patch merging fills them for good
+    (`fill_holes`); no reducer runs in between (`apply`: only blocks take a layout with holes).
+
+    Attributes:
+        grid: (F, h, w), the full grid.
+        slot: (B, N) long, each token's cell, f*h*w + i*w + j.
+        fill: (B, F*h*w) long, each cell's token: itself if kept, else the kept token of the same frame
+            nearest to it (`nearest_fill`).
+        full: the state before the holes were made, for its bookkeeping (positions, sizes, source map); its
+            `x` is stale.
+    """
+
+    grid: Grid
+    slot: Tensor
+    fill: Tensor
+    full: TokenState
+
+
+def nearest_fill(slot: Tensor, grid: Grid) -> Tensor:
+    """For every cell of `grid`, the token standing there: the token holding it, or else the token of the
+    same frame nearest to it (Euclidean distance over (row, column); among equally near ones the first in
+    raster order). STA on Video Swin's "dropped positions are filled with the nearest kept tokens".
+
+    Args:
+        slot: (B, N) long cells of the tokens, the same number in each of the F frames, frame by frame.
+        grid: (F, h, w).
+
+    Returns:
+        (B, F*h*w) long indices into the tokens.
+    """
+    B, N = slot.shape
+    F_, h, w = grid
+    m, cells = N // F_, h * w
+    local, order = (slot.view(B, F_, m) % cells).sort(-1)  # (B, F, m) each frame's cells in raster order
+    token = order + torch.arange(F_, device=slot.device).view(1, F_, 1) * m  # (B, F, m) their tokens
+    filled = torch.zeros(B, F_, cells, dtype=slot.dtype, device=slot.device)
+    held = filled.scatter(2, local, 1).bool()  # (B, F, hw)
+    holes = held.to(torch.int8).argsort(dim=-1, stable=True)[
+        ..., : cells - m
+    ]  # (B, F, hw - m) the empty cells
+    row, col = local // w, local % w  # (B, F, m)
+    # Clip by clip: the (holes x kept) distances of one clip are small (Swin-B at r=320: 16 x 320 x 464).
+    nearest = torch.stack(
+        [
+            (
+                (holes[b, ..., None] // w - row[b, :, None]) ** 2
+                + (holes[b, ..., None] % w - col[b, :, None]) ** 2
+            ).argmin(-1)  # (F, hw - m): the first of the nearest, kept cells being in raster order
+            for b in range(B)
+        ]
+    )  # (B, F, hw - m)
+    filled = filled.scatter(2, local, token).scatter(2, holes, token.gather(2, nearest))
+    return filled.view(B, F_ * cells)
+
+
+def make_holes(full: TokenState, state: TokenState) -> Holes:
+    """The `Holes` of `state`, which kept some cells of every frame of `full` (a full grid: its tokens in
+    raster order, so their positions ascend and each kept token's cell is where its position falls)."""
+    F_, h, w = frame_grid(full)
+    slot = torch.searchsorted(full.pos.contiguous(), state.pos.contiguous())  # (B, N)
+    bookkeeping = full.without_records().replace(x=full.x.new_empty(*full.x.shape[:2], 0))  # x is not kept
+    return Holes((F_, h, w), slot, nearest_fill(slot, (F_, h, w)), bookkeeping)
+
+
+def fill_holes(state: TokenState) -> TokenState:
+    """The full grid again, each hole holding a copy of its nearest kept token (`Holes.fill`); positions and
+    every per-token entry as before the holes were made, other `aux` entries (losses, statistics) as now."""
+    holes: Holes = state.aux[HOLES]
+    C = state.x.shape[-1]
+    x = state.x.gather(1, holes.fill.unsqueeze(-1).expand(-1, -1, C))  # (B, F*h*w, C)
+    per_token = {k for k in state.aux if k in TOKEN_AUX or k in (SOURCE_MAP, HOLES)}
+    aux = {k: v for k, v in state.aux.items() if k not in per_token}
+    aux.update({k: v for k, v in holes.full.aux.items() if k in TOKEN_AUX or k == SOURCE_MAP})
+    return holes.full.replace(x=x, aux=aux)
+
+
+def window_cells(
+    padded: Grid, window: Grid, shift: Grid, grid: Grid, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Where windows take their tokens from, for the path with holes: ((nW*V,) the cell of `grid` each window
+    place holds, F*h*w (one past the last cell) for padding; (F*h*w,) the window place of each cell). Cached
+    per grid, as `shift_mask`."""
+    if torch.compiler.is_compiling():
+        return _window_cells(padded, window, shift, grid, device)
+    with torch.inference_mode(False), torch.no_grad():
+        return _cached_window_cells(padded, window, shift, grid, device)
+
+
+def _window_cells(
+    padded: Grid, window: Grid, shift: Grid, grid: Grid, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    cells = torch.arange(math.prod(padded), device=device).view(1, *padded, 1)
+    if any(shift):
+        cells = torch.roll(cells, tuple(-s for s in shift), (1, 2, 3))
+    placed = window_partition(cells, window).flatten()  # (nW*V,) padded cells in window order
+    T, h, w = grid
+    t, i, j = placed // (padded[1] * padded[2]), placed // padded[2] % padded[1], placed % padded[2]
+    real = (t < T) & (i < h) & (j < w)
+    source = torch.where(real, t * h * w + i * w + j, T * h * w)  # (nW*V,)
+    # Every padding place writes to one spare entry past the cells (which one wins does not matter).
+    place = torch.empty(T * h * w + 1, dtype=torch.long, device=device)
+    place = place.scatter(0, source, torch.arange(placed.numel(), device=device))[: T * h * w]
+    return source, place
+
+
+_cached_window_cells = functools.lru_cache(maxsize=32)(_window_cells)
+
+
 class WindowAttention(nn.Module):
     """Multi-head attention inside (shifted) 3D windows with a learned relative position bias, through SDPA
     (bias and shift mask as one additive mask). Names are the released ones (`qkv`, `proj`,
@@ -181,27 +316,49 @@ class WindowAttention(nn.Module):
         index = self.relative_position_index[:volume, :volume]  # (V, V)
         return self.relative_position_bias_table[index.reshape(-1)].view(volume, volume, -1).permute(2, 0, 1)
 
-    def forward(self, x: Tensor, grid: Grid) -> Tensor:
+    def keys(self, x: Tensor) -> Tensor:
+        """(B, N, hd) the keys of normalised tokens `x` (B, N, C), averaged over the heads (`tokens.KEYS`)."""
+        B, N, C = x.shape
+        k = F.linear(
+            x, self.qkv.weight[C : 2 * C], None if self.qkv.bias is None else self.qkv.bias[C : 2 * C]
+        )
+        return k.view(B, N, self.heads, self.head_dim).mean(2)
+
+    def forward(self, x: Tensor, grid: Grid, holes: Holes | None = None) -> Tensor:
         """
         Args:
-            x: (B, T*h*w, C) normalised tokens, time-major.
-            grid: (T, h, w) of the tokens.
+            x: (B, N, C) normalised tokens, time-major: every cell of `grid`, or (with `holes`) some of them.
+            grid: (T, h, w) of the tokens (with `holes`, `holes.grid`).
+            holes: None, or the cells the tokens hold and the token standing at each cell (`Holes`): the
+                windows hold that token there (its query, key and value), and only the tokens' own places
+                are read back; qkv and the projection run on the N tokens, the attention on whole windows
+                (STA on Video Swin, its paper's §4.1).
 
         Returns:
-            (B, T*h*w, C).
+            (B, N, C).
         """
         B, N, C = x.shape
         window, shift = window_and_shift(grid, self.window, self.shift)
-        pad = [-n % w for n, w in zip(grid, window, strict=True)]
-        cube = F.pad(x.view(B, *grid, C), (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))  # (B, Tp, Hp, Wp, C)
-        padded: Grid = tuple(cube.shape[1:4])  # type: ignore[assignment]
+        padded: Grid = tuple(n + -n % w for n, w in zip(grid, window, strict=True))  # type: ignore[assignment]
         shifted = any(shift)
-        if shifted:
-            cube = torch.roll(cube, tuple(-s for s in shift), (1, 2, 3))
-        windows = window_partition(cube, window)  # (B, nW, V, C)
+        if holes is None:  # as released: pad the normalised tokens, shift, cut, then qkv (padding included)
+            pad = [p - n for p, n in zip(padded, grid, strict=True)]
+            cube = F.pad(x.view(B, *grid, C), (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))  # (B, Tp, Hp, Wp, C)
+            if shifted:
+                cube = torch.roll(cube, tuple(-s for s in shift), (1, 2, 3))
+            windows = self.qkv(window_partition(cube, window))  # (B, nW, V, 3C)
+        else:  # qkv of the tokens and of one zero (padding) token, then each window place's by index
+            source, place = window_cells(padded, window, shift, grid, x.device)
+            qkv = self.qkv(torch.cat([x, x.new_zeros(B, 1, C)], 1))  # (B, N + 1, 3C)
+            index = torch.cat([holes.fill, holes.fill.new_full((B, 1), N)], 1)[
+                :, source
+            ]  # (B, nW*V): token of each place
+            windows = qkv.gather(1, index.unsqueeze(-1).expand(-1, -1, 3 * C))  # (B, nW*V, 3C)
+            windows = windows.view(B, -1, math.prod(window), 3 * C)  # (B, nW, V, 3C)
         nW, V = windows.shape[1:3]
-        qkv = self.qkv(windows).view(B, nW, V, 3, self.heads, self.head_dim)  # (B, nW, V, 3, nh, hd)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # 3 x (B, nW, nh, V, hd)
+        q, k, v = windows.view(B, nW, V, 3, self.heads, self.head_dim).permute(
+            3, 0, 1, 4, 2, 5
+        )  # (B, nW, nh, V, hd)
         mask = self.bias(V).to(q.dtype)  # (nh, V, V)
         drop = self.attn_drop if self.training else 0.0
         if shifted:  # one mask per window: SDPA clip by clip over (nW, nh) as batch dimensions
@@ -218,7 +375,11 @@ class WindowAttention(nn.Module):
         else:  # the same mask in every window: one batch of B*nW windows
             q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B*nW, nh, V, hd)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B*nW, nh, V, hd)
-        out = self.proj(out.view(B, nW, self.heads, V, self.head_dim).transpose(2, 3).reshape(B, nW, V, C))
+        out = out.view(B, nW, self.heads, V, self.head_dim).transpose(2, 3).reshape(B, nW, V, C)
+        if holes is not None:  # each token's own place; the copies' outputs are dropped
+            own = place[holes.slot].unsqueeze(-1).expand(-1, -1, C)  # (B, N, C)
+            return self.proj(out.view(B, nW * V, C).gather(1, own))
+        out = self.proj(out)  # (B, nW, V, C): on every place, padding included, as released
         cube = window_reverse(out, window, padded)  # (B, Tp, Hp, Wp, C)
         if shifted:
             cube = torch.roll(cube, shift, (1, 2, 3))
@@ -236,6 +397,8 @@ class PatchMerging(nn.Module):
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, state: TokenState) -> TokenState:
+        if HOLES in state.aux:  # STA's holes: each filled with its nearest kept token, then merged as usual
+            state = fill_holes(state)
         T, h, w = frame_grid(state)
         B, _, C = state.x.shape
         merged = merge_patches(state.x.view(B, T, h, w, C))  # (B, T, h', w', 4C)
@@ -244,10 +407,13 @@ class PatchMerging(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """One Video Swin block: (patch merging, at a stage's start), window attention, MLP.
+    """One Video Swin block: window attention, MLP, (patch merging, at a stage's end: the released
+    `layers.{s}.downsample`).
 
-    `inner` is a reducer slot between the attention and the MLP, as in `layers.Block`; `record` is always
-    empty (`Swin3D.can_record` is False)."""
+    `inner` is a reducer slot between the attention and the MLP, as in `layers.Block`. `record` holds what
+    the reducers of the slot before this block need (`Swin3D.records_ahead`): `Swin3D._slot` records it with
+    this block's key projection before they run. On a state with holes (`aux[HOLES]`: STA) the attention
+    fills them (`WindowAttention`), the rest runs on the kept tokens, and the merging fills them for good."""
 
     def __init__(
         self,
@@ -257,7 +423,7 @@ class SwinBlock(nn.Module):
         mlp_dim: int,
         window: Grid,
         shift: Grid,
-        merge_from: int | None,
+        merge_to: int | None,
         qkv_bias: bool = True,
         eps: float = 1e-5,
         drop: float = 0.0,
@@ -265,7 +431,7 @@ class SwinBlock(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.downsample = nn.Identity() if merge_from is None else PatchMerging(dim=merge_from, eps=eps)
+        self.downsample = nn.Identity() if merge_to is None else PatchMerging(dim=dim, eps=eps)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = WindowAttention(
             dim=dim, heads=heads, window=window, shift=shift, qkv_bias=qkv_bias, attn_drop=attn_drop
@@ -282,12 +448,14 @@ class SwinBlock(nn.Module):
         return not isinstance(self.downsample, nn.Identity)
 
     def forward(self, state: TokenState) -> TokenState:
-        state = self.downsample(state)
         x = state.x  # (B, N, C)
-        y = self.attn(self.norm1(x), frame_grid(state))
+        holes: Holes | None = state.aux.get(HOLES)
+        grid = frame_grid(state) if holes is None else holes.grid
+        y = self.attn(self.norm1(x), grid, holes)
         state = self.inner(state.replace(x=x + self.drop_path(y)))
         x = state.x
-        return state.replace(x=x + self.drop_path(self.mlp(self.norm2(x))))
+        state = state.replace(x=x + self.drop_path(self.mlp(self.norm2(x))))
+        return self.downsample(state)
 
 
 class SwinEmbed(nn.Module):
@@ -305,12 +473,21 @@ class SwinEmbed(nn.Module):
         return TokenState.from_grid(x, grid)
 
 
+class AheadKeys(nn.Module):
+    """Keys recorded ahead (`Swin3D.records_ahead`): block `p`'s key projection of the tokens its slot is
+    given, averaged over the heads. A module of its own (no parameters) so that GFLOPs name it (`keys`)."""
+
+    def forward(self, block: SwinBlock, x: Tensor) -> Tensor:
+        return block.attn.keys(block.norm1(x))
+
+
 class Swin3D(VideoBackbone):
     """Video Swin Transformer; see the module docstring."""
 
-    block_need = ("grid", "shifted-window attention over each frame's grid")
-    can_record = False
+    block_need = ("windows", "shifted-window attention over each frame's grid")
+    records = frozenset({KEYS})
     no_records_why = "it attends within windows and has no class token"
+    records_ahead = True
 
     def __init__(self, config: BackboneConfig) -> None:
         if config.arch != "swin":
@@ -326,14 +503,15 @@ class Swin3D(VideoBackbone):
         starts = (0, *config.stages)
         self.blocks = nn.ModuleList(
             SwinBlock(
-                dim=config.width(p + 1), heads=config.heads_at(p), mlp_dim=ratio * config.width(p + 1),
+                dim=config.width(p), heads=config.heads_at(p), mlp_dim=ratio * config.width(p),
                 window=window, shift=half if (p - max(s for s in starts if s <= p)) % 2 else (0, 0, 0),
-                merge_from=config.width(p) if p in config.stages else None, qkv_bias=config.qkv_bias == "qkv",
+                merge_to=config.width(p + 1) if p + 1 in config.stages else None, qkv_bias=config.qkv_bias == "qkv",
                 eps=config.eps, drop=config.drop, attn_drop=config.attn_drop,
                 drop_path_rate=config.drop_path * p / max(depth - 1, 1),
             )
             for p in range(depth)
         )  # fmt: skip
+        self.keys = AheadKeys()
         # The readout: the final norm on every token, then their mean (not the mean, then a norm).
         self.norm = nn.LayerNorm(config.width(depth), eps=config.eps)
         self.fc_norm = nn.Identity()
@@ -346,15 +524,30 @@ class Swin3D(VideoBackbone):
             return super().forward_head(state)
         # NOTE: a plain mean, as released: `size` counts the patches a merged token covers, fewer at an odd
         # side's edge, and weighting by it would move the logits. (No reducer that merges runs on Swin.)
+        # Under STA's holes, the mean of the kept tokens (the copies are discarded).
         feat = _mean_tokens(state.replace(x=self.norm(state.x), size=None))  # (B, C)
         return self.head(self.head_drop(feat))
 
-    def layout_after(self, position: int, layout: Layout) -> Layout:
-        if not self.blocks[position].merges:
+    def layout_leaving(self, position: int, layout: Layout) -> Layout:
+        grid = layout.frame_grid or layout.holes
+        if (
+            not self.blocks[position].merges or grid is None
+        ):  # (a reducer inside left none: the next block says)
             return layout
-        h, w = layout.frame_grid  # `apply` checked the block's need: frames holding grids
+        h, w = grid
         grid = (pooled_side(h, MERGE[0]), pooled_side(w, MERGE[1]))
-        return layout._replace(tokens=layout.frames * grid[0] * grid[1], frame_grid=grid)
+        return layout._replace(tokens=layout.frames * grid[0] * grid[1], frame_grid=grid, holes=None)
+
+    def _slot(self, p: int, state: TokenState) -> TokenState:
+        """Records ahead what the slot's reducers need (STA's keys: this block's key projection of the tokens
+        it is about to take), runs them, and makes the holes they leave (`make_holes`)."""
+        given = state
+        if p < len(self.blocks) and KEYS in self.blocks[p].record:
+            state = state.with_aux(**{KEYS: self.keys(self.blocks[p], state.x)})
+        state = self.reducers[p](state)
+        if state.frame_grid is not None or given.frame_grid is None:  # a full grid, or holes made before
+            return state
+        return state.with_aux(**{HOLES: make_holes(given, state)})  # `apply` let only STA's cells go
 
     def grids(self, grid: Grid | None = None) -> list[Grid]:
         """The (T, h, w) grid of the bare model's tokens before each block and after the last (depth + 1), for
@@ -363,5 +556,5 @@ class Swin3D(VideoBackbone):
         for p in range(len(self.blocks) + 1):
             grids.append((layout.frames, *layout.frame_grid))
             if p < len(self.blocks):
-                layout = self.layout_after(p, layout)
+                layout = self.layout_leaving(p, layout)
         return grids

@@ -12,7 +12,7 @@ checkpoint `{"meta", "state_dict"}` whose `state_dict` holds
 
 torchvision names the same tensors `patch_embed.*`, `features.{2s}.{j}.*` (`mlp.0`, `mlp.3` for fc1, fc2),
 `features.{2s+1}.{norm, reduction}.*`, `norm.*`, `head.*`. Our blocks are numbered across stages, and a
-stage's merging belongs to the first block of the next stage (`blocks.{i}.downsample`).
+stage's merging belongs to its last block (`blocks.{i}.downsample`), as released.
 
 The config is read off the tensors from `swin3d-b`: width, channels, tubelet and patch (the patch
 convolution), stages and depth (the blocks of each stage), heads (the bias table's columns), MLP width,
@@ -26,8 +26,8 @@ STTS's Swin (same layout) also holds its selectors, `backbone.time_score_predict
 the released scorer (`mvit_weights.selection_spec`, `selector_keys`, shared with STTS's MViT). Places, ratios
 and `sigma` come from the config mmaction2 0.x saves as `meta["config"]` (mmcv's `pretty_text`, parsed by
 `read_config`, never run), with STTS's `num_frames` / `image_size`; a file without it takes
-`time_left_ratio=` / `space_left_ratio=` (place: stage 0). Only stage 0 is reproduced: STTS selects before a
-later stage on the merged tokens, where our slot runs before the merge.
+`time_left_ratio=` / `space_left_ratio=` (place: stage 0). STTS's "before stage s" (s > 0) is our slot before
+stage s's first block, which holds the tokens stage s - 1's merging made, as in the released loop.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _rename(
             else:
                 unmatched.append(key)
         elif (m := merges.fullmatch(key)) and int(m.group(1)) + 1 < len(offsets):
-            mapped[f"blocks.{offsets[int(m.group(1)) + 1]}.downsample.{m.group(2)}"] = value
+            mapped[f"blocks.{offsets[int(m.group(1)) + 1] - 1}.downsample.{m.group(2)}"] = value
         elif prefix := next((p for p in fixed if key.startswith(p)), None):
             mapped[fixed[prefix] + key.removeprefix(prefix)] = value
         else:
@@ -186,7 +186,7 @@ def config_from_state(
     blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     if blocks:
         found["depth"] = blocks[-1] + 1
-        found["stages"] = tuple(i for i in blocks if f"blocks.{i}.downsample.reduction.weight" in state)
+        found["stages"] = tuple(i + 1 for i in blocks if f"blocks.{i}.downsample.reduction.weight" in state)
         found["qkv_bias"] = "qkv" if "blocks.0.attn.qkv.bias" in state else "none"
     if (table := state.get("blocks.0.attn.relative_position_bias_table")) is not None:
         found["heads"] = table.shape[1]
@@ -224,7 +224,7 @@ def _build(
         from ..reducers import apply  # (the reducers import the backbones)
 
         spec = mvit_weights.selection_spec(
-            stts or {}, config.grid[0], source=source, name=str, sigma=STTS_SIGMA, block=_stts_block(source),
+            stts or {}, config.grid[0], source=source, name=str, sigma=STTS_SIGMA, block=_stts_block(source, config.stages),
             called="config",
         )  # fmt: skip
         log.info("%s: its STTS selectors run as the plan %s", source, spec)
@@ -244,15 +244,16 @@ STTS_RATIOS = ("time_left_ratio", "space_left_ratio")
 """Keywords of `from_mmaction` that give the ratios of a file whose config does not."""
 
 
-def _stts_block(source: str) -> Callable[[int], int]:
+def _stts_block(source: str, stages: tuple[int, ...]) -> Callable[[int], int]:
+    """Our block of STTS's "before stage s": 0, or the first block of stage s (its slot holds the tokens
+    stage s - 1's patch merging made, as the released loop selects them)."""
+
     def block(stage: int) -> int:
-        if stage != 0:
+        if not 0 <= stage <= len(stages):
             raise InputError(
-                f"{source}: STTS selects before Swin stage {stage}, on the tokens its patch merging made; "
-                "tokensieve's slot there runs before the merge (other tokens, another width): only stage 0, "
-                "the place of every released config, is reproduced"
+                f"{source}: STTS selects before Swin stage {stage}, but the model has {len(stages) + 1}"
             )
-        return 0
+        return (0, *stages)[stage]
 
     return block
 
@@ -337,8 +338,8 @@ def from_mmaction(ckpt: Mapping[str, Any], *, source: str, **config_changes: Any
             when the file carries no config).
 
     Raises:
-        InputError: a window or config this backbone cannot read; STTS selectors without their ratios, or at
-            a place other than stage 0.
+        InputError: a window or config this backbone cannot read; STTS selectors without their ratios, or
+            before a stage the model does not have.
         CheckpointMismatchError: missing, unexpected and mis-shaped tensors, all listed.
     """
     state = ckpt.get("state_dict", ckpt)

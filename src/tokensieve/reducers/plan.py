@@ -227,12 +227,14 @@ def _place(
     an error naming the valid positions."""
     depth = len(model.blocks)
     needs = reducer.needs_for(model)
-    last = depth - 1 if reducer.inside else depth  # `depth`: after the last block, before the head
-    first = 1 if needs and not reducer.inside else 0
+    # `depth`: after the last block, before the head (where no block is left to record ahead).
+    last = depth - 1 if reducer.inside or (needs and model.records_ahead) else depth
+    by_block_before = needs and not reducer.inside and not model.records_ahead
+    first = 1 if by_block_before else 0
     valid = f"{first}..{last}"
     if not 0 <= p <= last:
         raise InputError(f"{reducer.name}: position {p} is outside this model; valid positions: {valid}")
-    if needs and p == 0 and not reducer.inside:
+    if by_block_before and p == 0:
         raise InputError(
             f"{reducer.name} needs {', '.join(sorted(needs))} recorded by the block before it, so it cannot "
             f"run at position 0; valid positions: {valid}"
@@ -327,9 +329,13 @@ def schedule(
                 lost_grid = layout.frame_grid is not None and after.frame_grid is None
                 if after.kind != layout.kind or after.budgets or lost_grid:
                     made_by = f"{reducer.name} ({step_where})"
+                if not reducer.leaves_holes:
+                    after = after._replace(holes=None)
                 steps.append(Step(reducer, site, inside, layout, after))
                 layout = after
                 upcoming = next(queue, None)
+            if inside and p < depth:  # what the block does at its end (Video Swin's patch merging)
+                layout = model.layout_leaving(p, layout)
     if layout.budgets:
         raise InputError(
             f"{made_by} sets per-clip budgets, but no method after it uses them; follow it with a method "
@@ -337,10 +343,10 @@ def schedule(
         )
     # After the layouts, so that a plan a backbone's grid refuses is told so first.
     for step in steps:
-        needs = step.reducer.needs_for(model)
-        if needs and not model.can_record:
+        missing = () if model.records is None else step.reducer.needs_for(model) - model.records
+        if missing:
             raise InputError(
-                f"{step.reducer.name} ({step.where}) needs {', '.join(sorted(needs))} recorded by the attention "
+                f"{step.reducer.name} ({step.where}) needs {', '.join(sorted(missing))} recorded by the attention "
                 f"before it, which {type(model).__name__}'s attention does not record ({model.no_records_why})"
             )
     return steps
@@ -350,6 +356,8 @@ _HINTS = {
     "frames": "use a method or mode that keeps them (per_frame=true, balance=frame), or place it after that block",
     "grid": "before such a block only whole frames may go (uniform, random_frames, stts), or reduce after the "
     "last block",
+    "windows": "before such a block only whole frames may go (uniform, random_frames, stts) or STA's cells, or "
+    "reduce after the last block",
 }
 """What to do when a block's `Need` is not met, as the error says it."""
 
@@ -544,8 +552,9 @@ def apply(
         p = step.site.position
         (inner if step.inside else before)[p].append(At(step.reducer, step.site))
         # The attention that records: block p's own for an inside reducer, else block p - 1's.
-        recorder = p if step.inside else p - 1
-        if recorder >= 0:
+        # (A model that records ahead does it with block p, before the slot: `VideoBackbone._slot`.)
+        recorder = p if step.inside or model.records_ahead else p - 1
+        if 0 <= recorder < depth:
             record[recorder] |= step.reducer.needs_for(model)
     installed = InstalledPlan(
         model, None if spec is None else spec.strip(), nn.ModuleList(reducers).train(model.training), steps,

@@ -38,13 +38,21 @@ token); a stage processes each group in that order and records the new places. K
 equal the released code's at every stage, in both balance modes, and ties go as there (the same sort
 and top-k calls over the same sequence).
 
+On Video Swin (paper §4.1; its authors never released this part) STA runs at the end of the first three
+stages, after their patch merging, on the merged tokens (before the next stage's first block: positions
+`config.stages`), dropping r, 3r/8 and r/8 cells of every temporal slice's full grid (the paper's
+{r, 1.5r/4, 2r/16}; 256, 96, 32 for r=256), each stage from the full grid its merging restores. The keys
+are the next block's key projection of those tokens (`Swin3D.records_ahead`), the semantic score theirs;
+`balance` does not apply (the drops are per slice). The windows fill each dropped cell with its nearest kept
+token (`backbones.swin`), and the merging at the stage's end does too.
+
 NOTE(paper): the semantic min-max guards against a zero range (the released code divides by it
 unguarded).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +62,9 @@ from .. import rng
 from ..errors import InputError
 from ..tokens import KEYS, Layout, TokenState, register_token_aux
 from .base import Reducer, Site, register, require
+
+if TYPE_CHECKING:
+    from ..backbones.base import VideoBackbone
 
 __all__ = ["STA_ORDER", "SemanticTemporalAccumulation", "accumulate", "drop_first", "semantic_score"]
 
@@ -73,8 +84,10 @@ def semantic_score(x: Tensor) -> Tensor:
 def drop_first(keys: Tensor, pos: Tensor, r: int, how: str, draws: Tensor | None = None) -> Tensor:
     """The first group's tokens in the order the released code sorts them, (B, m): the m - r kept
     ones first, in the order it stores them, then the r dropped ones. For `tome`: the odd positions,
-    then all even ones by ascending similarity to their closest odd token (the last r go); for
-    `random` and `grid`: the kept ones ascending, then the dropped ones.
+    then all even ones by ascending similarity to their closest odd token (the last r go); more than
+    m // 2 (only on Video Swin, where the paper's schedule asks for it) in rounds, each on the tokens the
+    one before kept, in that order, dropping as many as it can; for `random` and `grid`: the kept ones
+    ascending, then the dropped ones.
 
     Args:
         keys: (B, m, hd) unit keys of the group, in the order the released code stores it.
@@ -84,7 +97,19 @@ def drop_first(keys: Tensor, pos: Tensor, r: int, how: str, draws: Tensor | None
         draws: (B, m) uniform numbers in [0, 1) for `random` and `grid` (one per token; `grid` uses the
             first r); None for `tome`.
     """
-    B, m, _ = keys.shape
+    B, m, hd = keys.shape
+    if how == "tome" and r > m // 2:  # (Video Swin's last stages) bipartite rounds, each on what is left
+        order, dropped = torch.arange(m, device=keys.device).expand(B, m), []
+        while r > 0:  # r < m: at least one token is left, and every round drops one or more
+            n = order.shape[1]
+            step = min(r, n // 2)
+            sub = drop_first(
+                keys.gather(1, order.unsqueeze(-1).expand(-1, -1, hd)), pos.gather(1, order), step, how
+            )
+            order = order.gather(1, sub)  # (B, n): this round's kept ones first, in stored order
+            dropped.insert(0, order[:, n - step :])
+            order, r = order[:, : n - step], r - step
+        return torch.cat([order, *dropped], 1)
     if how == "tome":
         a, b = keys[:, ::2], keys[:, 1::2]  # (B, nA, hd), (B, nB, hd)
         best = (a @ b.transpose(1, 2)).amax(-1)  # (B, nA): each A token's closest B token
@@ -144,6 +169,7 @@ class SemanticTemporalAccumulation(Reducer):
     main_settings = ("sta:r=64", "sta:r=64,balance=frame")
     budget = "r"
     budget_removes = True
+    leaves_holes = True  # on Video Swin: the cells it drops, which the windows fill
 
     needs = frozenset({KEYS})
 
@@ -170,18 +196,29 @@ class SemanticTemporalAccumulation(Reducer):
                 f"such as FBF, BFB, FFF or BBB; got {order!r}"
             )
         self.r, self.balance, self.first, self.order, self.seed = r, balance, first, directions, seed
+        self.swin_stages: tuple[int, ...] | None = None  # `setup`: the stages it ends on Video Swin
 
     @property
     def keyed_random(self) -> bool:
         """Random first-group drops draw keyed by clip (`tokensieve.rng`); `tome` draws nothing."""
         return self.first != "tome"
 
+    def setup(self, model: VideoBackbone) -> None:
+        cfg = model.config
+        self.swin_stages = cfg.stages[:3] if cfg.arch == "swin" else None
+
     def positions(self, depth: int) -> tuple[int, ...]:
+        if self.swin_stages is not None:  # after the first three stages' merging
+            return self.swin_stages
         places = (1, 1 + depth // 3, 1 + 2 * depth // 3)
         return tuple(dict.fromkeys(p for p in places if p < depth))  # short models run fewer stages
 
     def _groups(self, frames: int | None, T: int, stage: int) -> tuple[int, int]:
         """(groups, r per group) at `stage`; `frames` is the input's frame layout, T the grid's."""
+        if self.swin_stages is not None:  # per temporal slice: r, 1.5r/4, 2r/16 of each stage's grid
+            if frames is None:
+                raise InputError("sta on Video Swin needs the same number of tokens in every temporal slice")
+            return frames, (self.r, self.r * 3 // 8, self.r // 8)[stage]
         if self.balance == "frame":
             if frames is None:
                 raise InputError(
@@ -207,11 +244,18 @@ class SemanticTemporalAccumulation(Reducer):
             raise InputError(
                 f"sta: r={r} is not smaller than the {m} tokens of a frame (group) at stage {site.stage + 1}"
             )
-        if self.first == "tome" and r > m // 2:
+        if self.first == "tome" and r > m // 2 and self.swin_stages is None:
             raise InputError(
                 f"sta: first=tome drops at most half of a frame's (group's) {m} tokens; r={r} at stage "
                 f"{site.stage + 1} is more"
             )
+        if self.swin_stages is not None:
+            if layout.frame_grid is None:
+                raise InputError(
+                    f"sta on Video Swin drops cells of every temporal slice's full grid, which the windows fill; "
+                    f"at stage {site.stage + 1} it is given {layout.describe()}"
+                )
+            return layout if r == 0 else Layout(groups * (m - r), groups, holes=layout.frame_grid)
         if r == 0:
             return layout
         keeps_layout = self.balance == "frame" or groups == site.grid[0]
@@ -250,7 +294,7 @@ class SemanticTemporalAccumulation(Reducer):
             start = torch.arange(groups, device=idx.device).view(1, groups, 1)  # (1, G, 1)
             idx = (idx + start * m).view(B, -1)  # (B, G*(m-r))
             place = (place + start * (m - r)).view(B, -1)  # (B, G*(m-r)): place in the released sequence
-        keeps_layout = self.balance == "frame" or groups == state.grid[0]
+        keeps_layout = self.swin_stages is not None or self.balance == "frame" or groups == state.grid[0]
         return state.gather(idx, frames=state.frames if keeps_layout else None).with_aux(**{STA_ORDER: place})
 
     def extra_repr(self) -> str:
