@@ -326,7 +326,9 @@ def test_stts_on_swin_gflops_match_fvcore(ratio: float, kept: int, fvcore: str) 
 
 
 def test_swin_agrees_with_torch_flop_counter() -> None:
-    """Swin's attention with its additive bias and mask runs SDPA's math path (matrix products) on CPU."""
+    """Swin's attention with its additive bias and mask runs SDPA's fused CPU kernel (a (1, nh, V, V) mask; a
+    3-D one would send it to the math path), which torch's counter learns from `register_cpu_sdpa_formula`."""
+    register_cpu_sdpa_formula()
     model = ts.build("swin3d-tiny").eval()
     video = tiny_video("swin3d-tiny")
     with torch.no_grad(), FlopCounterMode(display=False) as torch_counter:

@@ -45,6 +45,7 @@ released model takes them: there are no absolute positions to carry, and the win
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -74,11 +75,11 @@ __all__ = [
     "merge_patches",
     "nearest_fill",
     "relative_position_index",
+    "shift_groups",
     "shift_mask",
     "window_and_shift",
     "window_cells",
     "window_partition",
-    "window_reverse",
 ]
 
 MASK_VALUE = -100.0
@@ -110,14 +111,6 @@ def window_partition(x: Tensor, window: Grid) -> Tensor:
     x = x.view(B, T // wt, wt, H // wh, wh, W // ww, ww, C)
     x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T/wt, H/wh, W/ww, wt, wh, ww, C)
     return x.reshape(B, -1, wt * wh * ww, C)  # (B, nW, V, C)
-
-
-def window_reverse(windows: Tensor, window: Grid, grid: Grid) -> Tensor:
-    """The inverse of `window_partition`: (B, nW, V, C) -> (B, T, H, W, C) on the padded `grid`."""
-    B, _, _, C = windows.shape
-    (wt, wh, ww), (T, H, W) = window, grid
-    x = windows.view(B, T // wt, H // wh, W // ww, wt, wh, ww, C)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(B, T, H, W, C)  # (B, T, H, W, C)
 
 
 def relative_position_index(window: Grid) -> Tensor:
@@ -156,6 +149,48 @@ def shift_mask(padded: Grid, window: Grid, shift: Grid, device: torch.device) ->
         return _shift_mask.__wrapped__(padded, window, shift, device)
     with torch.inference_mode(False), torch.no_grad():
         return _shift_mask(padded, window, shift, device)
+
+
+class ShiftGroups(NamedTuple):
+    """The windows of a shifted grid grouped by their shift mask (`shift_groups`)."""
+
+    order: Tensor
+    """(nW,) long: the windows, group after group, each group in raster order."""
+    restore: Tensor
+    """(nW,) long: the inverse of `order`."""
+    bounds: tuple[tuple[int, int], ...]
+    """(start, end) of each group in `order`."""
+    masks: Tensor
+    """(G, V, V) each group's shift mask (`shift_mask` of its windows)."""
+
+
+def _shift_groups(padded: Grid, window: Grid, shift: Grid, device: torch.device) -> ShiftGroups:
+    counts = [n // w for n, w in zip(padded, window, strict=True)]
+    cells = list(itertools.product(*(range(n) for n in counts)))  # raster order: the window index
+    # A window's mask depends only on whether it is the last along each shifted axis (the regions wrap there).
+    kind = [
+        tuple(s > 0 and c == n - 1 for c, n, s in zip(cell, counts, shift, strict=True)) for cell in cells
+    ]
+    order = sorted(range(len(cells)), key=kind.__getitem__)  # stable: raster order inside a group
+    starts = [i for i in range(len(order)) if i == 0 or kind[order[i]] != kind[order[i - 1]]]
+    bounds = tuple(zip(starts, [*starts[1:], len(order)], strict=True))
+    masks = shift_mask(padded, window, shift, device)[[order[a] for a, _ in bounds]]  # (G, V, V)
+    index = torch.tensor(order, device=device)
+    return ShiftGroups(index, index.argsort(), bounds, masks)
+
+
+_cached_shift_groups = functools.lru_cache(maxsize=32)(_shift_groups)
+
+
+def shift_groups(padded: Grid, window: Grid, shift: Grid, device: torch.device) -> ShiftGroups:
+    """The windows of a shifted grid in groups that share one shift mask: at most 2^3, by whether a window is
+    the last along each shifted axis (Swin-T's stage 0: 8 groups of 1 to 49 windows). Attending group by group,
+    each with its own (1, nh, V, V) mask, spares the (nW, nh, V, V) mask of bias plus shift that one call would
+    need (236 MB per clip for Swin-T's stage 0). Cached per grid, as `shift_mask`."""
+    if torch.compiler.is_compiling():
+        return _shift_groups(padded, window, shift, device)
+    with torch.inference_mode(False), torch.no_grad():
+        return _cached_shift_groups(padded, window, shift, device)
 
 
 def merge_patches(x: Tensor) -> Tensor:
@@ -254,8 +289,8 @@ def window_cells(
     padded: Grid, window: Grid, shift: Grid, grid: Grid, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Where windows take their tokens from, for the path with holes: ((nW*V,) the cell of `grid` each window
-    place holds, F*h*w (one past the last cell) for padding; (F*h*w,) the window place of each cell). Cached
-    per grid, as `shift_mask`."""
+    place holds, F*h*w (one past the last cell) for padding; (F*h*w,) the window place of each cell). The
+    windows of a shifted grid come in `shift_groups` order. Cached per grid, as `shift_mask`."""
     if torch.compiler.is_compiling():
         return _window_cells(padded, window, shift, grid, device)
     with torch.inference_mode(False), torch.no_grad():
@@ -268,7 +303,10 @@ def _window_cells(
     cells = torch.arange(math.prod(padded), device=device).view(1, *padded, 1)
     if any(shift):
         cells = torch.roll(cells, tuple(-s for s in shift), (1, 2, 3))
-    placed = window_partition(cells, window).flatten()  # (nW*V,) padded cells in window order
+    placed = window_partition(cells, window)[0, ..., 0]  # (nW, V) padded cells in window order
+    if any(shift):  # the windows group after group, as the attention takes them (`shift_groups`)
+        placed = placed[_shift_groups(padded, window, shift, device).order]
+    placed = placed.flatten()  # (nW*V,)
     T, h, w = grid
     t, i, j = placed // (padded[1] * padded[2]), placed // padded[2] % padded[1], placed % padded[2]
     real = (t < T) & (i < h) & (j < w)
@@ -341,50 +379,51 @@ class WindowAttention(nn.Module):
         window, shift = window_and_shift(grid, self.window, self.shift)
         padded: Grid = tuple(n + -n % w for n, w in zip(grid, window, strict=True))  # type: ignore[assignment]
         shifted = any(shift)
-        if holes is None:  # as released: pad the normalised tokens, shift, cut, then qkv (padding included)
-            pad = [p - n for p, n in zip(padded, grid, strict=True)]
-            cube = F.pad(x.view(B, *grid, C), (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))  # (B, Tp, Hp, Wp, C)
-            if shifted:
-                cube = torch.roll(cube, tuple(-s for s in shift), (1, 2, 3))
-            windows = self.qkv(window_partition(cube, window))  # (B, nW, V, 3C)
-        else:  # qkv of the tokens and of one zero (padding) token, then each window place's by index
-            source, place = window_cells(padded, window, shift, grid, x.device)
+        # Every window place's row, by index (`window_cells`): the zero-padding, the cyclic shift, the cut into
+        # windows and their grouping (`shift_groups`) in one copy; N stands for a padding token.
+        source, place = window_cells(padded, window, shift, grid, x.device)
+        V = math.prod(window)
+        if (
+            holes is None
+        ):  # as released: the padded windows of the normalised tokens, then qkv (padding included)
+            rows = torch.cat([x, x.new_zeros(B, 1, C)], 1) if padded != grid else x  # (B, N [+ 1], C)
+            windows = self.qkv(rows.index_select(1, source).view(B, -1, V, C))  # (B, nW, V, 3C)
+        else:  # qkv of the tokens and of one zero (padding) token, then each place's, its filler's, by index
             qkv = self.qkv(torch.cat([x, x.new_zeros(B, 1, C)], 1))  # (B, N + 1, 3C)
-            index = torch.cat([holes.fill, holes.fill.new_full((B, 1), N)], 1)[
-                :, source
-            ]  # (B, nW*V): token of each place
-            windows = qkv.gather(1, index.unsqueeze(-1).expand(-1, -1, 3 * C))  # (B, nW*V, 3C)
-            windows = windows.view(B, -1, math.prod(window), 3 * C)  # (B, nW, V, 3C)
+            index = torch.cat([holes.fill, holes.fill.new_full((B, 1), N)], 1)[:, source]  # (B, nW*V)
+            index = index + torch.arange(B, device=x.device).unsqueeze(1) * (N + 1)  # rows of (B*(N + 1), 3C)
+            windows = (
+                qkv.flatten(0, 1).index_select(0, index.flatten()).view(B, -1, V, 3 * C)
+            )  # (B, nW, V, 3C)
         nW, V = windows.shape[1:3]
         q, k, v = windows.view(B, nW, V, 3, self.heads, self.head_dim).permute(
             3, 0, 1, 4, 2, 5
         )  # (B, nW, nh, V, hd)
-        mask = self.bias(V).to(q.dtype)  # (nh, V, V)
+        mask = self.bias(V).to(q.dtype)[None]  # (1, nh, V, V): a 3-D mask sends SDPA to its math path on CPU
         drop = self.attn_drop if self.training else 0.0
-        if shifted:  # one mask per window: SDPA clip by clip over (nW, nh) as batch dimensions
-            mask = mask + shift_mask(padded, window, shift, x.device).to(q.dtype)[:, None]  # (nW, nh, V, V)
+        if shifted:  # windows in groups sharing a shift mask: SDPA clip by clip, group by group
+            groups = shift_groups(padded, window, shift, x.device)
+            masks = mask + groups.masks.to(q.dtype)[:, None]  # (G, nh, V, V)
             # Why a loop over the clips: with 5-D inputs (B, nW, ...) SDPA takes its math path on CPU, 5x
-            # slower than its fused kernel on the 4-D (nW, nh, V, hd) of each clip (Swin-T stage 0, 2 clips:
-            # 600 against 122 ms); the mask is shared, so nothing is expanded over the batch.
-            out = torch.stack(
-                [
-                    F.scaled_dot_product_attention(q[b], k[b], v[b], attn_mask=mask, dropout_p=drop)
-                    for b in range(B)
-                ]
-            )  # (B, nW, nh, V, hd)
+            # slower than its fused kernel on 4-D ones (Swin-T stage 0, 2 clips: 600 against 122 ms).
+            out = q.new_empty(B, nW, V, self.heads, self.head_dim)  # each result written once, in place
+            for b in range(B):
+                for g, (a, e) in enumerate(groups.bounds):
+                    part = F.scaled_dot_product_attention(
+                        q[b, a:e], k[b, a:e], v[b, a:e], attn_mask=masks[g : g + 1], dropout_p=drop
+                    )  # (n, nh, V, hd)
+                    out[b, a:e] = part.transpose(1, 2)
+            out = out.view(B, nW, V, C)  # windows in group order
         else:  # the same mask in every window: one batch of B*nW windows
             q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B*nW, nh, V, hd)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B*nW, nh, V, hd)
-        out = out.view(B, nW, self.heads, V, self.head_dim).transpose(2, 3).reshape(B, nW, V, C)
-        if holes is not None:  # each token's own place; the copies' outputs are dropped
-            own = place[holes.slot].unsqueeze(-1).expand(-1, -1, C)  # (B, N, C)
-            return self.proj(out.view(B, nW * V, C).gather(1, own))
-        out = self.proj(out)  # (B, nW, V, C): on every place, padding included, as released
-        cube = window_reverse(out, window, padded)  # (B, Tp, Hp, Wp, C)
-        if shifted:
-            cube = torch.roll(cube, shift, (1, 2, 3))
-        T, h, w = grid
-        return cube[:, :T, :h, :w].reshape(B, N, C)  # (B, T*h*w, C)
+            out = out.view(B, nW, self.heads, V, self.head_dim).transpose(2, 3).reshape(B, nW, V, C)
+        out = out.view(B, nW * V, C)
+        if holes is not None:  # each token's own place (the copies' outputs are dropped), then proj
+            own = place[holes.slot] + torch.arange(B, device=x.device).unsqueeze(1) * (nW * V)  # (B, N)
+            return self.proj(out.flatten(0, 1).index_select(0, own.flatten()).view(B, N, C))
+        # proj on every place, padding included, as released; then each cell's own place (cropped, unshifted)
+        return self.proj(out).index_select(1, place)  # (B, N, C)
 
 
 class PatchMerging(nn.Module):
