@@ -313,10 +313,11 @@ def test_sta_on_swin_fills_with_the_nearest_kept_cell() -> None:
         ("swin3d-t", ("69.30", "62.46", "55.63"), (68, 61, 54)),
         ("swin3d-s", ("122.85", "107.85", "92.84"), (121, 106, 91)),
         ("swin3d-b", ("204.83", "178.19", "151.54"), (202, 176, 149)),
+        ("swin3d-b-ssv2", ("243.86", "217.21", "190.57"), (241, 215, 188)),  # window 16x7x7: 321 unreduced
     ],
 )
 def test_sta_on_swin_gflops_next_to_the_paper(name: str, ours: tuple, paper: tuple) -> None:
-    """STA's Video Swin rows (its Table 3, r = 192 / 256 / 320, 32x224): attention on whole windows (the
+    """STA's Video Swin rows (its Table 3, K400 and SSv2, r = 192 / 256 / 320, 32x224): attention on whole windows (the
     copies too), every linear layer on the kept tokens, as its §4.1 describes. Ours also count the keys STA
     reads (the next block's key projection of every merged token, `keys`: 2.49 G on Swin-B, 1.41 on T/S);
     without them every row is the paper's, to the unit it publishes."""
