@@ -240,6 +240,12 @@ class SemanticTemporalAccumulation(Reducer):
     def count(self, layout: Layout, site: Site) -> Layout:
         groups, r = self._groups(layout.frames, site.grid[0], site.stage)
         m = layout.tokens // groups
+        if r >= m and self.swin_stages is not None:
+            drops = ", ".join(str(d) for d in (self.r, self.r * 3 // 8, self.r // 8)[: len(self.swin_stages)])
+            raise InputError(
+                f"sta on Video Swin drops r, 3r/8, r/8 = {drops} cells of each temporal slice at its stages, but "
+                f"stage {site.stage + 1} has {m}; use a smaller r"
+            )
         if r >= m:
             raise InputError(
                 f"sta: r={r} is not smaller than the {m} tokens of a frame (group) at stage {site.stage + 1}"
