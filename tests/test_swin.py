@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import tokensieve as ts
 from conftest import tiny_video
 from test_flops import meta_model
-from tokensieve.backbones.swin import nearest_fill, window_and_shift
+from tokensieve.backbones.swin import HOLES, nearest_fill, window_and_shift
 from tokensieve.errors import InputError
 from tokensieve.reducers.sta import accumulate, drop_first
 
@@ -159,6 +159,7 @@ def reference_logits(
     select_stage: int = 0,
     sta: int | None = None,
     fill: bool = True,
+    kept_at: dict | None = None,
 ) -> torch.Tensor:
     """The logits of `model`'s weights computed as the Video Swin paper and the released code describe the
     network. `frames_kept`: temporal slices kept right after the embedding (windowed as adjacent); `select`: any
@@ -166,7 +167,8 @@ def reference_logits(
     before, as the released loop `x = select(x); x = layers[i](x)` does); `sta`: STA's r, as its paper describes it on Swin (§4.1): after the
     merging of each of the first three stages, r, 1.5r/4 and 2r/16 cells of every temporal slice dropped (F-B-F),
     each dropped cell filled with its nearest kept token of the same slice in the window attention and in the
-    merging (the copies' outputs discarded), the mean over the kept tokens at the end."""
+    merging (the copies' outputs discarded), the mean over the kept tokens at the end; `kept_at`: the same with
+    the cells kept before some blocks given ({block: (B, T, H, W) bool})."""
     cfg = model.config
     P = dict(model.named_parameters())
     eps, t, p = cfg.eps, cfg.tubelet, cfg.patch
@@ -191,6 +193,8 @@ def reference_logits(
         if sta is not None and i in cfg.stages[:3]:
             r = (sta, sta * 3 // 8, sta // 8)[stage - 1]
             kept = _sta_keep(x, y, P, pre + "attn.", cfg.heads * 2**stage, r, backward=stage == 2)
+        if kept_at is not None and i in kept_at:  # cells some other selection keeps before block i
+            kept = kept_at[i]
         shifted = (i - first) % 2 == 1
         attended = _window_attention(
             _filled(y, kept if fill else None),
@@ -296,6 +300,47 @@ def test_sta_on_swin_equals_the_papers_description_written_out(changes: dict, r:
         assert (model(video) - ours).abs().max() > 1e-6
 
 
+def test_random_per_frame_on_swin_leaves_holes_filled_as_stas() -> None:
+    """STA's random baseline on Swin: `random` per frame at the same places drops cells the windows fill the
+    same way (the reference given the cells the model kept)."""
+    model = _model(**{"frames": 12, "size": 36})
+    installed = ts.apply(model, "random:keep=0.6,per_frame=true,at=2+random:keep=0.5,per_frame=true,at=4")
+    assert [s.after.holes for s in installed.steps] == [(5, 5), (3, 3)]
+    kept: dict = {}
+
+    def capture(block_index: int):  # type: ignore[no-untyped-def]
+        def hook(_module, args):  # type: ignore[no-untyped-def]
+            holes = args[0].aux[HOLES]
+            B, (T, H, W) = holes.slot.shape[0], holes.grid
+            kept[block_index] = (
+                torch.zeros(B, T * H * W, dtype=torch.bool).scatter(1, holes.slot, True).view(B, T, H, W)
+            )
+
+        return hook
+
+    for p in model.config.stages:
+        model.blocks[p].register_forward_pre_hook(capture(p))
+    video = torch.randn(2, 12, 3, 36, 36, dtype=torch.float64)
+    with torch.no_grad():
+        ours = model(video)
+    assert [int(kept[p][0, 0].sum()) for p in (2, 4)] == [15, 4]  # round(0.6 * 25), round(0.5 * 9) per slice
+    assert not torch.equal(kept[2][0], kept[2][1])  # each clip its own cells
+    with torch.no_grad():
+        assert (ours - reference_logits(model, video, kept_at=kept)).abs().max() < 1e-10
+
+
+def test_stas_random_baseline_on_swin_b_keeps_its_counts() -> None:
+    """`random` per frame at STA's places with STA r=256's counts: the same tokens at every stage, and the
+    GFLOPs without STA's keys and scoring (2.49 + 0.23)."""
+    model = meta_model("swin3d-b")
+    random = ts.apply(model, "+".join(f"random:keep={(n - r) / n},per_frame=true,at={p}"
+                                      for r, n, p in ((256, 784, 2), (96, 196, 4), (32, 49, 22))))  # fmt: skip
+    assert [s.tokens_out for s in random.steps] == [16 * 528, 16 * 100, 16 * 17]
+    assert f"{ts.flops(model):.2f}" == "175.47"
+    sta = ts.apply(model, "sta:r=256")
+    assert [s.tokens_out for s in sta.steps] == [16 * 528, 16 * 100, 16 * 17]
+
+
 def test_sta_on_swin_fills_with_the_nearest_kept_cell() -> None:
     # One 3x4 slice keeping cells 0, 3 and 10 (raster): hand-checked nearest kept cells, ties to the first.
     slot = torch.tensor([[0, 3, 10]])
@@ -359,7 +404,7 @@ def test_config_checks() -> None:
 # ------------------------------------------------------------------ plans
 @pytest.mark.parametrize(
     "spec", ["random:keep=0.5", "tome:r=4", "attention:keep=0.5", "lite:keep=0.5",
-             "tokenlearner:at=1,tokens=4", "halting:beta=0", "random:keep=0.5,per_frame=true,at=2"],
+             "tokenlearner:at=1,tokens=4", "halting:beta=0", "random:keep=0.5,per_frame=true,at=1+random:keep=0.5,at=1"],
 )  # fmt: skip
 def test_per_token_methods_are_refused_with_the_grid_requirement(spec: str) -> None:
     with pytest.raises(InputError, match=r"Swin3D block \d \(shifted-window attention over each frame's grid\) "

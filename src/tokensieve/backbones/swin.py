@@ -26,7 +26,7 @@ stage's first block holds the merged tokens (where STTS's released "before stage
 
 Plans (need "windows"): every frame's full (or cropped) grid of tokens, so whole-frame selection runs (the kept
 slices are windowed as if adjacent, as STTS's released temporal selection does); or such a grid with holes,
-which only STA leaves (`Reducer.leaves_holes`; STA's paper, §4.1: "we compensate for the discarded token with
+which only STA and `random` per frame (its baseline) leave (`Reducer.leaves_holes`; STA's paper, §4.1: "we compensate for the discarded token with
 the nearest kept tokens when computing the window attention and speed up the rest of the process, such as
 the linear projection"). A slot that leaves holes gets `aux[HOLES]` (`make_holes`): each kept token's cell and,
 for every cell, the token standing there (itself, or the nearest kept token of its temporal slice,
@@ -590,7 +590,7 @@ class Swin3D(VideoBackbone):
         state = self.reducers[p](state)
         if state.frame_grid is not None or given.frame_grid is None:  # a full grid, or holes made before
             return state
-        return state.with_aux(**{HOLES: make_holes(given, state)})  # `apply` let only STA's cells go
+        return state.with_aux(**{HOLES: make_holes(given, state)})  # `apply` let only STA's (random's) cells go
 
     def grids(self, grid: Grid | None = None) -> list[Grid]:
         """The (T, h, w) grid of the bare model's tokens before each block and after the last (depth + 1), for

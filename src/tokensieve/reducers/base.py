@@ -103,10 +103,11 @@ class Reducer(nn.Module):
     """False: its output no longer carries the side results the attention before it recorded (ToMe's
     merge makes them stale), so `apply` refuses a reducer that needs them right after it, in the same
     place."""
-    leaves_holes: ClassVar[bool] = False
-    """True: on a backbone whose blocks fill holes (Video Swin's windows, need "windows"), the cells it drops
-    from each frame's full grid may stay holes (`count` says so in `Layout.holes`); `apply` clears the
-    mark for any other reducer."""
+    leaves_holes: bool = False
+    """True: when it keeps the same number of cells of every frame of a full grid, the cells it drops may stay
+    holes, which a backbone whose blocks need "windows" fills (Video Swin; `schedule` then marks the layout
+    it leaves with `Layout.holes`). STA on Swin, and `random` per frame (its baseline there). A class
+    attribute, or a property when it depends on the setting."""
     standalone: ClassVar[bool] = True
     """False: not a method on its own, only a change to how the method after it runs (`adaptive`); the
     sweep does not list it."""

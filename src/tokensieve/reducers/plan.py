@@ -329,8 +329,11 @@ def schedule(
                 lost_grid = layout.frame_grid is not None and after.frame_grid is None
                 if after.kind != layout.kind or after.budgets or lost_grid:
                     made_by = f"{reducer.name} ({step_where})"
-                if not reducer.leaves_holes:
-                    after = after._replace(holes=None)
+                # Cells dropped from every frame's full grid, the same number in each: holes, if the reducer may
+                # leave them (a windowed block fills them); otherwise no holes.
+                punched = not after.ragged and after.frames == layout.frames and after.frame_grid is None
+                holes = layout.frame_grid if reducer.leaves_holes and punched else None
+                after = after._replace(holes=holes)
                 steps.append(Step(reducer, site, inside, layout, after))
                 layout = after
                 upcoming = next(queue, None)
@@ -356,8 +359,8 @@ _HINTS = {
     "frames": "use a method or mode that keeps them (per_frame=true, balance=frame), or place it after that block",
     "grid": "before such a block only whole frames may go (uniform, random_frames, stts), or reduce after the "
     "last block",
-    "windows": "before such a block only whole frames may go (uniform, random_frames, stts) or STA's cells, or "
-    "reduce after the last block",
+    "windows": "before such a block only whole frames may go (uniform, random_frames, stts) or the same number of "
+    "cells of every frame (sta, random with per_frame=true), or reduce after the last block",
 }
 """What to do when a block's `Need` is not met, as the error says it."""
 

@@ -4,7 +4,9 @@ The baseline that LITE (Hao et al., "Principles of Visual Tokens for Efficient V
 Understanding", arXiv:2411.13626, Sec. 3) found most token-reduction methods fail to beat: keep a
 fraction `keep` of the tokens, drawn uniformly without replacement, right after the patch embedding
 (`at=0`), and run the unchanged backbone on them. With `per_frame=true` every frame keeps the same
-count (needed by divided space-time attention).
+count (needed by divided space-time attention); on Video Swin the cells it drops are then holes that the
+windows fill with their nearest kept token, as for STA's Swin variant (`backbones.swin`), which makes it
+STA's random baseline there (one `random:...,per_frame=true,at=<stage>` per STA stage).
 
 Draws are keyed by clip (`tokensieve.rng`): a pure function of the clip's content, `seed` and, in
 training, the step. A clip keeps the same tokens in a batch of any size or composition, under
@@ -35,6 +37,11 @@ class RandomSelection(Reducer):
         super().__init__()
         check_keep(keep, self.name)
         self.keep, self.at, self.per_frame, self.seed = keep, at, per_frame, seed
+
+    @property
+    def leaves_holes(self) -> bool:  # type: ignore[override]
+        """Per frame, on Video Swin: the cells it drops are holes the windows fill, as STA's (its baseline)."""
+        return self.per_frame
 
     def positions(self, depth: int) -> tuple[int, ...]:
         return (self.at,)

@@ -261,7 +261,7 @@ class SemanticTemporalAccumulation(Reducer):
                     f"sta on Video Swin drops cells of every temporal slice's full grid, which the windows fill; "
                     f"at stage {site.stage + 1} it is given {layout.describe()}"
                 )
-            return layout if r == 0 else Layout(groups * (m - r), groups, holes=layout.frame_grid)
+            return layout if r == 0 else Layout(groups * (m - r), groups)  # `schedule` marks the holes
         if r == 0:
             return layout
         keeps_layout = self.balance == "frame" or groups == site.grid[0]
