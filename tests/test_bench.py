@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -267,6 +268,20 @@ def test_spread_is_the_paired_range_for_plans_and_the_seconds_range_for_the_base
     assert plan.spread == pytest.approx(0.1)  # (2.1 - 1.9) / 2.0: drift in the seconds cancels in the pairs
     table = format_table([base, plan])
     assert list(table.columns[-1].cells) == ["20.0%", "10.0%"]  # the IQR column shows the spread
+
+
+def test_a_long_plan_folds_and_every_number_stays_in_80_columns() -> None:
+    from rich.console import Console
+
+    long = "random:keep=0.673469,per_frame=true,at=2+random:keep=0.510204,per_frame=true,at=4"
+    results = [_result("none", seconds=2.0, seconds_iqr=(1.9, 2.1)),
+               _result(long, seconds=1.0, seconds_iqr=(0.9, 1.1), speedup=2.0, speedup_iqr=(1.9, 2.1))]  # fmt: skip
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(format_table(results))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    assert "2.00x" in text and "10.0%" in text  # the plan's speed-up and IQR are there
+    assert "at=4" in text  # and the whole plan, folded, not cut
 
 
 def test_busy_warning_names_the_noisiest_result_above_the_threshold() -> None:

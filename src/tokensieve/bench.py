@@ -795,6 +795,10 @@ def compact_table(*columns: str | Column, title: str | None = None) -> Table:
     )
 
 
+PLAN_WIDTH = 24
+"""A plan longer than this is shown one method per line in `format_table`."""
+
+
 def format_table(results: Sequence[BenchResult], *, title: str | None = None) -> Table:
     """A `rich.table.Table` of results: one row per plan and batch size, the baseline rows dimmed.
     The dtype belongs in the title (a column appears only when results mix dtypes). "MB / clip" is the
@@ -807,7 +811,8 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     machine was busy (`busy_warning`).
     """
     table = compact_table(title=title)
-    table.add_column("plan", no_wrap=True)  # plans are never cut: the numbers make room
+    # A plan folds (at its "+" first) rather than push the numbers out of 80 columns; the numbers never wrap.
+    table.add_column("plan", overflow="fold")
     memory = any(r.peak_mb is not None for r in results)
     train = any(r.train_mb is not None for r in results)
     # Seconds per batch are in the JSON (batch / clips/s): the table fits 80 columns without them, and
@@ -823,16 +828,16 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
         "IQR",
     )
     for name in headers:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     if memory:
-        table.add_column("MB /\nclip", justify="right")
+        table.add_column("MB /\nclip", justify="right", no_wrap=True)
     if train:
-        table.add_column("train\nMB/clip", justify="right")
+        table.add_column("train\nMB/clip", justify="right", no_wrap=True)
     if len({r.dtype for r in results}) > 1:
         table.add_column("dtype")
     for r in results:
         table.add_row(
-            r.plan, str(r.batch_size), _fmt(r.gflops), *(() if train else (f"{r.gflops_ratio:.2f}x",)),
+            r.plan.replace("+", "+\n") if len(r.plan) > PLAN_WIDTH else r.plan, str(r.batch_size), _fmt(r.gflops), *(() if train else (f"{r.gflops_ratio:.2f}x",)),
             _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}",
             f"{100 * r.reducer_share:.1f}%" if r.reducer_share is not None else "-", f"{100 * r.spread:.1f}%",
             *([_fmt(r.peak_mb) if r.peak_mb is not None else "-"] if memory else []),

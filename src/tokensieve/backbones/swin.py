@@ -590,7 +590,9 @@ class Swin3D(VideoBackbone):
         state = self.reducers[p](state)
         if state.frame_grid is not None or given.frame_grid is None:  # a full grid, or holes made before
             return state
-        return state.with_aux(**{HOLES: make_holes(given, state)})  # `apply` let only STA's (random's) cells go
+        return state.with_aux(
+            **{HOLES: make_holes(given, state)}
+        )  # `apply` let only STA's (random's) cells go
 
     def grids(self, grid: Grid | None = None) -> list[Grid]:
         """The (T, h, w) grid of the bare model's tokens before each block and after the last (depth + 1), for
