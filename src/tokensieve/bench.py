@@ -811,8 +811,10 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     machine was busy (`busy_warning`).
     """
     table = compact_table(title=title)
-    # A plan folds (at its "+" first) rather than push the numbers out of 80 columns; the numbers never wrap.
-    table.add_column("plan", overflow="fold")
+    # A long plan folds (at its "+" first) rather than push the numbers out of 80 columns.
+    # A plan up to `PLAN_WIDTH` is never cut; a longer one folds, one method per line.
+    short = [len(r.plan) for r in results if len(r.plan) <= PLAN_WIDTH]
+    table.add_column("plan", overflow="fold", min_width=max(short, default=4))
     memory = any(r.peak_mb is not None for r in results)
     train = any(r.train_mb is not None for r in results)
     # Seconds per batch are in the JSON (batch / clips/s): the table fits 80 columns without them, and
@@ -828,11 +830,11 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
         "IQR",
     )
     for name in headers:
-        table.add_column(name, justify="right", no_wrap=True)
+        table.add_column(name, justify="right")
     if memory:
-        table.add_column("MB /\nclip", justify="right", no_wrap=True)
+        table.add_column("MB /\nclip", justify="right")
     if train:
-        table.add_column("train\nMB/clip", justify="right", no_wrap=True)
+        table.add_column("train\nMB/clip", justify="right")
     if len({r.dtype for r in results}) > 1:
         table.add_column("dtype")
     for r in results:
