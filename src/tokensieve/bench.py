@@ -811,8 +811,8 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
     machine was busy (`busy_warning`).
     """
     table = compact_table(title=title)
-    # A long plan folds (at its "+" first) rather than push the numbers out of 80 columns.
-    # A plan up to `PLAN_WIDTH` is never cut; a longer one folds, one method per line.
+    # A plan up to `PLAN_WIDTH` is never cut; a longer one folds (one method per line, then within a method)
+    # rather than push the numbers out of 80 columns.
     short = [len(r.plan) for r in results if len(r.plan) <= PLAN_WIDTH]
     table.add_column("plan", overflow="fold", min_width=max(short, default=4))
     memory = any(r.peak_mb is not None for r in results)
@@ -839,7 +839,8 @@ def format_table(results: Sequence[BenchResult], *, title: str | None = None) ->
         table.add_column("dtype")
     for r in results:
         table.add_row(
-            r.plan.replace("+", "+\n") if len(r.plan) > PLAN_WIDTH else r.plan, str(r.batch_size), _fmt(r.gflops), *(() if train else (f"{r.gflops_ratio:.2f}x",)),
+            r.plan.replace("+", "+\n") if len(r.plan) > PLAN_WIDTH else r.plan,
+            str(r.batch_size), _fmt(r.gflops), *(() if train else (f"{r.gflops_ratio:.2f}x",)),
             _fmt(r.clips_per_s), f"{r.speedup:.2f}x", f"{r.efficiency:.2f}",
             f"{100 * r.reducer_share:.1f}%" if r.reducer_share is not None else "-", f"{100 * r.spread:.1f}%",
             *([_fmt(r.peak_mb) if r.peak_mb is not None else "-"] if memory else []),

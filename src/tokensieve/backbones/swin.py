@@ -26,9 +26,9 @@ stage's first block holds the merged tokens (where STTS's released "before stage
 
 Plans (need "windows"): every frame's full (or cropped) grid of tokens, so whole-frame selection runs (the kept
 slices are windowed as if adjacent, as STTS's released temporal selection does); or such a grid with holes,
-which only STA and `random` per frame (its baseline) leave (`Reducer.leaves_holes`; STA's paper, §4.1: "we compensate for the discarded token with
-the nearest kept tokens when computing the window attention and speed up the rest of the process, such as
-the linear projection"). A slot that leaves holes gets `aux[HOLES]` (`make_holes`): each kept token's cell and,
+which only STA and `random` per frame (its baseline) leave (`Reducer.leaves_holes`; STA's paper, §4.1: "we
+compensate for the discarded token with the nearest kept tokens when computing the window attention and
+speed up the rest of the process, such as the linear projection"). A slot that leaves holes gets `aux[HOLES]` (`make_holes`): each kept token's cell and,
 for every cell, the token standing there (itself, or the nearest kept token of its temporal slice,
 `nearest_fill`). The attention runs qkv on the kept tokens, fills every window place from them (the copies'
 queries, keys and values are their sources'), attends over whole windows as usual and keeps the kept
@@ -322,8 +322,9 @@ _cached_window_cells = functools.lru_cache(maxsize=32)(_window_cells)
 
 class WindowAttention(nn.Module):
     """Multi-head attention inside (shifted) 3D windows with a learned relative position bias, through SDPA
-    (the bias, plus a group of windows' shift mask, as one additive mask). Names are the released ones (`qkv`, `proj`,
-    `relative_position_bias_table`); the index is rebuilt, not loaded (`relative_position_index`)."""
+    (the bias, plus a group of windows' shift mask, as one additive mask). Names are the released ones
+    (`qkv`, `proj`, `relative_position_bias_table`); the index is rebuilt, not loaded
+    (`relative_position_index`)."""
 
     def __init__(
         self,
@@ -590,9 +591,8 @@ class Swin3D(VideoBackbone):
         state = self.reducers[p](state)
         if state.frame_grid is not None or given.frame_grid is None:  # a full grid, or holes made before
             return state
-        return state.with_aux(
-            **{HOLES: make_holes(given, state)}
-        )  # `apply` let only STA's (random's) cells go
+        # `apply` let only cells of every frame go (STA, random per frame): holes.
+        return state.with_aux(**{HOLES: make_holes(given, state)})
 
     def grids(self, grid: Grid | None = None) -> list[Grid]:
         """The (T, h, w) grid of the bare model's tokens before each block and after the last (depth + 1), for

@@ -207,6 +207,11 @@ class SemanticTemporalAccumulation(Reducer):
         cfg = model.config
         self.swin_stages = cfg.stages[:3] if cfg.arch == "swin" else None
 
+    @property
+    def swin_drops(self) -> tuple[int, int, int]:
+        """Cells dropped per temporal slice at the three Swin stages: the paper's {r, 1.5r/4, 2r/16}."""
+        return self.r, self.r * 3 // 8, self.r // 8
+
     def positions(self, depth: int) -> tuple[int, ...]:
         if self.swin_stages is not None:  # after the first three stages' merging
             return self.swin_stages
@@ -218,7 +223,7 @@ class SemanticTemporalAccumulation(Reducer):
         if self.swin_stages is not None:  # per temporal slice: r, 1.5r/4, 2r/16 of each stage's grid
             if frames is None:
                 raise InputError("sta on Video Swin needs the same number of tokens in every temporal slice")
-            return frames, (self.r, self.r * 3 // 8, self.r // 8)[stage]
+            return frames, self.swin_drops[stage]
         if self.balance == "frame":
             if frames is None:
                 raise InputError(
@@ -241,7 +246,7 @@ class SemanticTemporalAccumulation(Reducer):
         groups, r = self._groups(layout.frames, site.grid[0], site.stage)
         m = layout.tokens // groups
         if r >= m and self.swin_stages is not None:
-            drops = ", ".join(str(d) for d in (self.r, self.r * 3 // 8, self.r // 8)[: len(self.swin_stages)])
+            drops = ", ".join(map(str, self.swin_drops[: len(self.swin_stages)]))
             raise InputError(
                 f"sta on Video Swin drops r, 3r/8, r/8 = {drops} cells of each temporal slice at its stages, but "
                 f"stage {site.stage + 1} has {m}; use a smaller r"
